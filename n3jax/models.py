@@ -1,0 +1,263 @@
+"""The hybrid stack: embedding, the pattern of residual layers, final norm, LM head, and MTP.
+
+Param tree (one layout for every execution strategy; `checkpoint_convert` maps it to HF keys):
+
+    embedder/embedding                 [V, D]
+    layers/<kind>/...                  every layer of one kind stacked on a leading axis, in layer order;
+                                       kind in {mamba, attention, mlp, moe}; layer i of the pattern is entry
+                                       (number of earlier layers of its kind) of its stack
+    final_norm/scale                   [D]        (HF `norm_f`)
+    lm_head                            [D, V]     (absent when `tie_word_embeddings`)
+    mtp/<d>/{enorm,hnorm,final_norm}/scale, mtp/<d>/eh_proj [2D, D], mtp/<d>/layer_<i>/...
+                                       one entry per physical MTP module (Super: one `*E` module)
+
+Execution: `scan_layers=False` unrolls a Python loop (fast to compile for tiny models);
+`scan_layers=True` runs one `lax.scan` over the layers whose body is a `lax.switch` over the block kinds
+present, each branch reading its layer from its stack with a dynamic index, so the compiled program holds
+one copy of each kind whatever the depth. `remat_policy` wraps each layer in `jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from n3jax import sharding as shd
+from n3jax.configs import Block, ModelConfig
+from n3jax.nn import _common
+from n3jax.nn._layer import Layer
+from n3jax.nn._norms import RMSNorm
+
+__all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots"]
+
+Params = dict[str, Any]
+
+_KIND_NAMES = {Block.MAMBA: "mamba", Block.ATTENTION: "attention", Block.MLP: "mlp", Block.MOE: "moe"}
+
+
+def kind_name(kind: Block) -> str:
+  return _KIND_NAMES[kind]
+
+
+def layer_slots(cfg: ModelConfig) -> list[tuple[Block, int]]:
+  """For each layer of the pattern: (its kind, its index within that kind's stack)."""
+  seen: dict[Block, int] = {}
+  slots = []
+  for kind in cfg.blocks:
+    slots.append((kind, seen.get(kind, 0)))
+    seen[kind] = seen.get(kind, 0) + 1
+  return slots
+
+
+def _kinds(cfg: ModelConfig) -> list[Block]:
+  return [k for k in Block if k in cfg.blocks]
+
+
+class Embedder(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:  # tokens [B, T] -> [B, T, D]
+    cfg = self.cfg
+    table = _common.param(self, "embedding", _common.dense_init(cfg), (cfg.vocab_size, cfg.hidden_size),
+                          (shd.VOCAB, shd.EMBED), _common.dtype_of(cfg.param_dtype))
+    return jnp.take(table, tokens, axis=0).astype(_common.dtype_of(cfg.dtype))
+
+
+class Head(nn.Module):
+  """Final RMSNorm (`norm_f`) and the untied LM head; logits are f32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, embedding: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(h)
+    return h, _logits(self, cfg, h, embedding)
+
+
+def _logits(module: nn.Module, cfg: ModelConfig, h: jax.Array, embedding: jax.Array | None) -> jax.Array:
+  dtype = _common.dtype_of(cfg.dtype)
+  if cfg.tie_word_embeddings:
+    w = embedding.T
+  else:
+    w = _common.param(module, "lm_head", _common.dense_init(cfg), (cfg.hidden_size, cfg.vocab_size),
+                      (shd.EMBED, shd.VOCAB), _common.dtype_of(cfg.param_dtype))
+  return jnp.einsum("BTD,DV->BTV", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class MTPModule(nn.Module):
+  """One multi-token-prediction depth (ARCHITECTURE.md §3.6; Megatron `MultiTokenPredictionLayer`).
+
+  u = eh_proj([enorm(embed(tokens shifted by k)) ; hnorm(h^{k-1})]); u = the `mtp_blocks` layers;
+  h^k = final_norm(u). The embedding half comes first. Logits use the shared LM head.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
+    norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
+    d = cfg.hidden_size
+    w = _common.param(self, "eh_proj", _common.dense_init(cfg), (2 * d, d), (shd.NORM, shd.EMBED), pdtype)
+    eh = jnp.concatenate([norm(name="enorm")(emb), norm(name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
+    u = jnp.einsum("BTX,XD->BTD", eh, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    for i, kind in enumerate(cfg.mtp_blocks):
+      u, _ = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
+    return norm(name="final_norm")(u)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------------
+def _stack_names(tree):
+  """Prepend the `layers` logical axis to every boxed param of a vmapped (stacked) init."""
+  return jax.tree.map(lambda b: b.replace(names=(shd.LAYERS, *b.names)), tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _init_boxed(cfg: ModelConfig, key: jax.Array) -> Params:
+  dtype = _common.dtype_of(cfg.dtype)
+  k_embed, k_head, k_mtp, *k_kinds = jax.random.split(key, 3 + len(Block))
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  h = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+  params: Params = {"embedder": Embedder(cfg).init(k_embed, tokens)["params"], "layers": {}}
+  for kind, k in zip(Block, k_kinds):
+    if n := cfg.count(kind):
+      one = lambda kk, kind=kind: Layer(cfg, kind).init(kk, h, tokens)["params"]
+      params["layers"][kind_name(kind)] = _stack_names(jax.vmap(one)(jax.random.split(k, n)))
+  emb = nn.unbox(params["embedder"])["embedding"]
+  params.update(Head(cfg).init(k_head, h, emb)["params"])
+  if cfg.num_nextn_predict_layers:
+    keys = jax.random.split(k_mtp, cfg.num_nextn_predict_layers)
+    params["mtp"] = {str(i): MTPModule(cfg).init(keys[i], h, h, tokens)["params"]
+                     for i in range(cfg.num_nextn_predict_layers)}
+  return params
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Random params (plain nested dicts of arrays). Use under `jax.eval_shape` for big presets."""
+  return nn.unbox(_init_boxed(cfg, key))
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """Same tree as `init`, with a `PartitionSpec` of logical axis names per leaf (no memory used)."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------
+def _remat(cfg: ModelConfig, fn):
+  if cfg.remat_policy == "none":
+    return fn
+  policy = {"full": None, "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+            "dots_saveable": jax.checkpoint_policies.dots_saveable}[cfg.remat_policy]
+  return jax.checkpoint(fn, policy=policy)
+
+
+def _run_layer(cfg: ModelConfig, kind: Block, p: Params, h: jax.Array, segment_ids: jax.Array):
+  h, aux = Layer(cfg, kind).apply({"params": p}, h, segment_ids)
+  counts = aux.get("expert_counts", jnp.zeros((cfg.n_routed_experts if kind == Block.MOE else 0,), jnp.int32))
+  return h, counts
+
+
+def _stack_unrolled(cfg, layers: Params, h, segment_ids):
+  counts = []
+  for kind, idx in layer_slots(cfg):
+    p = jax.tree.map(lambda a, idx=idx: a[idx], layers[kind_name(kind)])
+    h, c = _remat(cfg, functools.partial(_run_layer, cfg, kind))(p, h, segment_ids)
+    if kind == Block.MOE:
+      counts.append(c)
+  return h, counts
+
+
+def _stack_scanned(cfg, layers: Params, h, segment_ids):
+  kinds = _kinds(cfg)
+  slots = layer_slots(cfg)
+  branch_of = jnp.asarray([kinds.index(k) for k, _ in slots], jnp.int32)
+  index_in_stack = jnp.asarray([i for _, i in slots], jnp.int32)
+  n_experts = cfg.n_routed_experts if Block.MOE in kinds else 0
+
+  def make_branch(kind):
+    def branch(h, i):
+      p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+      h, c = _run_layer(cfg, kind, p, h, segment_ids)
+      return h, c if kind == Block.MOE else jnp.zeros((n_experts,), jnp.int32)
+    return _remat(cfg, branch)
+
+  branches = [make_branch(k) for k in kinds]
+
+  def body(h, xs):
+    b, i = xs
+    if len(branches) == 1:
+      return branches[0](h, i)
+    return jax.lax.switch(b, branches, h, i)
+
+  h, counts = jax.lax.scan(body, h, (branch_of, index_in_stack))  # counts [L, E]
+  moe_rows = [n for n, (k, _) in enumerate(slots) if k == Block.MOE]
+  return h, [counts[n] for n in moe_rows]
+
+
+def _check_tokens(cfg: ModelConfig, tokens, segment_ids):
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be int [batch, seq], got {tokens.shape=}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers, got {tokens.dtype=}")
+  if segment_ids is not None and segment_ids.shape != tokens.shape:
+    raise ValueError(f"{segment_ids.shape=} must equal {tokens.shape=}")
+
+
+def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+          mtp_depths: int | None = None) -> dict[str, Any]:
+  """The whole model. tokens int [B, T]; segment_ids int [B, T] for packed sequences (default: one
+  document per row). Returns a dict with:
+    logits [B, T, V] f32; hidden [B, T, D] (after the final norm);
+    expert_counts [n_moe_layers, E] int32 (tokens routed per expert, for balancing);
+    mtp_logits [depths, B, T, V] f32 when the model has MTP (depth k at position i predicts token
+      i + k + 1; its input at the last k positions is padding). `mtp_depths` repeats the last physical
+      module beyond `num_nextn_predict_layers` (Super trains with 2 depths of one module).
+  """
+  _check_tokens(cfg, tokens, segment_ids)
+  tokens = tokens.astype(jnp.int32)
+  if segment_ids is None:
+    segment_ids = jnp.zeros_like(tokens)
+  h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
+  h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
+  stack = _stack_scanned if cfg.scan_layers else _stack_unrolled
+  h, counts = stack(cfg, params["layers"], h, segment_ids)
+  emb = params["embedder"]["embedding"]
+  head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
+  hidden, logits = Head(cfg).apply({"params": head_params}, h, emb)
+  e = cfg.n_routed_experts if Block.MOE in cfg.blocks else 0
+  out = {"logits": logits, "hidden": hidden,
+         "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, e), jnp.int32)}
+  depths = cfg.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+  if depths and cfg.num_nextn_predict_layers:
+    mtp_logits, h_prev = [], hidden
+    for k in range(1, depths + 1):
+      shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, tokens.shape[1]))))[:, : tokens.shape[1]]
+      emb_k = Embedder(cfg).apply({"params": params["embedder"]}, shifted)
+      module = params["mtp"][str(min(k, cfg.num_nextn_predict_layers) - 1)]
+      h_prev = MTPModule(cfg).apply({"params": module}, emb_k, h_prev, segment_ids)
+      mtp_logits.append(_logits_only(cfg, params, h_prev))
+    out["mtp_logits"] = jnp.stack(mtp_logits)
+  return out
+
+
+def _logits_only(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+  w = params["embedder"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
+  dtype = _common.dtype_of(cfg.dtype)
+  return jnp.einsum("BTD,DV->BTV", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None
+            ) -> jax.Array:
+  """tokens int32 [B, T] -> logits float32 [B, T, V]."""
+  return apply(cfg, params, tokens, segment_ids=segment_ids, mtp_depths=0)["logits"]

@@ -1,0 +1,34 @@
+"""One residual layer of the hybrid stack: `h + mixer(rms_norm(h))` (HF `NemotronHBlock`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from n3jax.configs import Block, ModelConfig
+from n3jax.nn import _attention, _common, _mamba2, _mlp, _moe, _norms
+
+
+class Layer(nn.Module):
+  """Returns (h_out, aux): aux["expert_counts"] [E] for MoE layers, aux["state"] for Mamba layers."""
+  cfg: ModelConfig
+  kind: Block
+
+  @nn.compact
+  def __call__(self, h: jax.Array, segment_ids: jax.Array, state=None) -> tuple[jax.Array, dict]:
+    cfg = self.cfg
+    dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
+    x = _norms.RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="norm")(h)
+    aux = {}
+    if self.kind == Block.MAMBA:
+      y, aux["state"] = _mamba2.Mamba2Mixer(cfg, name="mixer")(x, segment_ids, state)
+    elif self.kind == Block.ATTENTION:
+      y = _attention.Attention(cfg, name="mixer")(x, segment_ids)
+    elif self.kind == Block.MLP:
+      y = _mlp.MLP(cfg, cfg.intermediate_size, name="mixer")(x)
+    elif self.kind == Block.MOE:
+      y, aux["expert_counts"] = _moe.MoE(cfg, name="mixer")(x)
+    else:
+      raise ValueError(f"Unknown block kind {self.kind!r}")
+    return (h.astype(dtype) + y).astype(dtype), aux

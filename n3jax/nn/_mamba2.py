@@ -1,0 +1,144 @@
+"""The Mamba-2 mixer (HF `NemotronHMamba2Mixer`, Megatron `MambaMixer`, state-spaces `Mamba2`).
+
+    z, x, B, C, dt = in_proj(u)                  # HF fuses these rows as [z | x | B | C | dt]
+    x, B, C = silu(causal_depthwise_conv1d([x | B | C]))
+    dt = clamp(softplus(dt + dt_bias), dt_limit); A = -exp(A_log)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t      (chunked SSD scan)
+    out = out_proj(GroupRMSNorm(y * silu(z)) * scale)
+
+d_inner = mamba_num_heads * mamba_head_dim (never `expand * hidden_size`, ARCHITECTURE.md §10).
+
+Parameters are stored split by meaning (`in_proj/{z,x,B,C,dt}`, `conv1d/{x,B,C}`) with heads and groups
+as their own axes, so that tensor parallelism splits heads and groups and the conv, the scan and the
+gated norm stay local to a shard (as Megatron does). The converter splits HF's fused `in_proj.weight`
+and `conv1d.weight` rows into these pieces and joins them back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from n3jax import sharding as shd
+from n3jax.configs import ModelConfig
+from n3jax.nn import _common
+from n3jax.nn import _norms
+from pallas_kernels.ssd import reference as ssd_ref
+
+# `cfg.ssd_backend` -> chunked scan with the signature of `pallas_kernels.ssd.reference.ssd_reference`.
+SSD_BACKENDS = {"reference": ssd_ref.ssd_reference}
+
+
+def _ssd(cfg: ModelConfig):
+  if cfg.ssd_backend not in SSD_BACKENDS:
+    raise ValueError(f"Unknown {cfg.ssd_backend=}; known: {sorted(SSD_BACKENDS)}")
+  return SSD_BACKENDS[cfg.ssd_backend]
+
+
+def _a_log_init(key, shape, dtype):
+  """A = U(1, 16), stored as log (Megatron `MambaMixer` init)."""
+  return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(cfg: ModelConfig):
+  """softplus^-1 of dt ~ logU(time_step_min, time_step_max), floored (HF / Megatron init)."""
+  def init(key, shape, dtype):
+    lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+    dt = jnp.maximum(jnp.exp(jax.random.uniform(key, shape, jnp.float32, lo, hi)), cfg.time_step_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+  return init
+
+
+def _conv_init(width: int):
+  bound = 1.0 / math.sqrt(width)  # torch Conv1d default for a depthwise conv (fan_in = width)
+  return nn.initializers.uniform(2 * bound), bound
+
+
+class Mamba2Mixer(nn.Module):
+  cfg: ModelConfig
+
+  def _proj(self, name: str, u: jax.Array, out_shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    """u [B,T,D] @ kernel [D, *out_shape] (+ bias) -> [B, T, *out_shape] in f32."""
+    cfg = self.cfg
+    pdtype = _common.dtype_of(cfg.param_dtype)
+    w = _common.param(self, f"in_proj_{name}", _common.dense_init(cfg), (u.shape[-1], *out_shape),
+                      (shd.EMBED, *axes), pdtype)
+    letters = "XY"[: len(out_shape)]
+    out = jnp.einsum(f"BTD,D{letters}->BT{letters}", u, w.astype(u.dtype), preferred_element_type=jnp.float32)
+    if cfg.use_bias:
+      out = out + _common.param(self, f"in_proj_{name}_bias", nn.initializers.zeros, out_shape, axes, pdtype)
+    return out.astype(u.dtype)
+
+  def _conv_params(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.Array, Any]:
+    cfg = self.cfg
+    pdtype = _common.dtype_of(cfg.param_dtype)
+    init, bound = _conv_init(cfg.conv_kernel)
+    shifted = lambda k, s, d: init(k, s, d) - jnp.asarray(bound, d)  # U(-bound, bound)
+    w = _common.param(self, f"conv1d_{name}", shifted, (cfg.conv_kernel, *shape), (shd.CONV_WIDTH, *axes), pdtype)
+    b = None
+    if cfg.use_conv_bias:
+      b = _common.param(self, f"conv1d_{name}_bias", shifted, shape, axes, pdtype)
+    return w, b
+
+  @nn.compact
+  def __call__(self, u: jax.Array, segment_ids: jax.Array, state: dict[str, jax.Array] | None = None,
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """u [B,T,D], segment_ids [B,T] -> (out [B,T,D], final state).
+
+    `state` (optional) continues a sequence: {"conv_x": [B,W-1,M,P], "conv_B"/"conv_C": [B,W-1,J,Q],
+    "ssm": [B,M,P,Q] f32}; the returned state has the same structure (the generation caches).
+    """
+    cfg = self.cfg
+    dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
+    bsz, t, _ = u.shape
+    m, p, j, q = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+    u = u.astype(dtype)
+    head_axes = (shd.SSM_HEADS, shd.SSM_HEAD_DIM)
+    group_axes = (shd.SSM_GROUPS, shd.SSM_STATE)
+
+    z = self._proj("z", u, (m, p), head_axes)          # [B, T, M, P]
+    x = self._proj("x", u, (m, p), head_axes)          # [B, T, M, P]
+    b_in = self._proj("B", u, (j, q), group_axes)      # [B, T, J, Q]
+    c_in = self._proj("C", u, (j, q), group_axes)      # [B, T, J, Q]
+    dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
+
+    # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
+    state = state or {}
+    new_state = {}
+    convolved = {}
+    for name, val, shape, axes in (("x", x, (m, p), head_axes), ("B", b_in, (j, q), group_axes),
+                                   ("C", c_in, (j, q), group_axes)):
+      w, bias = self._conv_params(name, shape, axes)
+      ch = math.prod(shape)
+      init_state = state.get(f"conv_{name}")
+      init_state = None if init_state is None else init_state.reshape(bsz, cfg.conv_kernel - 1, ch)
+      y, fin = ssd_ref.causal_conv1d_reference(
+          val.reshape(bsz, t, ch), w.reshape(cfg.conv_kernel, ch).astype(dtype),
+          None if bias is None else bias.reshape(ch).astype(dtype),
+          initial_state=init_state, doc_ids=segment_ids, activation="silu")
+      convolved[name] = y.reshape(bsz, t, *shape)
+      new_state[f"conv_{name}"] = fin.reshape(bsz, cfg.conv_kernel - 1, *shape)
+
+    a_log = _common.param(self, "A_log", _a_log_init, (m,), (shd.SSM_HEADS,), pdtype)
+    d_skip = _common.param(self, "D", nn.initializers.ones, (m,), (shd.SSM_HEADS,), pdtype)
+    dt_bias = _common.param(self, "dt_bias", _dt_bias_init(cfg), (m,), (shd.SSM_HEADS,), pdtype)
+    a = -jnp.exp(a_log.astype(jnp.float32))  # [M]; the decay is computed in f32 on purpose
+    dt_min, dt_max = cfg.dt_limit
+    y, ssm_state = _ssd(cfg)(
+        convolved["x"], dt, a, convolved["B"], convolved["C"], d_skip.astype(jnp.float32),
+        dt_bias.astype(jnp.float32), initial_state=state.get("ssm"), doc_ids=segment_ids,
+        chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+    new_state["ssm"] = ssm_state  # [B, M, P, Q] f32
+
+    scale = _common.param(self, "norm", nn.initializers.ones, (m, p), head_axes, pdtype)
+    y = _norms.gated_group_rms_norm(y, z, scale, groups=j, eps=cfg.layer_norm_epsilon)  # [B, T, M, P] f32
+    w_out = _common.param(self, "out_proj", _common.out_proj_init(cfg), (m, p, u.shape[-1]), (*head_axes, shd.EMBED),
+                          pdtype)
+    out = jnp.einsum("BTMP,MPD->BTD", y.astype(dtype), w_out.astype(dtype), preferred_element_type=jnp.float32)
+    if cfg.use_bias:
+      out = out + _common.param(self, "out_proj_bias", nn.initializers.zeros, (u.shape[-1],), (shd.NORM,), pdtype)
+    return out.astype(dtype), new_state

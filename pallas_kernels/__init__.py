@@ -1,0 +1,1 @@
+"""Hand-written JAX/Pallas kernels for n3jax (imports only jax/numpy)."""

@@ -1,0 +1,568 @@
+"""Pure-jnp reference implementations of the Mamba-2 SSD scan and causal conv1d.
+
+These functions are the numerical spec that the Pallas kernels in this package
+are tested against. They favour clarity and exactness (everything is computed
+in float32 with `Precision.HIGHEST`) over speed.
+
+SSD recurrence (per batch b and head m; Dao & Gu 2024, "Transformers are SSMs",
+arXiv:2405.21060, Sec. 6 "state space duality")::
+
+  dt_t  = clip(softplus(dt_raw_t + dt_bias), dt_min, dt_max)   # in float32
+  h_t   = exp(dt_t * A) * h_{t-1} + dt_t * outer(x_t, B_t)        # h: [P, Q]
+  y_t   = h_t @ C_t + D * x_t
+
+Head m reads the B/C group `m // (M // J)` (contiguous grouping, i.e.
+`repeat_interleave` of the groups over heads, as in state-spaces/mamba).
+
+Packed sequences (`doc_ids`), following the `seq_idx` semantics of
+state-spaces/mamba `mamba_ssm/ops/triton/ssd_combined.py`:
+
+* `doc_ids` is an integer array [B, T]. A new document starts at every t >= 1
+  with `doc_ids[:, t] != doc_ids[:, t - 1]`. Ids need not be monotonic or
+  unique: `[0, 0, 1, 1, 0]` is three documents. Internally documents are
+  numbered by the cumulative sum of these change flags, so only change points
+  matter.
+* The SSM state is reset to zero immediately before the first token of every
+  document except the first one; no information flows across a boundary.
+* `initial_state` (float32 [B, M, P, Q], default zeros) is the state h_{-1}
+  and flows only into the first document (the tokens before the first change
+  point). Without `doc_ids` the whole row is one document.
+* `final_state` is the state after the last token, i.e. it belongs to the last
+  document, so it can be used to continue that document (chunked prefill or
+  decoding).
+
+Causal conv1d uses the same document semantics: inputs from a different
+document than token t contribute zero to t's window, `initial_state` (the K-1
+inputs preceding `x`) belongs to the first document, and `final_state` holds the
+last K-1 inputs with entries that are not part of the last document zeroed.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_F32 = jnp.float32
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  """Float32-accumulating einsum at full precision."""
+  return jnp.einsum(
+      spec, *operands, precision=_HIGHEST, preferred_element_type=_F32
+  )
+
+
+# ----------------------------------------------------------------------------
+# Validation and shared helpers.
+# ----------------------------------------------------------------------------
+
+
+def _check_vector(name: str, v: Optional[jax.Array], nheads: int) -> None:
+  if v is not None and tuple(v.shape) != (nheads,):
+    raise ValueError(f"{name} must have shape ({nheads},) (M,), got {v.shape=}")
+
+
+def _check_doc_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int) -> None:
+  if doc_ids is None:
+    return
+  if tuple(doc_ids.shape) != (bsz, seqlen):
+    raise ValueError(
+        f"doc_ids must have shape (B, T)=({bsz}, {seqlen}), got "
+        f"{doc_ids.shape=}"
+    )
+  if not jnp.issubdtype(doc_ids.dtype, jnp.integer):
+    raise ValueError(f"doc_ids must be an integer array, got {doc_ids.dtype=}")
+
+
+def _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids):
+  """Validates shapes of the sequence-level SSD inputs."""
+  if x.ndim != 4:
+    raise ValueError(f"x must be [B, T, M, P], got {x.shape=}")
+  bsz, seqlen, nheads, headdim = x.shape
+  if seqlen < 1:
+    raise ValueError(f"Sequence length must be >= 1, got {x.shape=}")
+  if tuple(dt.shape) != (bsz, seqlen, nheads):
+    raise ValueError(f"dt must be [B, T, M], got {dt.shape=} with {x.shape=}")
+  _check_vector("A", A, nheads)
+  if B.ndim != 4 or tuple(B.shape[:2]) != (bsz, seqlen):
+    raise ValueError(f"B must be [B, T, J, Q], got {B.shape=} with {x.shape=}")
+  if tuple(C.shape) != tuple(B.shape):
+    raise ValueError(f"C must have the shape of B, got {C.shape=} {B.shape=}")
+  ngroups, dstate = B.shape[2], B.shape[3]
+  if ngroups < 1 or nheads % ngroups != 0:
+    raise ValueError(
+        f"Number of heads M must be divisible by groups J, got {x.shape=} "
+        f"(M={nheads}) and {B.shape=} (J={ngroups})"
+    )
+  _check_vector("D", D, nheads)
+  _check_vector("dt_bias", dt_bias, nheads)
+  expected = (bsz, nheads, headdim, dstate)
+  if initial_state is not None and tuple(initial_state.shape) != expected:
+    raise ValueError(
+        f"initial_state must be [B, M, P, Q]={expected}, got "
+        f"{initial_state.shape=}"
+    )
+  _check_doc_ids(doc_ids, bsz, seqlen)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size=}")
+
+
+def _process_dt(
+    dt: jax.Array,
+    dt_bias: Optional[jax.Array],
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+) -> jax.Array:
+  """dt = clip(softplus(dt + dt_bias), dt_min, dt_max) in float32."""
+  dt = dt.astype(_F32)
+  if dt_bias is not None:
+    dt = dt + dt_bias.astype(_F32)
+  if dt_softplus:
+    dt = jax.nn.softplus(dt)
+  return jnp.clip(dt, dt_min, dt_max)
+
+
+def _expand_groups(v: jax.Array, nheads: int) -> jax.Array:
+  """[..., J, Q] -> [..., M, Q]; head m reads group m // (M // J)."""
+  return jnp.repeat(v.astype(_F32), nheads // v.shape[-2], axis=-2)
+
+
+def _segment_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int):
+  """[B, T] int32 non-decreasing document index, 0 for the first document."""
+  if doc_ids is None:
+    return jnp.zeros((bsz, seqlen), jnp.int32)
+  changes = (doc_ids[:, 1:] != doc_ids[:, :-1]).astype(jnp.int32)  # [B,T-1]
+  return jnp.concatenate(
+      [jnp.zeros((bsz, 1), jnp.int32), jnp.cumsum(changes, axis=1)], axis=1
+  )
+
+
+def _ssd_step(h, x, dt, A, B, C, D):
+  """One recurrent step. h [B,M,P,Q], x [B,M,P], dt [B,M], B/C [B,M,Q]."""
+  decay = jnp.exp(dt * A)  # [B,M]
+  # [B,M] x [B,M,P] x [B,M,Q] -> [B,M,P,Q]
+  h = decay[:, :, None, None] * h + _einsum("bm,bmp,bmq->bmpq", dt, x, B)
+  # [B,M,P,Q] x [B,M,Q] -> [B,M,P]
+  y = _einsum("bmpq,bmq->bmp", h, C)
+  if D is not None:
+    y = y + D.astype(_F32)[:, None] * x
+  return h, y
+
+
+def _segsum(a: jax.Array) -> jax.Array:
+  """Stable segment sums: out[..., l, s] = sum_{s < i <= l} a[..., i].
+
+  Computed with a masked cumsum rather than a difference of cumsums (as in
+  `ssd_minimal.py` of state-spaces/mamba) to avoid cancellation. Entries with
+  s > l are 0 (they are masked by the caller).
+
+  Args:
+    a: [..., L] float32.
+
+  Returns:
+    [..., L, S] float32 with S == L.
+  """
+  chunk = a.shape[-1]
+  strict_lower = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)  # [L,S]
+  a_ls = jnp.where(strict_lower, a[..., :, None], 0.0)  # [..., L, S]
+  return jnp.cumsum(a_ls, axis=-2)
+
+
+# ----------------------------------------------------------------------------
+# SSD scan.
+# ----------------------------------------------------------------------------
+
+
+def ssd_reference(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    *,
+    initial_state: Optional[jax.Array] = None,
+    doc_ids: Optional[jax.Array] = None,
+    chunk_size: int = 128,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+) -> tuple[jax.Array, jax.Array]:
+  """Chunked SSD scan (Mamba-2 "state space duality" algorithm).
+
+  Follows the four-step chunked algorithm of Dao & Gu 2024 (arXiv:2405.21060,
+  Sec. 7 / Listing 1): (1) intra-chunk quadratic attention-like term with the
+  causal decay mask exp(segsum(dt * A)), (2) per-chunk end states, (3) a
+  recurrence over chunk states (`lax.scan`), (4) the state-to-output term.
+  Document boundaries (`doc_ids`) additionally mask (1), (2) and (4) and cut
+  the carry in (3), like `seq_idx` in `mamba_ssm/ops/triton/ssd_combined.py`.
+  See the module docstring for the exact `doc_ids` / `initial_state` rules.
+
+  Args:
+    x: [B, T, M, P] input, any float dtype.
+    dt: [B, T, M] raw time step (before `dt_bias` / softplus).
+    A: [M] negative decay rates (used in float32).
+    B: [B, T, J, Q] input projection; M % J == 0.
+    C: [B, T, J, Q] output projection.
+    D: [M] skip weights or None.
+    dt_bias: [M] or None.
+    initial_state: [B, M, P, Q] state before the first token (float32), or
+      None for zeros. Only feeds the first document.
+    doc_ids: [B, T] integer document ids or None (one document per row).
+    chunk_size: chunk length L; T is zero-padded internally to a multiple.
+    dt_softplus: whether to apply softplus to dt + dt_bias.
+    dt_min: lower clip of the processed dt.
+    dt_max: upper clip of the processed dt.
+
+  Returns:
+    y: [B, T, M, P] in x.dtype.
+    final_state: [B, M, P, Q] float32 state after the last token.
+  """
+  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
+  _check_chunk_size(chunk_size)
+  bsz, seqlen, nheads, headdim = x.shape
+  dstate = B.shape[-1]
+
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
+  a_coef = A.astype(_F32)
+  xf = x.astype(_F32)
+  bmat = _expand_groups(B, nheads)  # [B,T,M,Q]
+  cmat = _expand_groups(C, nheads)  # [B,T,M,Q]
+  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
+  if initial_state is None:
+    h0 = jnp.zeros((bsz, nheads, headdim, dstate), _F32)
+  else:
+    h0 = initial_state.astype(_F32)
+
+  # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 leave both the
+  # outputs of real tokens and the final state unchanged. Padded tokens belong
+  # to the last document so they do not cut the final state.
+  pad = (-seqlen) % chunk_size
+  if pad:
+    zero_pad = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    xf, dt, bmat, cmat = map(zero_pad, (xf, dt, bmat, cmat))
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
+  nchunks = (seqlen + pad) // chunk_size
+  chunked = lambda v: v.reshape((bsz, nchunks, chunk_size) + v.shape[2:])
+  xc = chunked(xf)  # [B,C,L,M,P]
+  dtc = chunked(dt)  # [B,C,L,M]
+  bc = chunked(bmat)  # [B,C,L,M,Q]
+  cc = chunked(cmat)  # [B,C,L,M,Q]
+  segc = chunked(seg)  # [B,C,L]
+
+  a = jnp.transpose(dtc * a_coef, (0, 3, 1, 2))  # [B,M,C,L]
+  a_cumsum = jnp.cumsum(a, axis=-1)  # [B,M,C,L]
+  mask = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))  # [L,S]
+  if doc_ids is not None:
+    same_doc = segc[:, :, :, None] == segc[:, :, None, :]  # [B,C,L,S]
+    mask = (mask & same_doc)[:, None]  # [B,1,C,L,S]
+  # Safe value before exp, then mask: no inf/NaN in forward or backward.
+  segsum = jnp.where(mask, _segsum(a), 0.0)  # [B,M,C,L,S]
+  decay_ls = jnp.where(mask, jnp.exp(segsum), 0.0)  # [B,M,C,L,S]
+
+  # (1) Intra-chunk (diagonal block) term.
+  # [B,C,L,M,Q] x [B,C,S,M,Q] -> [B,M,C,L,S]
+  scores = _einsum("bclmq,bcsmq->bmcls", cc, bc) * decay_ls
+  # [B,M,C,L,S] x [B,C,S,M] x [B,C,S,M,P] -> [B,C,L,M,P]
+  y_diag = _einsum("bmcls,bcsm,bcsmp->bclmp", scores, dtc, xc)
+
+  # (2) State at the end of each chunk from that chunk's own tokens. The last
+  # row of decay_ls already zeroes tokens outside the chunk's last document.
+  decay_to_end = decay_ls[..., -1, :]  # [B,M,C,S]
+  # [B,M,C,S] x [B,C,S,M] x [B,C,S,M,Q] x [B,C,S,M,P] -> [B,C,M,P,Q]
+  chunk_states = _einsum(
+      "bmcs,bcsm,bcsmq,bcsmp->bcmpq", decay_to_end, dtc, bc, xc
+  )
+
+  # (3) Inter-chunk recurrence. The state entering chunk c belongs to the
+  # document of the last token of chunk c-1 (document 0 for c == 0, which is
+  # where initial_state lives); position l only sees it if it is in that same
+  # document (document indices are non-decreasing, so equality <=> no
+  # boundary in between). decay_from_start[..., l] is the decay applied to the
+  # incoming state by position l (0 if cut off); its last entry is the carry
+  # decay of the whole chunk. exp of a cumsum of dt * A <= 0 is safe.
+  decay_from_start = jnp.exp(a_cumsum)  # [B,M,C,L]
+  if doc_ids is not None:
+    seg_prev = jnp.concatenate(
+        [jnp.zeros((bsz, 1), jnp.int32), segc[:, :-1, -1]], axis=1
+    )  # [B,C]
+    carry_in = segc == seg_prev[:, :, None]  # [B,C,L]
+    decay_from_start = jnp.where(carry_in[:, None], decay_from_start, 0.0)
+  chunk_decay = decay_from_start[..., -1]  # [B,M,C]
+
+  def _chunk_step(h, inputs):
+    state_c, decay_c = inputs  # [B,M,P,Q], [B,M]
+    return decay_c[:, :, None, None] * h + state_c, h
+
+  final_state, h_in = jax.lax.scan(
+      _chunk_step,
+      h0,
+      (jnp.moveaxis(chunk_states, 1, 0), jnp.moveaxis(chunk_decay, 2, 0)),
+  )
+  h_in = jnp.moveaxis(h_in, 0, 1)  # [B,C,M,P,Q] state entering each chunk
+
+  # (4) State-to-output (off-diagonal block) term.
+  # [B,C,L,M,Q] x [B,C,M,P,Q] x [B,M,C,L] -> [B,C,L,M,P]
+  y_off = _einsum("bclmq,bcmpq,bmcl->bclmp", cc, h_in, decay_from_start)
+
+  y = (y_diag + y_off).reshape(bsz, nchunks * chunk_size, nheads, headdim)
+  y = y[:, :seqlen]  # [B,T,M,P]
+  if D is not None:
+    y = y + D.astype(_F32)[:, None] * x.astype(_F32)
+  return y.astype(x.dtype), final_state
+
+
+def ssd_sequential_reference(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    *,
+    initial_state: Optional[jax.Array] = None,
+    doc_ids: Optional[jax.Array] = None,
+    chunk_size: int = 128,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+) -> tuple[jax.Array, jax.Array]:
+  """Token-by-token `lax.scan` oracle with the semantics of `ssd_reference`.
+
+  `chunk_size` is validated but otherwise unused (kept for signature parity).
+  All arithmetic is float32; returns (y in x.dtype, final_state float32).
+  """
+  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
+  _check_chunk_size(chunk_size)
+  bsz, seqlen, nheads, headdim = x.shape
+  dstate = B.shape[-1]
+
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
+  a_coef = A.astype(_F32)
+  bmat = _expand_groups(B, nheads)  # [B,T,M,Q]
+  cmat = _expand_groups(C, nheads)  # [B,T,M,Q]
+  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
+  reset = jnp.concatenate(
+      [jnp.zeros((bsz, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1
+  )  # [B,T]
+  if initial_state is None:
+    h0 = jnp.zeros((bsz, nheads, headdim, dstate), _F32)
+  else:
+    h0 = initial_state.astype(_F32)
+
+  def _step(h, inputs):
+    x_t, dt_t, b_t, c_t, reset_t = inputs
+    h = jnp.where(reset_t[:, None, None, None], 0.0, h)
+    return _ssd_step(h, x_t, dt_t, a_coef, b_t, c_t, D)
+
+  time_major = lambda v: jnp.moveaxis(v, 1, 0)
+  final_state, ys = jax.lax.scan(
+      _step,
+      h0,
+      tuple(map(time_major, (x.astype(_F32), dt, bmat, cmat, reset))),
+  )
+  return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final_state
+
+
+def ssd_decode_step_reference(
+    state: jax.Array,
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    *,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+) -> tuple[jax.Array, jax.Array]:
+  """One-token recurrent SSD update (decoding).
+
+  Args:
+    state: [B, M, P, Q] float32 state after the previous token.
+    x: [B, M, P] input for the new token.
+    dt: [B, M] raw time step.
+    A: [M].
+    B: [B, J, Q].
+    C: [B, J, Q].
+    D: [M] or None.
+    dt_bias: [M] or None.
+    dt_softplus: whether to apply softplus to dt + dt_bias.
+    dt_min: lower clip of the processed dt.
+    dt_max: upper clip of the processed dt.
+
+  Returns:
+    y: [B, M, P] in x.dtype.
+    new_state: [B, M, P, Q] float32.
+  """
+  if x.ndim != 3:
+    raise ValueError(f"x must be [B, M, P], got {x.shape=}")
+  bsz, nheads, headdim = x.shape
+  if tuple(dt.shape) != (bsz, nheads):
+    raise ValueError(f"dt must be [B, M], got {dt.shape=} with {x.shape=}")
+  _check_vector("A", A, nheads)
+  if B.ndim != 3 or B.shape[0] != bsz or tuple(C.shape) != tuple(B.shape):
+    raise ValueError(
+        f"B and C must be [B, J, Q], got {B.shape=} {C.shape=} {x.shape=}"
+    )
+  if B.shape[1] < 1 or nheads % B.shape[1] != 0:
+    raise ValueError(
+        f"Number of heads M must be divisible by groups J, got {x.shape=} "
+        f"and {B.shape=}"
+    )
+  _check_vector("D", D, nheads)
+  _check_vector("dt_bias", dt_bias, nheads)
+  expected = (bsz, nheads, headdim, B.shape[2])
+  if tuple(state.shape) != expected:
+    raise ValueError(f"state must be [B, M, P, Q]={expected}, {state.shape=}")
+
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,M]
+  new_state, y = _ssd_step(
+      state.astype(_F32),
+      x.astype(_F32),
+      dt,
+      A.astype(_F32),
+      _expand_groups(B, nheads),
+      _expand_groups(C, nheads),
+      D,
+  )
+  return y.astype(x.dtype), new_state
+
+
+# ----------------------------------------------------------------------------
+# Causal depthwise conv1d.
+# ----------------------------------------------------------------------------
+
+
+def _check_conv_weights(weight, bias, channels: int, activation) -> int:
+  if weight.ndim != 2 or weight.shape[1] != channels or weight.shape[0] < 1:
+    raise ValueError(
+        f"weight must be [K, Ch] with Ch={channels}, got {weight.shape=}"
+    )
+  if bias is not None and tuple(bias.shape) != (channels,):
+    raise ValueError(f"bias must be [Ch]=({channels},), got {bias.shape=}")
+  if activation not in ("silu", None):
+    raise ValueError(f"activation must be 'silu' or None, got {activation=}")
+  return weight.shape[0]
+
+
+def _conv_epilogue(y, bias, activation):
+  if bias is not None:
+    y = y + bias.astype(_F32)
+  if activation == "silu":
+    y = jax.nn.silu(y)
+  return y
+
+
+def causal_conv1d_reference(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    initial_state: Optional[jax.Array] = None,
+    doc_ids: Optional[jax.Array] = None,
+    activation: Optional[str] = "silu",
+) -> tuple[jax.Array, jax.Array]:
+  """Depthwise causal conv1d with document masking.
+
+  y[t, c] = act(bias[c] + sum_k weight[k, c] * x[t - (K-1) + k, c]), i.e.
+  weight[K-1] multiplies the current token (torch `conv1d` with left padding
+  K-1 and `weight[c, 0, k]`, as in the Mamba-2 mixer). Inputs before the
+  sequence come from `initial_state`; inputs from another document than token
+  t contribute zero (cf. `seq_idx` in `causal_conv1d_fn`).
+
+  Args:
+    x: [B, T, Ch].
+    weight: [K, Ch].
+    bias: [Ch] or None.
+    initial_state: [B, K-1, Ch] inputs preceding x (oldest first), or None
+      for zeros. Only contributes to tokens of the first document.
+    doc_ids: [B, T] integer document ids or None.
+    activation: "silu" or None, applied after the bias.
+
+  Returns:
+    y: [B, T, Ch] in x.dtype.
+    final_state: [B, K-1, Ch] in x.dtype: the last K-1 inputs (including
+      initial_state entries when T < K-1), with entries that do not belong to
+      the last document zeroed.
+  """
+  if x.ndim != 3 or x.shape[1] < 1:
+    raise ValueError(f"x must be [B, T, Ch] with T >= 1, got {x.shape=}")
+  bsz, seqlen, channels = x.shape
+  width = _check_conv_weights(weight, bias, channels, activation)
+  if initial_state is None:
+    init = jnp.zeros((bsz, width - 1, channels), _F32)
+  elif tuple(initial_state.shape) != (bsz, width - 1, channels):
+    raise ValueError(
+        f"initial_state must be [B, K-1, Ch]=({bsz}, {width - 1}, {channels}),"
+        f" got {initial_state.shape=}"
+    )
+  else:
+    init = initial_state.astype(_F32)
+  _check_doc_ids(doc_ids, bsz, seqlen)
+
+  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
+  # Prepended inputs belong to the first document (index 0).
+  seg_ext = jnp.concatenate(
+      [jnp.zeros((bsz, width - 1), jnp.int32), seg], axis=1
+  )  # [B,K-1+T]
+  xp = jnp.concatenate([init, x.astype(_F32)], axis=1)  # [B,K-1+T,Ch]
+  w = weight.astype(_F32)  # [K,Ch]
+  y = jnp.zeros((bsz, seqlen, channels), _F32)
+  for k in range(width):
+    same_doc = (seg_ext[:, k : k + seqlen] == seg)[..., None]  # [B,T,1]
+    y = y + jnp.where(same_doc, xp[:, k : k + seqlen], 0.0) * w[k]
+  y = _conv_epilogue(y, bias, activation)
+
+  final_state = xp[:, seqlen:]  # [B,K-1,Ch]
+  in_last_doc = (seg_ext[:, seqlen:] == seg[:, -1:])[..., None]  # [B,K-1,1]
+  final_state = jnp.where(in_last_doc, final_state, 0.0)
+  return y.astype(x.dtype), final_state.astype(x.dtype)
+
+
+def causal_conv1d_update_reference(
+    conv_state: jax.Array,
+    x: jax.Array,
+    weight: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    activation: Optional[str] = "silu",
+) -> tuple[jax.Array, jax.Array]:
+  """One-token causal conv1d update (decoding).
+
+  Args:
+    conv_state: [B, K-1, Ch] previous K-1 inputs, oldest first.
+    x: [B, Ch] new input.
+    weight: [K, Ch].
+    bias: [Ch] or None.
+    activation: "silu" or None.
+
+  Returns:
+    y: [B, Ch] in x.dtype.
+    new_conv_state: [B, K-1, Ch] in conv_state.dtype (window shifted by one).
+  """
+  if x.ndim != 2:
+    raise ValueError(f"x must be [B, Ch], got {x.shape=}")
+  bsz, channels = x.shape
+  width = _check_conv_weights(weight, bias, channels, activation)
+  if tuple(conv_state.shape) != (bsz, width - 1, channels):
+    raise ValueError(
+        f"conv_state must be [B, K-1, Ch]=({bsz}, {width - 1}, {channels}), "
+        f"got {conv_state.shape=}"
+    )
+  window = jnp.concatenate(
+      [conv_state.astype(_F32), x.astype(_F32)[:, None]], axis=1
+  )  # [B,K,Ch]
+  y = jnp.sum(window * weight.astype(_F32)[None], axis=1)  # [B,Ch]
+  y = _conv_epilogue(y, bias, activation)
+  return y.astype(x.dtype), window[:, 1:].astype(conv_state.dtype)
