@@ -259,14 +259,18 @@ class ModelConfig:
     elif "mtp_hybrid_override_pattern" in hf:
       kwargs["mtp_blocks"] = parse_pattern(hf["mtp_hybrid_override_pattern"])
     if "head_dim" not in hf and "attention_head_dim" in hf:
-      kwargs["head_dim"] = hf["attention_head_dim"]  # older hub configs; Megatron-Bridge reads either
+      # Hub-era name. Megatron-Bridge reads `head_dim or attention_head_dim`; transformers 5.24 ignores it and
+      # falls back to 128 (harmless for releases, which all use 128). `to_hf` writes `head_dim` explicitly.
+      kwargs["head_dim"] = hf["attention_head_dim"]
     if "time_step_limit" in hf:
       kwargs["time_step_limit"] = tuple(_json_float(v) for v in hf["time_step_limit"])
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in _DTYPES:
       raise ValueError(f"HF config dtype {dtype!r} is not one of {_DTYPES}")
     kwargs["dtype"] = kwargs["param_dtype"] = dtype
-    extra = {k: v for k, v in hf.items() if k in _HF_IGNORED_FIELDS and k not in ("dtype", "torch_dtype")}
+    # Carried verbatim, except what `to_hf` always writes itself (dtype, model_type, the default architecture).
+    extra = {k: v for k, v in hf.items() if k in _HF_IGNORED_FIELDS and k not in ("dtype", "torch_dtype", "model_type")
+             and not (k == "architectures" and v == _HF_ARCHITECTURES)}
     kwargs["hf_extra"] = tuple(sorted((k, json.dumps(v)) for k, v in extra.items()))
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -281,7 +285,7 @@ class ModelConfig:
     out["layers_block_type"] = [b.hf_name for b in self.blocks]
     out["mtp_layers_block_type"] = [b.hf_name for b in self.mtp_blocks]
     out["dtype"] = self.param_dtype
-    out.setdefault("architectures", ["NemotronHForCausalLM"])
+    out.setdefault("architectures", list(_HF_ARCHITECTURES))
     out["model_type"] = "nemotron_h"
     return dict(sorted(out.items()))
 
@@ -314,6 +318,7 @@ def _json_float_out(v: float):
   return {"__float__": "Infinity"} if math.isinf(v) and v > 0 else v
 
 
+_HF_ARCHITECTURES = ["NemotronHForCausalLM"]
 # HF fields that map 1:1 onto ModelConfig fields of the same name.
 _HF_FIELDS = frozenset({
     "vocab_size", "hidden_size", "tie_word_embeddings", "layer_norm_epsilon",

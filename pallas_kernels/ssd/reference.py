@@ -54,25 +54,18 @@ def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
   )
 
 
-# ----------------------------------------------------------------------------
-# Validation and shared helpers.
-# ----------------------------------------------------------------------------
-
-
 def _check_vector(name: str, v: Optional[jax.Array], nheads: int) -> None:
   if v is not None and tuple(v.shape) != (nheads,):
     raise ValueError(f"{name} must have shape ({nheads},) (M,), got {v.shape=}")
 
 
 def _check_doc_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int) -> None:
-  if doc_ids is None:
-    return
-  if tuple(doc_ids.shape) != (bsz, seqlen):
+  if doc_ids is not None and tuple(doc_ids.shape) != (bsz, seqlen):
     raise ValueError(
         f"doc_ids must have shape (B, T)=({bsz}, {seqlen}), got "
         f"{doc_ids.shape=}"
     )
-  if not jnp.issubdtype(doc_ids.dtype, jnp.integer):
+  if doc_ids is not None and not jnp.issubdtype(doc_ids.dtype, jnp.integer):
     raise ValueError(f"doc_ids must be an integer array, got {doc_ids.dtype=}")
 
 
@@ -138,8 +131,38 @@ def _segment_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int):
   if doc_ids is None:
     return jnp.zeros((bsz, seqlen), jnp.int32)
   changes = (doc_ids[:, 1:] != doc_ids[:, :-1]).astype(jnp.int32)  # [B,T-1]
-  return jnp.concatenate(
-      [jnp.zeros((bsz, 1), jnp.int32), jnp.cumsum(changes, axis=1)], axis=1
+  return jnp.pad(jnp.cumsum(changes, axis=1), [(0, 0), (1, 0)])  # [B,T]
+
+
+def _prepare_ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    dt_bias,
+    initial_state,
+    doc_ids,
+    chunk_size,
+    dt_softplus,
+    dt_min,
+    dt_max,
+):
+  """Validates inputs; returns float32 (dt, A, x, B, C, h0) and segment ids."""
+  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
+  _check_chunk_size(chunk_size)
+  bsz, seqlen, nheads, headdim = x.shape
+  if initial_state is None:
+    initial_state = jnp.zeros((bsz, nheads, headdim, B.shape[-1]), _F32)
+  return (
+      _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max),  # [B,T,M]
+      A.astype(_F32),  # [M]
+      x.astype(_F32),  # [B,T,M,P]
+      _expand_groups(B, nheads),  # [B,T,M,Q]
+      _expand_groups(C, nheads),  # [B,T,M,Q]
+      initial_state.astype(_F32),  # [B,M,P,Q]
+      _segment_ids(doc_ids, bsz, seqlen),  # [B,T]
   )
 
 
@@ -156,27 +179,15 @@ def _ssd_step(h, x, dt, A, B, C, D):
 
 
 def _segsum(a: jax.Array) -> jax.Array:
-  """Stable segment sums: out[..., l, s] = sum_{s < i <= l} a[..., i].
+  """[..., L] -> [..., L, S]: out[..., l, s] = sum_{s < i <= l} a[..., i].
 
-  Computed with a masked cumsum rather than a difference of cumsums (as in
-  `ssd_minimal.py` of state-spaces/mamba) to avoid cancellation. Entries with
-  s > l are 0 (they are masked by the caller).
-
-  Args:
-    a: [..., L] float32.
-
-  Returns:
-    [..., L, S] float32 with S == L.
+  A masked cumsum (as in `ssd_minimal.py` of state-spaces/mamba) rather than a
+  difference of cumsums, to avoid cancellation. Entries with s > l are 0.
   """
   chunk = a.shape[-1]
   strict_lower = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)  # [L,S]
   a_ls = jnp.where(strict_lower, a[..., :, None], 0.0)  # [..., L, S]
   return jnp.cumsum(a_ls, axis=-2)
-
-
-# ----------------------------------------------------------------------------
-# SSD scan.
-# ----------------------------------------------------------------------------
 
 
 def ssd_reference(
@@ -225,37 +236,36 @@ def ssd_reference(
     y: [B, T, M, P] in x.dtype.
     final_state: [B, M, P, Q] float32 state after the last token.
   """
-  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
-  _check_chunk_size(chunk_size)
+  dt, a_coef, xf, bmat, cmat, h0, seg = _prepare_ssd(
+      x,
+      dt,
+      A,
+      B,
+      C,
+      D,
+      dt_bias,
+      initial_state,
+      doc_ids,
+      chunk_size,
+      dt_softplus,
+      dt_min,
+      dt_max,
+  )
   bsz, seqlen, nheads, headdim = x.shape
-  dstate = B.shape[-1]
 
-  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
-  a_coef = A.astype(_F32)
-  xf = x.astype(_F32)
-  bmat = _expand_groups(B, nheads)  # [B,T,M,Q]
-  cmat = _expand_groups(C, nheads)  # [B,T,M,Q]
-  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
-  if initial_state is None:
-    h0 = jnp.zeros((bsz, nheads, headdim, dstate), _F32)
-  else:
-    h0 = initial_state.astype(_F32)
-
-  # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 leave both the
-  # outputs of real tokens and the final state unchanged. Padded tokens belong
-  # to the last document so they do not cut the final state.
+  # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 change neither
+  # y nor the final state; padded tokens stay in the last document.
   pad = (-seqlen) % chunk_size
   if pad:
-    zero_pad = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    zero_pad = lambda v: jnp.pad(
+        v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)
+    )
     xf, dt, bmat, cmat = map(zero_pad, (xf, dt, bmat, cmat))
     seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
   nchunks = (seqlen + pad) // chunk_size
   chunked = lambda v: v.reshape((bsz, nchunks, chunk_size) + v.shape[2:])
-  xc = chunked(xf)  # [B,C,L,M,P]
-  dtc = chunked(dt)  # [B,C,L,M]
-  bc = chunked(bmat)  # [B,C,L,M,Q]
-  cc = chunked(cmat)  # [B,C,L,M,Q]
-  segc = chunked(seg)  # [B,C,L]
+  # xc [B,C,L,M,P], dtc [B,C,L,M], bc/cc [B,C,L,M,Q], segc [B,C,L].
+  xc, dtc, bc, cc, segc = map(chunked, (xf, dt, bmat, cmat, seg))
 
   a = jnp.transpose(dtc * a_coef, (0, 3, 1, 2))  # [B,M,C,L]
   a_cumsum = jnp.cumsum(a, axis=-1)  # [B,M,C,L]
@@ -282,17 +292,14 @@ def ssd_reference(
   )
 
   # (3) Inter-chunk recurrence. The state entering chunk c belongs to the
-  # document of the last token of chunk c-1 (document 0 for c == 0, which is
-  # where initial_state lives); position l only sees it if it is in that same
-  # document (document indices are non-decreasing, so equality <=> no
-  # boundary in between). decay_from_start[..., l] is the decay applied to the
-  # incoming state by position l (0 if cut off); its last entry is the carry
-  # decay of the whole chunk. exp of a cumsum of dt * A <= 0 is safe.
+  # document of chunk c-1's last token (document 0, that of initial_state, for
+  # c == 0); position l sees it iff it is in that document (indices never
+  # decrease, so equality <=> no boundary in between). decay_from_start[..., l]
+  # is the decay of the incoming state at l (0 if cut off); the last entry is
+  # the carry decay of the whole chunk. exp(cumsum(dt * A) <= 0) is safe.
   decay_from_start = jnp.exp(a_cumsum)  # [B,M,C,L]
   if doc_ids is not None:
-    seg_prev = jnp.concatenate(
-        [jnp.zeros((bsz, 1), jnp.int32), segc[:, :-1, -1]], axis=1
-    )  # [B,C]
+    seg_prev = jnp.pad(segc[:, :-1, -1], [(0, 0), (1, 0)])  # [B,C]
     carry_in = segc == seg_prev[:, :, None]  # [B,C,L]
     decay_from_start = jnp.where(carry_in[:, None], decay_from_start, 0.0)
   chunk_decay = decay_from_start[..., -1]  # [B,M,C]
@@ -301,11 +308,8 @@ def ssd_reference(
     state_c, decay_c = inputs  # [B,M,P,Q], [B,M]
     return decay_c[:, :, None, None] * h + state_c, h
 
-  final_state, h_in = jax.lax.scan(
-      _chunk_step,
-      h0,
-      (jnp.moveaxis(chunk_states, 1, 0), jnp.moveaxis(chunk_decay, 2, 0)),
-  )
+  xs = (jnp.moveaxis(chunk_states, 1, 0), jnp.moveaxis(chunk_decay, 2, 0))
+  final_state, h_in = jax.lax.scan(_chunk_step, h0, xs)  # h_in: [C,B,M,P,Q]
   h_in = jnp.moveaxis(h_in, 0, 1)  # [B,C,M,P,Q] state entering each chunk
 
   # (4) State-to-output (off-diagonal block) term.
@@ -340,35 +344,31 @@ def ssd_sequential_reference(
   `chunk_size` is validated but otherwise unused (kept for signature parity).
   All arithmetic is float32; returns (y in x.dtype, final_state float32).
   """
-  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
-  _check_chunk_size(chunk_size)
-  bsz, seqlen, nheads, headdim = x.shape
-  dstate = B.shape[-1]
-
-  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
-  a_coef = A.astype(_F32)
-  bmat = _expand_groups(B, nheads)  # [B,T,M,Q]
-  cmat = _expand_groups(C, nheads)  # [B,T,M,Q]
-  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
-  reset = jnp.concatenate(
-      [jnp.zeros((bsz, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1
-  )  # [B,T]
-  if initial_state is None:
-    h0 = jnp.zeros((bsz, nheads, headdim, dstate), _F32)
-  else:
-    h0 = initial_state.astype(_F32)
+  dt, a_coef, xf, bmat, cmat, h0, seg = _prepare_ssd(
+      x,
+      dt,
+      A,
+      B,
+      C,
+      D,
+      dt_bias,
+      initial_state,
+      doc_ids,
+      chunk_size,
+      dt_softplus,
+      dt_min,
+      dt_max,
+  )
+  # [B,T] True where the state is zeroed before the token.
+  reset = jnp.pad(seg[:, 1:] != seg[:, :-1], [(0, 0), (1, 0)])
 
   def _step(h, inputs):
     x_t, dt_t, b_t, c_t, reset_t = inputs
     h = jnp.where(reset_t[:, None, None, None], 0.0, h)
     return _ssd_step(h, x_t, dt_t, a_coef, b_t, c_t, D)
 
-  time_major = lambda v: jnp.moveaxis(v, 1, 0)
-  final_state, ys = jax.lax.scan(
-      _step,
-      h0,
-      tuple(map(time_major, (x.astype(_F32), dt, bmat, cmat, reset))),
-  )
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (xf, dt, bmat, cmat, reset))
+  final_state, ys = jax.lax.scan(_step, h0, xs)  # ys: [T,B,M,P]
   return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final_state
 
 
@@ -386,7 +386,7 @@ def ssd_decode_step_reference(
     dt_min: float = 0.0,
     dt_max: float = float("inf"),
 ) -> tuple[jax.Array, jax.Array]:
-  """One-token recurrent SSD update (decoding).
+  """One-token recurrent SSD update (decoding), semantics of `ssd_reference`.
 
   Args:
     state: [B, M, P, Q] float32 state after the previous token.
@@ -397,51 +397,39 @@ def ssd_decode_step_reference(
     C: [B, J, Q].
     D: [M] or None.
     dt_bias: [M] or None.
-    dt_softplus: whether to apply softplus to dt + dt_bias.
-    dt_min: lower clip of the processed dt.
-    dt_max: upper clip of the processed dt.
+    dt_softplus: see `ssd_reference`.
+    dt_min: see `ssd_reference`.
+    dt_max: see `ssd_reference`.
 
   Returns:
     y: [B, M, P] in x.dtype.
     new_state: [B, M, P, Q] float32.
   """
-  if x.ndim != 3:
-    raise ValueError(f"x must be [B, M, P], got {x.shape=}")
-  bsz, nheads, headdim = x.shape
-  if tuple(dt.shape) != (bsz, nheads):
-    raise ValueError(f"dt must be [B, M], got {dt.shape=} with {x.shape=}")
-  _check_vector("A", A, nheads)
-  if B.ndim != 3 or B.shape[0] != bsz or tuple(C.shape) != tuple(B.shape):
+  if x.ndim != 3 or dt.ndim != 2 or B.ndim != 3 or C.ndim != 3:
     raise ValueError(
-        f"B and C must be [B, J, Q], got {B.shape=} {C.shape=} {x.shape=}"
+        "Expected x [B, M, P], dt [B, M], B/C [B, J, Q], got "
+        f"{x.shape=} {dt.shape=} {B.shape=} {C.shape=}"
     )
-  if B.shape[1] < 1 or nheads % B.shape[1] != 0:
-    raise ValueError(
-        f"Number of heads M must be divisible by groups J, got {x.shape=} "
-        f"and {B.shape=}"
-    )
-  _check_vector("D", D, nheads)
-  _check_vector("dt_bias", dt_bias, nheads)
-  expected = (bsz, nheads, headdim, B.shape[2])
-  if tuple(state.shape) != expected:
-    raise ValueError(f"state must be [B, M, P, Q]={expected}, {state.shape=}")
-
-  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,M]
-  new_state, y = _ssd_step(
-      state.astype(_F32),
-      x.astype(_F32),
-      dt,
-      A.astype(_F32),
-      _expand_groups(B, nheads),
-      _expand_groups(C, nheads),
+  # Validate and preprocess as a length-1 sequence (T = 1).
+  dt, a_coef, xf, bmat, cmat, h0, _ = _prepare_ssd(
+      x[:, None],
+      dt[:, None],
+      A,
+      B[:, None],
+      C[:, None],
       D,
+      dt_bias,
+      state,
+      None,
+      1,
+      dt_softplus,
+      dt_min,
+      dt_max,
+  )
+  new_state, y = _ssd_step(
+      h0, xf[:, 0], dt[:, 0], a_coef, bmat[:, 0], cmat[:, 0], D
   )
   return y.astype(x.dtype), new_state
-
-
-# ----------------------------------------------------------------------------
-# Causal depthwise conv1d.
-# ----------------------------------------------------------------------------
 
 
 def _check_conv_weights(weight, bias, channels: int, activation) -> int:
@@ -500,23 +488,20 @@ def causal_conv1d_reference(
     raise ValueError(f"x must be [B, T, Ch] with T >= 1, got {x.shape=}")
   bsz, seqlen, channels = x.shape
   width = _check_conv_weights(weight, bias, channels, activation)
-  if initial_state is None:
-    init = jnp.zeros((bsz, width - 1, channels), _F32)
-  elif tuple(initial_state.shape) != (bsz, width - 1, channels):
+  state_shape = (bsz, width - 1, channels)
+  if initial_state is not None and initial_state.shape != state_shape:
     raise ValueError(
-        f"initial_state must be [B, K-1, Ch]=({bsz}, {width - 1}, {channels}),"
-        f" got {initial_state.shape=}"
+        f"initial_state must be [B, K-1, Ch]={state_shape}, got "
+        f"{initial_state.shape=}"
     )
-  else:
-    init = initial_state.astype(_F32)
   _check_doc_ids(doc_ids, bsz, seqlen)
+  init = jnp.zeros(state_shape) if initial_state is None else initial_state
 
   seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
   # Prepended inputs belong to the first document (index 0).
-  seg_ext = jnp.concatenate(
-      [jnp.zeros((bsz, width - 1), jnp.int32), seg], axis=1
-  )  # [B,K-1+T]
-  xp = jnp.concatenate([init, x.astype(_F32)], axis=1)  # [B,K-1+T,Ch]
+  seg_ext = jnp.pad(seg, [(0, 0), (width - 1, 0)])  # [B,K-1+T]
+  xp = jnp.concatenate([init.astype(_F32), x.astype(_F32)], axis=1)
+  # xp: [B,K-1+T,Ch]
   w = weight.astype(_F32)  # [K,Ch]
   y = jnp.zeros((bsz, seqlen, channels), _F32)
   for k in range(width):

@@ -26,26 +26,28 @@ _sequential = jax.jit(
 _conv = jax.jit(ref.causal_conv1d_reference, static_argnames=("activation",))
 
 
+def _normal(rng, shape, scale=1.0, dtype=jnp.float32):
+  return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+
 def _ssd_inputs(seqlen, seed=0, batch=_BATCH, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 8)
+  # numpy RNG: eager jax.random would compile per shape and dominate runtime.
+  rng = np.random.default_rng(seed)
   b, t, m, p, q, j = batch, seqlen, _NHEADS, _HEADDIM, _DSTATE, _NGROUPS
-  normal = lambda k, s, scale=1.0: (scale * jax.random.normal(k, s)).astype(
-      dtype
-  )
   return dict(
-      x=normal(ks[0], (b, t, m, p)),
-      dt=normal(ks[1], (b, t, m), 0.5) - 1.0,
-      A=-jnp.exp(jax.random.uniform(ks[2], (m,), minval=-1.0, maxval=1.0)),
-      B=normal(ks[3], (b, t, j, q), 0.5),
-      C=normal(ks[4], (b, t, j, q), 0.5),
-      D=jax.random.normal(ks[5], (m,)),
-      dt_bias=0.5 * jax.random.normal(ks[6], (m,)),
+      x=_normal(rng, (b, t, m, p), dtype=dtype),
+      dt=_normal(rng, (b, t, m), 0.5, dtype=dtype) - 1.0,
+      A=-jnp.asarray(np.exp(rng.uniform(-1.0, 1.0, (m,))), jnp.float32),
+      B=_normal(rng, (b, t, j, q), 0.5, dtype=dtype),
+      C=_normal(rng, (b, t, j, q), 0.5, dtype=dtype),
+      D=_normal(rng, (m,)),
+      dt_bias=_normal(rng, (m,), 0.5),
   )
 
 
 def _initial_state(seed=1, batch=_BATCH):
   shape = (batch, _NHEADS, _HEADDIM, _DSTATE)
-  return 0.5 * jax.random.normal(jax.random.key(seed), shape)
+  return _normal(np.random.default_rng(seed), shape, 0.5)
 
 
 def _doc_ids(seqlen):
@@ -71,17 +73,9 @@ def _assert_close(a, b, tol=_TOL):
 
 @pytest.mark.parametrize(
     "seqlen,chunk_size,use_init,use_docs",
-    [
-        *itertools.product([37], [8], [False, True], [False, True]),
-        (1, 8, False, False),
-        (1, 16, True, True),
-        (7, 8, True, False),
-        (7, 16, True, True),
-        (37, 16, True, True),
-        (64, 16, False, False),
-        (64, 16, False, True),
-        (64, 8, True, True),
-    ],
+    list(
+        itertools.product([1, 7, 37, 64], [8, 16], [False, True], [False, True])
+    ),
 )
 def test_chunked_matches_sequential(seqlen, chunk_size, use_init, use_docs):
   inputs = _ssd_inputs(seqlen)
@@ -92,7 +86,9 @@ def test_chunked_matches_sequential(seqlen, chunk_size, use_init, use_docs):
   y, h = _chunked(**inputs, **kw, chunk_size=chunk_size)
   y_seq, h_seq = _sequential(**inputs, **kw)
   assert y.shape == inputs["x"].shape and y.dtype == jnp.float32
-  assert h.shape == (_BATCH, _NHEADS, _HEADDIM, _DSTATE) and h.dtype == jnp.float32
+  assert (
+      h.shape == (_BATCH, _NHEADS, _HEADDIM, _DSTATE) and h.dtype == jnp.float32
+  )
   _assert_close(y, y_seq)
   _assert_close(h, h_seq)
 
@@ -165,7 +161,7 @@ def test_matches_numpy_float64_oracle():
 
 def _split(inputs, start, stop):
   return {
-      k: (v[:, start:stop] if v is not None and v.ndim >= 3 else v)
+      k: v[:, start:stop] if v is not None and v.ndim >= 3 else v
       for k, v in inputs.items()
   }
 
@@ -191,7 +187,8 @@ def test_ssd_final_state_chaining(use_docs):
   h0 = _initial_state()
   y, h = _chunked(**inputs, initial_state=h0, doc_ids=doc_ids, chunk_size=8)
   part = lambda lo, hi: dict(
-      _split(inputs, lo, hi), doc_ids=None if doc_ids is None else doc_ids[:, lo:hi]
+      _split(inputs, lo, hi),
+      doc_ids=None if doc_ids is None else doc_ids[:, lo:hi],
   )
   y1, h1 = _chunked(**part(0, split), initial_state=h0, chunk_size=8)
   y2, h2 = _chunked(**part(split, None), initial_state=h1, chunk_size=16)
@@ -242,7 +239,9 @@ def _ssd_loss(fn, seqlen, chunk_size, doc_ids, args):
   return jnp.sum(y * wy) + jnp.sum(h * wh)
 
 
-@pytest.mark.parametrize("use_docs,extreme", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "use_docs,extreme", [(False, False), (True, False), (True, True)]
+)
 def test_gradients_match_sequential(use_docs, extreme):
   seqlen, chunk_size = 37, 8
   inputs = _ssd_inputs(seqlen, seed=13)
@@ -273,7 +272,9 @@ def test_bf16_inputs():
   for k in ("x", "B", "C"):
     inputs_bf16[k] = inputs[k].astype(jnp.bfloat16)
   inputs_bf16["dt"] = inputs["dt"].astype(jnp.bfloat16)
-  kw = dict(initial_state=_initial_state(), doc_ids=_doc_ids(seqlen), chunk_size=16)
+  kw = dict(
+      initial_state=_initial_state(), doc_ids=_doc_ids(seqlen), chunk_size=16
+  )
   y, h = _chunked(**inputs_bf16, **kw)
   y_f32, h_f32 = _chunked(**inputs, **kw)
   assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
@@ -292,20 +293,28 @@ def test_bf16_inputs():
 
 
 def _conv_inputs(seqlen, width, seed=0, batch=_BATCH, channels=6):
-  ks = jax.random.split(jax.random.key(seed), 4)
+  rng = np.random.default_rng(seed)
   return dict(
-      x=jax.random.normal(ks[0], (batch, seqlen, channels)),
-      weight=jax.random.normal(ks[1], (width, channels)),
-      bias=jax.random.normal(ks[2], (channels,)),
-  ), jax.random.normal(ks[3], (batch, width - 1, channels))
+      x=_normal(rng, (batch, seqlen, channels)),
+      weight=_normal(rng, (width, channels)),
+      bias=_normal(rng, (channels,)),
+  ), _normal(rng, (batch, width - 1, channels))
 
 
 def _numpy_conv(x, weight, bias, init, doc_ids, activation):
-  x, weight, bias, init = (np.asarray(v, np.float64) for v in (x, weight, bias, init))
+  x, weight, bias, init = (
+      np.asarray(v, np.float64) for v in (x, weight, bias, init)
+  )
   bsz, seqlen, channels = x.shape
   width = weight.shape[0]
   doc_ids = np.asarray(doc_ids)
-  seg = np.concatenate([np.zeros((bsz, 1), int), np.cumsum(doc_ids[:, 1:] != doc_ids[:, :-1], 1)], 1)
+  seg = np.concatenate(
+      [
+          np.zeros((bsz, 1), int),
+          np.cumsum(doc_ids[:, 1:] != doc_ids[:, :-1], 1),
+      ],
+      1,
+  )
   y = np.zeros_like(x)
   for b in range(bsz):
     for t in range(seqlen):
@@ -322,15 +331,29 @@ def _numpy_conv(x, weight, bias, init, doc_ids, activation):
 
 @pytest.mark.parametrize(
     "seqlen,width,use_docs,activation",
-    [(37, 4, True, "silu"), (37, 4, False, None), (2, 4, True, "silu"), (9, 1, True, "silu"), (16, 2, True, None)],
+    [
+        (37, 4, True, "silu"),
+        (37, 4, False, None),
+        (2, 4, True, "silu"),
+        (9, 1, True, "silu"),
+        (16, 2, True, None),
+    ],
 )
 def test_conv_matches_numpy(seqlen, width, use_docs, activation):
   inputs, init = _conv_inputs(seqlen, width)
-  doc_ids = _doc_ids(seqlen) if use_docs else jnp.zeros((_BATCH, seqlen), jnp.int32)
-  y, state = _conv(
-      **inputs, initial_state=init, doc_ids=doc_ids if use_docs else None, activation=activation
+  doc_ids = (
+      _doc_ids(seqlen) if use_docs else jnp.zeros((_BATCH, seqlen), jnp.int32)
   )
-  _assert_close(y, _numpy_conv(**inputs, init=init, doc_ids=doc_ids, activation=activation))
+  y, state = _conv(
+      **inputs,
+      initial_state=init,
+      doc_ids=doc_ids if use_docs else None,
+      activation=activation,
+  )
+  _assert_close(
+      y,
+      _numpy_conv(**inputs, init=init, doc_ids=doc_ids, activation=activation),
+  )
   assert state.shape == init.shape
 
 
@@ -354,7 +377,9 @@ def test_conv_state_chaining(split, use_docs):
   doc_ids = _doc_ids(seqlen) if use_docs else None
   y, state = _conv(**inputs, initial_state=init, doc_ids=doc_ids)
   part = lambda lo, hi: dict(
-      inputs, x=inputs["x"][:, lo:hi], doc_ids=None if doc_ids is None else doc_ids[:, lo:hi]
+      inputs,
+      x=inputs["x"][:, lo:hi],
+      doc_ids=None if doc_ids is None else doc_ids[:, lo:hi],
   )
   y1, s1 = _conv(**part(0, split), initial_state=init)
   y2, s2 = _conv(**part(split, None), initial_state=s1)
@@ -366,10 +391,14 @@ def test_conv_decode_matches_full_sequence():
   prefill, steps = 21, 5
   inputs, init = _conv_inputs(prefill + steps, 4, seed=6)
   doc_ids = _doc_ids(prefill)
-  doc_ids = jnp.concatenate([doc_ids, jnp.repeat(doc_ids[:, -1:], steps, axis=1)], axis=1)
+  doc_ids = jnp.concatenate(
+      [doc_ids, jnp.repeat(doc_ids[:, -1:], steps, axis=1)], axis=1
+  )
   y_full, state_full = _conv(**inputs, initial_state=init, doc_ids=doc_ids)
   _, state = _conv(
-      **dict(inputs, x=inputs["x"][:, :prefill]), initial_state=init, doc_ids=doc_ids[:, :prefill]
+      **dict(inputs, x=inputs["x"][:, :prefill]),
+      initial_state=init,
+      doc_ids=doc_ids[:, :prefill],
   )
   for t in range(prefill, prefill + steps):
     y_t, state = ref.causal_conv1d_update_reference(
@@ -382,16 +411,22 @@ def test_conv_decode_matches_full_sequence():
 def test_conv_bf16_and_grads():
   inputs, init = _conv_inputs(19, 4, seed=8)
   doc_ids = _doc_ids(19)
-  y, state = _conv(**{**inputs, "x": inputs["x"].astype(jnp.bfloat16)}, doc_ids=doc_ids)
+  y, state = _conv(
+      **{**inputs, "x": inputs["x"].astype(jnp.bfloat16)}, doc_ids=doc_ids
+  )
   assert y.dtype == jnp.bfloat16 and state.dtype == jnp.bfloat16
   y_f32, _ = _conv(**inputs, doc_ids=doc_ids)
   _assert_close(y.astype(jnp.float32), y_f32, dict(atol=3e-2, rtol=3e-2))
 
   def loss(x, weight, bias, init):
-    y, s = ref.causal_conv1d_reference(x, weight, bias, initial_state=init, doc_ids=doc_ids)
+    y, s = ref.causal_conv1d_reference(
+        x, weight, bias, initial_state=init, doc_ids=doc_ids
+    )
     return jnp.sum(y * jnp.cos(y)) + jnp.sum(s)
 
-  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(inputs["x"], inputs["weight"], inputs["bias"], init)
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(
+      inputs["x"], inputs["weight"], inputs["bias"], init
+  )
   for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
 
@@ -410,7 +445,11 @@ def _bad(**overrides):
 @pytest.mark.parametrize(
     "overrides,kwargs,match",
     [
-        (dict(B=jnp.zeros((2, 8, 3, 16)), C=jnp.zeros((2, 8, 3, 16))), {}, "divisible"),
+        (
+            dict(B=jnp.zeros((2, 8, 3, 16)), C=jnp.zeros((2, 8, 3, 16))),
+            {},
+            "divisible",
+        ),
         (dict(C=jnp.zeros((2, 8, 2, 8))), {}, "C must have the shape"),
         (dict(B=jnp.zeros((2, 9, 2, 16))), {}, "B must be"),
         (dict(dt=jnp.zeros((2, 8, 3))), {}, "dt must be"),
@@ -418,7 +457,11 @@ def _bad(**overrides):
         (dict(D=jnp.zeros((2,))), {}, "D must have shape"),
         (dict(x=jnp.zeros((2, 8, 4))), {}, "x must be"),
         ({}, dict(initial_state=jnp.zeros((2, 4, 8, 8))), "initial_state"),
-        ({}, dict(doc_ids=jnp.zeros((2, 7), jnp.int32)), "doc_ids must have shape"),
+        (
+            {},
+            dict(doc_ids=jnp.zeros((2, 7), jnp.int32)),
+            "doc_ids must have shape",
+        ),
         ({}, dict(doc_ids=jnp.zeros((2, 8), jnp.float32)), "integer"),
         ({}, dict(chunk_size=0), "chunk_size"),
     ],
@@ -436,7 +479,16 @@ def test_decode_and_conv_bad_inputs():
   with pytest.raises(ValueError, match="state must be"):
     ref.ssd_decode_step_reference(state[..., :8], x, dt, A, bc, bc, None, None)
   with pytest.raises(ValueError, match="divisible"):
-    ref.ssd_decode_step_reference(state, x, dt, A, bc[:, :1].repeat(3, 1), bc[:, :1].repeat(3, 1), None, None)
+    ref.ssd_decode_step_reference(
+        state,
+        x,
+        dt,
+        A,
+        bc[:, :1].repeat(3, 1),
+        bc[:, :1].repeat(3, 1),
+        None,
+        None,
+    )
   xc, w = jnp.zeros((2, 5, 6)), jnp.zeros((4, 6))
   with pytest.raises(ValueError, match="weight must be"):
     ref.causal_conv1d_reference(xc, jnp.zeros((4, 5)))
