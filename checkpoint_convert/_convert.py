@@ -121,7 +121,7 @@ def hf_to_params(cfg: ModelConfig, names_shapes_dtypes: Mapping[str, tuple[tuple
                               f"leaf {leaf!r} but differ in dtype")
   if unfilled := sorted(set(expected) - set(leaf_dtype)):
     raise ConversionError(f"Key table leaves model params unset: {unfilled}")
-  leaves = {leaf: np.empty(expected[leaf], dt) for leaf, (dt, _, _) in leaf_dtype.items()}
+  leaves = {leaf: _aligned_empty(expected[leaf], dt) for leaf, (dt, _, _) in leaf_dtype.items()}
   filled = {leaf: 0 for leaf in leaves}
   for name, target in targets.items():
     for leaf, value in _keymap.split_hf(target, name, read(name)):
@@ -132,6 +132,15 @@ def hf_to_params(cfg: ModelConfig, names_shapes_dtypes: Mapping[str, tuple[tuple
     if filled[leaf] != slots:
       raise ConversionError(f"n3jax leaf {leaf!r} received {filled[leaf]} tensors for {slots} slots")
   return _unflatten(leaves)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+  """np.empty with a 64-byte aligned buffer: XLA's CPU client then adopts it without a copy when
+  `checkpointing.save_params` hands the leaves to orbax, so the weights stay one copy in host memory."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = np.empty(nbytes + align, np.uint8)
+  start = (-buf.ctypes.data) % align
+  return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:

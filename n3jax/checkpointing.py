@@ -19,15 +19,25 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
+# Bytes orbax may have in flight while writing / reading: bounds host memory above one copy of the params.
+_CONCURRENT_GB = 0.25
+
+
+def _host_array(x):
+  """A jax array on the host CPU device (zero-copy for aligned numpy), so orbax's concurrency limit applies and
+  a GPU/TPU host never stages the weights on the accelerator."""
+  return jax.device_put(x, jax.devices("cpu")[0])
+
+
 def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:
-  """Writes config and params (numpy or jax leaves) under `directory`, which must not exist yet."""
+  """Writes config and params (numpy or jax leaves) under `directory`."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     f.write(cfg.to_json())
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
-  checkpointer.wait_until_finished()
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_CONCURRENT_GB)
+  ocp.Checkpointer(handler).save(os.path.join(directory, PARAMS_DIR),
+                                 args=ocp.args.PyTreeSave(jax.tree.map(_host_array, params)))
 
 
 def load_config(directory: str) -> ModelConfig:
@@ -39,12 +49,15 @@ def load_config(directory: str) -> ModelConfig:
 
 
 def load_params(directory: str, *, as_numpy: bool = False) -> Any:
+  """The params tree: jax arrays on the default device, or host numpy arrays with `as_numpy`."""
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{directory} is not an n3jax checkpoint: {PARAMS_DIR}/ is missing")
-  params = ocp.StandardCheckpointer().restore(path)
-  convert = np.asarray if as_numpy else jax.numpy.asarray
-  return jax.tree.map(convert, params)
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_CONCURRENT_GB))
+  metadata = checkpointer.metadata(path).item_metadata.tree
+  restore_type = np.ndarray if as_numpy else jax.Array
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=restore_type), metadata)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def load(directory: str, **overrides) -> tuple[ModelConfig, Any]:

@@ -1,11 +1,10 @@
 """Pure-jnp reference implementations of the Mamba-2 SSD scan and causal conv1d.
 
-These functions are the numerical spec that the Pallas kernels in this package
-are tested against. They favour clarity and exactness (everything is computed
-in float32 with `Precision.HIGHEST`) over speed.
+The numerical spec the Pallas kernels of this package are tested against:
+clarity and exactness (float32, `Precision.HIGHEST`) over speed.
 
 SSD recurrence (per batch b and head m; Dao & Gu 2024, "Transformers are SSMs",
-arXiv:2405.21060, Sec. 6 "state space duality")::
+arXiv:2405.21060, Sec. 5 "state space duality")::
 
   dt_t  = clip(softplus(dt_raw_t + dt_bias), dt_min, dt_max)   # in float32
   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * outer(x_t, B_t)        # h: [P, Q]
@@ -18,10 +17,9 @@ Packed sequences (`doc_ids`), following the `seq_idx` semantics of
 state-spaces/mamba `mamba_ssm/ops/triton/ssd_combined.py`:
 
 * `doc_ids` is an integer array [B, T]. A new document starts at every t >= 1
-  with `doc_ids[:, t] != doc_ids[:, t - 1]`. Ids need not be monotonic or
-  unique: `[0, 0, 1, 1, 0]` is three documents. Internally documents are
-  numbered by the cumulative sum of these change flags, so only change points
-  matter.
+  with `doc_ids[:, t] != doc_ids[:, t - 1]`; only these change points matter
+  (documents are numbered by their cumulative sum), so ids need not be
+  monotonic or unique: `[0, 0, 1, 1, 0]` is three documents.
 * The SSM state is reset to zero immediately before the first token of every
   document except the first one; no information flows across a boundary.
 * `initial_state` (float32 [B, M, P, Q], default zeros) is the state h_{-1}
@@ -60,13 +58,13 @@ def _check_vector(name: str, v: Optional[jax.Array], nheads: int) -> None:
 
 
 def _check_doc_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int) -> None:
-  if doc_ids is not None and tuple(doc_ids.shape) != (bsz, seqlen):
+  if doc_ids is None:
+    return
+  if tuple(doc_ids.shape) != (bsz, seqlen) or doc_ids.dtype.kind not in "iu":
     raise ValueError(
-        f"doc_ids must have shape (B, T)=({bsz}, {seqlen}), got "
-        f"{doc_ids.shape=}"
+        f"doc_ids must be an integer array of shape [B, T]=({bsz}, {seqlen}), "
+        f"got {doc_ids.shape=} {doc_ids.dtype=}"
     )
-  if doc_ids is not None and not jnp.issubdtype(doc_ids.dtype, jnp.integer):
-    raise ValueError(f"doc_ids must be an integer array, got {doc_ids.dtype=}")
 
 
 def _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids):
@@ -134,35 +132,17 @@ def _segment_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int):
   return jnp.pad(jnp.cumsum(changes, axis=1), [(0, 0), (1, 0)])  # [B,T]
 
 
-def _prepare_ssd(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    dt_bias,
-    initial_state,
-    doc_ids,
-    chunk_size,
-    dt_softplus,
-    dt_min,
-    dt_max,
-):
-  """Validates inputs; returns float32 (dt, A, x, B, C, h0) and segment ids."""
-  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
-  _check_chunk_size(chunk_size)
-  bsz, seqlen, nheads, headdim = x.shape
+def _cast_ssd(x, A, B, C, initial_state):
+  """Returns float32 A, x, B/C expanded to heads [..., M, Q], and h0."""
+  nheads, headdim = x.shape[-2:]
   if initial_state is None:
-    initial_state = jnp.zeros((bsz, nheads, headdim, B.shape[-1]), _F32)
+    initial_state = jnp.zeros((x.shape[0], nheads, headdim, B.shape[-1]))
   return (
-      _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max),  # [B,T,M]
-      A.astype(_F32),  # [M]
-      x.astype(_F32),  # [B,T,M,P]
-      _expand_groups(B, nheads),  # [B,T,M,Q]
-      _expand_groups(C, nheads),  # [B,T,M,Q]
+      A.astype(_F32),
+      x.astype(_F32),
+      _expand_groups(B, nheads),
+      _expand_groups(C, nheads),
       initial_state.astype(_F32),  # [B,M,P,Q]
-      _segment_ids(doc_ids, bsz, seqlen),  # [B,T]
   )
 
 
@@ -209,7 +189,7 @@ def ssd_reference(
   """Chunked SSD scan (Mamba-2 "state space duality" algorithm).
 
   Follows the four-step chunked algorithm of Dao & Gu 2024 (arXiv:2405.21060,
-  Sec. 7 / Listing 1): (1) intra-chunk quadratic attention-like term with the
+  Sec. 6 / Listing 1): (1) intra-chunk quadratic attention-like term with the
   causal decay mask exp(segsum(dt * A)), (2) per-chunk end states, (3) a
   recurrence over chunk states (`lax.scan`), (4) the state-to-output term.
   Document boundaries (`doc_ids`) additionally mask (1), (2) and (4) and cut
@@ -236,31 +216,20 @@ def ssd_reference(
     y: [B, T, M, P] in x.dtype.
     final_state: [B, M, P, Q] float32 state after the last token.
   """
-  dt, a_coef, xf, bmat, cmat, h0, seg = _prepare_ssd(
-      x,
-      dt,
-      A,
-      B,
-      C,
-      D,
-      dt_bias,
-      initial_state,
-      doc_ids,
-      chunk_size,
-      dt_softplus,
-      dt_min,
-      dt_max,
-  )
+  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
+  _check_chunk_size(chunk_size)
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
+  # xf [B,T,M,P], bmat/cmat [B,T,M,Q], h0 [B,M,P,Q]
+  a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, initial_state)
+  seg = _segment_ids(doc_ids, *x.shape[:2])  # [B,T]
   bsz, seqlen, nheads, headdim = x.shape
 
   # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 change neither
   # y nor the final state; padded tokens stay in the last document.
   pad = (-seqlen) % chunk_size
   if pad:
-    zero_pad = lambda v: jnp.pad(
-        v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)
-    )
-    xf, dt, bmat, cmat = map(zero_pad, (xf, dt, bmat, cmat))
+    pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    xf, dt, bmat, cmat = map(pad_t, (xf, dt, bmat, cmat))
     seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
   nchunks = (seqlen + pad) // chunk_size
   chunked = lambda v: v.reshape((bsz, nchunks, chunk_size) + v.shape[2:])
@@ -344,21 +313,12 @@ def ssd_sequential_reference(
   `chunk_size` is validated but otherwise unused (kept for signature parity).
   All arithmetic is float32; returns (y in x.dtype, final_state float32).
   """
-  dt, a_coef, xf, bmat, cmat, h0, seg = _prepare_ssd(
-      x,
-      dt,
-      A,
-      B,
-      C,
-      D,
-      dt_bias,
-      initial_state,
-      doc_ids,
-      chunk_size,
-      dt_softplus,
-      dt_min,
-      dt_max,
-  )
+  _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
+  _check_chunk_size(chunk_size)
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
+  # xf [B,T,M,P], bmat/cmat [B,T,M,Q], h0 [B,M,P,Q]
+  a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, initial_state)
+  seg = _segment_ids(doc_ids, *x.shape[:2])  # [B,T]
   # [B,T] True where the state is zeroed before the token.
   reset = jnp.pad(seg[:, 1:] != seg[:, :-1], [(0, 0), (1, 0)])
 
@@ -410,25 +370,13 @@ def ssd_decode_step_reference(
         "Expected x [B, M, P], dt [B, M], B/C [B, J, Q], got "
         f"{x.shape=} {dt.shape=} {B.shape=} {C.shape=}"
     )
-  # Validate and preprocess as a length-1 sequence (T = 1).
-  dt, a_coef, xf, bmat, cmat, h0, _ = _prepare_ssd(
-      x[:, None],
-      dt[:, None],
-      A,
-      B[:, None],
-      C[:, None],
-      D,
-      dt_bias,
-      state,
-      None,
-      1,
-      dt_softplus,
-      dt_min,
-      dt_max,
-  )
-  new_state, y = _ssd_step(
-      h0, xf[:, 0], dt[:, 0], a_coef, bmat[:, 0], cmat[:, 0], D
-  )
+  # Validate as a length-1 sequence (T = 1).
+  x1, dt1, b1, c1 = x[:, None], dt[:, None], B[:, None], C[:, None]
+  _check_ssd_inputs(x1, dt1, A, b1, c1, D, dt_bias, state, None)
+  dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,M]
+  # xf [B,M,P], bmat/cmat [B,M,Q], h0 [B,M,P,Q]
+  a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, state)
+  new_state, y = _ssd_step(h0, xf, dt, a_coef, bmat, cmat, D)
   return y.astype(x.dtype), new_state
 
 
@@ -500,8 +448,7 @@ def causal_conv1d_reference(
   seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
   # Prepended inputs belong to the first document (index 0).
   seg_ext = jnp.pad(seg, [(0, 0), (width - 1, 0)])  # [B,K-1+T]
-  xp = jnp.concatenate([init.astype(_F32), x.astype(_F32)], axis=1)
-  # xp: [B,K-1+T,Ch]
+  xp = jnp.concatenate([init, x], axis=1).astype(_F32)  # [B,K-1+T,Ch]
   w = weight.astype(_F32)  # [K,Ch]
   y = jnp.zeros((bsz, seqlen, channels), _F32)
   for k in range(width):
@@ -545,9 +492,7 @@ def causal_conv1d_update_reference(
         f"conv_state must be [B, K-1, Ch]=({bsz}, {width - 1}, {channels}), "
         f"got {conv_state.shape=}"
     )
-  window = jnp.concatenate(
-      [conv_state.astype(_F32), x.astype(_F32)[:, None]], axis=1
-  )  # [B,K,Ch]
+  window = jnp.concatenate([conv_state, x[:, None]], 1).astype(_F32)  # [B,K,Ch]
   y = jnp.sum(window * weight.astype(_F32)[None], axis=1)  # [B,Ch]
   y = _conv_epilogue(y, bias, activation)
   return y.astype(x.dtype), window[:, 1:].astype(conv_state.dtype)

@@ -66,9 +66,7 @@ def _assert_close(a, b, tol=_TOL):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
 
 
-# ----------------------------------------------------------------------------
 # Chunked vs sequential.
-# ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -154,9 +152,7 @@ def test_matches_numpy_float64_oracle():
   _assert_close(h, h_np)
 
 
-# ----------------------------------------------------------------------------
 # Packed documents, state chaining, decoding.
-# ----------------------------------------------------------------------------
 
 
 def _split(inputs, start, stop):
@@ -226,9 +222,7 @@ def test_ssd_decode_matches_full_sequence():
   _assert_close(state, h_full)
 
 
-# ----------------------------------------------------------------------------
 # Gradients and dtypes.
-# ----------------------------------------------------------------------------
 
 
 def _ssd_loss(fn, seqlen, chunk_size, doc_ids, args):
@@ -287,9 +281,7 @@ def test_bf16_inputs():
   _assert_close(y.astype(jnp.float32), y_seq.astype(jnp.float32), tol)
 
 
-# ----------------------------------------------------------------------------
 # Causal conv1d.
-# ----------------------------------------------------------------------------
 
 
 def _conv_inputs(seqlen, width, seed=0, batch=_BATCH, channels=6):
@@ -431,9 +423,7 @@ def test_conv_bf16_and_grads():
     assert np.all(np.isfinite(np.asarray(g)))
 
 
-# ----------------------------------------------------------------------------
 # Input validation.
-# ----------------------------------------------------------------------------
 
 
 def _bad(**overrides):
@@ -460,7 +450,7 @@ def _bad(**overrides):
         (
             {},
             dict(doc_ids=jnp.zeros((2, 7), jnp.int32)),
-            "doc_ids must have shape",
+            "doc_ids must be an integer array of shape",
         ),
         ({}, dict(doc_ids=jnp.zeros((2, 8), jnp.float32)), "integer"),
         ({}, dict(chunk_size=0), "chunk_size"),
