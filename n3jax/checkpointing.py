@@ -7,6 +7,8 @@ checkpoint never has to be guessed from its shapes.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -66,3 +68,90 @@ def load(directory: str, **overrides) -> tuple[ModelConfig, Any]:
   if overrides:
     cfg = cfg.replace(**overrides)
   return cfg, load_params(directory)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train-state checkpoints (params, optimizer state, step, RNG, data-iterator state) for n3jax.trainer.
+# ---------------------------------------------------------------------------------------------------
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+@jax.jit
+def _fingerprint(tree: Any) -> Any:
+  """Per leaf (sum, sum of |x|) in f32: a cheap check that a restored state is the saved one."""
+  def one(x):
+    x = x.astype(np.float32)
+    return jax.numpy.stack([x.sum(), jax.numpy.abs(x).sum()])
+  return jax.tree.map(one, tree)
+
+
+def _fingerprint_list(tree: Any) -> list[list[float]]:
+  return [np.asarray(v, np.float64).tolist() for v in jax.tree.leaves(jax.device_get(_fingerprint(tree)))]
+
+
+class TrainCheckpointer:
+  """An orbax `CheckpointManager` over `directory`/<step>/{state, meta}: async saves, keep-last-K, and a
+  restore that takes the newest *intact* step.
+
+  Orbax writes each step into a temporary directory and renames it when complete, so a kill mid-save
+  leaves a `*.orbax-checkpoint-tmp-*` directory that is never listed as a step (and is cleaned up).
+  On restore, a listed step that fails to read, or whose state does not match the fingerprint saved
+  with it, is reported, moved to `<workdir>/damaged_checkpoints/`, and the next older step is tried.
+  """
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep or None, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._mgr = ocp.CheckpointManager(self.directory, options=self._options)
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mgr.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Any) -> None:
+    """Starts an (async) save of `state` and the JSON-able `data_state` at `step`."""
+    if step in self._mgr.all_steps():
+      return
+    meta = {"step": int(step), "data_state": data_state, "fingerprint": _fingerprint_list(state)}
+    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+  def _quarantine(self, step: int, reason: str, log) -> None:
+    src = os.path.join(self.directory, str(step))
+    dst_root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+    log(f"Checkpoint step {step} in {self.directory} is damaged ({reason}); moved to {dst}, "
+        "trying an older one")
+    if os.path.exists(src):
+      shutil.move(src, dst)
+    self._mgr.reload()
+
+  def restore_latest(self, abstract_state: Any, log=print) -> tuple[int, Any, Any] | None:
+    """-> (step, state, data_state) of the newest intact checkpoint, or None when there is none."""
+    for step in sorted(self._mgr.all_steps(), reverse=True):
+      try:
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state, meta = out["state"], out["meta"]
+        if not isinstance(meta, dict) or "fingerprint" not in meta:
+          raise ValueError("its meta item is missing")
+        want = np.asarray(meta["fingerprint"], np.float64)
+        got = np.asarray(_fingerprint_list(state), np.float64)
+        if want.shape != got.shape or not np.all(np.abs(got - want) <= 1e-5 * np.abs(want[:, 1:2]) + 1e-30):
+          raise ValueError("restored values differ from the fingerprint saved with them")
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", log)
+        continue
+      return step, state, meta["data_state"]
+    return None

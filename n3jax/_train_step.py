@@ -1,0 +1,130 @@
+"""The pure training and evaluation steps: `train_step(state, batch) -> (state, metrics)`.
+
+State is a plain dict pytree (what orbax saves): `step` int32, `params`, `opt_state`, `rng` (raw key
+data, uint32 [2]). A batch is the dict of `n3jax.data` (int32 [B, T]). Losses are per-token means over
+the whole global batch, so gradient accumulation over micro-batches (a `lax.scan`) gives the same
+update as one big batch:
+
+    loss = CE(main) + mtp_loss_scale / D * sum_k CE_k          (+ the balance loss, via its gradient)
+
+MTP depth k at position i predicts token i + k + 1, i.e. `targets[i + k]`; it counts where that target
+is in the loss and in the same document as position i.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from n3jax import _moe_balance
+from n3jax import models
+from n3jax.configs import Block, ModelConfig
+
+__all__ = ["init_state", "make_train_step", "make_eval_step", "mtp_depths"]
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def mtp_depths(cfg: ModelConfig, config) -> int:
+  if not cfg.num_nextn_predict_layers:
+    return 0
+  return config.mtp_depths or cfg.num_nextn_predict_layers
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> State:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.key_data(rng)}
+
+
+def _ce_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked token cross-entropy, summed. logits [B, T, V] f32."""
+  logz = jax.nn.logsumexp(logits, axis=-1)                                        # [B, T]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]      # [B, T]
+  return jnp.sum((logz - picked) * mask)
+
+
+def _shift_left(x: jax.Array, k: int) -> jax.Array:
+  return jnp.pad(x[:, k:], ((0, 0), (0, k)))
+
+
+def _mtp_targets(batch: Batch, k: int) -> tuple[jax.Array, jax.Array]:
+  same_doc = _shift_left(batch["segment_ids"], k) == batch["segment_ids"]
+  return _shift_left(batch["targets"], k), _shift_left(batch["loss_mask"], k) * same_doc
+
+
+def _denominators(batch: Batch, depths: int) -> jax.Array:
+  """Loss tokens of the whole batch: [1 + depths] (main, then each MTP depth), at least 1."""
+  counts = [batch["loss_mask"].sum()] + [_mtp_targets(batch, k)[1].sum() for k in range(1, depths + 1)]
+  return jnp.maximum(jnp.stack(counts).astype(jnp.float32), 1.0)
+
+
+def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float):
+  """-> (CE sums [1 + depths], expert counts [n_moe, E])."""
+  with _moe_balance.balance_loss_hook(cfg, balance_coef):
+    out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths)
+  sums = [_ce_sum(out["logits"], batch["targets"], batch["loss_mask"])]
+  for k in range(1, depths + 1):
+    tgt, mask = _mtp_targets(batch, k)
+    sums.append(_ce_sum(out["mtp_logits"][k - 1], tgt, mask))
+  return jnp.stack(sums), out["expert_counts"]
+
+
+def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[State, Batch], tuple[State, dict]]:
+  depths = mtp_depths(cfg, config)
+  accum = config.grad_accum_steps
+  has_moe = Block.MOE in cfg.blocks
+  balance_coef = config.moe.balance_loss_coef / accum if has_moe else 0.0
+  weights = jnp.asarray([1.0] + [config.mtp_loss_scale / max(depths, 1)] * depths, jnp.float32)
+
+  def micro_loss(params, micro: Batch, denoms: jax.Array):
+    sums, counts = _forward_losses(cfg, params, micro, depths, balance_coef)
+    return jnp.sum(weights * sums / denoms), (sums, counts)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+    params = state["params"]
+    denoms = _denominators(batch, depths)
+    if accum == 1:
+      (_, (sums, counts)), grads = grad_fn(params, batch, denoms)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        g_acc, s_acc, c_acc = carry
+        (_, (s, c)), g = grad_fn(params, mb, denoms)
+        return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      n_moe, e = cfg.count(Block.MOE), (cfg.n_routed_experts if has_moe else 0)
+      init = (zeros, jnp.zeros((1 + depths,), jnp.float32), jnp.zeros((n_moe, e), jnp.int32))
+      (grads, sums, counts), _ = jax.lax.scan(body, init, micro)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    if has_moe:
+      params = _moe_balance.update_expert_bias(params, counts, config.moe.bias_update_rate)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
+    losses = sums / denoms
+    metrics = {"loss": losses[0], "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "loss_tokens": denoms[0], "expert_imbalance": _moe_balance.load_imbalance(counts)}
+    if depths:
+      metrics["mtp_loss"] = jnp.mean(losses[1:])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """(params, batch) -> (main CE sum, loss tokens)."""
+  def eval_step(params, batch: Batch):
+    out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=0)
+    return _ce_sum(out["logits"], batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum()
+  return eval_step

@@ -1,0 +1,213 @@
+"""`train_and_evaluate(config, workdir)`: the training loop the CLI, tests and notebooks share.
+
+    config -> checks (config keys, model, numbers, tokenizer, data: all before any compile)
+      -> restore the newest intact checkpoint, or init (random, or `init_from` a converted checkpoint)
+      -> jitted `train_step(state, batch)` -> progress lines + TensorBoard -> periodic eval and async saves
+
+Single device: state and batches live on `jax.local_devices()[0]` (the step is a pure jitted function,
+so a mesh can be added around it later). Workdir layout:
+
+    WORKDIR/config.json            the ModelConfig (as in n3jax checkpoints)
+    WORKDIR/experiment.json        the full training config
+    WORKDIR/checkpoints/<step>/    orbax: state (params, opt_state, step, rng) + meta (data state)
+    WORKDIR/tensorboard/           event files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from n3jax import _optim
+from n3jax import _progress
+from n3jax import _train_step
+from n3jax import checkpointing
+from n3jax import data as data_lib
+from n3jax import models
+from n3jax._train_config import build_model_config, default_config, merge_with_defaults
+
+__all__ = ["TrainResult", "default_config", "train_and_evaluate", "build_model_config"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  losses: dict[int, float]          # step -> train loss (main CE), for every step this call ran
+  eval_losses: dict[int, float]     # step -> held-out loss
+  restored_step: int | None         # the checkpoint this call resumed from
+  last_step: int
+  preempted: bool
+
+
+def _check_numbers(config, cfg) -> None:
+  def need(cond, msg):
+    if not cond:
+      raise ValueError(msg)
+  d = config.data
+  need(config.num_steps > 0, f"num_steps={config.num_steps} must be > 0")
+  need(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
+  need(config.grad_accum_steps >= 1 and config.batch_size % config.grad_accum_steps == 0,
+       f"batch_size={config.batch_size} must be a multiple of grad_accum_steps={config.grad_accum_steps}")
+  need(config.batch_size % jax.process_count() == 0,
+       f"batch_size={config.batch_size} must be a multiple of the {jax.process_count()} hosts")
+  need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be > 0")
+  need(d.seq_len <= cfg.max_position_embeddings,
+       f"data.seq_len={d.seq_len} is longer than the model's maximum sequence length "
+       f"max_position_embeddings={cfg.max_position_embeddings}; lower data.seq_len or raise "
+       "model_overrides.max_position_embeddings")
+  need(d.eval_batches >= 1, f"data.eval_batches={d.eval_batches} must be >= 1")
+  need(config.log_every >= 1, f"log_every={config.log_every} must be >= 1")
+  for name in ("stop_after_step", "eval_every", "mtp_depths"):
+    need(config[name] >= 0, f"{name}={config[name]} must be >= 0")
+  need(config.checkpoint.every_steps >= 0 and config.checkpoint.keep >= 0,
+       f"checkpoint.every_steps={config.checkpoint.every_steps} and keep={config.checkpoint.keep} must be >= 0")
+
+
+def _init_params(cfg, config, key) -> Any:
+  if not config.init_from:
+    return jax.jit(models.init, static_argnums=0)(cfg, key)
+  want = jax.eval_shape(lambda: models.init(cfg, key))
+  got = checkpointing.load_params(config.init_from, as_numpy=True)
+  want_paths = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(want)[0]}
+  got_paths = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  if missing := sorted(set(want_paths) - set(got_paths)):
+    raise ValueError(f"init_from={config.init_from!r} lacks params {missing[:5]} (of {len(missing)})")
+  if extra := sorted(set(got_paths) - set(want_paths)):
+    raise ValueError(f"init_from={config.init_from!r} has params the model does not: {extra[:5]}")
+  for k, s in want_paths.items():
+    if got_paths[k].shape != s.shape:
+      raise ValueError(f"init_from param {k} has shape {got_paths[k].shape}, the model wants {s.shape}")
+  # Cast to the training param dtype (a bf16 checkpoint trains with f32 master params).
+  return jax.tree.map(lambda s, v: jnp.asarray(v, s.dtype), want, got)
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop then saves and returns (only installable from the main thread)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+  """Trains `config` (a `default_config()`-shaped ConfigDict) in `workdir`, resuming if it has checkpoints."""
+  # --- Checks: every bad input fails here, before any compile. ---
+  config = merge_with_defaults(config)
+  cfg = build_model_config(config)
+  _check_numbers(config, cfg)
+  tx, schedule = _optim.make_optimizer(config.optimizer, config.num_steps)
+  eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer, pad_id=cfg.pad_token_id or 0,
+                                      bos_id=cfg.bos_token_id or 1, eos_id=eos if eos is not None else 2)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids, more than the "
+                     f"model's vocab_size={cfg.vocab_size}")
+  host_batch = config.batch_size // jax.process_count()
+  data = data_lib.make_data(config.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, batch_size=host_batch,
+                            seed=config.seed, shard=(jax.process_index(), jax.process_count()))
+  is_chief = jax.process_index() == 0
+
+  # --- Workdir, checkpoints, state. ---
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json())
+    with open(os.path.join(workdir, "experiment.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  device = jax.local_devices()[0]
+  ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+  init_key, rng = jax.random.split(jax.random.key(config.seed))
+  log = print if is_chief else (lambda *_: None)
+
+  def fresh_state():
+    return _train_step.init_state(_init_params(cfg, config, init_key), tx, rng)
+
+  abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, init_key), tx, rng))
+  restored = ckpt.restore_latest(abstract, log=log)
+  if restored is not None:
+    restored_step, state, data_state = restored
+    data.train_iter.set_state(data_state)
+    log(f"Resumed from {ckpt.directory}/{restored_step}")
+  else:
+    restored_step, state = None, fresh_state()
+  state = jax.device_put(state, device)
+  step = int(state["step"])
+
+  # --- Compile. ---
+  train_step = jax.jit(_train_step.make_train_step(cfg, config, tx, schedule), donate_argnums=0)
+  eval_step = jax.jit(_train_step.make_eval_step(cfg))
+  t0 = time.perf_counter()
+  first = next(data.train_iter) if step < config.num_steps else None
+  if first is not None:
+    train_step = train_step.lower(state, first).compile()
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  log(f"Model {config.model_preset if not config.init_from else config.init_from}: {n_params / 1e6:.2f}M params "
+      f"({cfg.pattern}), {config.batch_size} x {config.data.seq_len} tokens per step, "
+      f"{data.num_train_records} train / {data.num_eval_records} held-out records; compiled in "
+      f"{time.perf_counter() - t0:.1f} s")
+
+  progress = _progress.Progress(workdir, cfg=cfg, num_steps=config.num_steps,
+                                tokens_per_step=config.batch_size * config.data.seq_len, first_step=step,
+                                devices=[device] * jax.process_count(), enabled=is_chief)
+  eval_losses: dict[int, float] = {}
+
+  def evaluate(at: int):
+    sums = [eval_step(state["params"], b) for b in data.eval_batches]
+    ce, n = (float(np.sum([float(s[i]) for s in sums])) for i in range(2))
+    eval_losses[at] = ce / max(n, 1.0)
+    progress.eval(at, eval_losses[at], int(n))
+
+  def save(at: int):
+    ckpt.save(at, state, data.train_iter.get_state())
+
+  preempted = False
+  try:
+    with _Preemption() as preemption:
+      while step < config.num_steps:
+        batch = first if first is not None else next(data.train_iter)
+        first = None
+        state, metrics = train_step(state, batch)
+        step += 1
+        progress.record(step, metrics)
+        last = step == config.num_steps
+        if step % config.log_every == 0 or last:
+          progress.flush(step)
+        if (config.eval_every and step % config.eval_every == 0) or last:
+          evaluate(step)
+        every = config.checkpoint.every_steps
+        if (every and step % every == 0) or last:
+          save(step)
+        if preemption.requested or step == config.stop_after_step:
+          preempted = True
+          progress.flush(step)
+          save(step)
+          log(f"Stopped at step {step} ({'SIGTERM' if preemption.requested else 'stop_after_step'}); "
+              f"checkpoint saved in {ckpt.directory}")
+          break
+  finally:
+    progress.close()
+    ckpt.close()
+  losses = {s: m["loss"] for s, m in progress.history.items()}
+  return TrainResult(losses=losses, eval_losses=eval_losses, restored_step=restored_step, last_step=step,
+                     preempted=preempted)

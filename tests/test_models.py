@@ -1,0 +1,136 @@
+"""The hybrid stack on its own: execution strategies, packed sequences, dtypes, MTP, bad input."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import n3jax
+from n3jax import models
+from n3jax.configs import PRESETS
+
+TINY = ("tiny-dense", "tiny-moe", "tiny-latent-moe")
+
+
+@functools.lru_cache(maxsize=None)
+def _params(name):
+  return models.init(PRESETS[name], jax.random.key(0))
+
+
+def _tokens(cfg, batch=2, seq=19, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+
+
+def _loss(cfg, params, tokens):
+  logits = models.forward(cfg, params, tokens)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_scan_and_remat_match_unrolled_values_and_grads(name):
+  cfg, params = PRESETS[name], _params(name)
+  tokens = _tokens(cfg)
+  want_loss, want_grad = jax.value_and_grad(functools.partial(_loss, cfg))(params, tokens)
+  for variant in (dict(scan_layers=True), dict(remat_policy="full"), dict(scan_layers=True, remat_policy="dots_saveable")):
+    got_loss, got_grad = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg.replace(**variant))))(params, tokens)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=str(variant))
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=str(variant))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_param_gets_a_gradient_except_the_selection_bias(name):
+  cfg, params = PRESETS[name], _params(name)
+  grads = jax.grad(functools.partial(_loss, cfg))(params, _tokens(cfg))
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    key = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), key
+    if "e_score_correction_bias" in key:
+      assert not np.any(g), key  # selects experts only: no gradient, updated outside the optimizer
+    elif "mtp" not in key:  # MTP params only see the MTP loss
+      assert np.any(g), key
+
+
+@pytest.mark.parametrize("name", ("tiny-dense", "tiny-moe"))
+def test_packed_documents_do_not_see_each_other(name):
+  cfg, params = PRESETS[name], _params(name)
+  a, b = _tokens(cfg, 1, 11, seed=1), _tokens(cfg, 1, 8, seed=2)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.asarray([[0] * 11 + [1] * 8], jnp.int32)
+  got = models.forward(cfg, params, packed, segment_ids=segments)
+  np.testing.assert_allclose(got[:, :11], models.forward(cfg, params, a), atol=2e-5)
+  np.testing.assert_allclose(got[:, 11:], models.forward(cfg, params, b), atol=2e-5)
+
+
+def test_forward_compiles_once_for_new_token_values():
+  cfg, params = PRESETS["tiny-moe"], _params("tiny-moe")
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def fwd(params, tokens):
+    return n3jax.forward(cfg, params, tokens)
+
+  for seed in range(3):
+    out = fwd(params, _tokens(cfg, seed=seed))
+  assert out.dtype == jnp.float32 and out.shape == (2, 19, cfg.vocab_size)
+
+
+def test_bf16_compute_with_f32_params():
+  cfg = PRESETS["tiny-latent-moe"]
+  params = _params("tiny-latent-moe")
+  tokens = _tokens(cfg)
+  want = models.forward(cfg, params, tokens)
+  got = models.forward(cfg.replace(dtype="bfloat16"), params, tokens)
+  assert got.dtype == jnp.float32 and np.all(np.isfinite(got))
+  assert np.mean(np.abs(got - want)) < 0.05 * np.mean(np.abs(want)) + 0.02
+
+
+def test_bf16_params_init_and_router_stays_f32():
+  cfg = PRESETS["tiny-moe"].replace(param_dtype="bfloat16", dtype="bfloat16")
+  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
+  moe = shapes["layers"]["moe"]["mixer"]
+  assert moe["gate"].dtype == jnp.float32 and moe["e_score_correction_bias"].dtype == jnp.float32
+  assert moe["experts_up_proj"].dtype == jnp.bfloat16
+
+
+def test_mtp_heads():
+  cfg, params = PRESETS["tiny-latent-moe"], _params("tiny-latent-moe")
+  tokens = _tokens(cfg, seq=9)
+  out = models.apply(cfg, params, tokens, mtp_depths=2)  # Super trains 2 depths of its one module
+  assert out["mtp_logits"].shape == (2, 2, 9, cfg.vocab_size)
+  assert out["expert_counts"].shape == (cfg.count(n3jax.Block.MOE), cfg.n_routed_experts)
+  np.testing.assert_array_equal(out["expert_counts"].sum(-1), 2 * 9 * cfg.num_experts_per_tok)
+  # Depth 1 at position i sees tokens <= i + 1 only: changing token i + 2 leaves it unchanged.
+  changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % cfg.vocab_size)
+  again = models.apply(cfg, params, changed, mtp_depths=1)["mtp_logits"][0]
+  np.testing.assert_allclose(again[:, :4], out["mtp_logits"][0][:, :4], atol=1e-6)
+  assert not np.allclose(again[:, 4], out["mtp_logits"][0][:, 4])
+
+
+@pytest.mark.parametrize("tokens,match", [
+    (np.zeros((2, 3), np.float32), "must be integers"),
+    (np.zeros((6,), np.int32), r"int \[batch, seq\]"),
+])
+def test_bad_tokens(tokens, match):
+  with pytest.raises(ValueError, match=match):
+    n3jax.forward(PRESETS["tiny-dense"], _params("tiny-dense"), jnp.asarray(tokens))
+
+
+def test_bad_segment_ids():
+  with pytest.raises(ValueError, match="segment_ids.shape"):
+    n3jax.forward(PRESETS["tiny-dense"], _params("tiny-dense"), jnp.zeros((2, 4), jnp.int32),
+                  segment_ids=jnp.zeros((2, 5), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b", "nemotron-h-56b"])
+def test_big_presets_trace_abstractly(name):
+  """The released presets build their forward (scanned layers, MTP) without allocating any weights."""
+  cfg = PRESETS[name]
+  params = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
+  out = jax.eval_shape(lambda p, t: models.apply(cfg, p, t), params, jax.ShapeDtypeStruct((1, 256), jnp.int32))
+  assert out["logits"].shape == (1, 256, cfg.vocab_size) and out["logits"].dtype == jnp.float32
+  if cfg.num_nextn_predict_layers:
+    assert out["mtp_logits"].shape == (1, 1, 256, cfg.vocab_size)
