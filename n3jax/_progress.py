@@ -71,6 +71,10 @@ class Progress:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation, a save) out of the next line's step time."""
+    self._t_last += seconds
+
   def record(self, step: int, metrics: dict[str, Any]) -> None:
     self._pending.append((step, metrics))
 

@@ -77,17 +77,23 @@ class Head(nn.Module):
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(h)
-    return h, _logits(self, cfg, h, embedding)
+    if cfg.tie_word_embeddings:
+      w = embedding.T
+    else:
+      w = _common.param(self, "lm_head", _common.dense_init(cfg), (cfg.hidden_size, cfg.vocab_size),
+                        (shd.EMBED, shd.VOCAB), pdtype)
+    return h, project_to_vocab(cfg, h, w)
 
 
-def _logits(module: nn.Module, cfg: ModelConfig, h: jax.Array, embedding: jax.Array | None) -> jax.Array:
+def project_to_vocab(cfg: ModelConfig, h: jax.Array, w: jax.Array) -> jax.Array:
+  """h [B, T, D] @ w [D, V] -> f32 logits (HF: `lm_head(h).float()`)."""
   dtype = _common.dtype_of(cfg.dtype)
-  if cfg.tie_word_embeddings:
-    w = embedding.T
-  else:
-    w = _common.param(module, "lm_head", _common.dense_init(cfg), (cfg.hidden_size, cfg.vocab_size),
-                      (shd.EMBED, shd.VOCAB), _common.dtype_of(cfg.param_dtype))
   return jnp.einsum("BTD,DV->BTV", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
+  """[D, V]: the LM head, or the transposed embedding when tied."""
+  return params["embedder"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 class MTPModule(nn.Module):
@@ -246,15 +252,9 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
       emb_k = Embedder(cfg).apply({"params": params["embedder"]}, shifted)
       module = params["mtp"][str(min(k, cfg.num_nextn_predict_layers) - 1)]
       h_prev = MTPModule(cfg).apply({"params": module}, emb_k, h_prev, segment_ids)
-      mtp_logits.append(_logits_only(cfg, params, h_prev))
+      mtp_logits.append(project_to_vocab(cfg, h_prev, lm_head_weight(cfg, params)))
     out["mtp_logits"] = jnp.stack(mtp_logits)
   return out
-
-
-def _logits_only(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
-  w = params["embedder"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
-  dtype = _common.dtype_of(cfg.dtype)
-  return jnp.einsum("BTD,DV->BTV", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None

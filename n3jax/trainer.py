@@ -173,10 +173,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   eval_losses: dict[int, float] = {}
 
   def evaluate(at: int):
+    t = time.perf_counter()
     sums = [eval_step(state["params"], b) for b in data.eval_batches]
     ce, n = (float(np.sum([float(s[i]) for s in sums])) for i in range(2))
     eval_losses[at] = ce / max(n, 1.0)
     progress.eval(at, eval_losses[at], int(n))
+    progress.exclude(time.perf_counter() - t)
 
   def save(at: int):
     ckpt.save(at, state, data.train_iter.get_state())
