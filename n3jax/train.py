@@ -7,6 +7,7 @@ newest intact checkpoint.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from n3jax import trainer
@@ -20,6 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Progress lines are printed; keep library INFO logs (orbax writes several per save) off the terminal.
+  logging.set_verbosity(logging.WARNING)
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
