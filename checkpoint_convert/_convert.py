@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from checkpoint_convert import _keymap, _safetensors
 from n3jax import checkpointing, models
@@ -159,26 +160,12 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> Iterator[tuple[
     yield name, _keymap.join_hf(target, get)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, path + "/"))
-    else:
-      out[path] = v
-  return out
+def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 # ---------------------------------------------------------------------------------------------------

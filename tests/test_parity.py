@@ -4,6 +4,7 @@ Whole model and each block kind alone (each HF layer's actual input and output a
 forward hooks during the full forward, so attention sees exactly HF's causal masking).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,29 +76,8 @@ def test_each_block_matches_hf(converted):
   seen_kinds = set()
   for i, (kind, slot) in enumerate(models.layer_slots(cfg)):
     x_in, y_out = (t.detach().float().numpy() for t in captured[i])
-    p = {k: v[slot] for k, v in _leaves(params["layers"][models.kind_name(kind)]).items()}
-    got, _ = Layer(cfg, kind).apply({"params": _tree(p)}, jnp.asarray(x_in), jnp.zeros(x_in.shape[:2], jnp.int32))
+    p = jax.tree.map(lambda v, slot=slot: v[slot], params["layers"][models.kind_name(kind)])
+    got, _ = Layer(cfg, kind).apply({"params": p}, jnp.asarray(x_in), jnp.zeros(x_in.shape[:2], jnp.int32))
     np.testing.assert_allclose(np.asarray(got), y_out, atol=ATOL, rtol=0, err_msg=f"layer {i} ({kind.name})")
     seen_kinds.add(kind)
   assert seen_kinds == set(cfg.blocks)
-
-
-def _leaves(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_leaves(v, f"{prefix}{k}/"))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _tree(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = v
-  return tree
