@@ -1,19 +1,30 @@
-"""Logical axis names and the rules tables that map them onto mesh axes.
+"""Logical axis names, the rules tables that map them onto mesh axes, and sharded construction.
 
 Modules say *what* an axis is (`nn.with_logical_partitioning(init, (EMBED, MLP))`); only this file says
 *where* it goes. A new layout is a new named entry in `AXIS_RULES`, never an `if` in a layer.
-Mesh axes: `data`, `fsdp`, `expert`, `tensor`.
+Mesh axes, always in this order: `data`, `fsdp`, `expert`, `tensor`.
+
+    mesh = make_mesh({"data": 2, "fsdp": 4, "expert": 1, "tensor": 1})
+    with use_mesh(mesh, "fsdp"):
+      params = init_sharded(cfg, key, mesh, "fsdp")   # created sharded, never materialised on one device
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from typing import Any
+
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["AXIS_RULES", "MESH_AXES", "logical_to_mesh"]
+__all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_shardings", "init_sharded",
+           "batch_sharding", "logical_to_mesh"]
 
 # --- Parameter axes ---
-LAYERS = "layers"              # stacked layers of one block type (scan axis); never sharded
+LAYERS = "layers"              # stacked layers of one block kind (scan axis); never sharded
 VOCAB = "vocab"
 EMBED = "embed"                # d_model
 MLP = "mlp"                    # dense / shared-expert hidden
@@ -38,23 +49,27 @@ ACT_HEADS = "act_heads"
 ACT_VOCAB = "act_vocab"
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+_BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over every non-tensor axis
 
-# Each layout: (logical name, mesh axis or tuple of mesh axes or None). Unlisted names are replicated.
-AXIS_RULES: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
+# Each layout: (logical name, mesh axis or tuple of mesh axes). Unlisted names are replicated.
+# Under tensor parallelism Mamba heads and B/C groups are split together, so the conv, the scan and the
+# gated group norm stay local to a shard (Megatron's layout); this needs heads % tensor == 0 and
+# n_groups % tensor == 0.
+AXIS_RULES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
     "data_parallel": (
-        (ACT_BATCH, ("data", "fsdp", "expert")),
+        (ACT_BATCH, _BATCH_AXES),
     ),
     "fsdp": (
-        (ACT_BATCH, ("data", "fsdp", "expert")),
+        (ACT_BATCH, _BATCH_AXES),
         (EMBED, "fsdp"),
     ),
     "fsdp_ep": (
-        (ACT_BATCH, ("data", "fsdp", "expert")),
+        (ACT_BATCH, _BATCH_AXES),
         (EMBED, "fsdp"),
         (EXPERT, "expert"),
     ),
     "fsdp_tp_ep": (
-        (ACT_BATCH, ("data", "fsdp", "expert")),
+        (ACT_BATCH, _BATCH_AXES),
         (EMBED, "fsdp"),
         (EXPERT, "expert"),
         (VOCAB, "tensor"), (MLP, "tensor"), (EXPERT_MLP, "tensor"), (HEADS, "tensor"), (KV_HEADS, "tensor"),
@@ -63,13 +78,79 @@ AXIS_RULES: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
 }
 
 
-def logical_to_mesh(logical_axes, rules_name: str):
-  """Maps a pytree of logical `PartitionSpec`s to mesh `PartitionSpec`s under a named layout."""
+def _rules(rules_name: str):
   if rules_name not in AXIS_RULES:
     raise ValueError(f"Unknown axis rules {rules_name!r}; known: {sorted(AXIS_RULES)}")
-  return nn.logical_to_mesh(logical_axes, AXIS_RULES[rules_name])
+  return AXIS_RULES[rules_name]
+
+
+def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
+  """A mesh over `devices` (default: all processes' devices) with axes `MESH_AXES`.
+
+  `shape` maps axis names to sizes; one size may be -1 (whatever is left); missing axes are 1.
+  """
+  if unknown := sorted(set(shape) - set(MESH_AXES)):
+    raise ValueError(f"Unknown mesh axes {unknown}; known: {list(MESH_AXES)}")
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {shape}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if devices.size % known:
+      raise ValueError(f"{devices.size} devices do not divide into mesh {shape}")
+    sizes[sizes.index(-1)] = devices.size // known
+  if math.prod(sizes) != devices.size:
+    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {devices.size}")
+  return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules_name: str):
+  """Activates the mesh and the layout's rules, so `with_logical_constraint` in the model takes effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(rules_name)):
+    yield
+
+
+def logical_to_mesh(logical_axes: Any, rules_name: str) -> Any:
+  """Maps a pytree of logical `PartitionSpec`s to mesh `PartitionSpec`s under a named layout."""
+  return nn.logical_to_mesh(logical_axes, _rules(rules_name))
+
+
+def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
+  """`NamedSharding` per parameter of `cfg`'s model under a layout, checked for divisibility."""
+  from n3jax import models  # sharding sits below the model in the house plan; this is a lazy helper
+  logical = models.logical_axes(cfg)
+  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
+  specs = logical_to_mesh(logical, rules_name)
+
+  def check(path, spec, leaf):
+    for dim, axes in zip(leaf.shape, spec):
+      if axes is None:
+        continue
+      size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+      if dim % size:
+        raise ValueError(f"Param {jax.tree_util.keystr(path)} {leaf.shape} cannot be split {spec} over mesh "
+                         f"{dict(mesh.shape)} under layout {rules_name!r}: {dim} % {size} != 0")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(check, specs, shapes,
+                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules_name: str) -> Any:
+  """Random params created directly in their shards (`jit` with `out_shardings`)."""
+  from n3jax import models
+  shardings = param_shardings(cfg, mesh, rules_name)
+  with use_mesh(mesh, rules_name):
+    return jax.jit(lambda k: models.init(cfg, k), out_shardings=shardings)(key)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Tokens [B, T]: the batch over data, fsdp and expert; the sequence replicated."""
+  return NamedSharding(mesh, PartitionSpec(_BATCH_AXES, None))
 
 
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-  """Activation sharding hint; a no-op outside a mesh + rules context."""
+  """Activation sharding hint; a no-op outside `use_mesh`."""
   return nn.with_logical_constraint(x, axes)

@@ -1,0 +1,163 @@
+"""Expert parallelism on 8 fake CPU devices: same outputs, gradients and counts as one device.
+
+The reference is `moe_dispatch` (sort + ragged_dot) on one device. Routings are run-time data, so one compile
+per (mesh, exchange, backend) is checked against several routings, including one that sends every token to
+the experts of a single shard (the dropless worst case) and one with empty experts.
+"""
+
+import functools
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.moe import expert_parallel
+from pallas_kernels.moe import ops
+
+T, E, R, D, F = 32, 16, 3, 16, 24
+TOL = dict(atol=1e-5, rtol=1e-5)  # f32: only the order of f32 sums differs
+
+MESHES = {  # name -> (shape, axis names, data_axes)
+    "expert8": ((8,), ("expert",), ()),
+    "data2_expert4": ((2, 4), ("data", "expert"), ("data",)),
+}
+
+
+def _mesh(name, axis_type=AxisType.Auto):
+  shape, names, data_axes = MESHES[name]
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape)), data_axes
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((T, D)), jnp.float32),
+          jnp.asarray(rng.dirichlet(np.ones(R), T), jnp.float32),
+          jnp.asarray(rng.standard_normal((E, D, F)) / 4, jnp.float32),
+          jnp.asarray(rng.standard_normal((E, F, D)) / 5, jnp.float32),
+          jnp.asarray(rng.standard_normal((T, D)), jnp.float32))  # output cotangent
+
+
+def _routings():
+  rng = np.random.default_rng(1)
+  random = rng.integers(0, E, (T, R))
+  one_shard = rng.integers(0, 2, (T, R))                         # experts 0-1: all on shard 0 (expert8)
+  empties = rng.choice([3, 4, 9, 15], (T, R))                    # most experts empty
+  return {"random": random, "one_shard": one_shard, "empty_experts": empties}
+
+
+def _value_and_grads(dispatch, traces):
+  def loss(tokens, router_weights, expert_ids, w_up, w_down, cotangent):
+    combined, counts = dispatch(tokens, router_weights, expert_ids, w_up, w_down)
+    return jnp.sum(combined * cotangent), (combined, counts)
+
+  @jax.jit
+  def run(tokens, router_weights, expert_ids, w_up, w_down, cotangent):
+    traces.append(1)
+    return jax.value_and_grad(loss, argnums=(0, 1, 3, 4), has_aux=True)(
+        tokens, router_weights, expert_ids, w_up, w_down, cotangent)
+  return run
+
+
+_REFERENCE = _value_and_grads(ops.moe_dispatch, [])
+
+
+def _check(got, want, what):
+  (_, (out, counts)), grads = got
+  (_, (want_out, want_counts)), want_grads = want
+  np.testing.assert_allclose(out, want_out, **TOL, err_msg=f"{what}: combined")
+  np.testing.assert_array_equal(counts, want_counts, err_msg=f"{what}: counts")
+  for name, g, w in zip(("tokens", "router_weights", "w_up", "w_down"), grads, want_grads):
+    np.testing.assert_allclose(g, w, **TOL, err_msg=f"{what}: d_{name}")
+
+
+@pytest.mark.parametrize("exchange,backend,mesh_name", [
+    ("all_to_all", "ragged_dot", "expert8"),
+    ("all_to_all", "ragged_dot", "data2_expert4"),
+    ("all_gather", "ragged_dot", "expert8"),
+    ("all_gather", "ragged_dot", "data2_expert4"),
+    ("all_to_all", "pallas", "data2_expert4"),  # Pallas gmm, interpret mode on CPU
+    ("all_gather", "pallas", "expert8"),
+])
+def test_matches_single_device(exchange, backend, mesh_name):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  mesh, data_axes = _mesh(mesh_name)
+  tokens, router_weights, w_up, w_down, cotangent = _params()
+  if data_axes:  # FSDP-style weights: also split over the data axis on D; shard_map gathers them.
+    w_up = jax.device_put(w_up, NamedSharding(mesh, P("expert", "data", None)))
+    w_down = jax.device_put(w_down, NamedSharding(mesh, P("expert", None, "data")))
+  traces = []
+  run = _value_and_grads(functools.partial(
+      expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=data_axes, exchange=exchange,
+      backend=backend), traces)
+  for name, ids in _routings().items():
+    ids = jnp.asarray(ids, jnp.int32)
+    got = run(tokens, router_weights, ids, w_up, w_down, cotangent)
+    _check(got, _REFERENCE(tokens, router_weights, ids, w_up, w_down, cotangent), name)
+    np.testing.assert_array_equal(got[0][1][1], np.bincount(np.asarray(ids).ravel(), minlength=E))
+  assert len(traces) == 1  # routing is data: no retrace
+  combined = got[0][1][0]  # sharded like the tokens: over the data axes and the expert axis
+  assert combined.sharding.is_equivalent_to(NamedSharding(mesh, P(tuple(data_axes) + ("expert",))), 2)
+
+
+@pytest.mark.parametrize("how", ["explicit_axes", "abstract_mesh_from_context"])
+def test_other_mesh_kinds(how):
+  """Explicit-axes meshes, and the model's way: the abstract mesh of `jax.set_mesh` read inside jit."""
+  axis_type = AxisType.Explicit if how == "explicit_axes" else AxisType.Auto
+  mesh, data_axes = _mesh("data2_expert4", axis_type)
+  tokens, router_weights, w_up, w_down, _ = _params(seed=3)
+  ids = jnp.asarray(_routings()["random"], jnp.int32)
+
+  @jax.jit
+  def run(*args):
+    use = jax.sharding.get_abstract_mesh() if how == "abstract_mesh_from_context" else mesh
+    return expert_parallel.expert_parallel_moe(*args, mesh=use, data_axes=data_axes, exchange="all_gather")
+
+  with jax.set_mesh(mesh):
+    got, counts = run(tokens, router_weights, ids, w_up, w_down)
+  want, want_counts = ops.moe_dispatch(tokens, router_weights, ids, w_up, w_down)
+  np.testing.assert_allclose(got, want, **TOL)
+  np.testing.assert_array_equal(counts, want_counts)
+
+
+def test_native_ragged_all_to_all_lowers():
+  """XLA:CPU cannot compile ragged-all-to-all (jax 0.12), so only the lowering is checked here."""
+  mesh, data_axes = _mesh("data2_expert4")
+  tokens, router_weights, w_up, w_down, cotangent = _params()
+  ids = jnp.asarray(_routings()["random"], jnp.int32)
+  fn = functools.partial(expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=data_axes,
+                         ragged_impl="native")
+  run = _value_and_grads(fn, [])
+  text = run.trace(tokens, router_weights, ids, w_up, w_down, cotangent).lower().as_text()
+  assert text.count("ragged_all_to_all") >= 4  # dispatch + return, forward and backward
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(expert_axis="tensor"), r"axis='tensor' is not a mesh axis"),
+    (dict(data_axes=("expert",)), r"must not be one of"),
+    (dict(backend="dense"), r"Unknown backend='dense'"),
+    (dict(exchange="broadcast"), r"Unknown exchange='broadcast'"),
+    (dict(ragged_impl="fast"), r"Unknown ragged_impl='fast'"),
+])
+def test_bad_arguments_raise(kwargs, match):
+  mesh, data_axes = _mesh("data2_expert4")
+  tokens, router_weights, w_up, w_down, _ = _params()
+  ids = jnp.zeros((T, R), jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    expert_parallel.expert_parallel_moe(tokens, router_weights, ids, w_up, w_down, mesh=mesh,
+                                        **{"data_axes": data_axes, **kwargs})
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,match", [
+    (30, E, r"num_tokens=30 must be a multiple of the token shards 8"),
+    (T, 12, r"num_experts=12 must be a multiple of the 'expert' axis size 8"),
+])
+def test_indivisible_shapes_raise(num_tokens, num_experts, match):
+  mesh, data_axes = _mesh("expert8")
+  with pytest.raises(ValueError, match=match):
+    expert_parallel.expert_parallel_moe(
+        jnp.zeros((num_tokens, D)), jnp.zeros((num_tokens, R)), jnp.zeros((num_tokens, R), jnp.int32),
+        jnp.zeros((num_experts, D, F)), jnp.zeros((num_experts, F, D)), mesh=mesh, data_axes=data_axes)
