@@ -61,16 +61,16 @@ AXIS_RULES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
     ),
     "fsdp": (
         (ACT_BATCH, _BATCH_AXES),
-        (EMBED, "fsdp"),
+        (EMBED, "fsdp"), (LATENT, "fsdp"),
     ),
     "fsdp_ep": (
         (ACT_BATCH, _BATCH_AXES),
-        (EMBED, "fsdp"),
+        (EMBED, "fsdp"), (LATENT, "fsdp"),
         (EXPERT, "expert"),
     ),
     "fsdp_tp_ep": (
         (ACT_BATCH, _BATCH_AXES),
-        (EMBED, "fsdp"),
+        (EMBED, "fsdp"), (LATENT, "fsdp"),
         (EXPERT, "expert"),
         (VOCAB, "tensor"), (MLP, "tensor"), (EXPERT_MLP, "tensor"), (HEADS, "tensor"), (KV_HEADS, "tensor"),
         (SSM_HEADS, "tensor"), (SSM_GROUPS, "tensor"), (ACT_HEADS, "tensor"), (ACT_VOCAB, "tensor"),

@@ -57,9 +57,10 @@ class MoE(nn.Module):
     # scores are f32 on purpose: bf16 rounding changes top-k picks.
     w_gate = _common.param(self, "gate", init, (d, e), (shd.EMBED, shd.NORM), jnp.float32)
     bias = _common.param(self, "e_score_correction_bias", nn.initializers.zeros, (e,), (shd.NORM,), jnp.float32)
-    w_up = _common.param(self, "experts_up_proj", init, (e, din, f), (shd.EXPERT, shd.LATENT, shd.EXPERT_MLP), pdtype)
+    width = shd.LATENT if cfg.moe_latent_size else shd.EMBED  # the experts' input/output width
+    w_up = _common.param(self, "experts_up_proj", init, (e, din, f), (shd.EXPERT, width, shd.EXPERT_MLP), pdtype)
     w_down = _common.param(self, "experts_down_proj", _common.out_proj_init(cfg), (e, f, din),
-                           (shd.EXPERT, shd.EXPERT_MLP, shd.LATENT), pdtype)
+                           (shd.EXPERT, shd.EXPERT_MLP, width), pdtype)
 
     tokens = x.astype(dtype).reshape(bsz * t, d)                              # [T, D]
     logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32), w_gate.astype(jnp.float32),
