@@ -3,9 +3,14 @@
     python -m n3jax.train --config=configs/tiny_cpu.py --workdir=/tmp/n3jax_tiny
 
 Preset `tiny-moe` (pattern MEM*EM-E, 0.28M params, 8 experts top-2), the built-in pydoc corpus
-(no download) through the byte tokenizer, 16 x 256 tokens per step, 300 steps of AdamW with a WSD
-schedule. Expected on 2 CPU cores: about 2 minutes in all (compile ~10 s); the train loss falls from
-5.55 (= ln 256, uniform over the vocabulary) to about 2.0 and the held-out loss ends near 2.0.
+(no download) through the byte tokenizer, 16 x 256 tokens per step, 200 steps of AdamW with a WSD
+schedule. Expected: the train loss falls from 5.57 (ln 256 = 5.55: uniform over the vocabulary) to
+about 1.5, the held-out loss to about 1.5, and the last line reads
+
+    Done at step 200: train loss 5.570 (step 1) -> 1.494, held-out 1.537; 162 s in all
+
+That run took 165 s on 2 CPU cores shared with other jobs (compile 19 s, 0.65 s/step); on 2 idle
+cores a step takes ~0.25 s and the run about 80 s.
 """
 
 import ml_collections
@@ -23,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.seq_len = 256
   # --- Steps ---
   cfg.batch_size = 16
-  cfg.num_steps = 300
+  cfg.num_steps = 200
   # --- Optimizer ---
   cfg.optimizer.lr = 3e-3
   cfg.optimizer.warmup_steps = 20

@@ -79,8 +79,8 @@ def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, o
       raise ValueError(f"optimizer.{name}={opt[name]} must be >= 0")
   if not 0 <= opt.decay_fraction <= 1:
     raise ValueError(f"optimizer.decay_fraction={opt.decay_fraction} must be in [0, 1]")
-  if not 0 <= opt.warmup_steps <= num_steps:
-    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} must be in [0, num_steps={num_steps}]")
+  if opt.warmup_steps < 0:
+    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
   schedule = lr_schedule(opt, num_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),

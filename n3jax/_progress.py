@@ -1,7 +1,8 @@
 """Progress a person can read (one line per log interval) and TensorBoard event files.
 
-    step   40/300 | loss 2.913 | grad 0.81 | lr 3.0e-03 | 9.8k tok/s | MFU n/a (cpu) | experts max/mean 1.31 | 0.21 s/step | ETA 0:00:55
+    step 40/300 | loss 2.913 | grad 0.81 | lr 3.0e-03 | 9.8k tok/s | MFU n/a (cpu) | experts max/mean 1.31 | ETA 0:00:55
 
+`loss` is the mean over the interval; the other values are the last step's.
 MFU = 6 * N * tokens/s / (peak bf16 dense FLOP/s of the devices), N = active parameters per token
 without the embedding table (the usual 6N estimate; attention and SSD-scan FLOPs are not counted).
 """
@@ -66,6 +67,7 @@ class Progress:
     self._peak = None if any(p is None for p in peaks) else sum(peaks)
     self._platform = devices[0].platform
     self.history: dict[int, dict[str, float]] = {}
+    self.last_interval_loss = float("nan")
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -89,7 +91,9 @@ class Progress:
       if self._writer:
         for k, v in row.items():
           self._writer.add_scalar(f"train/{k}", v, s)
-    last = self.history[self._pending[-1][0]]
+    last = dict(self.history[self._pending[-1][0]])
+    last["loss"] = float(np.mean([self.history[s]["loss"] for s, _ in self._pending]))  # interval mean
+    self.last_interval_loss = last["loss"]
     self._pending = []
     now = time.perf_counter()
     steps = max(step - self._step_last, 1)

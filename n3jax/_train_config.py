@@ -71,6 +71,12 @@ def default_config() -> ml_collections.ConfigDict:
       keep=3,                          # keep the last K
       async_save=True,
   ))
+  # --- Devices (n3jax.sharding) ---
+  # Mesh axis sizes over all processes' devices; one may be -1 (whatever is left). All 1: one device.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+  c.axis_rules = "data_parallel"       # key of n3jax.sharding.AXIS_RULES: data_parallel|fsdp|fsdp_ep|fsdp_tp_ep
+  c.distributed = False                # multi-host: call jax.distributed.initialize() first (SLURM, TPU pods,
+                                       # or JAX_COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID set)
   # --- Progress ---
   c.log_every = 10
   c.eval_every = 50                    # 0: only at the end

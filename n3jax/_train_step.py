@@ -62,10 +62,11 @@ def _denominators(batch: Batch, depths: int) -> jax.Array:
   return jnp.maximum(jnp.stack(counts).astype(jnp.float32), 1.0)
 
 
-def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float):
+def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float, quant_key=None):
   """-> (CE sums [1 + depths], expert counts [n_moe, E])."""
   with _moe_balance.balance_loss_hook(cfg, balance_coef):
-    out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths)
+    out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths,
+                       quant_key=quant_key)
   sums = [_ce_sum(out["logits"], batch["targets"], batch["loss_mask"])]
   for k in range(1, depths + 1):
     tgt, mask = _mtp_targets(batch, k)
@@ -81,8 +82,8 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
   balance_coef = config.moe.balance_loss_coef / accum if has_moe else 0.0
   weights = jnp.asarray([1.0] + [config.mtp_loss_scale / max(depths, 1)] * depths, jnp.float32)
 
-  def micro_loss(params, micro: Batch, denoms: jax.Array):
-    sums, counts = _forward_losses(cfg, params, micro, depths, balance_coef)
+  def micro_loss(params, micro: Batch, denoms: jax.Array, quant_key):
+    sums, counts = _forward_losses(cfg, params, micro, depths, balance_coef, quant_key)
     return jnp.sum(weights * sums / denoms), (sums, counts)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -90,20 +91,23 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
     denoms = _denominators(batch, depths)
+    # Stochastic rounding of the low-precision recipes (`cfg.quant`) draws new noise every step.
+    quant_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1) if cfg.quant != "none" else None
     if accum == 1:
-      (_, (sums, counts)), grads = grad_fn(params, batch, denoms)
+      (_, (sums, counts)), grads = grad_fn(params, batch, denoms, quant_key)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-      def body(carry, mb):
+      def body(carry, xs):
+        mb, i = xs
         g_acc, s_acc, c_acc = carry
-        (_, (s, c)), g = grad_fn(params, mb, denoms)
+        (_, (s, c)), g = grad_fn(params, mb, denoms, None if quant_key is None else jax.random.fold_in(quant_key, i))
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       n_moe, e = cfg.count(Block.MOE), (cfg.n_routed_experts if has_moe else 0)
       init = (zeros, jnp.zeros((1 + depths,), jnp.float32), jnp.zeros((n_moe, e), jnp.int32))
-      (grads, sums, counts), _ = jax.lax.scan(body, init, micro)
+      (grads, sums, counts), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -2,6 +2,9 @@
 
 The params tree is the module tree (see `n3jax.models`); the config is saved with the weights so that a
 checkpoint never has to be guessed from its shapes.
+
+`TrainCheckpointer` (below) holds the trainer's full state instead: `WORKDIR/checkpoints/<step>/state`
+(params, optimizer state, step, RNG) and `.../meta` (data-iterator state and a fingerprint of the state).
 """
 
 from __future__ import annotations

@@ -126,6 +126,10 @@ class ModelConfig:
   remat_policy: str = "none"                  # see `_REMAT_POLICIES`
   ssd_backend: str = "reference"              # `pallas_kernels.ssd` implementation
   moe_backend: str = "ragged_dot"             # `pallas_kernels.moe.moe_dispatch` backend
+  moe_ep_exchange: str = "all_to_all"         # expert parallelism token exchange: all_to_all | all_gather
+  quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
+  quant_bf16_layers_at_start: int | None = None  # layers the recipe keeps in BF16 (None: the published recipe:
+  quant_bf16_layers_at_end: int | None = None    # FP8 2 + 2, NVFP4 0 + 14)
   hf_extra: tuple[tuple[str, str], ...] = ()  # HF fields carried verbatim (key, json) for `to_hf`
 
   def __post_init__(self):
@@ -187,6 +191,9 @@ class ModelConfig:
     need(self.dtype in _DTYPES and self.param_dtype in _DTYPES,
          f"{self.dtype=} / {self.param_dtype=} must be one of {_DTYPES}")
     need(self.remat_policy in _REMAT_POLICIES, f"{self.remat_policy=} must be one of {_REMAT_POLICIES}")
+    need(self.quant in ("none", "fp8", "nvfp4"), f"{self.quant=} must be one of none, fp8, nvfp4")
+    need(self.moe_ep_exchange in ("all_to_all", "all_gather"),
+         f"{self.moe_ep_exchange=} must be 'all_to_all' or 'all_gather'")
     need(self.layer_norm_epsilon > 0, f"{self.layer_norm_epsilon=} must be > 0")
     used = set(self.blocks) | (set(self.mtp_blocks) if self.num_nextn_predict_layers else set())
     if Block.MAMBA in used:

@@ -29,10 +29,12 @@ import jax.numpy as jnp
 from n3jax import sharding as shd
 from n3jax.configs import Block, ModelConfig
 from n3jax.nn import _common
+from n3jax.nn._attention import KV_BLOCK
 from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
-__all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots"]
+__all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
+           "cache_length", "unstack_layers"]
 
 Params = dict[str, Any]
 
@@ -168,47 +170,69 @@ def _remat(cfg: ModelConfig, fn):
   return jax.checkpoint(fn, policy=policy)
 
 
-def _run_layer(cfg: ModelConfig, kind: Block, p: Params, h: jax.Array, segment_ids: jax.Array):
-  h, aux = Layer(cfg, kind).apply({"params": p}, h, segment_ids)
+def _run_layer(cfg: ModelConfig, kind: Block, layer_index: int, p: Params, h: jax.Array, segment_ids: jax.Array,
+               key: jax.Array | None):
+  rngs = None if key is None else {"quant": key}
+  h, aux = Layer(cfg, kind, layer_index).apply({"params": p}, h, segment_ids, rngs=rngs)
   counts = aux.get("expert_counts", jnp.zeros((cfg.n_routed_experts if kind == Block.MOE else 0,), jnp.int32))
   return h, counts
 
 
-def _stack_unrolled(cfg, layers: Params, h, segment_ids):
+def _layer_key(quant_key: jax.Array | None, layer: jax.Array | int) -> jax.Array | None:
+  return None if quant_key is None else jax.random.fold_in(quant_key, layer)
+
+
+def _stack_unrolled(cfg, layers: Params, h, segment_ids, quant_key):
   counts = []
-  for kind, idx in layer_slots(cfg):
+  for n, (kind, idx) in enumerate(layer_slots(cfg)):
     p = jax.tree.map(lambda a, idx=idx: a[idx], layers[kind_name(kind)])
-    h, c = _remat(cfg, functools.partial(_run_layer, cfg, kind))(p, h, segment_ids)
+    h, c = _remat(cfg, functools.partial(_run_layer, cfg, kind, n))(p, h, segment_ids, _layer_key(quant_key, n))
     if kind == Block.MOE:
       counts.append(c)
   return h, counts
 
 
-def _stack_scanned(cfg, layers: Params, h, segment_ids):
+def _precision_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
+  """[start, end) runs of layers that the low-precision recipe treats alike (BF16-kept or quantized):
+  a scan needs a static layer index for the recipe, so it is split at each change (one run if none)."""
+  quantized = [_common.is_quantized_layer(cfg, n) for n in range(cfg.num_hidden_layers)]
+  runs, start = [], 0
+  for n in range(1, len(quantized) + 1):
+    if n == len(quantized) or quantized[n] != quantized[start]:
+      runs.append((start, n))
+      start = n
+  return runs
+
+
+def _stack_scanned(cfg, layers: Params, h, segment_ids, quant_key):
   kinds = _kinds(cfg)
   slots = layer_slots(cfg)
-  branch_of = jnp.asarray([kinds.index(k) for k, _ in slots], jnp.int32)
-  index_in_stack = jnp.asarray([i for _, i in slots], jnp.int32)
   n_experts = cfg.n_routed_experts if Block.MOE in kinds else 0
+  counts = []
+  for start, end in _precision_runs(cfg):
+    run = slots[start:end]
+    run_kinds = [k for k in kinds if any(k == kind for kind, _ in run)]
 
-  def make_branch(kind):
-    def branch(h, i):
-      p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
-      h, c = _run_layer(cfg, kind, p, h, segment_ids)
-      return h, c if kind == Block.MOE else jnp.zeros((n_experts,), jnp.int32)
-    return _remat(cfg, branch)
+    def make_branch(kind, start=start):
+      def branch(h, i, n):
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+        h, c = _run_layer(cfg, kind, start, p, h, segment_ids, _layer_key(quant_key, n))
+        return h, c if kind == Block.MOE else jnp.zeros((n_experts,), jnp.int32)
+      return _remat(cfg, branch)
 
-  branches = [make_branch(k) for k in kinds]
+    branches = [make_branch(k) for k in run_kinds]
 
-  def body(h, xs):
-    b, i = xs
-    if len(branches) == 1:
-      return branches[0](h, i)
-    return jax.lax.switch(b, branches, h, i)
+    def body(h, xs, branches=branches):
+      b, i, n = xs
+      if len(branches) == 1:
+        return branches[0](h, i, n)
+      return jax.lax.switch(b, branches, h, i, n)
 
-  h, counts = jax.lax.scan(body, h, (branch_of, index_in_stack))  # counts [L, E]
-  moe_rows = [n for n, (k, _) in enumerate(slots) if k == Block.MOE]
-  return h, [counts[n] for n in moe_rows]
+    xs = (jnp.asarray([run_kinds.index(k) for k, _ in run], jnp.int32), jnp.asarray([i for _, i in run], jnp.int32),
+          jnp.arange(start, end, dtype=jnp.int32))
+    h, run_counts = jax.lax.scan(body, h, xs)  # run_counts [end - start, E]
+    counts += [run_counts[n] for n, (k, _) in enumerate(run) if k == Block.MOE]
+  return h, counts
 
 
 def _check_tokens(cfg: ModelConfig, tokens, segment_ids):
@@ -221,7 +245,7 @@ def _check_tokens(cfg: ModelConfig, tokens, segment_ids):
 
 
 def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-          mtp_depths: int | None = None) -> dict[str, Any]:
+          mtp_depths: int | None = None, quant_key: jax.Array | None = None) -> dict[str, Any]:
   """The whole model. tokens int [B, T]; segment_ids int [B, T] for packed sequences (default: one
   document per row). Returns a dict with:
     logits [B, T, V] f32; hidden [B, T, D] (after the final norm);
@@ -229,6 +253,8 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
     mtp_logits [depths, B, T, V] f32 when the model has MTP (depth k at position i predicts token
       i + k + 1; its input at the last k positions is padding). `mtp_depths` repeats the last physical
       module beyond `num_nextn_predict_layers` (Super trains with 2 depths of one module).
+  quant_key: under `cfg.quant`, the step's key for stochastic rounding (each layer folds in its index);
+    pass a new one every training step.
   """
   _check_tokens(cfg, tokens, segment_ids)
   tokens = tokens.astype(jnp.int32)
@@ -237,7 +263,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
   h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
   stack = _stack_scanned if cfg.scan_layers else _stack_unrolled
-  h, counts = stack(cfg, params["layers"], h, segment_ids)
+  h, counts = stack(cfg, params["layers"], h, segment_ids, quant_key)
   emb = params["embedder"]["embedding"]
   head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
   hidden, logits = Head(cfg).apply({"params": head_params}, h, emb)
@@ -261,3 +287,154 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids:
             ) -> jax.Array:
   """tokens int32 [B, T] -> logits float32 [B, T, V]."""
   return apply(cfg, params, tokens, segment_ids=segment_ids, mtp_depths=0)["logits"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation caches (ARCHITECTURE.md §7): one fixed-shape pytree, so that decoding compiles once
+# ---------------------------------------------------------------------------------------------------
+PAD_SEGMENT, SEQUENCE_SEGMENT, EMPTY_SEGMENT = 0, 1, -1  # segment ids of cache slots
+
+
+def cache_length(max_len: int) -> int:
+  """Slots allocated for `max_len` tokens: a multiple of KV_BLOCK once past one block."""
+  if max_len < 1:
+    raise ValueError(f"{max_len=} must be >= 1")
+  return max_len if max_len <= KV_BLOCK else -(-max_len // KV_BLOCK) * KV_BLOCK
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
+  """Empty caches for `batch` rows of up to `max_len` tokens (zeros; no slot filled).
+
+      mamba/conv_x      [Lm, B, W-1, M, P]   last W-1 conv inputs of x, B, C (compute dtype)
+      mamba/conv_B, conv_C [Lm, B, W-1, J, Q]
+      mamba/ssm         [Lm, B, M, P, Q]     SSM state (`mamba_ssm_cache_dtype`, f32)
+      attention/k, v    [La, B, S, K, H]     keys and values of every filled slot (compute dtype)
+      segment_ids       [B, S] int32         per slot: PAD_SEGMENT, SEQUENCE_SEGMENT or EMPTY_SEGMENT
+      index             [] int32             slots filled so far (all rows share it: prompts are left-aligned)
+
+  Lm / La: Mamba / attention layers in pattern order (entry i of a stack is the i-th layer of that kind,
+  as in `params["layers"]`); S = `cache_length(max_len)`. MLP and MoE layers keep nothing.
+  """
+  dtype = _common.dtype_of(cfg.dtype)
+  w, m, p, j, q = cfg.conv_kernel, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+  s = cache_length(max_len)
+  cache: Params = {"segment_ids": jnp.full((batch, s), EMPTY_SEGMENT, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+  if n := cfg.count(Block.MAMBA):
+    cache["mamba"] = {"conv_x": jnp.zeros((n, batch, w - 1, m, p), dtype),
+                      "conv_B": jnp.zeros((n, batch, w - 1, j, q), dtype),
+                      "conv_C": jnp.zeros((n, batch, w - 1, j, q), dtype),
+                      "ssm": jnp.zeros((n, batch, m, p, q), _common.dtype_of(cfg.mamba_ssm_cache_dtype))}
+  if n := cfg.count(Block.ATTENTION):
+    kv = (n, batch, s, cfg.num_key_value_heads, cfg.head_dim)
+    cache["attention"] = {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)}
+  return cache
+
+
+def _cached_layer(cfg, kind: Block, p: Params, c: Params | None, h, segment_ids, index, slot_segments):
+  """One layer with its cache (None for MLP / MoE) -> (h, updated cache or None)."""
+  h, aux = Layer(cfg, kind).apply({"params": p}, h, segment_ids, c, index, slot_segments)
+  if c is None:
+    return h, None
+  new = aux["state"]
+  return h, {k: new[k].astype(c[k].dtype) for k in c}
+
+
+def unstack_layers(params: Params) -> Params:
+  """The same params with each kind's stack split into a list of per-layer trees (a copy of the layers).
+
+  `apply_cached` takes either layout when layers are unrolled; the split one hands each layer's weights
+  to the compiled step as buffers of their own, so no slice of a stack is materialised per token.
+  """
+  layers = {name: [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(len(jax.tree.leaves(stack)[0]))]
+            for name, stack in params["layers"].items()}
+  return {**params, "layers": layers}
+
+
+def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments):
+  caches = dict(caches)
+  for kind, idx in layer_slots(cfg):
+    name = kind_name(kind)
+    if isinstance(layers[name], list):  # `unstack_layers`
+      p = layers[name][idx]
+    else:
+      p = jax.tree.map(lambda a, idx=idx: a[idx], layers[name])
+    c = jax.tree.map(lambda a, idx=idx: a[idx], caches[name]) if name in caches else None
+    h, c = _cached_layer(cfg, kind, p, c, h, segment_ids, index, slot_segments)
+    if c is not None:
+      caches[name] = jax.tree.map(lambda a, v, idx=idx: a.at[idx].set(v), caches[name], c)
+  return h, caches
+
+
+def _stack_cached_scanned(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments):
+  kinds = _kinds(cfg)
+  slots = layer_slots(cfg)
+  branch_of = jnp.asarray([kinds.index(k) for k, _ in slots], jnp.int32)
+  index_in_stack = jnp.asarray([i for _, i in slots], jnp.int32)
+  take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+  def make_branch(kind):
+    name = kind_name(kind)
+    def branch(carry, i):
+      h, caches = carry
+      c = take(caches[name], i) if name in caches else None
+      h, c = _cached_layer(cfg, kind, take(layers[name], i), c, h, segment_ids, index, slot_segments)
+      if c is not None:
+        caches = {**caches, name: jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0),
+                                               caches[name], c)}
+      return h, caches
+    return branch
+
+  branches = [make_branch(k) for k in kinds]
+
+  def body(carry, xs):
+    b, i = xs
+    out = branches[0](carry, i) if len(branches) == 1 else jax.lax.switch(b, branches, carry, i)
+    return out, None
+
+  (h, caches), _ = jax.lax.scan(body, (h, dict(caches)), (branch_of, index_in_stack))
+  return h, caches
+
+
+def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Params, *,
+                 segment_ids: jax.Array | None = None, all_logits: bool = False) -> tuple[jax.Array, Params]:
+  """Runs `tokens` [B, T] as the next T slots of every row of `cache`: prefill (T = prompt, empty cache),
+  a chunk of a longer prefill, or one decoding step (T = 1). Returns (logits, updated cache): f32 [B, V]
+  of the last position, or [B, T, V] with `all_logits`.
+
+  segment_ids [B, T] (default SEQUENCE_SEGMENT everywhere) follow the document rule of the SSD reference
+  across calls too: the cached Mamba state belongs to the document of the last filled slot and flows into
+  the new tokens only if the first of them has that segment id (else it restarts from zero); a token
+  attends to filled slots of its own segment. A left-padded prompt (PAD_SEGMENT then SEQUENCE_SEGMENT)
+  therefore gives its row exactly the caches and logits of the unpadded prompt.
+  The caller checks that `index + T` fits the cache (the index is traced here).
+  """
+  _check_tokens(cfg, tokens, segment_ids)
+  bsz, t = tokens.shape
+  s = cache["segment_ids"].shape[1]
+  if cache["segment_ids"].shape[0] != bsz or t > s:
+    raise ValueError(f"{tokens.shape=} does not fit a cache of {cache['segment_ids'].shape=} (batch, slots)")
+  tokens = tokens.astype(jnp.int32)
+  segment_ids = (jnp.full_like(tokens, SEQUENCE_SEGMENT) if segment_ids is None
+                 else segment_ids.astype(jnp.int32))
+  index = cache["index"]
+  last = jax.lax.dynamic_index_in_dim(cache["segment_ids"], jnp.maximum(index - 1, 0), axis=1, keepdims=False)
+  continues = (index > 0) & (last == segment_ids[:, 0])                      # [B]
+  caches = {k: cache[k] for k in ("mamba", "attention") if k in cache}
+  if "mamba" in caches:  # a new document starts from the zero state (the reset of `ssd_reference`)
+    caches["mamba"] = jax.tree.map(
+        lambda a: jnp.where(continues.reshape((1, bsz) + (1,) * (a.ndim - 2)), a, jnp.zeros_like(a)),
+        caches["mamba"])
+  slot_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)  # [B, S]
+
+  h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
+  unstacked = any(isinstance(v, list) for v in params["layers"].values())
+  if unstacked and cfg.scan_layers:
+    raise ValueError("params from `unstack_layers` need scan_layers=False")
+  stack = _stack_cached_scanned if cfg.scan_layers else _stack_cached_unrolled
+  h, caches = stack(cfg, params["layers"], caches, h, segment_ids, index, slot_segments)
+  if not all_logits:
+    h = h[:, -1:]
+  head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
+  _, logits = Head(cfg).apply({"params": head_params}, h, params["embedder"]["embedding"])
+  new_cache = {**caches, "segment_ids": slot_segments, "index": index + t}
+  return (logits if all_logits else logits[:, 0]), new_cache

@@ -151,6 +151,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(_BATCH_AXES, None))
 
 
+def expert_parallel_axes() -> tuple[str, tuple[str, ...]] | None:
+  """(expert mesh axis, other batch axes) when the active mesh and layout split experts, else None.
+
+  Read inside the model at trace time: `use_mesh` activates both the mesh and the layout's rules.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules = dict(nn.get_logical_axis_rules())
+  expert_axis = rules.get(EXPERT)
+  if not isinstance(expert_axis, str) or mesh.shape.get(expert_axis, 1) == 1:
+    return None
+  batch = rules.get(ACT_BATCH, ())
+  batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  return expert_axis, tuple(a for a in batch if a != expert_axis)
+
+
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """Activation sharding hint; a no-op outside `use_mesh`."""
   return nn.with_logical_constraint(x, axes)

@@ -5,6 +5,9 @@ Config values can be overridden on the command line, e.g. `--config.optimizer.lr
 newest intact checkpoint.
 """
 
+import re
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,13 +21,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a one-line error for an unknown `--config.*` key (not a 3-deep traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    if m := re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text):
+      key, hint = m.group(2), f"; did you mean {m.group(1)!r}?"
+    else:
+      key, hint = (re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text) or ["?"])[0], ""
+    given = [a for a in argv[1:] if a.startswith("--config.") and key in re.split(r"[.=]", a)]
+    sys.exit(f"Unknown config key {key!r} in {' '.join(given) or 'the --config overrides'}{hint} "
+             "(all keys: n3jax._train_config.default_config())")
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Progress lines are printed; keep library INFO logs (orbax writes several per save) off the terminal.
   logging.set_verbosity(logging.WARNING)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.InputError as e:  # found before compiling: one line, no traceback
+    sys.exit(f"Error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

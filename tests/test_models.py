@@ -134,3 +134,21 @@ def test_big_presets_trace_abstractly(name):
   assert out["logits"].shape == (1, 256, cfg.vocab_size) and out["logits"].dtype == jnp.float32
   if cfg.num_nextn_predict_layers:
     assert out["mtp_logits"].shape == (1, 1, 256, cfg.vocab_size)
+
+
+def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
+  """The Pallas SSD kernels (interpret mode on CPU) plugged into the model via `ssd_backend` give the
+  reference's logits and gradients."""
+  from n3jax.nn import _mamba2
+  from pallas_kernels.ssd import ops as ssd_ops
+  monkeypatch.setitem(_mamba2.SSD_BACKENDS, "pallas_interpret",
+                      functools.partial(ssd_ops.ssd, backend="triton", interpret=True))
+  cfg = PRESETS["tiny-dense"].replace(blocks="M*M")
+  params = models.init(cfg, jax.random.key(0))
+  tokens = _tokens(cfg, batch=1, seq=21)
+  want_loss, want_grad = jax.value_and_grad(functools.partial(_loss, cfg))(params, tokens)
+  got_loss, got_grad = jax.value_and_grad(functools.partial(_loss, cfg.replace(ssd_backend="pallas_interpret")))(
+      params, tokens)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-3)

@@ -155,3 +155,24 @@ def test_plan_accounts_every_parameter_once():
   from n3jax.configs import param_counts
   assert np.isclose(one.params_gb * 1e9 / 4, param_counts(cfg)["total"])
   assert split.params_gb < one.params_gb / 2
+
+
+def test_trainer_on_a_mesh_matches_one_device(tmp_path):
+  """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device."""
+  import importlib.util
+  from n3jax import trainer
+  spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  losses = {}
+  for name, mesh, rules in [("one", None, "data_parallel"), ("mesh", dict(data=2, fsdp=2, expert=2, tensor=1), "fsdp_ep")]:
+    c = module.get_config()
+    c.num_steps, c.batch_size, c.data.seq_len, c.eval_every, c.checkpoint.every_steps = 3, 8, 64, 0, 0
+    if mesh:
+      c.mesh, c.axis_rules = mesh, rules
+    losses[name] = trainer.train_and_evaluate(c, str(tmp_path / name)).losses
+  np.testing.assert_allclose(list(losses["mesh"].values()), list(losses["one"].values()), rtol=1e-5)
+  c = module.get_config()
+  c.mesh, c.batch_size = dict(data=8, fsdp=1, expert=1, tensor=1), 4
+  with pytest.raises(trainer.InputError, match="batch_size=4 must be a multiple of data\\*fsdp\\*expert=8"):
+    trainer.train_and_evaluate(c, str(tmp_path / "bad"))

@@ -7,9 +7,9 @@
 
 from n3jax.data._pipeline import FORMATS, Data, example_fn, make_data, pack_examples, to_model_batch
 from n3jax.data._sft import render_chat
-from n3jax.data._sources import BUILTIN, open_source, split_source
+from n3jax.data._sources import BUILTIN, BUILTIN_CHAT, open_source, split_source
 from n3jax.data._tokenizers import CHAT_SPECIALS, ByteTokenizer, HFTokenizer, load_tokenizer
 
-__all__ = ["BUILTIN", "ByteTokenizer", "CHAT_SPECIALS", "Data", "FORMATS", "HFTokenizer", "example_fn",
+__all__ = ["BUILTIN", "BUILTIN_CHAT", "ByteTokenizer", "CHAT_SPECIALS", "Data", "FORMATS", "HFTokenizer", "example_fn",
            "load_tokenizer", "make_data", "open_source", "pack_examples", "render_chat", "split_source",
            "to_model_batch"]

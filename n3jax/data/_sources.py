@@ -1,6 +1,7 @@
 """Record sources: random-access sequences of dict records that grain's `MapDataset.source` reads.
 
     builtin:pydoc        English text CPython ships (`pydoc_data.topics`, ~490 kB, 79 documents); no download
+    builtin:arith_chat   2,000 generated chats (sums, with and without reasoning) for SFT smoke runs
     *.jsonl / *.json     one JSON object per line (indexed once by byte offset, read lazily)
     *.parquet            one record per row (needs `pyarrow`)
     *.array_record       ArrayRecord files whose records are UTF-8 JSON objects (needs `array_record`)
@@ -18,9 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["BUILTIN", "open_source", "split_source", "IndexedView"]
+__all__ = ["BUILTIN", "BUILTIN_CHAT", "open_source", "split_source", "IndexedView"]
 
 BUILTIN = "builtin:pydoc"
+BUILTIN_CHAT = "builtin:arith_chat"
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".array_record": "array_record",
                ".arrayrecord": "array_record"}
 
@@ -42,6 +44,31 @@ class _BuiltinPydoc:
 
   def __repr__(self):
     return "builtin:pydoc"
+
+
+class _ArithChat:
+  """Deterministic chats `{"messages": [...]}`: "What is a + b?" answered with the sum. Half of them
+  ask for reasoning (`/think` system flag, `reasoning_content` shows the column sums), half do not
+  (`/no_think`)."""
+
+  def __init__(self, n: int = 2000, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self._ab = rng.integers(0, 1000, size=(n, 2))
+
+  def __len__(self):
+    return len(self._ab)
+
+  def __getitem__(self, i):
+    a, b = (int(v) for v in self._ab[i])
+    think = i % 2 == 0
+    answer = {"role": "assistant", "content": f"{a} + {b} = {a + b}."}
+    if think:
+      answer["reasoning_content"] = f"{a} plus {b}: units {a % 10}+{b % 10}, total {a + b}."
+    return {"messages": [{"role": "system", "content": "/think" if think else "/no_think"},
+                         {"role": "user", "content": f"What is {a} + {b}?"}, answer]}
+
+  def __repr__(self):
+    return BUILTIN_CHAT
 
 
 class _Jsonl:
@@ -175,8 +202,10 @@ def open_source(spec: str):
                      ".array_record path")
   if spec == BUILTIN:
     return _BuiltinPydoc()
+  if spec == BUILTIN_CHAT:
+    return _ArithChat()
   if spec.startswith("builtin:"):
-    raise ValueError(f"Unknown built-in corpus {spec!r}; known: [{BUILTIN!r}]")
+    raise ValueError(f"Unknown built-in corpus {spec!r}; known: {[BUILTIN, BUILTIN_CHAT]}")
   parts = []
   for path in _expand(spec):
     if not os.path.isfile(path):

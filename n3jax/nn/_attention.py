@@ -3,6 +3,12 @@
 Nemotron-H attention has NoPE: no rotary embedding, no q/k norm, no biases (ARCHITECTURE.md §1.2, §3.2).
 Query head n reads kv head n // G (contiguous groups, HF `repeat_kv`). Packed sequences: a token attends
 only to earlier tokens with the same segment id.
+
+Generation (`kv_cache`): K and V of every token are written into a fixed-size cache at slots
+`cache_index + t`, and the queries attend over the filled slots with the same rule (earlier slot, same
+segment id), block by block with an online softmax (`cached_attention`), so that memory stays
+O(T * block) and the unfilled tail of the cache is never read. NoPE means nothing in the cache depends
+on positions: a left-padded batch shares one write index.
 """
 
 from __future__ import annotations
@@ -35,11 +41,71 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return out.reshape(b, t, n, h).astype(v.dtype)
 
 
+KV_BLOCK = 256  # keys per online-softmax step of `cached_attention`; caches are a multiple of it
+
+# Running-max start and masked-logit value: finite, so exp(m - m_new) never sees (-inf) - (-inf).
+_NEG = -1e30
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array,
+                     kv_segments: jax.Array, q_start: jax.Array, *, block: int) -> jax.Array:
+  """Queries at slots `q_start + t` over a cache, reading only the key blocks up to the last query.
+
+  q [B,T,N,H]; k/v_cache [B,S,K,H] with S % block == 0; q_segments [B,T]; kv_segments [B,S] (slots not
+  yet written hold an id no query has); q_start: int32 scalar. Slot s is visible to query t iff
+  s <= q_start + t and kv_segments[s] == q_segments[t]; every query sees at least its own slot.
+  Online softmax over key blocks in f32 (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022).
+  """
+  b, t, n, h = q.shape
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  if s % block:
+    raise ValueError(f"cache length {s=} must be a multiple of the attention {block=}")
+  qg = q.reshape(b, t, kvh, n // kvh, h)                                  # [B, T, K, G, H]
+  q_pos = q_start + jnp.arange(t, dtype=jnp.int32)                        # [T]
+  n_blocks = (q_start + t + block - 1) // block                           # blocks holding a visible slot
+
+  def body(i, carry):
+    m, l, acc = carry                                                     # [B,K,G,T], [B,K,G,T], [B,K,G,T,H]
+    start = i * block
+    k = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)        # [B, S', K, H] (S' = block)
+    v = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
+    seg = jax.lax.dynamic_slice_in_dim(kv_segments, start, block, axis=1)  # [B, S']
+    kv_pos = start + jnp.arange(block, dtype=jnp.int32)
+    visible = (kv_pos[None, :] <= q_pos[:, None])[None] & (seg[:, None, :] == q_segments[:, :, None])  # [B,T,S']
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    visible = visible[:, None, None]                                      # [B, 1, 1, T, S']
+    m_new = jnp.maximum(m, jnp.max(jnp.where(visible, logits, _NEG), axis=-1))
+    p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)       # [B, K, G, T, S'] f32
+    correction = jnp.exp(m - m_new)                                       # 1 while nothing is visible
+    l = l * correction + p.sum(-1)
+    acc = acc * correction[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v,
+                                                   preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  g = n // kvh
+  init = (jnp.full((b, kvh, g, t), _NEG, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
+          jnp.zeros((b, kvh, g, t, h), jnp.float32))
+  if block == s:  # one block: no loop (decoding reads the whole cache in one pass)
+    _, l, acc = body(0, init)
+  else:
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+  out = acc / l[..., None]                                                # [B, K, G, T, H]
+  return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(v_cache.dtype)
+
+
 class Attention(nn.Module):
+  """`__call__(x, segment_ids)` -> out [B,T,D]; with `kv_cache` -> (out, updated kv_cache).
+
+  kv_cache: {"k", "v": [B, S, K, H]}; cache_index: int32 scalar, the slot of x[:, 0];
+  cache_segment_ids: [B, S] segment id of every slot, x's slots already included.
+  """
   cfg: ModelConfig
+  kv_block: int = KV_BLOCK
+  layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
 
   @nn.compact
-  def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:  # x: [B, T, D]
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, kv_cache: dict[str, jax.Array] | None = None,
+               cache_index: jax.Array | None = None, cache_segment_ids: jax.Array | None = None):
     cfg, d = self.cfg, x.shape[-1]
     n, kvh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
@@ -50,10 +116,24 @@ class Attention(nn.Module):
     w_o = _common.param(self, "o_proj", _common.out_proj_init(cfg), (n, h, d), (shd.HEADS, shd.HEAD_DIM, shd.EMBED),
                         pdtype)
     x = x.astype(dtype)
-    q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    k = jnp.einsum("BTD,DKH->BTKH", x, w_k.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    v = jnp.einsum("BTD,DKH->BTKH", x, w_v.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
-    o = dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, pos, pos))  # [B, T, N, H]
-    out = jnp.einsum("BTNH,NHD->BTD", o, w_o.astype(dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)  # [B, T, D]
+    proj = lambda spec, w: _common.linear(self, cfg, "attn_proj", spec, x, w.astype(dtype)).astype(dtype)
+    q = proj("BTD,DNH->BTNH", w_q)  # [B, T, N, H]
+    k = proj("BTD,DKH->BTKH", w_k)  # [B, T, K, H]
+    v = proj("BTD,DKH->BTKH", w_v)  # [B, T, K, H]
+    new_cache = None
+    if kv_cache is None:
+      pos = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
+      o = dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, pos, pos))  # [B, T, N, H]
+    else:
+      if cache_index is None or cache_segment_ids is None:
+        raise ValueError("attention with a kv_cache needs cache_index and cache_segment_ids")
+      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(kv_cache[name], val.astype(kv_cache[name].dtype),
+                                                             cache_index, axis=1)
+                    for name, val in (("k", k), ("v", v))}                     # [B, S, K, H]
+      slots = new_cache["k"].shape[1]
+      block = slots if x.shape[1] == 1 else min(self.kv_block, slots)  # decoding: one pass over the cache
+      o = cached_attention(q.astype(new_cache["k"].dtype), new_cache["k"], new_cache["v"], segment_ids,
+                           cache_segment_ids, cache_index, block=block).astype(dtype)  # [B, T, N, H]
+    out = _common.linear(self, cfg, "attn_proj", "BTNH,NHD->BTD", o, w_o.astype(dtype))
+    out = out.astype(dtype)  # [B, T, D]
+    return out if kv_cache is None else (out, new_cache)

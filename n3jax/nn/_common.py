@@ -8,12 +8,14 @@ Einsum alphabet (repo-wide, one meaning per letter):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from n3jax import quant
 from n3jax.configs import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,6 +41,32 @@ def param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tupl
   """A parameter annotated with logical axis names (see `n3jax.sharding`)."""
   assert len(shape) == len(axes), (name, shape, axes)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_config(mode: str, at_start: int | None, at_end: int | None) -> quant.QuantConfig:
+  return quant.QuantConfig(mode=mode, bf16_layers_at_start=at_start, bf16_layers_at_end=at_end)
+
+
+def quant_config(cfg: ModelConfig) -> quant.QuantConfig:
+  return _quant_config(cfg.quant, cfg.quant_bf16_layers_at_start, cfg.quant_bf16_layers_at_end)
+
+
+def linear(module: nn.Module, cfg: ModelConfig, role: str, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """A linear product (activations first, weights second) with f32 accumulation, in the numerics of
+  `cfg.quant`: the FP8 / NVFP4 recipe's quantized einsum for this layer and role, or the plain einsum
+  where the recipe keeps BF16 (`n3jax.quant.make_einsum`). `module.layer_index` (static) places the layer
+  in the recipe's BF16 table; stochastic rounding draws from the `quant` RNG stream when one is given."""
+  fn = quant.make_einsum(quant_config(cfg), layer_index=getattr(module, "layer_index", None),
+                         num_layers=cfg.num_hidden_layers, role=role)
+  key = module.make_rng("quant") if cfg.quant != "none" and module.has_rng("quant") else None
+  return fn(spec, x, w, preferred_element_type=jnp.float32, key=key)
+
+
+def is_quantized_layer(cfg: ModelConfig, layer_index: int) -> bool:
+  """Whether the recipe quantizes this layer's linear products (False for BF16-kept layers and mode none)."""
+  return quant_config(cfg).is_quantized(layer_index=layer_index, num_layers=cfg.num_hidden_layers,
+                                               role="mlp")
 
 
 def relu2(x: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ and `conv1d.weight` rows into these pieces and joins them back bit-exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,10 +28,14 @@ from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
 from n3jax.nn import _common
 from n3jax.nn import _norms
+from pallas_kernels.ssd import ops as ssd_ops
 from pallas_kernels.ssd import reference as ssd_ref
 
 # `cfg.ssd_backend` -> chunked scan with the signature of `pallas_kernels.ssd.reference.ssd_reference`.
-SSD_BACKENDS = {"reference": ssd_ref.ssd_reference}
+# "pallas": the Pallas Triton kernels (forward and backward) on GPU, the reference elsewhere. The default stays
+# "reference" until the compiled-GPU kernel tests have run (pallas_kernels/ssd/ops_test.py, owed).
+SSD_BACKENDS = {"reference": ssd_ref.ssd_reference,
+                "pallas": functools.partial(ssd_ops.ssd, backend="auto")}
 
 
 def _ssd(cfg: ModelConfig):
@@ -60,6 +65,7 @@ def _conv_init(width: int):
 
 class Mamba2Mixer(nn.Module):
   cfg: ModelConfig
+  layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
 
   def _proj(self, name: str, u: jax.Array, out_shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
     """u [B,T,D] @ kernel [D, *out_shape] (+ bias) -> [B, T, *out_shape] in f32."""
@@ -68,7 +74,7 @@ class Mamba2Mixer(nn.Module):
     w = _common.param(self, f"in_proj_{name}", _common.dense_init(cfg), (u.shape[-1], *out_shape),
                       (shd.EMBED, *axes), pdtype)
     letters = "XY"[: len(out_shape)]
-    out = jnp.einsum(f"BTD,D{letters}->BT{letters}", u, w.astype(u.dtype), preferred_element_type=jnp.float32)
+    out = _common.linear(self, cfg, "mamba_proj", f"BTD,D{letters}->BT{letters}", u, w.astype(u.dtype))
     if cfg.use_bias:
       out = out + _common.param(self, f"in_proj_{name}_bias", nn.initializers.zeros, out_shape, axes, pdtype)
     return out.astype(u.dtype)
@@ -90,7 +96,9 @@ class Mamba2Mixer(nn.Module):
     """u [B,T,D], segment_ids [B,T] -> (out [B,T,D], final state).
 
     `state` (optional) continues a sequence: {"conv_x": [B,W-1,M,P], "conv_B"/"conv_C": [B,W-1,J,Q],
-    "ssm": [B,M,P,Q] f32}; the returned state has the same structure (the generation caches).
+    "ssm": [B,M,P,Q] f32}; the returned state has the same structure (the generation caches). One token
+    after a state (T == 1, decoding) takes the recurrent update instead of a chunk padded to `chunk_size`;
+    the numbers are those of the sequence path.
     """
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
@@ -107,6 +115,7 @@ class Mamba2Mixer(nn.Module):
     dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
 
     # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
+    decode = t == 1 and state is not None  # a single new token continuing its document
     state = state or {}
     new_state = {}
     convolved = {}
@@ -114,12 +123,16 @@ class Mamba2Mixer(nn.Module):
                                    ("C", c_in, (j, q), group_axes)):
       w, bias = self._conv_params(name, shape, axes)
       ch = math.prod(shape)
+      w = w.reshape(cfg.conv_kernel, ch).astype(dtype)                           # [W, Ch]
+      bias = None if bias is None else bias.reshape(ch).astype(dtype)            # [Ch]
       init_state = state.get(f"conv_{name}")
       init_state = None if init_state is None else init_state.reshape(bsz, cfg.conv_kernel - 1, ch)
-      y, fin = ssd_ref.causal_conv1d_reference(
-          val.reshape(bsz, t, ch), w.reshape(cfg.conv_kernel, ch).astype(dtype),
-          None if bias is None else bias.reshape(ch).astype(dtype),
-          initial_state=init_state, doc_ids=segment_ids, activation="silu")
+      if decode:  # one token after a state: shift the window (same numbers as the sequence path)
+        y, fin = ssd_ref.causal_conv1d_update_reference(init_state, val.reshape(bsz, ch), w, bias, activation="silu")
+        y = y[:, None]                                                           # [B, 1, Ch]
+      else:
+        y, fin = ssd_ref.causal_conv1d_reference(val.reshape(bsz, t, ch), w, bias, initial_state=init_state,
+                                                 doc_ids=segment_ids, activation="silu")
       convolved[name] = y.reshape(bsz, t, *shape)
       new_state[f"conv_{name}"] = fin.reshape(bsz, cfg.conv_kernel - 1, *shape)
 
@@ -128,17 +141,23 @@ class Mamba2Mixer(nn.Module):
     dt_bias = _common.param(self, "dt_bias", _dt_bias_init(cfg), (m,), (shd.SSM_HEADS,), pdtype)
     a = -jnp.exp(a_log.astype(jnp.float32))  # [M]; the decay is computed in f32 on purpose
     dt_min, dt_max = cfg.dt_limit
-    y, ssm_state = _ssd(cfg)(
-        convolved["x"], dt, a, convolved["B"], convolved["C"], d_skip.astype(jnp.float32),
-        dt_bias.astype(jnp.float32), initial_state=state.get("ssm"), doc_ids=segment_ids,
-        chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+    if decode:  # the recurrence itself, h = exp(dt A) h + dt x B^T, instead of a padded chunk
+      y, ssm_state = ssd_ref.ssd_decode_step_reference(
+          state["ssm"], convolved["x"][:, 0], dt[:, 0], a, convolved["B"][:, 0], convolved["C"][:, 0],
+          d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+      y = y[:, None]                                                             # [B, 1, M, P]
+    else:
+      y, ssm_state = _ssd(cfg)(
+          convolved["x"], dt, a, convolved["B"], convolved["C"], d_skip.astype(jnp.float32),
+          dt_bias.astype(jnp.float32), initial_state=state.get("ssm"), doc_ids=segment_ids,
+          chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
     new_state["ssm"] = ssm_state  # [B, M, P, Q] f32
 
     scale = _common.param(self, "norm", nn.initializers.ones, (m, p), head_axes, pdtype)
     y = _norms.gated_group_rms_norm(y, z, scale, groups=j, eps=cfg.layer_norm_epsilon)  # [B, T, M, P] f32
     w_out = _common.param(self, "out_proj", _common.out_proj_init(cfg), (m, p, u.shape[-1]), (*head_axes, shd.EMBED),
                           pdtype)
-    out = jnp.einsum("BTMP,MPD->BTD", y.astype(dtype), w_out.astype(dtype), preferred_element_type=jnp.float32)
+    out = _common.linear(self, cfg, "mamba_proj", "BTMP,MPD->BTD", y.astype(dtype), w_out.astype(dtype))
     if cfg.use_bias:
       out = out + _common.param(self, "out_proj_bias", nn.initializers.zeros, (u.shape[-1],), (shd.NORM,), pdtype)
     return out.astype(dtype), new_state

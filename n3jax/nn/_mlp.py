@@ -15,6 +15,7 @@ class MLP(nn.Module):
   """Used for `-` layers (width `intermediate_size`) and the MoE shared expert."""
   cfg: ModelConfig
   features: int  # F
+  layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D]
@@ -23,11 +24,11 @@ class MLP(nn.Module):
     w_up = _common.param(self, "up_proj", _common.dense_init(cfg), (d, self.features), (shd.EMBED, shd.MLP), pdtype)
     w_down = _common.param(self, "down_proj", _common.out_proj_init(cfg), (self.features, d), (shd.MLP, shd.EMBED),
                            pdtype)
-    h = jnp.einsum("BTD,DF->BTF", x.astype(dtype), w_up.astype(dtype), preferred_element_type=jnp.float32)
+    h = _common.linear(self, cfg, "mlp", "BTD,DF->BTF", x.astype(dtype), w_up.astype(dtype))
     if cfg.mlp_bias:
       h = h + _common.param(self, "up_proj_bias", nn.initializers.zeros, (self.features,), (shd.MLP,), pdtype)
     h = _common.relu2(h.astype(dtype))
-    out = jnp.einsum("BTF,FD->BTD", h, w_down.astype(dtype), preferred_element_type=jnp.float32)
+    out = _common.linear(self, cfg, "mlp", "BTF,FD->BTD", h, w_down.astype(dtype))
     if cfg.mlp_bias:
       out = out + _common.param(self, "down_proj_bias", nn.initializers.zeros, (d,), (shd.NORM,), pdtype)
     return out.astype(dtype)  # [B, T, D]

@@ -8,7 +8,8 @@
 
 Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the sum of its two best
 biased scores; only the `topk_group` best groups are eligible. Experts are ungated relu^2 MLPs. Dispatch
-is dropless and goes through `pallas_kernels.moe.moe_dispatch`, whose backend the config selects.
+is dropless and goes through `pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a
+layout that splits experts over the mesh (`n3jax.sharding`), through `expert_parallel_moe` instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
 from n3jax.nn import _common
 from n3jax.nn import _mlp
+from pallas_kernels.moe import expert_parallel
 from pallas_kernels.moe import ops as moe_ops
 
 
@@ -43,7 +45,10 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
 
 
 class MoE(nn.Module):
+  """Routed experts go through `moe_dispatch` (a grouped matmul), so they keep the compute dtype under
+  `cfg.quant`; the latent projections and the shared expert follow the recipe."""
   cfg: ModelConfig
+  layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,13 +75,20 @@ class MoE(nn.Module):
     v = tokens
     if cfg.moe_latent_size:
       w_fc1 = _common.param(self, "fc1_latent_proj", init, (d, din), (shd.EMBED, shd.LATENT), pdtype)
-      v = jnp.einsum("TD,DI->TI", tokens, w_fc1.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
-                                          activation="relu2", backend=cfg.moe_backend)  # [T, Din], [E]
+      v = _common.linear(self, cfg, "latent_proj", "TD,DI->TI", tokens, w_fc1.astype(dtype)).astype(dtype)
+    # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
+    if self.is_initializing() or (ep := shd.expert_parallel_axes()) is None:
+      routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
+                                            activation="relu2", backend=cfg.moe_backend)  # [T, Din], [E]
+    else:  # experts split over the mesh: shard_map + token exchange, dropless, global counts
+      routed, counts = expert_parallel.expert_parallel_moe(
+          v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
+          expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,
+          exchange=cfg.moe_ep_exchange)
     if cfg.moe_latent_size:
       w_fc2 = _common.param(self, "fc2_latent_proj", _common.out_proj_init(cfg), (din, d), (shd.LATENT, shd.EMBED),
                             pdtype)
-      routed = jnp.einsum("TI,ID->TD", routed.astype(dtype), w_fc2.astype(dtype),
-                          preferred_element_type=jnp.float32).astype(dtype)
-    shared = _mlp.MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(x)
+      routed = _common.linear(self, cfg, "latent_proj", "TI,ID->TD", routed.astype(dtype),
+                              w_fc2.astype(dtype)).astype(dtype)
+    shared = _mlp.MLP(cfg, cfg.moe_shared_expert_intermediate_size, self.layer_index, name="shared_experts")(x)
     return (routed.reshape(bsz, t, d).astype(dtype) + shared).astype(dtype), counts

@@ -1,0 +1,20 @@
+"""Generation for n3jax models: caches, prefill and decode, sampling, the chat template, streaming.
+
+Import from here; `_*.py` files are private.
+
+    out = generate("/ckpt/nano3", "Why is the sky blue?", thinking_budget=256, temperature=0.6, top_p=0.95)
+    tokens, segment_ids = left_align(prompts)                         # token level: any padding side in
+    logits, cache = prefill(cfg, params, tokens, segment_ids, max_len=4096)
+    logits, cache = decode_logits(cfg, params, cache, next_tokens)     # one compiled step, fixed shapes
+    completions = generate_tokens(cfg, params, prompts, max_new_tokens=64, sampling=SamplingParams(...))
+"""
+
+from n3jax.inference import chat
+from n3jax.inference._api import Generation, generate, load_tokenizer, stop_token_ids, stream
+from n3jax.inference._engine import decode_logits, decode_sample, left_align, padded_length, prefill
+from n3jax.inference._generate import Completion, Delta, generate_tokens, stream_tokens
+from n3jax.inference._sampling import SamplingParams, sample, sampling_params
+
+__all__ = ["Completion", "Delta", "Generation", "SamplingParams", "chat", "decode_logits", "decode_sample",
+           "generate", "generate_tokens", "left_align", "load_tokenizer", "padded_length", "prefill", "sample",
+           "sampling_params", "stop_token_ids", "stream", "stream_tokens"]

@@ -1,0 +1,157 @@
+"""Text in, text out: checkpoint and tokenizer loading, the chat template, and one call to generate.
+
+    out = generate("/ckpt/nano3", "Why is the sky blue?", thinking_budget=256, temperature=0.6, top_p=0.95)
+    out.answer, out.reasoning, out.tool_calls, out.finish_reason
+    for deltas in stream("/ckpt/nano3", ["a", "b"], reasoning=False): ...   # Deltas per step, as they come
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+from n3jax import checkpointing
+from n3jax.configs import ModelConfig
+from n3jax.inference import _generate, chat
+from n3jax.inference._sampling import sampling_params
+
+__all__ = ["Generation", "generate", "stream", "load_tokenizer", "stop_token_ids"]
+
+ASSETS_DIR = "hf_assets"  # where `convert_from_hf` puts the hub's tokenizer and generation files
+
+
+@dataclasses.dataclass
+class Generation:
+  text: str                        # everything generated, markers included (stop token / string cut)
+  answer: str                      # the text after the thinking section (chat mode), stripped
+  reasoning: str | None            # the thinking section, or None when there was none
+  tool_calls: list[dict[str, Any]]  # parsed from the answer (chat mode)
+  token_ids: list[int]
+  finish_reason: str               # "stop" or "length"
+  thinking_tokens: int
+  prompt_tokens: int
+
+
+def load_tokenizer(ckpt_dir: str, cfg: ModelConfig):
+  """The checkpoint's `hf_assets/tokenizer.json` as an `n3jax.data.HFTokenizer`."""
+  from n3jax.data import HFTokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ckpt_dir, ASSETS_DIR, "tokenizer.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"checkpoint {ckpt_dir} has no tokenizer: {path} does not exist (convert_from_hf copies tokenizer.json "
+        "from the hub checkpoint when it has one); pass tokenizer=PATH (CLI: --tokenizer) to use another")
+  eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+  return HFTokenizer(path, pad_id=cfg.pad_token_id, bos_id=cfg.bos_token_id, eos_id=eos)
+
+
+def _ids(value) -> list[int]:
+  if value is None:
+    return []
+  return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def stop_token_ids(cfg: ModelConfig, tokenizer, ckpt_dir: str | None, *, chat_mode: bool) -> list[int]:
+  """EOS of the config and of `hf_assets/generation_config.json`, and `<|im_end|>` in chat mode."""
+  ids = _ids(cfg.eos_token_id)
+  path = os.path.join(ckpt_dir, ASSETS_DIR, "generation_config.json") if ckpt_dir else None
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      ids += _ids(json.load(f).get("eos_token_id"))
+  if chat_mode and (end := tokenizer.special(chat.END_OF_TURN)) is not None:
+    ids.append(end)
+  return sorted(set(ids))
+
+
+def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
+  """(list of prompts or conversations, whether the input was a batch)."""
+  if (prompt is None) == (messages is None):
+    raise ValueError("give exactly one of prompt (a string or list of strings) and messages (a conversation "
+                     "or a list of conversations)")
+  if prompt is not None:
+    batch = not isinstance(prompt, str)
+    prompts = list(prompt) if batch else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [head + [{"role": "user", "content": p}] for p in prompts], batch
+  batch = bool(messages) and isinstance(messages[0], (list, tuple))
+  return (list(messages) if batch else [messages]), batch
+
+
+def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling):
+  if isinstance(model, (str, os.PathLike)):
+    ckpt_dir = os.fspath(model)
+    cfg = checkpointing.load_config(ckpt_dir)  # fails early, before any weights are read
+    tok = load_tokenizer(ckpt_dir, cfg) if tokenizer is None else tokenizer
+  else:
+    ckpt_dir, (cfg, params) = None, model
+    if tokenizer is None:
+      raise ValueError("generating from (cfg, params) needs tokenizer= (an n3jax.data tokenizer or a path)")
+    tok = tokenizer
+  if isinstance(tok, (str, os.PathLike)):
+    from n3jax.data import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
+    tok = _load(os.fspath(tok), pad_id=cfg.pad_token_id or 0, bos_id=cfg.bos_token_id or 1,
+                eos_id=_ids(cfg.eos_token_id)[0] if _ids(cfg.eos_token_id) else 2)
+  params_sampling = sampling_params(**sampling)
+  convs, batch = _conversations(prompt, messages, system)
+  if chat_mode:
+    texts = [chat.render(c, tools=tools, reasoning=reasoning) for c in convs]
+  else:
+    if messages is not None or tools or system is not None:
+      raise ValueError("messages, tools and system need the chat template (chat_mode=True)")
+    texts = [c[-1]["content"] for c in convs]
+  prompts = [chat.encode(tok, t) for t in texts]
+  if isinstance(model, (str, os.PathLike)):
+    cfg, params = checkpointing.load(ckpt_dir)
+  kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
+                stop_strings=tuple(stop), decode=tok.decode,
+                think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))
+  return cfg, params, tok, prompts, batch, kwargs
+
+
+def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None, chat_mode: bool = True,
+           system: str | None = None, tools=None, reasoning: bool = True, thinking_budget: int | None = None,
+           max_new_tokens: int = 256, max_len: int | None = None, stop: Sequence[str] = (),
+           prefill_chunk: int | None = None, rows_out: list | None = None,
+           **sampling) -> Iterator[list[_generate.Delta]]:
+  """Like `generate`, but yields each step's Deltas (row, token id, released text) as they come."""
+  cfg, params, _, prompts, _, kwargs = _prepare(
+      model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
+      reasoning=reasoning, stop=stop, sampling=sampling)
+  yield from _generate.stream_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
+                                     prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
+                                     rows_out=rows_out, **kwargs)
+
+
+def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None,
+             chat_mode: bool = True, system: str | None = None, tools=None, reasoning: bool = True,
+             thinking_budget: int | None = None, max_new_tokens: int = 256, max_len: int | None = None,
+             stop: Sequence[str] = (), prefill_chunk: int | None = None,
+             on_token: Callable[[_generate.Delta], None] | None = None, **sampling) -> Generation | list[Generation]:
+  """Generates from an n3jax checkpoint directory (or a `(cfg, params)` pair with `tokenizer=`).
+
+  prompt: a user message (or a list: a batch) put into the chat template, or raw text with
+  `chat_mode=False`; messages: a conversation (or a list of them), OpenAI style, with `tools`.
+  reasoning: open a thinking section (on) or start with `<think></think>` (off). thinking_budget: after
+  that many thinking tokens the generator writes `</think>` and the model goes on with its answer.
+  stop: stop strings (EOS and `<|im_end|>` always stop). max_len: the cache size (default prompt +
+  max_new_tokens). on_token: called with every Delta as it is generated. **sampling: `SamplingParams`
+  fields (temperature, top_k, top_p, min_p, repetition_penalty, seed); anything else is an error.
+  Returns one Generation, or a list for a batch.
+  """
+  cfg, params, _, prompts, batch, kwargs = _prepare(
+      model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
+      reasoning=reasoning, stop=stop, sampling=sampling)
+  done = _generate.generate_tokens(cfg, params, prompts, on_token=on_token, max_new_tokens=max_new_tokens,
+                                   max_len=max_len, prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
+                                   **kwargs)
+  out = []
+  for p, c in zip(prompts, done):
+    started = chat_mode and reasoning
+    reasoning_text, answer = chat.split_reasoning(c.text, started_in_thinking=started) if chat_mode else (None, c.text)
+    out.append(Generation(text=c.text, answer=answer, reasoning=reasoning_text,
+                          tool_calls=chat.parse_tool_calls(answer) if chat_mode else [], token_ids=c.token_ids,
+                          finish_reason=c.finish_reason, thinking_tokens=c.thinking_tokens, prompt_tokens=len(p)))
+  return out if batch else out[0]

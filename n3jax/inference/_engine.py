@@ -1,0 +1,155 @@
+"""Prefill and decode over fixed-size caches, compiled once per shape.
+
+Every batch is normalised to LEFT padding: each row's tokens end at the same column, so all rows write
+their next token into the same cache slot (one scalar index) and decoding needs no per-row positions
+(Nemotron attention has NoPE). Padding slots carry `models.PAD_SEGMENT`, real ones `SEQUENCE_SEGMENT`;
+with the document-reset rule of the SSD scan the padding never reaches a row's Mamba state, and attention
+never reads a padding slot, so a padded row computes exactly what the unpadded prompt computes.
+
+    tokens, segment_ids = left_align(prompts)                 # ragged lists, or a padded array + mask
+    logits, cache = prefill(cfg, params, tokens, segment_ids, max_len=...)
+    logits, cache = decode_logits(cfg, params, cache, next_tokens)      # one token per row
+
+`prefill` runs the prompt in chunks of `chunk` columns (memory bound for long prompts and big batches);
+the prompt is left-padded further to a multiple of the chunk (or to a power of two when it fits one),
+which bounds the number of compiled shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from n3jax import models
+from n3jax.configs import ModelConfig
+from n3jax.inference import _sampling
+
+__all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room"]
+
+Params = Any
+_MIN_BUCKET = 8
+
+
+def left_align(prompts: Sequence[Sequence[int]] | np.ndarray, mask: np.ndarray | None = None, *,
+               length: int | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged prompts, or a padded [B, T] array with a mask (True = token; left or right padding), ->
+  (tokens int32 [B, L], segment_ids int32 [B, L]) with every row's tokens at the right end.
+
+  L = `length` (default: the longest prompt). A row without tokens is an error.
+  """
+  if mask is not None:
+    tokens, mask = np.asarray(prompts), np.asarray(mask, bool)
+    if tokens.ndim != 2 or mask.shape != tokens.shape:
+      raise ValueError(f"a padded prompt batch needs tokens [B, T] and a mask of the same shape, got "
+                       f"{tokens.shape=} {mask.shape=}")
+    rows = [tokens[b][mask[b]] for b in range(tokens.shape[0])]
+  else:
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+  if not rows:
+    raise ValueError("no prompts given")
+  if empty := [b for b, r in enumerate(rows) if r.size == 0]:
+    raise ValueError(f"prompt(s) {empty} have no tokens; every row needs at least one")
+  longest = max(r.size for r in rows)
+  length = longest if length is None else length
+  if length < longest:
+    raise ValueError(f"{length=} is shorter than the longest prompt ({longest} tokens)")
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  segments = np.full((len(rows), length), models.PAD_SEGMENT, np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, length - r.size:] = r
+    segments[b, length - r.size:] = models.SEQUENCE_SEGMENT
+  return tokens, segments
+
+
+def padded_length(prompt_len: int, chunk: int | None, limit: int | None = None) -> int:
+  """Columns a prompt of `prompt_len` is left-padded to: a multiple of `chunk` past one chunk, else the
+  next power of two (at least 8); never above `limit` (nor below the prompt)."""
+  if chunk and prompt_len > chunk:
+    n = -(-prompt_len // chunk) * chunk
+  else:
+    n = max(_MIN_BUCKET, 1 << (prompt_len - 1).bit_length())
+    n = min(n, chunk) if chunk else n
+  return max(prompt_len, min(n, limit) if limit else n)
+
+
+def cache_room(cache: Params) -> tuple[int, int]:
+  """(filled slots, total slots) of a cache (reads the index from the device)."""
+  return int(cache["index"]), cache["segment_ids"].shape[1]
+
+
+_empty_cache = jax.jit(models.init_cache, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _extend(cfg: ModelConfig, params: Params, tokens, segment_ids, cache):
+  return models.apply_cached(cfg, params, tokens, cache, segment_ids=segment_ids)
+
+
+def prefill(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: int,
+            chunk: int | None = None) -> tuple[jax.Array, Params]:
+  """Left-aligned prompts (see `left_align`) -> (logits f32 [B, V] of each row's last token, cache).
+
+  The cache holds `max_len` tokens (prompt columns included). `chunk` columns run per compiled call
+  (None: the whole prompt in one call); the prompt is left-padded to a multiple of it.
+  """
+  tokens, segment_ids = np.asarray(tokens, np.int32), np.asarray(segment_ids, np.int32)
+  bsz, length = tokens.shape
+  if length > max_len:
+    raise ValueError(f"the prompt has {length} columns (padding included) but the cache holds {max_len=} tokens; "
+                     "raise max_len or shorten the prompt")
+  chunk = min(chunk or length, length)
+  total = -(-length // chunk) * chunk
+  if total > models.cache_length(max_len):  # the last chunk would run past the cache: one call instead
+    chunk = total = length
+  pad = total - length
+  tokens = np.pad(tokens, ((0, 0), (pad, 0)))
+  segment_ids = np.pad(segment_ids, ((0, 0), (pad, 0)), constant_values=models.PAD_SEGMENT)
+  cache = _empty_cache(cfg, bsz, max_len)
+  logits = None
+  for start in range(0, total, chunk):
+    logits, cache = _extend(cfg, params, jnp.asarray(tokens[:, start:start + chunk]),
+                            jnp.asarray(segment_ids[:, start:start + chunk]), cache)
+  return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_logits(cfg: ModelConfig, params: Params, cache: Params, tokens: jax.Array) -> tuple[jax.Array, Params]:
+  """One token per row [B] -> (logits f32 [B, V] after it, cache). Teacher forcing, scoring."""
+  return models.apply_cached(cfg, params, tokens[:, None], cache)
+
+
+def choose(logits: jax.Array, state: dict[str, jax.Array], forced: jax.Array,
+           sampling: _sampling.SamplingParams) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next token [B] from logits [B, V]: sampled, or `forced` where >= 0. state: {"key", "seen" [B, V] bool}."""
+  key, sub = jax.random.split(state["key"])
+  token = _sampling.sample(logits, sub, sampling, state["seen"])
+  token = jnp.where(forced >= 0, forced, token).astype(jnp.int32)
+  seen = state["seen"].at[jnp.arange(token.shape[0]), token].set(True)
+  return token, {"key": key, "seen": seen}
+
+
+choose_jit = jax.jit(choose, static_argnames=("sampling",), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache", "state"))
+def decode_sample(cfg: ModelConfig, params: Params, cache: Params, tokens: jax.Array, state: dict[str, jax.Array],
+                  forced: jax.Array, sampling: _sampling.SamplingParams):
+  """Feeds tokens [B] and picks the next ones: -> (next tokens [B] int32, cache, state)."""
+  logits, cache = models.apply_cached(cfg, params, tokens[:, None], cache)
+  token, state = choose(logits, state, forced, sampling)
+  return token, cache, state
+
+
+def sampling_state(cfg: ModelConfig, tokens: np.ndarray, segment_ids: np.ndarray,
+                   sampling: _sampling.SamplingParams, *, seed: int | None = None) -> dict[str, jax.Array]:
+  """PRNG key and the [B, V] mask of prompt tokens (for the repetition penalty; padding excluded)."""
+  bsz = tokens.shape[0]
+  seen = np.zeros((bsz, cfg.vocab_size), bool)
+  if sampling.repetition_penalty != 1.0:
+    rows, cols = np.nonzero(segment_ids == models.SEQUENCE_SEGMENT)
+    seen[rows, tokens[rows, cols]] = True
+  return {"key": jax.random.key(sampling.seed if seed is None else seed), "seen": jnp.asarray(seen)}

@@ -1,0 +1,216 @@
+"""The decoding loop: prefill once, then one compiled step per token, streaming each token to the caller.
+
+The device picks every token (sampling is inside the compiled step); the host watches the tokens for stop
+tokens, stop strings and the thinking budget, and can force the next token of a row (the close marker of
+a thinking section). Without a thinking budget the host never forces anything, so step k+1 is dispatched
+before step k's tokens are read and the host work overlaps the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from n3jax import models
+from n3jax.configs import ModelConfig
+from n3jax.inference import _engine
+from n3jax.inference._sampling import SamplingParams
+
+__all__ = ["Delta", "Completion", "stream_tokens", "generate_tokens"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """One new token of one row: its id, the text it releases ("" while held back), and the finish reason
+  on the row's last token ("stop" or "length")."""
+  row: int
+  token_id: int
+  text: str
+  finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+  token_ids: list[int]          # generated ids, a final stop token included
+  text: str | None              # decoded text (None without a detokenizer), stop token and stop string cut
+  finish_reason: str            # "stop": a stop token or string; "length": max_new_tokens or the cache is full
+  thinking_tokens: int = 0      # tokens generated inside a thinking section
+
+
+@dataclasses.dataclass
+class _Row:
+  ids: list[int]
+  thinking: bool
+  thinking_tokens: int = 0
+  done: bool = False
+  finish_reason: str = "length"
+  text: str = ""                # decoded so far (stop string cut)
+  released: int = 0             # characters of `text` handed to the caller
+  prefix_offset: int = 0        # incremental detokenization offsets (ids of `text_ids`)
+  read_offset: int = 0
+  text_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+class _Think:
+  """Thinking-section markers (single token ids) and the budget."""
+
+  def __init__(self, open_id: int | None, close_id: int | None, budget: int | None):
+    if budget is not None:
+      if budget < 0:
+        raise ValueError(f"thinking_budget={budget} must be >= 0")
+      if open_id is None or close_id is None:
+        raise ValueError("a thinking budget needs the <think> and </think> markers as single tokens of the "
+                         f"tokenizer, got open={open_id}, close={close_id}")
+    self.open_id, self.close_id, self.budget = open_id, close_id, budget
+
+  def starts_inside(self, prompt: np.ndarray) -> bool:
+    """Whether the prompt ends inside an open thinking section (chat prompt with reasoning on)."""
+    if self.open_id is None:
+      return False
+    opens = np.nonzero(prompt == self.open_id)[0]
+    closes = np.nonzero(prompt == self.close_id)[0] if self.close_id is not None else np.zeros((0,), int)
+    return opens.size > 0 and (closes.size == 0 or closes[-1] < opens[-1])
+
+  def track(self, row: _Row, token: int) -> None:
+    if token == self.close_id:
+      row.thinking = False
+    elif token == self.open_id:
+      row.thinking = True
+    elif row.thinking:
+      row.thinking_tokens += 1
+
+  def must_close(self, row: _Row) -> bool:
+    return self.budget is not None and row.thinking and row.thinking_tokens >= self.budget
+
+
+class _Text:
+  """Incremental detokenization (offsets as in HF text-generation-inference) and stop strings, holding
+  back the characters that could still become a stop string."""
+
+  def __init__(self, decode: Callable[[Sequence[int]], str] | None, stop_strings: Sequence[str]):
+    if stop_strings and decode is None:
+      raise ValueError("stop strings need a tokenizer to decode the generated tokens")
+    if any(not s for s in stop_strings):
+      raise ValueError(f"stop strings must be non-empty, got {list(stop_strings)}")
+    self.decode, self.stops = decode, tuple(stop_strings)
+    self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+  def add(self, row: _Row, token: int | None) -> bool:
+    """Appends a token's text (None: flush only); True if a stop string ended the row."""
+    if self.decode is None:
+      return False
+    if token is not None:
+      row.text_ids.append(token)
+      prefix = self.decode(row.text_ids[row.prefix_offset:row.read_offset])
+      full = self.decode(row.text_ids[row.prefix_offset:])
+      if len(full) > len(prefix) and not full.endswith("\ufffd"):  # "\ufffd": an unfinished UTF-8 character
+        start = len(row.text)
+        row.text += full[len(prefix):]
+        row.prefix_offset, row.read_offset = row.read_offset, len(row.text_ids)
+        if self.stops:
+          hits = [i for s in self.stops if (i := row.text.find(s, max(0, start - len(s) + 1))) >= 0]
+          if hits:
+            row.text = row.text[:min(hits)]
+            return True
+    return False
+
+  def flush(self, row: _Row) -> None:
+    """A row that ends without a stop string keeps the text of trailing ids that made no whole character."""
+    if self.decode is not None and row.read_offset < len(row.text_ids):
+      done = self.decode(row.text_ids[row.prefix_offset:row.read_offset])
+      row.text += self.decode(row.text_ids[row.prefix_offset:])[len(done):]
+      row.prefix_offset = row.read_offset = len(row.text_ids)
+
+  def release(self, row: _Row) -> str:
+    """The text the caller may see now: all of it once the row is done, else all but the held-back tail."""
+    end = len(row.text) if row.done else max(row.released, len(row.text) - self.hold)
+    out, row.released = row.text[row.released:end], end
+    return out
+
+
+def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+                  stop_strings: Sequence[str] = (), decode: Callable[[Sequence[int]], str] | None = None,
+                  max_len: int | None = None, prefill_chunk: int | None = None, thinking_budget: int | None = None,
+                  think_ids: tuple[int | None, int | None] = (None, None), rows_out: list | None = None,
+                  ) -> Iterator[list[Delta]]:
+  """Generates for a batch of token prompts; yields, per step, the Deltas of the rows still running.
+
+  max_len: cache size in tokens (default: the padded prompt plus max_new_tokens); a prompt longer than it
+  is an error. decode: ids -> text, for text deltas and stop strings. think_ids: the (open, close)
+  marker ids; with `thinking_budget` N a row that has generated N tokens inside a thinking section is
+  given the close marker as its next token and goes on with its answer. `rows_out` (a list) receives the
+  per-row results as `Completion`s when the stream ends.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"{max_new_tokens=} must be >= 1")
+  think = _Think(*think_ids, thinking_budget)
+  text = _Text(decode, stop_strings)
+  longest = max((len(p) for p in prompts), default=0)
+  if max_len is not None and longest > max_len:
+    raise ValueError(f"a prompt of {longest} tokens is longer than the cache (max_len={max_len}); "
+                     "raise max_len or shorten the prompt")
+  if max_len is not None:
+    width = _engine.padded_length(longest, prefill_chunk, limit=max(longest, max_len - max_new_tokens + 1))
+  else:
+    width = _engine.padded_length(longest, prefill_chunk)
+    max_len = width + max_new_tokens
+  tokens, segments = _engine.left_align(prompts, length=width, pad_id=cfg.pad_token_id or 0)
+  rows = [_Row(ids=[], thinking=think.starts_inside(tokens[b][segments[b] == models.SEQUENCE_SEGMENT]))
+          for b in range(len(tokens))]
+  stops = set(int(t) for t in stop_tokens)
+  sampling, seed = dataclasses.replace(sampling, seed=0), sampling.seed  # the seed is data, not a compile key
+  lookahead = thinking_budget is None
+
+  def forced() -> jnp.ndarray:
+    return jnp.asarray([think.close_id if not r.done and think.must_close(r) else -1 for r in rows], jnp.int32)
+
+  logits, cache = _engine.prefill(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk)
+  filled, slots = _engine.cache_room(cache)
+  state = _engine.sampling_state(cfg, tokens, segments, sampling, seed=seed)
+  pending, state = _engine.choose_jit(logits, state, forced(), sampling=sampling)
+  for step in range(max_new_tokens):
+    more = step + 1 < max_new_tokens and filled + step < slots  # room for feeding this step's token
+    nxt = None
+    if lookahead and more:
+      nxt, cache, state = _engine.decode_sample(cfg, params, cache, pending, state, forced(), sampling=sampling)
+    chosen = np.asarray(pending)
+    deltas = []
+    for b, row in enumerate(rows):
+      if row.done:
+        continue
+      tok = int(chosen[b])
+      row.ids.append(tok)
+      think.track(row, tok)
+      if tok in stops:  # the stop token itself is not text
+        row.done, row.finish_reason = True, "stop"
+        text.flush(row)
+      elif text.add(row, tok):
+        row.done, row.finish_reason = True, "stop"
+      elif not more:
+        row.done = True  # "length": max_new_tokens or the cache is full
+        text.flush(row)
+      deltas.append(Delta(b, tok, text.release(row), row.finish_reason if row.done else None))
+    if deltas:
+      yield deltas
+    if all(r.done for r in rows) or not more:
+      break
+    if not lookahead:
+      nxt, cache, state = _engine.decode_sample(cfg, params, cache, pending, state, forced(), sampling=sampling)
+    pending = nxt
+  if rows_out is not None:
+    rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens) for r in rows)
+
+
+def generate_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+                    on_token: Callable[[Delta], None] | None = None, **kwargs) -> list[Completion]:
+  """`stream_tokens` run to the end: one Completion per prompt; `on_token` sees every Delta as it comes."""
+  rows: list[Completion] = []
+  for deltas in stream_tokens(cfg, params, prompts, rows_out=rows, **kwargs):
+    if on_token is not None:
+      for d in deltas:
+        on_token(d)
+  return rows

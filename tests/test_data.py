@@ -1,0 +1,208 @@
+"""The grain input pipeline: tokenizers, sources, packing, SFT masks, iterator state, bad inputs."""
+
+import json
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+
+from n3jax import data as data_lib
+from n3jax import trainer
+
+
+def _data_cfg(**kw) -> ml_collections.ConfigDict:
+  cfg = trainer.default_config().data
+  cfg.update(kw)
+  return cfg
+
+
+def _make(cfg, batch_size=2, vocab=256, seed=0):
+  return data_lib.make_data(cfg, tokenizer=data_lib.ByteTokenizer(), vocab_size=vocab, batch_size=batch_size,
+                            seed=seed)
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+# --- Tokenizers ---
+def test_byte_tokenizer_round_trips_utf8_within_256_ids():
+  tok = data_lib.ByteTokenizer()
+  text = "Hello, Nemotron! Grüße, 日本語, emoji 🙂, tab\tand newline\n"
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and ids.min() >= 3 and ids.max() < 246
+  assert tok.decode(ids) == text
+  specials = [tok.special(s) for s in data_lib.CHAT_SPECIALS]
+  assert specials == [246, 247, 248, 249] and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert tok.decode([246, *tok.encode("user"), 247]) == "<|im_start|>user<|im_end|>"
+
+
+def test_hf_tokenizer_json(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {"[UNK]": 0, "hello": 1, "world": 2, "<|im_start|>": 3, "<|im_end|>": 4}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  loaded = data_lib.load_tokenizer(str(tmp_path))
+  assert loaded.encode("hello world").tolist() == [1, 2]
+  assert loaded.special("<|im_end|>") == 4 and loaded.vocab_size == 5
+  with pytest.raises(FileNotFoundError, match="no such tokenizer.json"):
+    data_lib.load_tokenizer(str(tmp_path / "missing.json"))
+
+
+# --- Packing ---
+def _packed(examples, packing, length):
+  ds = grain.MapDataset.source(examples).to_iter_dataset()
+  rows = list(data_lib.pack_examples(ds, packing, length, seed=0).batch(1))
+  return [data_lib.to_model_batch(r) for r in rows]
+
+
+def test_concat_packing_segments_positions_and_loss_mask():
+  docs = [{"tokens": np.arange(10, 15, dtype=np.int32), "mask": np.ones(5, np.int32)},    # 5 tokens
+          {"tokens": np.arange(20, 23, dtype=np.int32), "mask": np.ones(3, np.int32)},    # 3 tokens
+          {"tokens": np.arange(30, 40, dtype=np.int32), "mask": np.ones(10, np.int32)}]   # 10 tokens
+  b = _packed(docs, "concat", 9)  # rows of T + 1 = 9 -> model rows of T = 8
+  assert b[0]["tokens"].tolist() == [[10, 11, 12, 13, 14, 20, 21, 22]]
+  assert b[0]["targets"].tolist() == [[11, 12, 13, 14, 20, 21, 22, 30]]
+  assert b[0]["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2]]
+  assert b[0]["positions"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+  # No loss where the target is in the next document (14 -> 20, 22 -> 30).
+  assert b[0]["loss_mask"].tolist() == [[1, 1, 1, 1, 0, 1, 1, 0]]
+  # The third document continues in the next row, as a new segment.
+  assert b[1]["tokens"][0, :3].tolist() == [31, 32, 33] and b[1]["segment_ids"][0, 0] == 1
+
+
+def test_first_fit_packing_keeps_examples_whole_and_masks_padding():
+  ex = [{"tokens": np.arange(1, 6, dtype=np.int32), "mask": np.asarray([0, 0, 1, 1, 1], np.int32)},
+        {"tokens": np.arange(6, 10, dtype=np.int32), "mask": np.asarray([0, 1, 1, 1], np.int32)}]
+  (b,) = _packed(ex, "first_fit", 12)
+  assert b["tokens"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0]]
+  assert b["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
+  assert b["positions"][0, :9].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+  # Target t counts where it is an assistant (mask 1) token of the same example.
+  assert b["loss_mask"].tolist() == [[0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0]]
+
+
+# --- SFT ---
+def test_chat_loss_mask_covers_exactly_the_assistant_tokens():
+  tok = data_lib.ByteTokenizer()
+  msgs = [{"role": "user", "content": "Hi?"},
+          {"role": "assistant", "content": "Hello.", "reasoning_content": "be kind"},
+          {"role": "user", "content": "Sum 2+2"},
+          {"role": "assistant", "content": "4"}]
+  ids, mask = data_lib.render_chat(msgs, tok)
+  assert tok.decode(ids) == (
+      "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+      "<|im_start|>assistant\n<think>\nbe kind\n</think>\nHello.<|im_end|>\n"
+      "<|im_start|>user\nSum 2+2<|im_end|>\n<|im_start|>assistant\n<think></think>4<|im_end|>\n")
+  trained = tok.decode(np.where(mask == 1, ids, 0))
+  assert trained == "<think>\nbe kind\n</think>\nHello.<|im_end|><think></think>4<|im_end|>"
+  # Everything else (system, user, role headers, newlines after <|im_end|>) is masked out.
+  assert tok.decode(ids[mask == 0]).count("Hi?") == 1 and "Hello" not in tok.decode(ids[mask == 0])
+
+
+def test_chat_records_through_the_pipeline(tmp_path):
+  path = _write_jsonl(tmp_path / "chat.jsonl", [
+      {"messages": [{"role": "system", "content": "/no_think"}, {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"answer {i}"}]} for i in range(20)])
+  d = _make(_data_cfg(source=path, format="chat", packing="first_fit", seq_len=64, eval_fraction=0.1))
+  b = next(d.train_iter)
+  tok = data_lib.ByteTokenizer()
+  targets = tok.decode(b["targets"][b["loss_mask"] == 1])
+  assert "answer" in targets and "q" not in targets.replace("<|im_end|>", "") and "/no_think" not in targets
+
+
+# --- Sources and formats ---
+def test_jsonl_text_and_pretokenized(tmp_path):
+  text = _write_jsonl(tmp_path / "t.jsonl", [{"text": f"document number {i}. " * 3} for i in range(30)])
+  d = _make(_data_cfg(source=text, seq_len=32))
+  b = next(d.train_iter)
+  assert set(b) == {"tokens", "targets", "segment_ids", "positions", "loss_mask"}
+  assert all(v.shape == (2, 32) and v.dtype == np.int32 for v in b.values())
+  assert "document number" in data_lib.ByteTokenizer().decode(b["tokens"][0])
+  ids = _write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": list(range(100 + i, 140 + i))} for i in range(30)])
+  d = _make(_data_cfg(source=ids, format="tokens", seq_len=16, shuffle=False))
+  b = next(d.train_iter)
+  row = b["tokens"][0].tolist()
+  assert row == list(range(row[0], row[0] + 16)) and b["loss_mask"].all()
+  assert d.num_train_records + d.num_eval_records == 30
+
+
+def test_array_record_source(tmp_path):
+  array_record = pytest.importorskip("array_record.python.array_record_module")
+  path = str(tmp_path / "docs.array_record")
+  writer = array_record.ArrayRecordWriter(path, "group_size:1")
+  for i in range(12):
+    writer.write(json.dumps({"text": f"record {i} text"}).encode())
+  writer.close()
+  d = _make(_data_cfg(source=path, seq_len=16, eval_fraction=0.25))
+  assert "record" in data_lib.ByteTokenizer().decode(next(d.train_iter)["tokens"][0])
+
+
+def test_parquet_needs_pyarrow_or_reads(tmp_path):
+  try:
+    import pyarrow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="needs pyarrow"):
+      data_lib.open_source(str(tmp_path / "d.parquet"))
+    return
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq.write_table(pa.table({"text": [f"row {i}" for i in range(5)]}), tmp_path / "d.parquet")
+  assert data_lib.open_source(str(tmp_path / "d.parquet"))[3] == {"text": "row 3"}
+
+
+# --- Determinism and checkpointable state ---
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_iterator_state_round_trips_through_json(prefetch):
+  cfg = _data_cfg(seq_len=64, prefetch=prefetch)
+  d = _make(cfg, batch_size=3)
+  for _ in range(4):
+    next(d.train_iter)
+  state = json.loads(json.dumps(d.train_iter.get_state()))
+  want = [next(d.train_iter) for _ in range(3)]
+  fresh = _make(cfg, batch_size=3)
+  fresh.train_iter.set_state(state)
+  got = [next(fresh.train_iter) for _ in range(3)]
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k])
+  # Same seed -> same first batch; another seed -> another order.
+  np.testing.assert_array_equal(next(_make(cfg).train_iter)["tokens"], next(_make(cfg).train_iter)["tokens"])
+  assert not np.array_equal(next(_make(cfg).train_iter)["tokens"], next(_make(cfg, seed=1).train_iter)["tokens"])
+
+
+def test_builtin_corpus_split_is_disjoint():
+  train, held = data_lib.split_source(data_lib.open_source(data_lib.BUILTIN), 0.05)
+  assert len(train) == 71 and len(held) == 8
+  assert not {train[i]["id"] for i in range(len(train))} & {held[i]["id"] for i in range(len(held))}
+
+
+# --- Bad input: one clear error each ---
+def test_bad_inputs_raise_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    _make(_data_cfg(source=str(tmp_path / "nope.jsonl")))
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    _make(_data_cfg(source=str(tmp_path / "nope-*.jsonl")))
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="is empty"):
+    _make(_data_cfg(source=str(tmp_path / "empty.jsonl")))
+  blank = _write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 5)
+  with pytest.raises(ValueError, match="hold no tokens"):
+    _make(_data_cfg(source=blank, eval_fraction=0.4))
+  wrong_key = _write_jsonl(tmp_path / "k.jsonl", [{"body": "x"}] * 5)
+  with pytest.raises(ValueError, match=r"record 0 has no string field 'text'.*\['body'\]"):
+    _make(_data_cfg(source=wrong_key, eval_fraction=0.4))
+  big_ids = _write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 300]}] * 5)
+  with pytest.raises(ValueError, match=r"token id 300 outside the model vocabulary \[0, 256\)"):
+    _make(_data_cfg(source=big_ids, format="tokens", eval_fraction=0.4))
+  long_chat = _write_jsonl(tmp_path / "long.jsonl", [
+      {"messages": [{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "y"}]}] * 5)
+  with pytest.raises(ValueError, match=r"longer than data.seq_len \+ 1 = 33"):
+    _make(_data_cfg(source=long_chat, format="chat", packing="first_fit", seq_len=32, eval_fraction=0.4))
+  with pytest.raises(ValueError, match="unknown extension"):
+    (tmp_path / "d.csv").write_text("a\n")
+    _make(_data_cfg(source=str(tmp_path / "d.csv")))

@@ -1,0 +1,270 @@
+"""Generation: cached decoding vs the full forward, greedy parity with `transformers` generate, sampling,
+the chat template, the thinking budget, stop strings, streaming, the CLI, and bad input.
+
+Models are the tiny random HF fixtures (dense, MoE, LatentMoE hybrids) converted with `checkpoint_convert`,
+with a small WordLevel tokenizer.json trained here (nothing is downloaded). Shapes repeat on purpose (batch
+3 / cache 32, batch 1 / cache 64) so that the compiled prefill and decode steps are shared between tests.
+"""
+
+import os
+import runpy
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import n3jax  # noqa: E402
+from n3jax import inference, models  # noqa: E402
+from n3jax.data import ByteTokenizer, render_chat  # noqa: E402
+from n3jax.inference import chat  # noqa: E402
+from tests import hf_fixtures  # noqa: E402
+
+KINDS = ("dense", "moe", "latent")
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
+WORDS = ["hello", "world", "sky", "blue", "why", "is", "the", "user", "assistant", "system"] + [
+    f"w{i}" for i in range(78)]
+PROMPTS = [[5, 17, 9, 33], [40, 2, 71, 8, 8, 19, 60, 3, 11, 25, 90], [7]]  # mixed lengths, one past a chunk
+MAX_LEN = 32  # batch-3 tests share this cache size; batch-1 tests use 64
+
+
+def _tokenizer_json(path: str) -> None:
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  trainer = tokenizers.trainers.WordLevelTrainer(vocab_size=96, special_tokens=SPECIALS)
+  tok.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, len(WORDS), 7)], trainer)
+  assert tok.get_vocab_size() == len(SPECIALS) + len(WORDS) <= 96
+  tok.save(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  """kind -> (HF model, n3jax checkpoint dir, cfg, params)."""
+  out = {}
+  for kind in KINDS:
+    hf_dir, ckpt = (str(tmp_path_factory.mktemp(f"{kind}_{s}")) for s in ("hf", "n3jax"))
+    model = hf_fixtures.build_hf_model(kind)
+    hf_fixtures.save_hf_checkpoint(model, hf_dir, with_mtp=bool(model.config.num_nextn_predict_layers))
+    _tokenizer_json(os.path.join(hf_dir, "tokenizer.json"))
+    n3jax.convert_from_hf(hf_dir, ckpt)
+    out[kind] = (model, ckpt, *n3jax.load(ckpt))
+  return out
+
+
+@pytest.fixture(scope="module")
+def tok(ckpts):
+  _, ckpt, cfg, _ = ckpts["dense"]
+  return inference.load_tokenizer(ckpt, cfg)
+
+
+def _teacher_forced(cfg, params, prompts, continuations, *, right_padded: bool, chunk=None):
+  """Prefill + one decode step per continuation token -> per row, logits [len(prompt + cont), V]."""
+  width = inference.padded_length(max(map(len, prompts)), None)
+  if right_padded:  # the caller's batch is right-padded; left_align turns it around
+    arr = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros(arr.shape, bool)
+    for b, p in enumerate(prompts):
+      arr[b, :len(p)], mask[b, :len(p)] = p, True
+    tokens, segments = inference.left_align(arr, mask, length=width)
+  else:
+    tokens, segments = inference.left_align(prompts, length=width)
+  logits, cache = inference.prefill(cfg, params, tokens, segments, max_len=MAX_LEN, chunk=chunk)
+  steps = [np.asarray(logits)]
+  compiled = inference.decode_logits._cache_size()  # pylint: disable=protected-access
+  for col in np.asarray(continuations).T:
+    logits, cache = inference.decode_logits(cfg, params, cache, jnp.asarray(col))
+    steps.append(np.asarray(logits))
+  assert inference.decode_logits._cache_size() <= compiled + 1  # fixed-shape cache: one compile for all steps
+  assert int(cache["index"]) == tokens.shape[1] + len(continuations[0])
+  return [np.stack([s[b] for s in steps]) for b in range(len(prompts))]
+
+
+_forward = jax.jit(models.forward, static_argnums=0)
+
+
+def _check_against_forward(cfg, params, got, prompts, continuations):
+  """One right-padded batch through the full forward (causal: padding after a row changes nothing)."""
+  rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+  batch = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  for b, r in enumerate(rows):
+    batch[b, :len(r)] = r
+  full = np.asarray(_forward(cfg, params, jnp.asarray(batch)))
+  for b, (p, r) in enumerate(zip(prompts, rows)):
+    want = full[b, len(p) - 1:len(r)]  # the prompt's last position, then one per fed token
+    np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0, err_msg=f"row {b} (prompt of {len(p)})")
+    assert np.abs(want).max() > 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_incremental_decode_matches_full_forward(ckpts, kind):
+  _, _, cfg, params = ckpts[kind]
+  conts = hf_fixtures.random_tokens(cfg.vocab_size, len(PROMPTS), 6, seed=1)
+  got = _teacher_forced(cfg, params, PROMPTS, conts, right_padded=True)
+  _check_against_forward(cfg, params, got, PROMPTS, conts)
+
+
+def test_chunked_prefill_and_scanned_stack_match_full_forward(ckpts):
+  """Prefill in chunks of 4 columns (some chunks all padding for short rows), layers under lax.scan."""
+  _, _, cfg, params = ckpts["moe"]
+  conts = hf_fixtures.random_tokens(cfg.vocab_size, len(PROMPTS), 6, seed=2)
+  got = _teacher_forced(cfg.replace(scan_layers=True), params, PROMPTS, conts, right_padded=False, chunk=4)
+  _check_against_forward(cfg, params, got, PROMPTS, conts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_transformers_generate(ckpts, kind):
+  model, _, cfg, params = ckpts[kind]
+  if kind == "latent":  # per-layer weights (what the benchmark feeds the compiled step) give the same tokens
+    params = models.unstack_layers(params)
+  new = 6
+  ours = inference.generate_tokens(cfg, params, PROMPTS, max_new_tokens=new, max_len=MAX_LEN)  # one batch
+  for p, c in zip(PROMPTS, ours):
+    with torch.no_grad():
+      want = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                            max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert c.token_ids == want[0, len(p):].tolist(), f"prompt {p}"
+    assert c.finish_reason == "length"
+
+
+# --- Sampling ---------------------------------------------------------------------------------------
+def test_sampling_filters_and_seeds():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  key = jax.random.key(0)
+  sp = inference.sampling_params
+  assert (inference.sample(logits, key, sp()) == 0).all()                        # greedy
+  for one in (sp(temperature=1.0, top_k=1), sp(temperature=1.0, top_p=0.4), sp(temperature=1.0, min_p=0.9)):
+    assert (inference.sample(logits, key, one) == 0).all(), one
+  draws = np.asarray(inference.sample(logits, key, sp(temperature=1.0, top_k=2)))
+  assert set(draws) == {0, 1} and abs((draws == 0).mean() - 0.5 / 0.8) < 0.05
+  draws = np.asarray(inference.sample(logits, key, sp(temperature=1.0, top_p=0.85)))  # keeps 0, 1, 2
+  assert set(draws) == {0, 1, 2}
+  draws = np.asarray(inference.sample(logits, key, sp(temperature=1.0, min_p=0.2)))   # p >= 0.1: 0, 1, 2
+  assert set(draws) == {0, 1, 2}
+  free = sp(temperature=1.0)
+  np.testing.assert_array_equal(inference.sample(logits, key, free), inference.sample(logits, key, free))
+  assert abs((np.asarray(inference.sample(logits, key, sp(temperature=1e-3))) == 0).mean() - 1) < 1e-9
+  seen = jnp.zeros((2000, 4), bool).at[:, 0].set(True)
+  penalised = inference.sample(logits, key, sp(repetition_penalty=3.0), seen)  # log(.5)*3 < log(.3)
+  assert (penalised == 1).all()
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(ckpts):
+  _, _, cfg, params = ckpts["dense"]
+  run = lambda seed: [c.token_ids for c in inference.generate_tokens(
+      cfg, params, PROMPTS, max_new_tokens=6, max_len=MAX_LEN,
+      sampling=inference.SamplingParams(temperature=1.5, top_k=50, top_p=0.95, min_p=0.01, seed=seed,
+                                        repetition_penalty=1.2))]
+  first = run(0)
+  assert first == run(0) and first != run(1)
+
+
+# --- Chat template ----------------------------------------------------------------------------------
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"},
+                {"role": "assistant", "content": "Rayleigh scattering.", "reasoning_content": "Short light scatters."},
+                {"role": "user", "content": "And sunsets?"}, {"role": "assistant", "content": "Longer path."}]
+
+
+def test_chat_template_agrees_with_the_sft_renderer():
+  want = ByteTokenizer().decode(render_chat(CONVERSATION, ByteTokenizer())[0])
+  assert chat.render(CONVERSATION, add_generation_prompt=False, truncate_history_thinking=False) == want
+  prompt = chat.render(CONVERSATION[:4])  # reasoning of turns before the last user turn is dropped
+  assert "Short light" not in prompt and "<think></think>\nRayleigh scattering." in prompt
+  assert prompt.endswith("<|im_start|>user\nAnd sunsets?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+  assert chat.render(CONVERSATION[:2], reasoning=False).endswith("<|im_start|>assistant\n<think></think>")
+
+
+def test_chat_template_tools_and_tool_calls_round_trip():
+  tools = [{"type": "function", "function": {"name": "weather", "description": "Weather now.", "parameters": {
+      "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+  call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}}
+  msgs = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+          {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "warm"}]
+  text = chat.render(msgs, tools=tools)
+  assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n"
+                         "<function>\n<name>weather</name>\n<description>Weather now.</description>\n<parameters>\n"
+                         "<parameter>\n<name>city</name>\n<type>string</type>\n</parameter>\n"
+                         "<required>[\"city\"]</required>\n</parameters>\n</function>\n</tools>")
+  calls = ("<|im_start|>assistant\n<think></think>\n<tool_call>\n<function=weather>\n<parameter=city>\nParis\n"
+           "</parameter>\n<parameter=days>\n[1, 2]\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n")
+  assert calls in text
+  assert ("<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwarm\n</tool_response>\n"
+          "<|im_end|>\n<|im_start|>assistant\n<think>\n") in text
+  assert chat.parse_tool_calls(calls) == [{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}]
+  assert chat.split_reasoning("a b\n</think>\n\nanswer") == ("a b", "answer")
+  assert chat.split_reasoning("answer", started_in_thinking=False) == (None, "answer")
+
+
+# --- Thinking budget, stop strings, streaming, CLI ------------------------------------------------------
+def _chat_prompt(tok, text="hello world why is the sky blue", **kw):
+  return chat.encode(tok, chat.render([{"role": "user", "content": text}], **kw))
+
+
+def test_thinking_budget_closes_the_section_then_the_answer_follows(ckpts, tok):
+  _, _, cfg, params = ckpts["dense"]
+  close = tok.special("</think>")
+  prompt = _chat_prompt(tok)
+  assert prompt[-1] == tok.special("<think>")  # reasoning on: the prompt opens the section
+  kw = dict(max_new_tokens=8, max_len=64, think_ids=(tok.special("<think>"), close))
+  free = inference.generate_tokens(cfg, params, [prompt], **kw)[0].token_ids
+  assert close not in free[:4]  # left alone, the model keeps thinking: the budget below is what closes it
+  for budget in (0, 3):
+    got = inference.generate_tokens(cfg, params, [prompt], thinking_budget=budget, **kw)[0]
+    assert got.token_ids[:budget] == free[:budget] and got.token_ids[budget] == close
+    assert got.thinking_tokens == budget and len(got.token_ids) == 8  # the answer continues after it
+  out = n3jax.generate((cfg, params), "hello world", tokenizer=tok, thinking_budget=2, max_new_tokens=8, max_len=64)
+  assert out.thinking_tokens <= 2 and (out.finish_reason == "stop" or "</think>" in out.text)
+  with pytest.raises(ValueError, match="thinking_budget=-1"):
+    inference.generate_tokens(cfg, params, [prompt], thinking_budget=-1, **kw)
+
+
+def test_stop_strings_and_streaming(ckpts, tok):
+  _, ckpt, cfg, params = ckpts["dense"]
+  kw = dict(tokenizer=tok, reasoning=False, max_new_tokens=8, max_len=64)
+  full = n3jax.generate((cfg, params), "hello world", **kw)
+  words = full.text.split()
+  assert full.finish_reason == "length" and len(words) >= 5, full
+  stop = " ".join(words[3:5])
+  seen = []
+  cut = n3jax.generate((cfg, params), "hello world", stop=[stop], on_token=seen.append, **kw)
+  assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+  assert "".join(d.text for d in seen) == cut.text and seen[-1].finish_reason == "stop"
+  assert [d.token_id for d in seen] == cut.token_ids
+  rows = []
+  steps = list(inference.stream((cfg, params), ["hello world", "the sky"], rows_out=rows, **kw))
+  assert len(steps) == 8 and [len(s) for s in steps] == [2] * 8
+  assert rows[0].token_ids == full.token_ids  # batching does not change a row
+
+
+def test_cli_streams_the_answer(ckpts, capsys, monkeypatch):
+  _, ckpt, _, _ = ckpts["dense"]
+  monkeypatch.setattr(sys, "argv", ["n3jax.generate", f"--ckpt={ckpt}", "--prompt=hello world", "--reasoning=off",
+                                    "--max_new_tokens=8", "--max_len=64"])
+  with pytest.raises(SystemExit) as e:
+    runpy.run_module("n3jax.generate", run_name="__main__")
+  assert e.value.code in (0, None)
+  out, err = capsys.readouterr()
+  assert out.strip() and "tokens" in err
+
+
+# --- Bad input -------------------------------------------------------------------------------------
+def test_bad_input_gives_one_clear_error(ckpts, tok, tmp_path):
+  _, ckpt, cfg, params = ckpts["dense"]
+  with pytest.raises(ValueError, match=r"longer than the cache \(max_len=8\)"):
+    inference.generate_tokens(cfg, params, [list(range(12))], max_new_tokens=4, max_len=8)
+  with pytest.raises(ValueError, match=r"Unknown sampling option\(s\) \['temprature'\]"):
+    n3jax.generate(ckpt, "hello", temprature=0.7)
+  with pytest.raises(ValueError, match=r"self.top_p=0.0 must be in \(0, 1\]"):
+    n3jax.generate(ckpt, "hello", top_p=0.0)
+  bare = tmp_path / "no_tokenizer"
+  os.makedirs(bare)
+  for name in ("config.json", "params"):
+    os.symlink(os.path.join(ckpt, name), bare / name)
+  with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+    n3jax.generate(str(bare), "hello")
+  with pytest.raises(ValueError, match="no tokens"):
+    inference.left_align([[1, 2], []])
