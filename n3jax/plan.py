@@ -1,204 +1,14 @@
-"""Memory and FLOPs plan of a training step, per device, before any hardware is touched.
+"""Command line of the memory plan (`n3jax.memory_plan`): per-device memory and FLOPs of a training step.
 
-  python -m n3jax.plan --preset nemotron-3-nano-30b-a3b --mesh data=1,fsdp=8,expert=1,tensor=1 \
-      --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80]
+  python -m n3jax.plan --preset nemotron-3-nano-30b-a3b --mesh data=1,fsdp=8,expert=1,tensor=1 \\
+      --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80] [--mu_dtype bfloat16]
   python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices 64 --seq 4096 --batch 64   # recommends
-
-Per device: params (f32 master weights), AdamW moments (2 x f32), gradients (f32), the largest layer
-gathered in the compute dtype (FSDP all-gathers one layer at a time), and activations under the remat
-policy; plus the step's model FLOPs. Parameter bytes are exact (the model's own param tree and the
-layout's rules, with `jax.eval_shape`); activation bytes are an estimate of what the layers keep for the
-backward pass, documented term by term in `_activation_bytes_per_token`.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import itertools
-import math
-from typing import Any
-
-import jax
 from absl import app, flags
-from jax.sharding import PartitionSpec
 
-from n3jax import models, sharding
-from n3jax.configs import PRESETS, Block, ModelConfig, param_counts
-
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_LAYOUT_ORDER = ("data_parallel", "fsdp", "fsdp_ep", "fsdp_tp_ep")  # least to most communication
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  preset: str
-  layout: str
-  mesh: dict[str, int]
-  batch: int
-  seq: int
-  remat: str
-  params_gb: float
-  optimizer_gb: float
-  grads_gb: float
-  gathered_layer_gb: float
-  activations_gb: float
-  total_gb: float
-  step_tflops: float
-  device_gb: float
-
-  @property
-  def fits(self) -> bool:
-    return self.total_gb <= 0.9 * self.device_gb  # leave 10% for XLA buffers and fragmentation
-
-  def report(self) -> str:
-    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
-    verdict = "FITS" if self.fits else "DOES NOT FIT"
-    return (f"{self.preset}  layout={self.layout}  mesh {mesh}  batch={self.batch} seq={self.seq} remat={self.remat}\n"
-            f"  per device: params {self.params_gb:.2f} GB + AdamW {self.optimizer_gb:.2f} GB + grads "
-            f"{self.grads_gb:.2f} GB + gathered layer {self.gathered_layer_gb:.2f} GB + activations "
-            f"{self.activations_gb:.2f} GB = {self.total_gb:.2f} GB of {self.device_gb:.0f} GB -> {verdict}\n"
-            f"  step: {self.step_tflops:.1f} model TFLOPs in all ({self.step_tflops / math.prod(self.mesh.values()):.2f} "
-            f"per device)")
-
-
-def _shard_factor(spec: PartitionSpec, mesh: dict[str, int]) -> int:
-  n = 1
-  for axes in spec:
-    for a in (axes if isinstance(axes, tuple) else (axes,)) if axes else ():
-      n *= mesh.get(a, 1)
-  return n
-
-
-def _param_bytes_per_device(cfg: ModelConfig, layout: str, mesh: dict[str, int]) -> tuple[float, float]:
-  """(sharded param elements per device, elements of the largest single layer, unsharded)."""
-  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
-  specs = sharding.logical_to_mesh(models.logical_axes(cfg), layout)
-  per_device = 0.0
-  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), jax.tree.leaves(shapes)):
-    per_device += math.prod(leaf.shape) / _shard_factor(spec, mesh)
-  largest_layer = 0
-  for kind, stack in shapes["layers"].items():
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(stack))
-    largest_layer = max(largest_layer, n // cfg.count(_KIND[kind]))
-  return per_device, largest_layer
-
-
-_KIND = {models.kind_name(k): k for k in Block}
-
-
-def _activation_bytes_per_token(cfg: ModelConfig, kind: Block, tensor: int) -> float:
-  """Bytes one layer keeps for its backward pass, per token, without remat (compute dtype c, f32 = 4).
-
-  Mamba: in_proj outputs z, x, B, C, dt and the conv outputs (c each), the SSD's f32 copies of x, B, C per
-  head (B/C expanded to heads in the reference scan) and its f32 output, the gated-norm f32 input. Attention:
-  q, k, v, output (c) and the f32 probabilities of one row (T scores per head, counted by the caller).
-  MLP / shared expert: up output and activation (c). MoE: router scores (f32), the R gathered token rows
-  and their two expert hidden activations (c), plus the f32 combine.
-  """
-  c = _BYTES[cfg.dtype]
-  d = cfg.hidden_size
-  if kind == Block.MAMBA:
-    di, jq, m = cfg.d_inner / tensor, cfg.n_groups * cfg.ssm_state_size / tensor, cfg.mamba_num_heads / tensor
-    proj = (2 * di + 2 * jq + m) * c
-    conv = (di + 2 * jq) * c
-    ssd = 4 * (di + 2 * m * cfg.ssm_state_size + di)
-    norm = 4 * di * 2
-    return d * c + proj + conv + ssd + norm
-  if kind == Block.ATTENTION:
-    q = cfg.num_attention_heads * cfg.head_dim / tensor
-    kv = cfg.num_key_value_heads * cfg.head_dim / max(1, min(tensor, cfg.num_key_value_heads))
-    return d * c + (2 * q + 2 * kv) * c
-  if kind == Block.MLP:
-    return d * c + 2 * cfg.intermediate_size / tensor * c
-  r, f, din = cfg.num_experts_per_tok, cfg.moe_intermediate_size / tensor, cfg.moe_input_size
-  return (d * c + 4 * cfg.n_routed_experts + r * (din * c + 2 * f * c + 4 * din)
-          + 2 * cfg.moe_shared_expert_intermediate_size / tensor * c + (2 * din * c if cfg.moe_latent_size else 0))
-
-
-def _attention_score_bytes_per_token(cfg: ModelConfig, seq: int, tensor: int) -> float:
-  """The materialised f32 softmax row of each query head (T keys), kept for the backward pass."""
-  return 4 * seq * cfg.num_attention_heads / tensor
-
-
-def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int], batch: int, seq: int,
-             remat: str = "full", device_gb: float = 80.0, mu_dtype: str = "float32") -> Plan:
-  """One layout on one mesh. Optimizer: AdamW with first moment in `mu_dtype` and second moment in f32
-  (`optax.adamw(mu_dtype=...)`); gradients in f32."""
-  mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
-  batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
-  if batch % batch_shards:
-    raise ValueError(f"{batch=} must be a multiple of data*fsdp*expert={batch_shards}")
-  tensor = mesh["tensor"]
-  per_device, largest_layer = _param_bytes_per_device(cfg, layout, mesh)
-  pbytes = _BYTES[cfg.param_dtype]
-  tokens = batch // batch_shards * seq
-  per_layer = [_activation_bytes_per_token(cfg, k, tensor) + (_attention_score_bytes_per_token(cfg, seq, tensor)
-                                                               if k == Block.ATTENTION else 0) for k in cfg.blocks]
-  residual = cfg.hidden_size * _BYTES[cfg.dtype]
-  logits = 2 * 4 * cfg.vocab_size / (tensor if layout == "fsdp_tp_ep" else 1)  # f32 logits + log-softmax
-  if remat == "none":
-    act = tokens * (sum(per_layer) + logits)
-  else:  # full / nothing_saveable: layer inputs are kept, one layer is recomputed at a time
-    act = tokens * (len(per_layer) * residual + max(per_layer) + logits)
-  gathered = largest_layer * _BYTES[cfg.dtype] * (2 if mesh["fsdp"] > 1 else 0)  # fwd/bwd copies in flight
-  flops = _step_flops(cfg, batch * seq, seq)
-  gb = 1e9
-  params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype] + 4) / gb
-  grads_gb = per_device * 4 / gb
-  total = params_gb + opt_gb + grads_gb + gathered / gb + act / gb
-  return Plan(preset, layout, mesh, batch, seq, remat, params_gb, opt_gb, grads_gb, gathered / gb, act / gb,
-              total, flops / 1e12, device_gb)
-
-
-def _step_flops(cfg: ModelConfig, tokens: int, seq: int) -> float:
-  """6 x active matmul params x tokens, plus causal attention (QK^T and PV) and the SSD scan, x3 for fwd+bwd."""
-  counts = param_counts(cfg)
-  matmul = counts["active_without_embeddings"] + cfg.vocab_size * cfg.hidden_size  # the head is a matmul
-  flops = 6 * matmul * tokens
-  attn_layers = cfg.count(Block.ATTENTION)
-  flops += 3 * attn_layers * 2 * 2 * tokens * seq / 2 * cfg.num_attention_heads * cfg.head_dim
-  l = cfg.chunk_size
-  ssd_per_token = 2 * cfg.mamba_num_heads * (l * (cfg.ssm_state_size + cfg.mamba_head_dim)
-                                             + 3 * cfg.mamba_head_dim * cfg.ssm_state_size)
-  flops += 3 * cfg.count(Block.MAMBA) * tokens * ssd_per_token
-  return flops
-
-
-def _meshes(devices: int):
-  """Mesh shapes over `devices` (powers of two for each axis), data first."""
-  sizes = [2**i for i in range(int(math.log2(devices)) + 1)]
-  for fsdp, expert, tensor in itertools.product(sizes, sizes, sizes[:4]):
-    if devices % (fsdp * expert * tensor) == 0:
-      yield {"data": devices // (fsdp * expert * tensor), "fsdp": fsdp, "expert": expert, "tensor": tensor}
-
-
-def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: int, remat: str = "full",
-              device_gb: float = 80.0, mu_dtype: str = "float32") -> Plan:
-  """The least-communication layout that fits: data parallel before FSDP before experts before tensor
-  parallelism, and within a layout the smallest model-parallel degree. If none fits, the smallest plan."""
-  smallest = None
-  for layout in _LAYOUT_ORDER:
-    candidates = []
-    for mesh in _meshes(devices):
-      uses = {"data_parallel": ("data",), "fsdp": ("data", "fsdp"), "fsdp_ep": ("data", "fsdp", "expert"),
-              "fsdp_tp_ep": ("data", "fsdp", "expert", "tensor")}[layout]
-      if any(mesh[a] > 1 for a in sharding.MESH_AXES if a not in uses):
-        continue
-      if mesh["expert"] > 1 and (not cfg.n_routed_experts or cfg.n_routed_experts % mesh["expert"]):
-        continue
-      try:
-        plan = estimate(cfg, preset=preset, layout=layout, mesh=mesh, batch=batch, seq=seq, remat=remat,
-                        device_gb=device_gb, mu_dtype=mu_dtype)
-      except ValueError:
-        continue
-      if smallest is None or plan.total_gb < smallest.total_gb:
-        smallest = plan
-      if plan.fits:
-        candidates.append((mesh["fsdp"] * mesh["expert"] * mesh["tensor"] ** 2, plan))
-    if candidates:
-      return min(candidates, key=lambda c: c[0])[1]
-  return smallest
-
+from n3jax import memory_plan, sharding
+from n3jax.configs import PRESETS
 
 _PRESET = flags.DEFINE_string("preset", None, "Key of n3jax.PRESETS.")
 _MESH = flags.DEFINE_string("mesh", None, "data=..,fsdp=..,expert=..,tensor=.. (omit with --devices to search)")
@@ -211,30 +21,21 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _MU_DTYPE = flags.DEFINE_enum("mu_dtype", "float32", ["float32", "bfloat16"], "AdamW first-moment dtype.")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
-flags.mark_flags_as_required(["preset"])
-
-
-def _default_layout(mesh: dict[str, int]) -> str:
-  if mesh.get("tensor", 1) > 1:
-    return "fsdp_tp_ep"
-  if mesh.get("expert", 1) > 1:
-    return "fsdp_ep"
-  return "fsdp" if mesh.get("fsdp", 1) > 1 else "data_parallel"
 
 
 def main(argv):
   del argv  # Unused.
   if _PRESET.value not in PRESETS:
-    raise app.UsageError(f"Unknown preset {_PRESET.value!r}; known: {sorted(PRESETS)}")
+    raise app.UsageError(f"--preset must be one of {sorted(PRESETS)}, got {_PRESET.value!r}")
   # Training keeps f32 master weights and computes in bf16, whatever dtype the preset stores.
   cfg = PRESETS[_PRESET.value].replace(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value)
   kw = dict(preset=_PRESET.value, batch=_BATCH.value, seq=_SEQ.value, remat=_REMAT.value, device_gb=_DEVICE_GB.value,
             mu_dtype=_MU_DTYPE.value)
   if _MESH.value:
     mesh = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
-    print(estimate(cfg, layout=_LAYOUT.value or _default_layout(mesh), mesh=mesh, **kw).report())
+    print(memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw).report())
   elif _DEVICES.value:
-    plan = recommend(cfg, devices=_DEVICES.value, **kw)
+    plan = memory_plan.recommend(cfg, devices=_DEVICES.value, **kw)
     if not plan.fits:
       print(f"No layout fits {_PRESET.value} on {_DEVICES.value} x {_DEVICE_GB.value:.0f} GB; the smallest plan is:")
     print(plan.report())

@@ -268,3 +268,22 @@ def test_conversion_peak_memory_is_about_one_copy(tmp_path):
   bound = size_mb + checkpointing._CONCURRENT_GB * 1e9 / 2**20 + 64
   assert size_mb * 0.9 < import_mb < bound  # the lower bound shows the measurement sees the weights
   assert export_mb < bound
+
+
+def test_tied_embeddings_have_no_lm_head_and_round_trip(tmp_path):
+  cfg = PRESETS["tiny-dense"].replace(tie_word_embeddings=True)
+  params = jax.tree.map(np.asarray, models.init(cfg, jax.random.key(0)))
+  assert "lm_head" not in params
+  names = [n for n, _ in _keymap.hf_targets(cfg)]
+  assert "lm_head.weight" not in names and "backbone.embeddings.weight" in names
+  logits = models.forward(cfg, params, jnp.zeros((1, 5), jnp.int32))
+  emb = params["embedder"]["embedding"]
+  hidden = models.apply(cfg, params, jnp.zeros((1, 5), jnp.int32))["hidden"]
+  np.testing.assert_allclose(logits, np.asarray(hidden) @ emb.T, rtol=1e-5, atol=1e-5)
+  checkpointing.save_params(str(tmp_path / "a"), cfg, params)
+  checkpoint_convert.convert_to_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+  checkpoint_convert.convert_from_hf(str(tmp_path / "hf"), str(tmp_path / "b"))
+  back = checkpointing.load_params(str(tmp_path / "b"), as_numpy=True)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    assert x.tobytes() == y.tobytes()

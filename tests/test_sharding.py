@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from n3jax import models, plan, sharding
+from n3jax import memory_plan as plan
+from n3jax import models, sharding
 from n3jax.configs import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,8 @@ _AOT = """
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=64"
 import functools, jax, jax.numpy as jnp, optax
-from n3jax import models, plan, sharding
+from n3jax import memory_plan as plan
+from n3jax import models, sharding
 from n3jax.configs import PRESETS
 cfg = PRESETS["nemotron-3-nano-30b-a3b"].replace(param_dtype="float32", dtype="bfloat16", remat_policy="full")
 shape, layout, batch, seq = {"fsdp": 8, "expert": 8}, "fsdp_ep", 64, 4096
