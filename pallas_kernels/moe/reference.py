@@ -21,7 +21,7 @@ token, and N = T * R flattened (token, slot) assignments.
 This module imports only jax/numpy (it is part of ``pallas_kernels``).
 """
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +112,112 @@ def _expert_counts(expert_ids: Array, num_experts: int) -> Array:
   )
 
 
+class GroupedMatmul(Protocol):
+  """``jax.lax.ragged_dot``'s 2-D x 3-D form: [M, K] x [E, K, N] -> [M, N]."""
+
+  def __call__(
+      self,
+      lhs: Array,
+      rhs: Array,
+      group_sizes: Array,
+      *,
+      preferred_element_type: jax.typing.DTypeLike | None = None,
+  ) -> Array:
+    ...
+
+
+
+def expert_mlp(
+    rows: Array,
+    group_sizes: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    activation: str,
+    preferred_element_type: jax.typing.DTypeLike,
+    grouped_matmul: GroupedMatmul,
+) -> Array:
+  """act(rows @ w_up[g]) @ w_down[g] per group, rows sorted by group.
+
+  Args:
+    rows: [N, D] rows sorted by expert; rows past sum(group_sizes) give zeros.
+    group_sizes: [E] int32 rows per expert.
+    w_up: [E, D, F]; w_down: [E, F, D] (cast to rows.dtype).
+    activation: A key of ``reference.ACTIVATIONS``.
+    preferred_element_type: Accumulation (and up-projection output) dtype;
+      the activation runs on it, then the result is cast to rows.dtype.
+    grouped_matmul: ``jax.lax.ragged_dot`` or a kernel with its signature.
+
+  Returns:
+    [N, D] in rows.dtype.
+  """
+  dtype = rows.dtype
+  # [N, D] x [E, D, F] (grouped) -> [N, F]
+  h = grouped_matmul(rows, w_up.astype(dtype), group_sizes,
+                     preferred_element_type=preferred_element_type)
+  h = ACTIVATIONS[activation](h).astype(dtype)
+  # [N, F] x [E, F, D] (grouped) -> [N, D]
+  y = grouped_matmul(h, w_down.astype(dtype), group_sizes,
+                     preferred_element_type=preferred_element_type)
+  return y.astype(dtype)
+
+
+def combine(y: Array, order: Array, slot_weights: Array) -> Array:
+  """Weights, un-sorts and sums the slots of sorted expert outputs.
+
+  Args:
+    y: [N, D] expert outputs in sorted order (N = T * R).
+    order: [N] the sort permutation (sorted position -> flat (t, r) index).
+    slot_weights: [T, R] routing weights.
+
+  Returns:
+    [T, D] f32: sum_r slot_weights[t, r] * y[position of (t, r)].
+  """
+  num_tokens, num_slots = slot_weights.shape
+  w = jnp.take(slot_weights.reshape(-1).astype(jnp.float32), order)  # [N]
+  y = y.astype(jnp.float32) * w[:, None]  # [N, D]
+  # Unsort with the inverse permutation, then a fixed-order sum over R (no
+  # scatter-add, so the reduction order is deterministic on every backend).
+  inverse = jnp.zeros_like(order).at[order].set(
+      jnp.arange(order.shape[0], dtype=order.dtype)
+  )  # [N]
+  y = jnp.take(y, inverse, axis=0).reshape(num_tokens, num_slots, -1)
+  return jnp.sum(y, axis=1)  # [T, R, D] -> [T, D]
+
+
+def sorted_dispatch(
+    tokens: Array,
+    router_weights: Array,
+    expert_ids: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    activation: str = "relu2",
+    preferred_element_type: jax.typing.DTypeLike = jnp.float32,
+    grouped_matmul: GroupedMatmul = jax.lax.ragged_dot,
+) -> tuple[Array, Array]:
+  """Dropless dispatch: sort by expert, grouped MLP, un-sort and combine.
+
+  ``grouped_matmul`` is ``jax.lax.ragged_dot`` (``moe_dispatch_ragged_dot``) or a
+  kernel with its signature (``ops.GROUPED_MATMULS``).
+  """
+  _validate(tokens, router_weights, expert_ids, w_up, w_down, activation)
+  num_slots = expert_ids.shape[1]
+  num_experts = w_up.shape[0]
+  flat_ids = expert_ids.reshape(-1)  # [N]
+  # Stable sort keeps tokens of one expert in token order (deterministic).
+  order = jnp.argsort(flat_ids, stable=True)  # [N]
+  counts = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)  # [E]
+  rows = jnp.take(tokens, order // num_slots, axis=0)  # [N, D]
+  y = expert_mlp(
+      rows, counts, w_up, w_down, activation=activation,
+      preferred_element_type=preferred_element_type,
+      grouped_matmul=grouped_matmul,
+  )  # [N, D]
+  combined = combine(y, order, router_weights)  # [T, D] f32
+  return combined.astype(tokens.dtype), counts
+
+
 def moe_dispatch_ragged_dot(
     tokens: Array,
     router_weights: Array,
@@ -141,49 +247,8 @@ def moe_dispatch_ragged_dot(
     combined: [T, D] in tokens.dtype, the routing-weighted sum over slots.
     counts: [E] int32 number of (token, slot) assignments per expert.
   """
-  _validate(tokens, router_weights, expert_ids, w_up, w_down, activation)
-  act_fn = ACTIVATIONS[activation]
-  dtype = tokens.dtype
-  num_tokens, d_model = tokens.shape
-  num_slots = expert_ids.shape[1]
-  num_experts = w_up.shape[0]
-
-  flat_ids = expert_ids.reshape(-1)  # [N]
-  # Stable sort keeps tokens of one expert in token order (deterministic).
-  order = jnp.argsort(flat_ids, stable=True)  # [N]
-  token_idx = order // num_slots  # [N]
-  counts = _expert_counts(flat_ids, num_experts)  # [E]
-
-  rows = jnp.take(tokens, token_idx, axis=0)  # [N, D]
-  # [N, D] x [E, D, F] (grouped by counts) -> [N, F]
-  h = jax.lax.ragged_dot(
-      rows,
-      w_up.astype(dtype),
-      counts,
-      preferred_element_type=preferred_element_type,
-  )
-  h = act_fn(h).astype(dtype)
-  # [N, F] x [E, F, D] (grouped by counts) -> [N, D]
-  y = jax.lax.ragged_dot(
-      h,
-      w_down.astype(dtype),
-      counts,
-      preferred_element_type=preferred_element_type,
-  )
-  y = y.astype(dtype).astype(jnp.float32)
-  sorted_weights = jnp.take(
-      router_weights.reshape(-1).astype(jnp.float32), order
-  )  # [N]
-  y = y * sorted_weights[:, None]  # [N, D]
-
-  # Unsort with the inverse permutation, then a fixed-order sum over R (no
-  # scatter-add, so the reduction order is deterministic on every backend).
-  inverse = jnp.zeros_like(order).at[order].set(
-      jnp.arange(order.shape[0], dtype=order.dtype)
-  )  # [N]
-  y = jnp.take(y, inverse, axis=0).reshape(num_tokens, num_slots, d_model)
-  combined = jnp.sum(y, axis=1)  # [T, R, D] -> [T, D]
-  return combined.astype(dtype), counts
+  return sorted_dispatch(tokens, router_weights, expert_ids, w_up, w_down, activation=activation,
+                         preferred_element_type=preferred_element_type, grouped_matmul=jax.lax.ragged_dot)
 
 
 def moe_dispatch_dense(
