@@ -16,8 +16,8 @@ scores from the layer's input and `gate`, and adds `coef * L` to the gradient th
 the layer output (the gradient-injection trick of Megatron's `MoEAuxLossAutoScaler`). This works
 unrolled, under `scan_layers` and under remat, and covers the MTP module's MoE layer too. The loss value
 itself is not returned (it would have to leave a scan); logs show expert-load balance from the counts.
-TODO(n3jax): replace the interceptor with a `models.apply(..., router_scores=True)` output once the
-model exposes one.
+A direct `models.apply(..., router_scores=True)` output would replace the interceptor (issue #5 note); the
+model does not expose one yet.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ which is how the FP8/FP4 tensor-core GEMMs with an `alpha` scale compute.
 
 FP8 `native=True` feeds the FP8-typed operands straight into `jax.lax.dot_general(...,
 preferred_element_type=f32)` so that XLA GPU can emit a cuBLASLt FP8 GEMM on Hopper (the numbers are
-the same as the emulation: products of FP8 values are exact in f32). TODO(quant): the GPU check is
-owed: confirm on an H100 that the optimized HLO holds an FP8 cuBLASLt custom call and time it with
+the same as the emulation: products of FP8 values are exact in f32). Owed (issue #7): the GPU check -
+confirm on an H100 that the optimized HLO holds an FP8 cuBLASLt custom call and time it with
 `benchmarks/quant.py`. NVFP4 is always emulated (Hopper has no FP4 tensor cores).
 
 Residuals are the unquantized `x`, `w` (as for a plain matmul); the backward re-quantizes them, which
