@@ -7,10 +7,10 @@ Preset `tiny-moe` (pattern MEM*EM-E, 0.28M params, 8 experts top-2), the built-i
 schedule. Expected: the train loss falls from 5.57 (ln 256 = 5.55: uniform over the vocabulary) to
 about 1.5, the held-out loss to about 1.5, and the last line reads
 
-    Done at step 200: train loss 5.570 (step 1) -> 1.494, held-out 1.537; 162 s in all
+    Done at step 200: train loss 5.570 (step 1) -> 1.494, held-out 1.537; 60 s in all
 
-That run took 165 s on 2 CPU cores shared with other jobs (compile 19 s, 0.65 s/step); on 2 idle
-cores a step takes ~0.25 s and the run about 80 s.
+Measured on 2 idle CPU cores from a fresh clone (2026-11-25): 60 s in all, 0.25 s/step after a short
+compile; the losses are deterministic.
 """
 
 import ml_collections
