@@ -92,14 +92,31 @@ def balance_loss_hook(cfg: ModelConfig, coef: float):
 
 
 def update_expert_bias(params: dict, counts: jax.Array, rate: float) -> dict:
-  """counts [n_moe, E] tokens routed per expert this step -> params with the moved correction bias."""
+  """counts [n_moe (+ MTP MoE layers), E] tokens routed per expert this step -> params with the moved
+  correction biases: the main stack's rows first, then the MTP modules' MoE layers in order
+  (`models.apply`'s `expert_counts` then `mtp_expert_counts`)."""
   if counts.size == 0 or rate == 0:
     return params
   load = counts.astype(jnp.float32)
-  delta = rate * jnp.sign(load.mean(-1, keepdims=True) - load)                  # [n_moe, E]
-  mixer = params["layers"]["moe"]["mixer"]
-  new_mixer = {**mixer, "e_score_correction_bias": mixer["e_score_correction_bias"] + delta}
-  return {**params, "layers": {**params["layers"], "moe": {**params["layers"]["moe"], "mixer": new_mixer}}}
+  delta = rate * jnp.sign(load.mean(-1, keepdims=True) - load)                  # [rows, E]
+  params = dict(params)
+  n_main = 0
+  if "moe" in params["layers"]:
+    mixer = params["layers"]["moe"]["mixer"]
+    n_main = mixer["e_score_correction_bias"].shape[0]
+    new_mixer = {**mixer, "e_score_correction_bias": mixer["e_score_correction_bias"] + delta[:n_main]}
+    params["layers"] = {**params["layers"], "moe": {**params["layers"]["moe"], "mixer": new_mixer}}
+  row = n_main
+  for m in sorted(params.get("mtp", {}), key=int):
+    module = dict(params["mtp"][m])
+    for name in sorted((n for n in module if n.startswith("layer_")), key=lambda n: int(n.split("_")[1])):
+      mixer = module[name]["mixer"]
+      if "e_score_correction_bias" in mixer and row < delta.shape[0]:
+        module[name] = {**module[name], "mixer": {**mixer, "e_score_correction_bias":
+                                                  mixer["e_score_correction_bias"] + delta[row]}}
+        row += 1
+    params["mtp"] = {**params["mtp"], m: module}
+  return params
 
 
 def load_imbalance(counts: jax.Array) -> jax.Array:

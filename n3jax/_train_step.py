@@ -63,7 +63,7 @@ def _denominators(batch: Batch, depths: int) -> jax.Array:
 
 
 def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float, quant_key=None):
-  """-> (CE sums [1 + depths], expert counts [n_moe, E])."""
+  """-> (CE sums [1 + depths], expert counts [n_moe (+ MTP MoE layers when depths > 0), E])."""
   with _moe_balance.balance_loss_hook(cfg, balance_coef):
     out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths,
                        quant_key=quant_key)
@@ -71,7 +71,10 @@ def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance
   for k in range(1, depths + 1):
     tgt, mask = _mtp_targets(batch, k)
     sums.append(_ce_sum(out["mtp_logits"][k - 1], tgt, mask))
-  return jnp.stack(sums), out["expert_counts"]
+  counts = out["expert_counts"]
+  if "mtp_expert_counts" in out and counts.shape[-1] == out["mtp_expert_counts"].shape[-1]:
+    counts = jnp.concatenate([counts, out["mtp_expert_counts"]])  # MTP MoE layers balance their bias too
+  return jnp.stack(sums), counts
 
 
 def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
@@ -105,7 +108,8 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      n_moe, e = cfg.count(Block.MOE), (cfg.n_routed_experts if has_moe else 0)
+      n_mtp_moe = cfg.num_nextn_predict_layers * sum(k == Block.MOE for k in cfg.mtp_blocks) if depths else 0
+      n_moe, e = cfg.count(Block.MOE) + (n_mtp_moe if has_moe else 0), (cfg.n_routed_experts if has_moe else 0)
       init = (zeros, jnp.zeros((1 + depths,), jnp.float32), jnp.zeros((n_moe, e), jnp.int32))
       (grads, sums, counts), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)

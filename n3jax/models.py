@@ -107,7 +107,8 @@ class MTPModule(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, list]:
+    """-> (h^k, expert counts [E] of each MoE layer of the module, in order)."""
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
@@ -115,9 +116,12 @@ class MTPModule(nn.Module):
     w = _common.param(self, "eh_proj", _common.dense_init(cfg), (2 * d, d), (shd.NORM, shd.EMBED), pdtype)
     eh = jnp.concatenate([norm(name="enorm")(emb), norm(name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
     u = jnp.einsum("BTX,XD->BTD", eh, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    counts = []
     for i, kind in enumerate(cfg.mtp_blocks):
-      u, _ = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
-    return norm(name="final_norm")(u)
+      u, aux = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
+      if kind == Block.MOE:
+        counts.append(aux["expert_counts"])
+    return norm(name="final_norm")(u), counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,7 +255,8 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
     logits [B, T, V] f32; hidden [B, T, D] (after the final norm);
     expert_counts [n_moe_layers, E] int32 (tokens routed per expert, for balancing);
     mtp_logits [depths, B, T, V] f32 when the model has MTP (depth k at position i predicts token
-      i + k + 1; its input at the last k positions is padding). `mtp_depths` repeats the last physical
+      i + k + 1; its input at the last k positions is padding), and mtp_expert_counts
+      [modules * MoE layers per module, E] int32 (module-major; summed over the depths a module serves). `mtp_depths` repeats the last physical
       module beyond `num_nextn_predict_layers` (Super trains with 2 depths of one module).
   quant_key: under `cfg.quant`, the step's key for stochastic rounding (each layer folds in its index);
     pass a new one every training step.
@@ -273,13 +278,18 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
   depths = cfg.num_nextn_predict_layers if mtp_depths is None else mtp_depths
   if depths and cfg.num_nextn_predict_layers:
     mtp_logits, h_prev = [], hidden
+    n_moe = sum(k == Block.MOE for k in cfg.mtp_blocks)
+    mtp_counts = jnp.zeros((cfg.num_nextn_predict_layers, n_moe, cfg.n_routed_experts), jnp.int32)
     for k in range(1, depths + 1):
       shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, tokens.shape[1]))))[:, : tokens.shape[1]]
       emb_k = Embedder(cfg).apply({"params": params["embedder"]}, shifted)
-      module = params["mtp"][str(min(k, cfg.num_nextn_predict_layers) - 1)]
-      h_prev = MTPModule(cfg).apply({"params": module}, emb_k, h_prev, segment_ids)
+      physical = min(k, cfg.num_nextn_predict_layers) - 1
+      h_prev, counts = MTPModule(cfg).apply({"params": params["mtp"][str(physical)]}, emb_k, h_prev, segment_ids)
+      if counts:  # a repeated module accumulates the counts of every depth it serves
+        mtp_counts = mtp_counts.at[physical].add(jnp.stack(counts))
       mtp_logits.append(project_to_vocab(cfg, h_prev, lm_head_weight(cfg, params)))
     out["mtp_logits"] = jnp.stack(mtp_logits)
+    out["mtp_expert_counts"] = mtp_counts.reshape(-1, cfg.n_routed_experts)
   return out
 
 

@@ -152,3 +152,22 @@ def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-3)
+
+
+def test_mtp_expert_counts_feed_the_bias_update():
+  from n3jax import _moe_balance
+  cfg, params = PRESETS["tiny-latent-moe"], _params("tiny-latent-moe")
+  out = models.apply(cfg, params, _tokens(cfg, seq=9), mtp_depths=2)
+  mtp_counts = out["mtp_expert_counts"]  # one module with one MoE layer, serving 2 depths
+  assert mtp_counts.shape == (1, cfg.n_routed_experts)
+  np.testing.assert_array_equal(mtp_counts.sum(), 2 * (2 * 9 * cfg.num_experts_per_tok))
+  counts = jnp.concatenate([out["expert_counts"], mtp_counts])
+  new = _moe_balance.update_expert_bias(params, counts, 1e-3)
+  moved = new["mtp"]["0"]["layer_1"]["mixer"]["e_score_correction_bias"] - \
+      params["mtp"]["0"]["layer_1"]["mixer"]["e_score_correction_bias"]
+  want = 1e-3 * np.sign(np.asarray(mtp_counts[0], np.float32).mean() - np.asarray(mtp_counts[0], np.float32))
+  np.testing.assert_allclose(moved, want, atol=1e-7)
+  main_moved = new["layers"]["moe"]["mixer"]["e_score_correction_bias"] - \
+      params["layers"]["moe"]["mixer"]["e_score_correction_bias"]
+  load = np.asarray(out["expert_counts"], np.float32)
+  np.testing.assert_allclose(main_moved, 1e-3 * np.sign(load.mean(-1, keepdims=True) - load), atol=1e-7)
