@@ -26,6 +26,7 @@ import statistics
 import time
 from typing import Callable
 
+import _timing
 from absl import app
 from absl import flags
 import jax
@@ -85,15 +86,7 @@ def _emit(**kw):
   print(json.dumps(kw), flush=True)
 
 
-def _median_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+_median_ms = _timing.median_ms
 
 
 def _torch_cuda():
