@@ -2,7 +2,8 @@
 
     step 40/300 | loss 2.913 | grad 0.81 | lr 3.0e-03 | 9.8k tok/s | MFU n/a (cpu) | experts max/mean 1.31 | ETA 0:00:55
 
-`loss` is the mean over the interval; the other values are the last step's.
+`loss` is the mean over the interval; the other values are the last step's. tok/s counts real tokens
+(segment id > 0), not the padding of packed rows.
 MFU = 6 * N * tokens/s / (peak bf16 dense FLOP/s of the devices), N = active parameters per token
 without the embedding table (the usual 6N estimate; attention and SSD-scan FLOPs are not counted).
 """
@@ -94,11 +95,14 @@ class Progress:
     last = dict(self.history[self._pending[-1][0]])
     last["loss"] = float(np.mean([self.history[s]["loss"] for s, _ in self._pending]))  # interval mean
     self.last_interval_loss = last["loss"]
+    interval = [self.history[s] for s, _ in self._pending]
     self._pending = []
     now = time.perf_counter()
     steps = max(step - self._step_last, 1)
     sec_per_step = (now - self._t_last) / steps
-    tok_s = self.tokens_per_step / max(sec_per_step, 1e-9)
+    # Real (non-padding) tokens; the packed batch shape counts padding too.
+    tokens = sum(r.get("tokens", self.tokens_per_step) for r in interval)
+    tok_s = tokens / max(now - self._t_last, 1e-9)
     self._t_last, self._step_last = now, step
     if self._peak:
       mfu = f"MFU {100 * self._flops * tok_s / self._peak:.1f}%"

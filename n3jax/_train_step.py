@@ -122,7 +122,8 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
     losses = sums / denoms
     metrics = {"loss": losses[0], "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "loss_tokens": denoms[0], "expert_imbalance": _moe_balance.load_imbalance(counts)}
+               "loss_tokens": denoms[0], "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+               "expert_imbalance": _moe_balance.load_imbalance(counts)}
     if depths:
       metrics["mtp_loss"] = jnp.mean(losses[1:])
     return new_state, metrics

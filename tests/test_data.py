@@ -141,18 +141,25 @@ def test_array_record_source(tmp_path):
   assert "record" in data_lib.ByteTokenizer().decode(next(d.train_iter)["tokens"][0])
 
 
-def test_parquet_needs_pyarrow_or_reads(tmp_path):
+def test_parquet_text_and_pretokenized(tmp_path):
   try:
-    import pyarrow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pyarrow is a test dependency; users without it get this error.
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     with pytest.raises(ImportError, match="needs pyarrow"):
       data_lib.open_source(str(tmp_path / "d.parquet"))
     return
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  pq.write_table(pa.table({"text": [f"row {i}" for i in range(5)]}), tmp_path / "d.parquet")
-  assert data_lib.open_source(str(tmp_path / "d.parquet"))[3] == {"text": "row 3"}
+  pq.write_table(pa.table({"text": [f"row {i} of the table. " * 2 for i in range(20)]}), tmp_path / "t.parquet")
+  assert data_lib.open_source(str(tmp_path / "t.parquet"))[3] == {"text": "row 3 of the table. " * 2}
+  b = next(_make(_data_cfg(source=str(tmp_path / "t.parquet"), seq_len=32)).train_iter)
+  assert "of the table" in data_lib.ByteTokenizer().decode(b["tokens"][0])
+  ids = pa.table({"input_ids": [list(range(100 + i, 140 + i)) for i in range(30)]})
+  pq.write_table(ids, tmp_path / "ids.parquet")
+  d = _make(_data_cfg(source=str(tmp_path / "ids.parquet"), format="tokens", seq_len=16, shuffle=False))
+  row = next(d.train_iter)["tokens"][0].tolist()
+  assert row == list(range(row[0], row[0] + 16))
+  assert d.num_train_records + d.num_eval_records == 30
 
 
 # --- Determinism and checkpointable state ---

@@ -194,6 +194,8 @@ def test_grad_accumulation_matches_one_big_batch():
   (s1, m1), (s2, m2) = outs
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  # tok/s counts real tokens: the packed rows' padding (segment id 0) is left out.
+  assert m1["tokens"] == m2["tokens"] == np.sum(np.asarray(batch["segment_ids"]) > 0)
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
