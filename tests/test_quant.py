@@ -363,6 +363,72 @@ def test_bad_specs_and_missing_key_raise():
     q.quantized_einsum(_SPEC, x, w, recipe=q.gemm_recipe(q.QuantConfig(mode="nvfp4")))
 
 
+# --- Grouped (routed-expert) GEMMs ------------------------------------------------------------------
+
+_GROUP_SIZES = (10, 0, 17, 1, 8)  # an empty and a one-row group; 36 of 40 rows used
+
+
+def _grouped_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  m, k, n, e = 40, 32, 24, len(_GROUP_SIZES)
+  scale = np.repeat(np.r_[[1.0, 3.0, 0.01, 50.0, 1.0], 1.0], [*_GROUP_SIZES, m - sum(_GROUP_SIZES)])[:, None]
+  x = jnp.asarray(rng.standard_normal((m, k)) * scale, jnp.float32)  # groups of very different ranges
+  w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+  return x, w, dy, jnp.asarray(_GROUP_SIZES, jnp.int32)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "nvfp4"])
+def test_grouped_matmul_equals_per_expert_quantized_einsums(mode):
+  """Each expert's rows are one tensor (own scales; NVFP4 wgrad blocks and RHT never straddle two
+  experts): the grouped product and its gradients equal the per-expert loop of `quantized_einsum`."""
+  x, w, dy, sizes = _grouped_inputs()
+  recipe = q.gemm_recipe(q.QuantConfig(mode=mode, nvfp4_stochastic_rounding=False), layer_index=3)
+  y, pull = jax.vjp(lambda x, w: q.quantized_ragged_dot(x, w, sizes, recipe=recipe), x, w)
+  dx, dw = pull(dy)
+  start = 0
+  for e, size in enumerate(_GROUP_SIZES):
+    rows = slice(start, start + size)
+    if size:
+      ye, pull_e = jax.vjp(lambda a, b: q.quantized_einsum("MK,KN->MN", a, b, recipe=recipe), x[rows], w[e])
+      dxe, dwe = pull_e(dy[rows])
+      np.testing.assert_array_equal(y[rows], ye, err_msg=f"expert {e}")
+      np.testing.assert_array_equal(dx[rows], dxe, err_msg=f"expert {e}")
+      np.testing.assert_array_equal(dw[e], dwe, err_msg=f"expert {e}")
+    else:
+      np.testing.assert_array_equal(dw[e], 0.0)
+    start += size
+  np.testing.assert_array_equal(y[start:], 0.0)  # rows past the groups
+  np.testing.assert_array_equal(dx[start:], 0.0)
+  plain = jax.lax.ragged_dot(x, w, sizes)
+  assert 0 < _rel(y, plain) < (0.05 if mode == "fp8" else 0.2)
+
+
+def test_grouped_matmul_through_moe_dispatch_and_errors():
+  x, w, _, sizes = _grouped_inputs()
+  recipe = q.gemm_recipe(q.QuantConfig(mode="nvfp4"), layer_index=0)
+  with pytest.raises(ValueError, match="stochastic rounding"):
+    q.quantized_ragged_dot(x, w, sizes, recipe=recipe)
+  with pytest.raises(ValueError, match="lhs \\[M, K\\], rhs \\[E, K, N\\]"):
+    q.quantized_ragged_dot(x[:, :8], w, sizes, recipe=recipe, key=jax.random.key(0))
+  cfg = q.QuantConfig(mode="fp8")
+  assert q.make_grouped_matmul(cfg, layer_index=0, num_layers=8) is None          # a BF16 layer (first 2)
+  assert q.make_grouped_matmul(q.QuantConfig(), layer_index=4, num_layers=8) is None
+  gmm = q.make_grouped_matmul(cfg, layer_index=4, num_layers=8)
+  from pallas_kernels.moe import ops as moe_ops  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.standard_normal((12, 32)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 5, (12, 2)), jnp.int32)
+  weights = jnp.full((12, 2), 0.5, jnp.float32)
+  w_down = jnp.asarray(rng.standard_normal((5, 24, 32)), jnp.float32)
+  plain, counts = moe_ops.moe_dispatch(tokens, weights, ids, w, w_down)
+  quantized, qcounts = moe_ops.moe_dispatch(tokens, weights, ids, w, w_down, grouped_matmul=gmm)
+  np.testing.assert_array_equal(counts, qcounts)
+  assert 0 < _rel(quantized, plain) < 0.1
+  with pytest.raises(ValueError, match="dense"):
+    moe_ops.moe_dispatch(tokens, weights, ids, w, w_down, backend="dense", grouped_matmul=gmm)
+
+
 # --- Recipes: which products are quantized -----------------------------------------------------------
 
 def test_bf16_layer_tables_follow_the_published_recipes():

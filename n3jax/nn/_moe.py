@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from n3jax import quant
 from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
 from n3jax.nn import _common
@@ -45,8 +46,9 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
 
 
 class MoE(nn.Module):
-  """Routed experts go through `moe_dispatch` (a grouped matmul), so they keep the compute dtype under
-  `cfg.quant`; the latent projections and the shared expert follow the recipe."""
+  """Under `cfg.quant` every linear product follows the recipe: the routed experts' grouped GEMMs through
+  `n3jax.quant.make_grouped_matmul` (per-expert scales, handed to `moe_dispatch` as its grouped matmul),
+  the latent projections and the shared expert through `_common.linear`; the router stays f32."""
   cfg: ModelConfig
   layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
 
@@ -76,15 +78,21 @@ class MoE(nn.Module):
     if cfg.moe_latent_size:
       w_fc1 = _common.param(self, "fc1_latent_proj", init, (d, din), (shd.EMBED, shd.LATENT), pdtype)
       v = _common.linear(self, cfg, "latent_proj", "TD,DI->TI", tokens, w_fc1.astype(dtype)).astype(dtype)
+    grouped_matmul = None  # the backend's own (bf16) grouped matmul
+    if cfg.quant != "none" and not self.is_initializing():
+      key = self.make_rng("quant") if self.has_rng("quant") else None
+      grouped_matmul = quant.make_grouped_matmul(_common.quant_config(cfg), layer_index=self.layer_index,
+                                                 num_layers=cfg.num_hidden_layers, key=key)
     # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
     if self.is_initializing() or (ep := shd.expert_parallel_axes()) is None:
       routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
-                                            activation="relu2", backend=cfg.moe_backend)  # [T, Din], [E]
+                                            activation="relu2", backend=cfg.moe_backend,
+                                            grouped_matmul=grouped_matmul)  # [T, Din], [E]
     else:  # experts split over the mesh: shard_map + token exchange, dropless, global counts
       routed, counts = expert_parallel.expert_parallel_moe(
           v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
           expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,
-          exchange=cfg.moe_ep_exchange)
+          exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul)
     if cfg.moe_latent_size:
       w_fc2 = _common.param(self, "fc2_latent_proj", _common.out_proj_init(cfg), (din, d), (shd.LATENT, shd.EMBED),
                             pdtype)

@@ -79,29 +79,47 @@ def _unblock(xb: jax.Array, shape: tuple[int, ...], axis: int, block_2d: bool) -
   return jnp.moveaxis(full, -1, axis)
 
 
+def global_encode_from_amax(amax: jax.Array) -> jax.Array:
+  """Per-tensor encode scale `448 * 6 / amax` (f32; amax 0 -> FLT_MAX, never 0)."""
+  encode = jnp.minimum(jnp.float32(_F8_MAX * _F4_MAX) / jnp.asarray(amax, jnp.float32), FLOAT32_MAX)
+  return jnp.where(encode == 0, 1.0, encode)
+
+
 def _global_scales(x: jax.Array, batch_dims: int) -> tuple[jax.Array, jax.Array]:
-  amax = finite_amax(x, axis=tuple(range(batch_dims, x.ndim)), keepdims=True)
-  encode = jnp.minimum(jnp.float32(_F8_MAX * _F4_MAX) / amax, FLOAT32_MAX)   # amax 0 -> FLT_MAX
-  encode = jnp.where(encode == 0, 1.0, encode)
+  encode = global_encode_from_amax(finite_amax(x, axis=tuple(range(batch_dims, x.ndim)), keepdims=True))
   return encode, 1.0 / encode
 
 
 def _quantize_blocks(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array | None,
-                     batch_dims: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(E2M1 values, E4M3 block decode scales, global decode), values/scales in blocked layout."""
+                     batch_dims: int, global_amax: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(E2M1 values, E4M3 block decode scales, global decode), values/scales in blocked layout.
+
+  `global_amax` (broadcastable to `x`, constant within each block) replaces the per-tensor amax: rows
+  of one array that belong to different tensors (the token groups of a grouped GEMM) each get their
+  own global scale. The returned global decode then has `global_amax`'s shape."""
   x = jnp.asarray(x, jnp.float32)
   if block_2d and x.ndim - batch_dims < 2:
     raise ValueError(f"16x16 blocks need 2 non-batch axes, got shape {x.shape} with {batch_dims=}")
-  global_encode, global_decode = _global_scales(x, batch_dims)
   xb = _blocks(jnp.where(jnp.isfinite(x), x, 0.0), axis, block_2d)
-  if block_2d:
+  block_axes = (-3, -1) if block_2d else (-1,)
+  if global_amax is not None:
+    global_encode = global_encode_from_amax(global_amax)
+    global_decode = 1.0 / global_encode
+    # Blocked like x; padding blocks (encode 0 from the zero padding) get 1, they hold only zeros.
+    ge = jnp.max(_blocks(jnp.broadcast_to(global_encode, x.shape), axis, block_2d), axis=block_axes,
+                 keepdims=True)
+    ge = jnp.where(ge == 0, 1.0, ge)
+    gd = 1.0 / ge
+  elif block_2d:
+    global_encode, global_decode = _global_scales(x, batch_dims)
     gd = global_decode[..., None, None]
     ge = global_encode[..., None, None]
-    block_amax = jnp.max(jnp.abs(xb), axis=(-3, -1), keepdims=True)
   else:
+    global_encode, global_decode = _global_scales(x, batch_dims)
     gd = jnp.expand_dims(jnp.moveaxis(global_decode, axis, -1), -1)
     ge = jnp.expand_dims(jnp.moveaxis(global_encode, axis, -1), -1)
-    block_amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+  block_amax = jnp.max(jnp.abs(xb), axis=block_axes, keepdims=True)
   # TE folds 1/6 into the global multiplier and keeps the last reciprocal exact.
   decode = jnp.minimum(block_amax * (ge * jnp.float32(1.0 / _F4_MAX)), FLOAT32_MAX)
   decode = round_to_format(jnp.minimum(decode, _F8_MAX), E4M3)
@@ -148,10 +166,13 @@ def nvfp4_quantize(x: jax.Array, *, axis: int = -1, block_2d: bool = False, key:
 
 
 def nvfp4_scaled_values(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array | None,
-                        batch_dims: int) -> tuple[jax.Array, jax.Array]:
-  """(`q * block_decode` in `x`'s shape, f32, exact in bf16; global decode) for the GEMM emulation."""
+                        batch_dims: int, global_amax: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(`q * block_decode` in `x`'s shape, f32, exact in bf16; global decode) for the GEMM emulation.
+
+  `global_amax`: see `_quantize_blocks` (per-row tensors of a grouped GEMM)."""
   axis = axis % x.ndim
-  q, decode, global_decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims)
+  q, decode, global_decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims,
+                                              global_amax=global_amax)
   return restore_non_finite(x, _unblock(q * decode, x.shape, axis, block_2d), E2M1), global_decode
 
 

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 
 from n3jax.quant import _hadamard
 from n3jax.quant._dot import GemmRecipe, OperandQuant, quantized_einsum
+from n3jax.quant._grouped import QuantizedGroupedMatmul
 from n3jax.quant._formats import E4M3, E5M2
 
-__all__ = ["ALWAYS_BF16_ROLES", "MODES", "QuantConfig", "ROLES", "make_einsum", "gemm_recipe"]
+__all__ = ["ALWAYS_BF16_ROLES", "MODES", "QuantConfig", "ROLES", "make_einsum", "make_grouped_matmul", "gemm_recipe"]
 
 MODES = ("none", "fp8", "nvfp4")
 # Linear products of the model, by role. The first group is quantized (outside BF16 layers).
@@ -196,3 +197,20 @@ def make_einsum(quant: QuantConfig, *, layer_index: int | None, num_layers: int,
     return PlainEinsum()
   site = zlib.crc32(f"{layer_index}/{role}".encode()) & 0x7FFFFFFF
   return QuantizedEinsum(gemm_recipe(quant, layer_index=layer_index), quant.seed, site)
+
+
+def make_grouped_matmul(quant: QuantConfig, *, layer_index: int | None, num_layers: int,
+                        key: jax.Array | None = None) -> QuantizedGroupedMatmul | None:
+  """The routed experts' grouped matmul (role "expert") for one MoE layer, or None where the recipe
+  keeps them in BF16 (the caller then uses its plain grouped matmul).
+
+  Returns a `pallas_kernels.moe.GroupedMatmul` (`fn(lhs [M, K], rhs [E, K, N], group_sizes [E], *,
+  preferred_element_type)`) whose three GEMMs per expert follow `gemm_recipe` (see `_grouped.py`).
+  `key` seeds stochastic rounding; None derives a fixed key from (seed, layer), so pass a fresh one
+  every step when the recipe uses stochastic rounding.
+  """
+  if not quant.is_quantized(layer_index=layer_index, num_layers=num_layers, role="expert"):
+    return None
+  if key is None:
+    key = jax.random.fold_in(jax.random.key(quant.seed), zlib.crc32(f"{layer_index}/expert".encode()) & 0x7FFFFFFF)
+  return QuantizedGroupedMatmul(gemm_recipe(quant, layer_index=layer_index), key)

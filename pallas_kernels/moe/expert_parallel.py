@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.moe import ops
 from pallas_kernels.moe import reference
+from pallas_kernels.moe.reference import GroupedMatmul
 
 Array = jax.Array
 
@@ -243,6 +244,7 @@ def expert_parallel_moe(
     exchange: str = "all_to_all",
     ragged_impl: str = "auto",
     preferred_element_type: jax.typing.DTypeLike = jnp.float32,
+    grouped_matmul: GroupedMatmul | None = None,
 ) -> tuple[Array, Array]:
   """``moe_dispatch`` with experts sharded over ``mesh[expert_axis]``.
 
@@ -265,6 +267,8 @@ def expert_parallel_moe(
       "padded" (dense all_to_all emulation) or "auto" (padded on CPU meshes,
       native elsewhere).
     preferred_element_type: Matmul accumulation dtype.
+    grouped_matmul: Overrides ``backend``'s grouped matmul (as in
+      ``ops.moe_dispatch``); it runs on each device's local experts.
 
   Returns:
     combined: [T, D] in tokens.dtype, sharded like tokens.
@@ -317,7 +321,8 @@ def expert_parallel_moe(
         tokens, router_weights, expert_ids, w_up, w_down,
         expert_axis=expert_axis, ep=ep, activation=activation,
         preferred_element_type=preferred_element_type,
-        grouped_matmul=ops.GROUPED_MATMULS[backend], native=native,
+        grouped_matmul=grouped_matmul or ops.GROUPED_MATMULS[backend],
+        native=native,
     )
     return combined, jax.lax.psum(counts, batch_axes)
 

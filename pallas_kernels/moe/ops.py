@@ -88,6 +88,7 @@ def moe_dispatch(
     activation: str = "relu2",
     backend: str = "ragged_dot",
     preferred_element_type: jax.typing.DTypeLike = jnp.float32,
+    grouped_matmul: GroupedMatmul | None = None,
 ) -> tuple[Array, Array]:
   """Routed ungated-MLP experts, weighted and summed over each token's slots.
 
@@ -106,6 +107,10 @@ def moe_dispatch(
     activation: "relu2" (Nemotron squared ReLU), "silu" or "gelu".
     backend: A key of ``BACKENDS`` (static; pass it as a Python str).
     preferred_element_type: Matmul accumulation dtype.
+    grouped_matmul: Overrides the backend's grouped matmul with any function
+      of ``GroupedMatmul``'s signature (e.g. a low-precision one that a
+      caller builds); the sort/combine stay ``sorted_dispatch``'s. Not with
+      backend "dense".
 
   Returns:
     combined: [T, D] in tokens.dtype.
@@ -121,6 +126,14 @@ def moe_dispatch(
     raise ValueError(
         f"Unknown MoE {backend=!r}; known backends: {sorted(BACKENDS)}."
     ) from None
+  if grouped_matmul is not None:
+    if backend == "dense":
+      raise ValueError("grouped_matmul cannot be combined with backend='dense'")
+    return sorted_dispatch(
+        tokens, router_weights, expert_ids, w_up, w_down,
+        activation=activation, preferred_element_type=preferred_element_type,
+        grouped_matmul=grouped_matmul,
+    )
   return impl(
       tokens,
       router_weights,
