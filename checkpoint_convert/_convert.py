@@ -4,7 +4,8 @@ Guarantees:
   * every input tensor is consumed exactly once; an unknown, missing, wrongly shaped or mixed-dtype
     tensor is an error naming it, raised from the headers before any data is read;
   * values are never cast: each n3jax leaf keeps the checkpoint's dtype, so HF -> n3jax -> HF is
-    byte-identical (transposes, reshapes and row splits only);
+    byte-identical (transposes, reshapes and row splits only). The one exception is a ModelOpt FP8 / NVFP4
+    checkpoint, whose quantized weights are dequantized to the checkpoint's dtype (`_quantized`);
   * host memory holds the output arrays plus one tensor (about one copy of the weights);
   * the output appears atomically: everything is written to a sibling temp dir that is renamed onto
     `out` at the end, and removed on any error, so a failed run leaves nothing at `out`.
@@ -23,7 +24,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from checkpoint_convert import _keymap, _safetensors
+from checkpoint_convert import _keymap, _quantized, _safetensors
+from checkpoint_convert._errors import ConversionError
 from n3jax import checkpointing, models
 from n3jax.configs import ModelConfig
 
@@ -33,10 +35,6 @@ SINGLE_FILE = "model.safetensors"
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "chat_template.jinja", "tokenizer.model")
 ASSETS_DIR = "hf_assets"
-
-
-class ConversionError(ValueError):
-  """The checkpoint does not match its config or the key table."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,11 +188,23 @@ def _atomic_dir(out_dir: str, overwrite: bool):
 
 
 def convert_from_hf(hf_dir: str, out_dir: str, *, overwrite: bool = False, **config_overrides) -> ModelConfig:
-  """Hub checkpoint directory -> n3jax checkpoint (orbax params + config.json + carried assets)."""
-  cfg = ModelConfig.from_hf(read_hf_config(hf_dir), **config_overrides)
+  """Hub checkpoint directory -> n3jax checkpoint (orbax params + config.json + carried assets).
+
+  NVIDIA ModelOpt FP8 / NVFP4 checkpoints (`hf_quant_config.json` or a config.json `quantization_config`) are
+  detected and dequantized to the checkpoint's dtype on load; the result is unquantized (see `_quantized`).
+  """
+  hf_config = read_hf_config(hf_dir)
+  quant = _quantized.read_modelopt_config(hf_dir, hf_config)
+  hf_config.pop("quantization_config", None)  # the n3jax checkpoint (and its HF export) is unquantized
+  cfg = ModelConfig.from_hf(hf_config, **config_overrides)
   infos = read_hf_tensor_index(hf_dir)
-  params = hf_to_params(cfg, {k: (i.shape, i.dtype) for k, i in infos.items()},
-                        lambda name: _safetensors.read_tensor(infos[name]))
+  tensors = {k: (i.shape, i.dtype) for k, i in infos.items()}
+  read = lambda name: _safetensors.read_tensor(infos[name])
+  if quant is None:
+    _quantized.reject_unconfigured(tensors)
+  else:
+    tensors, read = _quantized.dequantizing_view(quant, tensors, read, _quantized.compute_dtype(hf_config))
+  params = hf_to_params(cfg, tensors, read)
   with _atomic_dir(out_dir, overwrite) as tmp:
     checkpointing.save_params(tmp, cfg, params)
     _copy_assets(hf_dir, os.path.join(tmp, ASSETS_DIR))

@@ -109,7 +109,8 @@ def write_file(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]],
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype in specs:
-      arr = np.ascontiguousarray(produce(name))
+      arr = np.asarray(produce(name))
+      arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray alone makes a 0-d scale 1-d
       if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
         raise ValueError(f"{name}: produced {arr.dtype}{list(arr.shape)}, header says {np.dtype(dtype)}{list(shape)}")
       f.write(memoryview(arr.reshape(-1).view(np.uint8)))

@@ -14,12 +14,17 @@ Format, from `NVIDIA/TensorRT-Model-Optimizer` (read at 5a4242fa):
   (6 * 448). Dequantized: `e2m1 * (weight_scale.f32 * weight_scale_2)`.
 * `input_scale` is amax / 448 (FP8) or amax / (6 * 448) (NVFP4) of the calibrated activations; it
   is only needed to run the layer quantized at inference, not to recover the weights.
+* The same tensors serve `FP8_PER_CHANNEL_PER_TOKEN` (per-channel `weight_scale`, no `input_scale`),
+  `W4A16_NVFP4` (no `input_scale`) and the per-layer algos of `MIXED_PRECISION`.
 
 Not covered: the TensorRT-LLM "swizzled" 1-D uint8 block-scale layout
 (`cutlass_fp4_scale_to_modelopt_fp4_scale`, needs tensorrt_llm), FP8 per-block (`FP8_PB_WO`),
 MXFP8, NVFP4_AWQ pre-quant scales, and `compressed-tensors` NVFP4 checkpoints (`weight_packed`,
-`weight_global_scale`). Which layers a released checkpoint keeps in BF16 is listed in its
-`hf_quant_config.json` (`exclude_modules`), which the converter would have to read.
+`weight_global_scale`).
+
+`checkpoint_convert/_quantized.py` reads whole checkpoints with these functions: it detects the
+quantization (`hf_quant_config.json` / config.json `quantization_config`, `exclude_modules`), checks
+every scale's dtype and shape, and dequantizes each weight to the checkpoint's dtype on import.
 """
 
 from __future__ import annotations
