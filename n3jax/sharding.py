@@ -168,6 +168,34 @@ def expert_parallel_axes() -> tuple[str, tuple[str, ...]] | None:
   return expert_axis, tuple(a for a in batch if a != expert_axis)
 
 
+# Mesh axes that split parameters (and their optimizer state and gradients) at rest only: a layer uses its
+# weights all-gathered over them (ZeRO-3 / FSDP), while the tokens stay split over them as batch axes.
+_AT_REST_AXES = ("fsdp",)
+
+
+def gathered_for_compute(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """A parameter as a layer computes with it: all-gathered over the FSDP axis, still split over the
+  expert and tensor axes as its logical `axes` say. A no-op outside `use_mesh`.
+
+  Without it XLA may keep a weight split over `fsdp` on its embed dimension and re-split the activations
+  (batch over fsdp) to match, which it can only do by replicating them ("involuntary full
+  rematerialization"); gathering the weight is the FSDP all-gather, and its transpose the gradient's
+  reduce-scatter.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(mesh.shape.get(a, 1) == 1 for a in _AT_REST_AXES):
+    return w
+  spec = nn.logical_to_mesh_axes(axes)
+  if spec is None:
+    return w
+
+  def keep(entry):
+    names = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in _AT_REST_AXES)
+    return names[0] if len(names) == 1 else (names or None)
+
+  return jax.lax.with_sharding_constraint(w, PartitionSpec(*(keep(e) for e in spec)))
+
+
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """Activation sharding hint; a no-op outside `use_mesh`."""
   return nn.with_logical_constraint(x, axes)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from n3jax import quant
+from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -38,9 +39,11 @@ def out_proj_init(cfg: ModelConfig) -> nn.initializers.Initializer:
 
 def param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
           dtype) -> jax.Array:
-  """A parameter annotated with logical axis names (see `n3jax.sharding`)."""
+  """A parameter annotated with logical axis names (see `n3jax.sharding`), as the layer computes with it
+  (gathered over the FSDP axis under a mesh: `sharding.gathered_for_compute`)."""
   assert len(shape) == len(axes), (name, shape, axes)
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+  return w if module.is_initializing() else shd.gathered_for_compute(w, axes)
 
 
 @functools.lru_cache(maxsize=None)
