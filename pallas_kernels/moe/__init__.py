@@ -1,10 +1,14 @@
 """Routed-expert (MoE) dispatch: `moe_dispatch` with pluggable backends, the Pallas grouped matmul
-(`pallas_kernels.moe.gmm.gmm` / `tgmm`), and expert parallelism over a mesh."""
+(`pallas_kernels.moe.gmm.gmm` / `tgmm`: Triton on GPU, Mosaic on TPU via `gmm_tpu`), and expert parallelism
+over a mesh. `BlockSizes` tiles the Triton kernels, `TpuBlockSizes` the Mosaic ones."""
 
 from pallas_kernels.moe.expert_parallel import expert_parallel_moe
 from pallas_kernels.moe.gmm import BlockSizes, TileSizes
+from pallas_kernels.moe.gmm_tpu import BlockSizes as TpuBlockSizes
+from pallas_kernels.moe.gmm_tpu import TileSizes as TpuTileSizes
 from pallas_kernels.moe.ops import BACKENDS, GROUPED_MATMULS, moe_dispatch
 from pallas_kernels.moe.reference import ACTIVATIONS, moe_dispatch_dense, moe_dispatch_ragged_dot
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "BlockSizes", "GROUPED_MATMULS", "TileSizes", "expert_parallel_moe",
+__all__ = ["ACTIVATIONS", "BACKENDS", "BlockSizes", "GROUPED_MATMULS", "TileSizes", "TpuBlockSizes", "TpuTileSizes",
+           "expert_parallel_moe",
            "moe_dispatch", "moe_dispatch_dense", "moe_dispatch_ragged_dot"]

@@ -31,10 +31,20 @@ count. Rows, K and N need not be multiples of the tiles (masked loads/stores).
 
 Einsum letters: M rows, K contraction, N output width, E groups (experts).
 
-Status: verified in interpret mode on CPU and lowered to Triton IR for an
-abstract H100 (gmm_test.py); compiled GPU runs, tile tuning and the benchmark
-are owed. jax 0.12 warns that Pallas Triton is deprecated in favour of Mosaic
-GPU; a Mosaic GPU port is the follow-up if the warning becomes a removal.
+Platforms: ``gmm`` and ``tgmm`` run these Triton kernels on GPU (and in
+Triton interpret mode on CPU), and the Mosaic TPU kernels of ``gmm_tpu.py``
+(same contract, scalar-prefetched visit tables) when the target is a TPU:
+``platform="tpu"``, the current abstract mesh's device (AOT lowering from a
+host, ``jax.sharding.use_abstract_mesh``), or ``jax.default_backend()``.
+
+Status: Triton -- verified in interpret mode on CPU and lowered to Triton IR
+for an abstract H100 (gmm_test.py); compiled GPU runs, tile tuning and the
+benchmark are owed. jax 0.12 warns that Pallas Triton is deprecated in favour
+of Mosaic GPU; a Mosaic GPU port is the follow-up if the warning becomes a
+removal. TPU -- verified in the Pallas TPU interpreter on CPU and lowered to
+Mosaic for an abstract TPU v5e at the Nemotron 3 Nano expert shape
+(gmm_tpu_test.py); compiled TPU runs and tile tuning are owed (see
+``gmm_tpu.py``).
 
 This module imports only jax/numpy (it is part of ``pallas_kernels``).
 """
@@ -51,6 +61,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import fuser as _  # pylint: disable=unused-import
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
+
+from pallas_kernels.moe import _gmm_common as common
+from pallas_kernels.moe import gmm_tpu
 
 Array = jax.Array
 DTypeLike = jax.typing.DTypeLike
@@ -123,55 +136,30 @@ def _resolve_interpret(interpret: bool | None) -> bool:
   return interpret
 
 
-def _validate(lhs: Array, rhs: Array, group_sizes: Array) -> None:
-  if lhs.ndim != 2 or rhs.ndim != 3:
-    raise ValueError(
-        f"lhs must be [M, K] and rhs [E, K, N], got {lhs.shape=}, {rhs.shape=}."
-    )
-  if lhs.shape[1] != rhs.shape[1]:
-    raise ValueError(
-        f"lhs [M, K] and rhs [E, K, N] must share K, got {lhs.shape=},"
-        f" {rhs.shape=}."
-    )
-  if group_sizes.shape != (rhs.shape[0],):
-    raise ValueError(
-        f"group_sizes must be [E] = [{rhs.shape[0]}] for {rhs.shape=}, got"
-        f" {group_sizes.shape=}."
-    )
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype=}.")
-  if not (jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype):
-    raise ValueError(
-        f"lhs and rhs must share one floating dtype, got {lhs.dtype=},"
-        f" {rhs.dtype=}."
-    )
+def _kernel_platform(platform: str | None) -> str:
+  """"tpu" (Mosaic kernels, gmm_tpu.py) or "gpu" (Triton kernels, here).
 
-
-def _match_vma(*arrays: Array) -> tuple[Array, ...]:
-  """Casts arrays to vary over the union of their mesh axes (shard_map).
-
-  Inside ``jax.shard_map(check_vma=True)`` a pallas_call must state how its
-  outputs vary over the mesh axes; giving all operands one varying set makes
-  that the outputs' set, and keeps custom_vjp cotangents typed like the
-  primals. Outside shard_map the sets are empty and this is a no-op.
+  Explicit ``platform``, else the current abstract mesh's device (AOT
+  lowering), else ``jax.default_backend()``; anything but TPU takes the Triton
+  path (interpret mode on CPU), as before TPU support.
   """
-  varying = [jax.typeof(x).mat.varying for x in arrays]
-  union = frozenset().union(*varying)
-  return tuple(
-      jax.lax.pcast(x, tuple(sorted(union - v)), to="varying")
-      if union - v else x
-      for x, v in zip(arrays, varying)
-  )
+  if platform is None:
+    platform = common.abstract_platform() or jax.default_backend()
+  elif platform not in ("gpu", "cuda", "rocm", "tpu"):
+    raise ValueError(f"{platform=!r} must be 'gpu' ('cuda', 'rocm'), 'tpu'"
+                     " or None.")
+  return "tpu" if platform == "tpu" else "gpu"
 
 
-def _out_struct(shape: tuple[int, ...], dtype: DTypeLike, like: Array):
-  """ShapeDtypeStruct varying over the same mesh axes as ``like``."""
-  return jax.ShapeDtypeStruct(
-      shape, dtype,
-      manual_axis_type=jax.sharding.ManualAxisType(
-          varying=jax.typeof(like).mat.varying
-      ),
-  )
+def _tpu_block_sizes(block_sizes) -> gmm_tpu.BlockSizes | None:
+  if block_sizes is not None and not isinstance(
+      block_sizes, gmm_tpu.BlockSizes
+  ):
+    raise TypeError(
+        "The TPU kernels take gmm_tpu.BlockSizes, got"
+        f" {type(block_sizes).__name__}."
+    )
+  return block_sizes
 
 
 def _dot_precision(dtype: DTypeLike) -> jax.lax.Precision | None:
@@ -338,7 +326,7 @@ def _gmm_call(
   )
   return pl.pallas_call(
       kernel,
-      out_shape=_out_struct((num_rows, n_dim), out_dtype, lhs),
+      out_shape=common.out_struct((num_rows, n_dim), out_dtype, lhs),
       # N blocks vary fastest: the programs of one row tile run together and
       # share its lhs tile in L2.
       grid=(pl.cdiv(n_dim, tiles.block_n), gid.shape[0]),
@@ -368,7 +356,7 @@ def _tgmm_call(
   )
   return pl.pallas_call(
       kernel,
-      out_shape=_out_struct((num_groups, k_dim, n_dim), out_dtype, lhs),
+      out_shape=common.out_struct((num_groups, k_dim, n_dim), out_dtype, lhs),
       grid=(pl.cdiv(n_dim, tiles.block_n), pl.cdiv(k_dim, tiles.block_k),
             num_groups),
       compiler_params=plgpu.CompilerParams(
@@ -421,8 +409,9 @@ def gmm(
     group_sizes: Array,
     *,
     preferred_element_type: DTypeLike | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
+    block_sizes: BlockSizes | gmm_tpu.BlockSizes | None = None,
+    interpret: gmm_tpu.Interpret | None = None,
+    platform: str | None = None,
 ) -> Array:
   """Grouped matmul, a drop-in for ``jax.lax.ragged_dot`` (2-D lhs, 3-D rhs).
 
@@ -436,22 +425,30 @@ def gmm(
     preferred_element_type: Output dtype (default lhs.dtype). Products always
       accumulate in f32.
     block_sizes: Tiles (static); default ``block_sizes_for()`` the device.
+      The TPU kernels take a ``gmm_tpu.BlockSizes``.
     interpret: Run the kernels in Pallas interpret mode. None: interpret on
-      CPU, compile on GPU.
+      CPU, compile on GPU or TPU (or for an abstract TPU mesh).
+    platform: "tpu" for the Mosaic TPU kernels (``gmm_tpu.py``), "gpu" (or
+      "cuda", "rocm") for the Triton ones; None picks by the abstract mesh's device, else by
+      ``jax.default_backend()`` (see ``_kernel_platform``).
 
   Returns:
     [M, N] in preferred_element_type (or lhs.dtype).
   """
-  _validate(lhs, rhs, group_sizes)
-  out_dtype = jnp.dtype(
-      lhs.dtype if preferred_element_type is None else preferred_element_type
-  )
+  if _kernel_platform(platform) == "tpu":
+    return gmm_tpu.gmm(
+        lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
+        block_sizes=_tpu_block_sizes(block_sizes), interpret=interpret,
+    )
+  common.validate_gmm(lhs, rhs, group_sizes)
   if block_sizes is None:
     block_sizes = block_sizes_for()
-  lhs, rhs, group_sizes = _match_vma(lhs, rhs, group_sizes.astype(jnp.int32))
+  lhs, rhs, group_sizes = common.match_vma(
+      lhs, rhs, group_sizes.astype(jnp.int32)
+  )
   return _gmm(
-      lhs, rhs, group_sizes, out_dtype, block_sizes,
-      _resolve_interpret(interpret),
+      lhs, rhs, group_sizes, common.out_dtype(lhs, preferred_element_type),
+      block_sizes, _resolve_interpret(interpret),
   )
 
 
@@ -461,32 +458,30 @@ def tgmm(
     group_sizes: Array,
     *,
     preferred_element_type: DTypeLike | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
+    block_sizes: BlockSizes | gmm_tpu.BlockSizes | None = None,
+    interpret: gmm_tpu.Interpret | None = None,
+    platform: str | None = None,
 ) -> Array:
   """Transposed grouped matmul: out[g] = lhs[rows g].T @ dy[rows g], [E, K, N].
 
   The weight gradient of ``gmm``; empty groups give zeros. Not differentiable.
   lhs [M, K] and dy [M, N] share one dtype; output in preferred_element_type
-  (default lhs.dtype), accumulated in f32.
+  (default lhs.dtype), accumulated in f32. ``block_sizes``, ``interpret`` and
+  ``platform`` as in ``gmm``.
   """
-  if lhs.ndim != 2 or dy.ndim != 2 or lhs.shape[0] != dy.shape[0]:
-    raise ValueError(
-        f"lhs must be [M, K] and dy [M, N], got {lhs.shape=}, {dy.shape=}."
+  if _kernel_platform(platform) == "tpu":
+    return gmm_tpu.tgmm(
+        lhs, dy, group_sizes, preferred_element_type=preferred_element_type,
+        block_sizes=_tpu_block_sizes(block_sizes), interpret=interpret,
     )
-  if group_sizes.ndim != 1:
-    raise ValueError(f"group_sizes must be [E], got {group_sizes.shape=}.")
-  if lhs.dtype != dy.dtype:
-    raise ValueError(
-        f"lhs and dy must share a dtype, got {lhs.dtype=}, {dy.dtype=}."
-    )
-  out_dtype = jnp.dtype(
-      lhs.dtype if preferred_element_type is None else preferred_element_type
-  )
+  common.validate_tgmm(lhs, dy, group_sizes)
   if block_sizes is None:
     block_sizes = block_sizes_for()
-  lhs, dy, group_sizes = _match_vma(lhs, dy, group_sizes.astype(jnp.int32))
+  lhs, dy, group_sizes = common.match_vma(
+      lhs, dy, group_sizes.astype(jnp.int32)
+  )
   return _tgmm_call(
-      lhs, dy, group_sizes, out_dtype=out_dtype,
+      lhs, dy, group_sizes,
+      out_dtype=common.out_dtype(lhs, preferred_element_type),
       tiles=block_sizes.tgmm, interpret=_resolve_interpret(interpret),
   )

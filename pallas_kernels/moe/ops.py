@@ -42,7 +42,8 @@ class MoeBackend(Protocol):
 # Grouped matmuls that ``sorted_dispatch`` (and expert parallelism) can run on.
 GROUPED_MATMULS: dict[str, GroupedMatmul] = {
     "ragged_dot": jax.lax.ragged_dot,
-    # Pallas Triton kernel; on CPU it runs in interpret mode (slow, exact).
+    # Pallas kernels: Triton on GPU, Mosaic on TPU (gmm_tpu.py); on CPU the
+    # Triton kernel in interpret mode (slow, exact).
     "pallas": gmm_lib.gmm,
 }
 
@@ -59,7 +60,8 @@ def moe_dispatch_pallas(
 ) -> tuple[Array, Array]:
   """``sorted_dispatch`` on the Pallas grouped matmul (``gmm.gmm``).
 
-  Compiled Triton on GPU; Pallas interpret mode on CPU (exact, slow).
+  Compiled Triton on GPU, Mosaic on TPU; Pallas interpret mode on CPU (exact,
+  slow).
   """
   return sorted_dispatch(
       tokens, router_weights, expert_ids, w_up, w_down,

@@ -1,0 +1,94 @@
+"""Checks and shard_map helpers of the grouped matmuls (gmm.py, gmm_tpu.py).
+
+Private: import ``gmm.gmm`` / ``gmm.tgmm``. This module imports only jax.
+"""
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DTypeLike = jax.typing.DTypeLike
+
+
+def validate_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> None:
+  """Raises ValueError unless lhs [M, K], rhs [E, K, N], group_sizes [E] fit."""
+  if lhs.ndim != 2 or rhs.ndim != 3:
+    raise ValueError(
+        f"lhs must be [M, K] and rhs [E, K, N], got {lhs.shape=}, {rhs.shape=}."
+    )
+  if lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(
+        f"lhs [M, K] and rhs [E, K, N] must share K, got {lhs.shape=},"
+        f" {rhs.shape=}."
+    )
+  if group_sizes.shape != (rhs.shape[0],):
+    raise ValueError(
+        f"group_sizes must be [E] = [{rhs.shape[0]}] for {rhs.shape=}, got"
+        f" {group_sizes.shape=}."
+    )
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype=}.")
+  if not (jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype):
+    raise ValueError(
+        f"lhs and rhs must share one floating dtype, got {lhs.dtype=},"
+        f" {rhs.dtype=}."
+    )
+
+
+def validate_tgmm(lhs: Array, dy: Array, group_sizes: Array) -> None:
+  """Raises ValueError unless lhs [M, K], dy [M, N], group_sizes [E] fit."""
+  if lhs.ndim != 2 or dy.ndim != 2 or lhs.shape[0] != dy.shape[0]:
+    raise ValueError(
+        f"lhs must be [M, K] and dy [M, N], got {lhs.shape=}, {dy.shape=}."
+    )
+  if group_sizes.ndim != 1:
+    raise ValueError(f"group_sizes must be [E], got {group_sizes.shape=}.")
+  if lhs.dtype != dy.dtype:
+    raise ValueError(
+        f"lhs and dy must share a dtype, got {lhs.dtype=}, {dy.dtype=}."
+    )
+
+
+def out_dtype(lhs: Array, preferred_element_type: DTypeLike | None):
+  return jnp.dtype(
+      lhs.dtype if preferred_element_type is None else preferred_element_type
+  )
+
+
+def match_vma(*arrays: Array) -> tuple[Array, ...]:
+  """Casts arrays to vary over the union of their mesh axes (shard_map).
+
+  Inside ``jax.shard_map(check_vma=True)`` a pallas_call must state how its
+  outputs vary over the mesh axes; giving all operands one varying set makes
+  that the outputs' set, and keeps custom_vjp cotangents typed like the
+  primals. Outside shard_map the sets are empty and this is a no-op.
+  """
+  varying = [jax.typeof(x).mat.varying for x in arrays]
+  union = frozenset().union(*varying)
+  return tuple(
+      jax.lax.pcast(x, tuple(sorted(union - v)), to="varying")
+      if union - v else x
+      for x, v in zip(arrays, varying)
+  )
+
+
+def out_struct(shape: tuple[int, ...], dtype: DTypeLike, like: Array):
+  """ShapeDtypeStruct varying over the same mesh axes as ``like``."""
+  return jax.ShapeDtypeStruct(
+      shape, dtype,
+      manual_axis_type=jax.sharding.ManualAxisType(
+          varying=jax.typeof(like).mat.varying
+      ),
+  )
+
+
+def abstract_platform() -> str | None:
+  """Platform of the current abstract mesh's device (AOT lowering), if set."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return None if device is None else device.platform
+
+
+def abstract_device_kind() -> str | None:
+  """device_kind of the current abstract mesh's device, if set."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return None if device is None else device.device_kind
