@@ -1,10 +1,13 @@
 """Trains an n3jax model: `python -m n3jax.train --config=configs/tiny_cpu.py --workdir=/tmp/n3jax`.
 
 Config values can be overridden on the command line, e.g. `--config.optimizer.lr=1e-4
---config.num_steps=50`; an unknown key is an error. Rerunning with the same workdir resumes from its
-newest intact checkpoint.
+--config.num_steps=50`; an unknown key is an error. Model fields go through `model_overrides`, which starts
+empty in most configs, so any `ModelConfig` field may be given: `--config.model_overrides.quant=fp8`
+(values are Python literals, else strings; an unknown field is one error). Rerunning with the same workdir
+resumes from its newest intact checkpoint.
 """
 
+import ast
 import re
 import sys
 
@@ -19,6 +22,30 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard files and configs go.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+_MODEL_OVERRIDE = re.compile(r"--config\.model_overrides\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+_model_overrides: dict[str, object] = {}
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _take_model_overrides(argv: list[str]) -> list[str]:
+  """Takes `--config.model_overrides.FIELD=VALUE` out of `argv`: config_flags (which reads `sys.argv`) can
+  only override keys the config file defines, and `model_overrides` may name any ModelConfig field (the
+  trainer checks the names)."""
+  rest = []
+  for arg in argv:
+    if m := _MODEL_OVERRIDE.fullmatch(arg):
+      _model_overrides[m.group(1)] = _literal(m.group(2))
+    else:
+      rest.append(arg)
+  return rest
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -43,11 +70,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Progress lines are printed; keep library INFO logs (orbax writes several per save) off the terminal.
   logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if _model_overrides:
+    with config.unlocked():
+      overrides = config.model_overrides.to_dict() if config.get("model_overrides") else {}
+      config.model_overrides = {**overrides, **_model_overrides}
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value)
   except trainer.InputError as e:  # found before compiling: one line, no traceback
     sys.exit(f"Error: {e}")
 
 
 if __name__ == "__main__":
+  sys.argv = _take_model_overrides(sys.argv)
   app.run(main, flags_parser=_parse_flags)

@@ -310,3 +310,19 @@ def test_cli_reports_a_config_typo_in_one_line(tmp_path):
   assert proc.returncode != 0
   assert "Unknown config key 'lrr' in --config.optimizer.lrr=1e-4; did you mean 'lr'?" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_cli_model_overrides_take_any_model_field(tmp_path):
+  """`--config.model_overrides.FIELD=VALUE` reaches the model config even where the config file leaves
+  `model_overrides` empty; a wrong field name is one error naming it, before any compile."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "n3jax.train", "--config=configs/tiny_cpu.py", f"--workdir={tmp_path}",
+       "--config.model_overrides.quant=fp8", "--config.model_overrides.hidden_sise=32"], cwd=REPO,
+      capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "model_overrides has unknown ModelConfig field(s) ['hidden_sise']" in proc.stderr
+  from n3jax import train  # pylint: disable=g-import-not-at-top
+  rest = train._take_model_overrides(["prog", "--config=c.py", "--config.model_overrides.quant=fp8",
+                                      "--config.model_overrides.quant_bf16_layers_at_end=1", "--config.seed=3"])
+  assert rest == ["prog", "--config=c.py", "--config.seed=3"]
+  assert train._model_overrides == {"quant": "fp8", "quant_bf16_layers_at_end": 1}
