@@ -3,6 +3,8 @@
 Private: import ``gmm.gmm`` / ``gmm.tgmm``. This module imports only jax.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -92,3 +94,43 @@ def abstract_device_kind() -> str | None:
   """device_kind of the current abstract mesh's device, if set."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return None if device is None else device.device_kind
+
+
+def differentiable_gmm(gmm_call, tgmm_call):
+  """The grouped matmul of one backend's kernels with its ``jax.custom_vjp``.
+
+  ``gmm_call(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, tiles,
+  interpret)`` and ``tgmm_call(lhs, dy, group_sizes, *, out_dtype, tiles,
+  interpret)`` are the kernels; ``block_sizes`` has ``gmm``, ``gmm_t`` and
+  ``tgmm`` tiles. Backward: d_lhs = dy @ rhs^T per group (``gmm`` with the
+  weights transposed), d_rhs = lhs^T @ dy per group (``tgmm``), both on
+  operands in lhs.dtype.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+  def gmm(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret):
+    return gmm_call(
+        lhs, rhs, group_sizes, transpose_rhs=False, out_dtype=out_dtype,
+        tiles=block_sizes.gmm, interpret=interpret,
+    )
+
+  def fwd(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret):
+    out = gmm(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret)
+    return out, (lhs, rhs, group_sizes)
+
+  def bwd(out_dtype, block_sizes, interpret, residuals, d_out):
+    del out_dtype
+    lhs, rhs, group_sizes = residuals
+    d_out = d_out.astype(lhs.dtype)  # [M, N] backward operands in lhs.dtype
+    d_lhs = gmm_call(  # [M, N] x [E, K, N]^T -> [M, K]
+        d_out, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
+        tiles=block_sizes.gmm_t, interpret=interpret,
+    )
+    d_rhs = tgmm_call(  # [M, K]^T x [M, N] per group -> [E, K, N]
+        lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiles=block_sizes.tgmm,
+        interpret=interpret,
+    )
+    return d_lhs, d_rhs, None
+
+  gmm.defvjp(fwd, bwd)
+  return gmm

@@ -372,35 +372,7 @@ def _tgmm_call(
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret):
-  return _gmm_call(
-      lhs, rhs, group_sizes, transpose_rhs=False, out_dtype=out_dtype,
-      tiles=block_sizes.gmm, interpret=interpret,
-  )
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret):
-  out = _gmm(lhs, rhs, group_sizes, out_dtype, block_sizes, interpret)
-  return out, (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(out_dtype, block_sizes, interpret, residuals, d_out):
-  del out_dtype
-  lhs, rhs, group_sizes = residuals
-  d_out = d_out.astype(lhs.dtype)  # [M, N] backward operands in lhs.dtype
-  d_lhs = _gmm_call(  # [M, N] x [E, K, N]^T -> [M, K]
-      d_out, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
-      tiles=block_sizes.gmm_t, interpret=interpret,
-  )
-  d_rhs = _tgmm_call(  # [M, K]^T x [M, N] per group -> [E, K, N]
-      lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiles=block_sizes.tgmm,
-      interpret=interpret,
-  )
-  return d_lhs, d_rhs, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+_gmm = common.differentiable_gmm(_gmm_call, _tgmm_call)
 
 
 def gmm(
