@@ -32,8 +32,9 @@ from pallas_kernels.ssd import ops as ssd_ops
 from pallas_kernels.ssd import reference as ssd_ref
 
 # `cfg.ssd_backend` -> chunked scan with the signature of `pallas_kernels.ssd.reference.ssd_reference`.
-# "pallas": the Pallas Triton kernels (forward and backward) on GPU, the reference elsewhere. The default stays
-# "reference" until the compiled-GPU kernel tests have run (pallas_kernels/ssd/ops_test.py, owed).
+# "pallas": the Pallas kernels (forward and backward): Triton on GPU, Mosaic on TPU, the reference on CPU. The
+# default stays "reference" until the compiled kernel tests have run on a GPU / TPU (pallas_kernels/ssd/ops_test.py,
+# owed; on CPU the kernels are checked in interpret mode and by lowering for abstract H100 / TPU targets).
 SSD_BACKENDS = {"reference": ssd_ref.ssd_reference,
                 "pallas": functools.partial(ssd_ops.ssd, backend="auto")}
 

@@ -2,7 +2,29 @@
 
 A drop-in for `reference.ssd_reference` (same signature and semantics, see
 that module's docstring for `doc_ids` / `initial_state`) plus `block_sizes`,
-`backend` and `interpret`. Pipeline (kernel bodies in `kernel.py`):
+`backend` and `interpret`. Backends:
+
+  "triton"      Pallas Triton kernels for NVIDIA GPUs (this file + kernel.py).
+  "mosaic_tpu"  Pallas Mosaic TPU kernels (ops_tpu.py + kernel_tpu.py): one
+                fused kernel per direction that walks the chunks sequentially
+                with the state in VMEM; `TpuBlockSizes` is its tiling.
+  "reference"   the jnp `reference.ssd_reference`.
+  "auto"        by the target platform: the abstract mesh's device when one
+                is set (`jax.sharding.use_abstract_mesh`, e.g. for AOT
+                lowering on a CPU host), else `jax.default_backend()`.
+
+What is verified, all on CPU hosts (`ops_test.py`): both kernel sets match
+the reference, outputs and all gradients, in Pallas interpret mode; both lower
+for their hardware (Triton IR for an abstract H100, Mosaic for an abstract TPU
+v5e, at the Nemotron 3 Nano mixer shape), which checks block shapes and ops
+against the lowering rules; and, where libtpu is installed (no TPU needed),
+the Mosaic kernels compile ahead of time with libtpu's Mosaic compiler (done
+with libtpu 0.0.50 for TPU v4, v5e, v5p and v6e, P = 64 padded and not). What
+is owed: running the Mosaic kernels on a real TPU (numerics of the compiled
+kernels, speed), running the Triton kernels on a GPU, and tuning of
+`BlockSizes` / `TpuBlockSizes` (their tables are placeholders).
+
+Triton pipeline (kernel bodies in `kernel.py`):
 
   jnp     dt = clip(softplus(dt + dt_bias)); cum = chunk-local cumsum(dt A);
           pad T to the chunk, P and Q to powers of 2 (>= 16, Triton dot tiles);
@@ -24,18 +46,22 @@ state-spaces/mamba), then
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.ssd import _target
 from pallas_kernels.ssd import kernel
+from pallas_kernels.ssd import ops_tpu
 from pallas_kernels.ssd import reference
 
+TpuBlockSizes = ops_tpu.TpuBlockSizes
+
 _F32 = jnp.float32
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "mosaic_tpu", "reference")
 _MIN_TILE = 16  # Triton dot operands need every dimension >= 16.
 
 
@@ -73,8 +99,8 @@ class BlockSizes:
 
   @classmethod
   def for_device(cls, device: Optional[jax.Device] = None) -> "BlockSizes":
-    """Defaults for `device` (default: the first JAX device) by device kind."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
+    """Defaults by `device.device_kind` (default: the target device)."""
+    kind = (device or _target.device()).device_kind.lower()
     for key, sizes in _DEFAULTS:
       if key in kind:
         return sizes
@@ -85,14 +111,11 @@ class BlockSizes:
 # untuned: GPU tuning owed. These are placeholders chosen by reasoning about
 # tile sizes (L = 128, P = 64, Q = 128), not measurements; sweep block_p,
 # heads_per_block and warps with benchmarks/ssd.py before trusting them.
-# The TPU rows only matter once kernel_tpu.py exists (TPU runs the reference).
+# TPU tilings are `TpuBlockSizes` (ops_tpu.py).
 _DEFAULTS: tuple[tuple[str, BlockSizes], ...] = (
     ("h200", BlockSizes(block_p=64, heads_per_block=1, num_warps=4)),
     ("h100", BlockSizes(block_p=64, heads_per_block=1, num_warps=4)),
     ("a100", BlockSizes(block_p=32, heads_per_block=1, num_warps=4)),
-    ("tpu v5 lite", BlockSizes(block_p=64, heads_per_block=1)),  # v5e
-    ("tpu v5e", BlockSizes(block_p=64, heads_per_block=1)),
-    ("tpu v5", BlockSizes(block_p=64, heads_per_block=1)),  # v5p
 )
 
 
@@ -406,23 +429,44 @@ _ssd_core.defvjp(_core_fwd, _core_bwd)
 # Public entry point.
 
 
-def _resolve_backend(backend: str, interpret: bool, chunk_size: int) -> str:
+def _resolve_backend(backend: str, interpret, chunk_size: int) -> str:
+  """The backend to run; the target platform is `_target.platform()`."""
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown {backend=}; expected one of {_BACKENDS}")
-  kernel_ok = _is_pow2(chunk_size) and chunk_size >= _MIN_TILE
+  platform = _target.platform()
+  tpu_interpreter = isinstance(interpret, ops_tpu.InterpretParams)
+  triton_ok = _is_pow2(chunk_size) and chunk_size >= _MIN_TILE
+  tpu_problem = ops_tpu.check_chunk_size(chunk_size, bool(interpret))
   if backend == "auto":
-    if interpret or jax.default_backend() == "gpu":
-      return "triton" if kernel_ok else "reference"
-    return "reference"  # CPU, and TPU until kernel_tpu.py exists.
+    if platform == "tpu" or tpu_interpreter:
+      return "reference" if tpu_problem else "mosaic_tpu"
+    if platform == "gpu" or interpret:
+      return "triton" if triton_ok else "reference"
+    return "reference"  # CPU
   if backend == "triton":
-    if not kernel_ok:
+    if not triton_ok:
       raise ValueError(
           f"backend='triton' needs a power-of-2 {chunk_size=} >= {_MIN_TILE}"
       )
-    if not interpret and jax.default_backend() != "gpu":
+    if tpu_interpreter:
       raise ValueError(
-          "backend='triton' compiles for a GPU, but the default backend is "
-          f"{jax.default_backend()!r}; pass interpret=True to run it on CPU"
+          "backend='triton' takes interpret=True/False, not TPU "
+          f"{interpret=}"
+      )
+    if not interpret and platform != "gpu":
+      raise ValueError(
+          "backend='triton' compiles for a GPU, but the target platform is "
+          f"{platform!r}; pass interpret=True to run it on CPU, or lower "
+          "under jax.sharding.use_abstract_mesh with a GPU AbstractDevice"
+      )
+  if backend == "mosaic_tpu":
+    if tpu_problem:
+      raise ValueError(tpu_problem)
+    if not interpret and platform != "tpu":
+      raise ValueError(
+          "backend='mosaic_tpu' compiles for a TPU, but the target platform "
+          f"is {platform!r}; pass interpret=True to run it on CPU, or lower "
+          "under jax.sharding.use_abstract_mesh with a TPU AbstractDevice"
       )
   return backend
 
@@ -455,27 +499,38 @@ def ssd(
     dt_softplus: bool = True,
     dt_min: float = 0.0,
     dt_max: float = float("inf"),
-    block_sizes: Optional[BlockSizes] = None,
+    block_sizes: Optional[BlockSizes | TpuBlockSizes] = None,
     backend: str = "auto",
-    interpret: bool = False,
+    interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Chunked SSD scan; see `reference.ssd_reference` for the math and args.
 
   Differentiable in x, dt, A, B, C, D, dt_bias and initial_state through a
   `jax.custom_vjp` whose forward and backward are Pallas kernels (module
   docstring). Any T (padded to the chunk internally), any P and Q (padded to
-  powers of 2 >= 16 for the Triton tiles).
+  powers of 2 >= 16 for the Triton tiles, to `TpuBlockSizes.pad_multiple` on
+  TPU).
 
   Args:
     x, dt, A, B, C, D, dt_bias, initial_state, doc_ids, chunk_size,
       dt_softplus, dt_min, dt_max: as in `reference.ssd_reference`.
-    block_sizes: Kernel tiling; default `BlockSizes.for_device()`.
-    backend: "triton" (Pallas Triton kernels; needs a GPU unless interpret),
-      "reference" (the jnp `ssd_reference`), or "auto": "triton" on GPU or
-      when `interpret`, else "reference" (CPU, and TPU until Mosaic TPU kernels
-      exist); "auto" also uses "reference" for chunk sizes the kernels do not
-      support (not a power of 2 >= 16), which "triton" rejects.
-    interpret: Run the Pallas kernels in interpret mode (CPU testing).
+    block_sizes: Kernel tiling: `BlockSizes` for "triton", `TpuBlockSizes`
+      for "mosaic_tpu"; default `.for_device()` of the one in use.
+    backend: "triton" (Pallas Triton kernels; chunk_size a power of 2 >= 16),
+      "mosaic_tpu" (Pallas Mosaic TPU kernels; chunk_size a multiple of 128,
+      of 8 in interpret mode), "reference" (the jnp `ssd_reference`), or
+      "auto": "mosaic_tpu" when the target platform is TPU (or `interpret`
+      is a `pltpu.InterpretParams`), "triton" when it is GPU or `interpret`
+      is True, else "reference"; "auto" also uses "reference" for chunk
+      sizes the chosen kernels do not support, which they reject. The target
+      platform is the abstract mesh's device if set
+      (`jax.sharding.use_abstract_mesh`; lowering for a GPU or TPU from a CPU
+      host), else `jax.default_backend()`; "triton" / "mosaic_tpu" without
+      `interpret` need it to be GPU / TPU.
+    interpret: Run the Pallas kernels in interpret mode on CPU: True (the
+      generic Pallas interpreter, both kernel sets), or a
+      `jax.experimental.pallas.tpu.InterpretParams` (the TPU simulator:
+      NaN-filled uninitialized VMEM, bounds checks; "mosaic_tpu" only).
 
   Returns:
     y: [B, T, M, P] in x.dtype.
@@ -493,10 +548,22 @@ def ssd(
       dt_min=dt_min,
       dt_max=dt_max,
   )
-  if _resolve_backend(backend, interpret, chunk_size) == "reference":
+  backend = _resolve_backend(backend, interpret, chunk_size)
+  if backend == "reference":
     return reference.ssd_reference(x, dt, A, B, C, D, dt_bias, **kw)
+  sizes_type = TpuBlockSizes if backend == "mosaic_tpu" else BlockSizes
+  if block_sizes is not None and not isinstance(block_sizes, sizes_type):
+    raise TypeError(
+        f"backend={backend!r} takes block_sizes of type {sizes_type.__name__},"
+        f" got {block_sizes!r}"
+    )
+  block_sizes = block_sizes or sizes_type.for_device()
+  if backend == "mosaic_tpu":
+    return ops_tpu.ssd_mosaic_tpu(
+        x, dt, A, B, C, D, dt_bias, **kw, block_sizes=block_sizes,
+        interpret=interpret,
+    )
 
-  block_sizes = block_sizes or BlockSizes.for_device()
   bsz, seqlen, nheads, headdim = x.shape
   ngroups, dstate = B.shape[2:]
   chunk = int(chunk_size)

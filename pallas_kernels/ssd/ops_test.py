@@ -1,22 +1,33 @@
 """Tests of `ops.ssd` (Pallas kernels + custom VJP) against `ssd_reference`.
 
-`SsdTest` runs the kernels compiled (GPU only); `SsdInterpretTest` runs the
-same tests in Pallas interpret mode on CPU. Shapes are tiny on purpose
-(interpret mode is slow); P and Q are padded to the 16-wide Triton tiles
-inside `ops.ssd`, so the same shapes also compile on a GPU.
+`SsdTest` runs the Triton kernels compiled (GPU only), `SsdMosaicTpuTest` the
+Mosaic kernels compiled (TPU only); their `*InterpretTest` twins run the same
+tests in Pallas interpret mode on CPU. Shapes are tiny on purpose (interpret
+mode is slow); `ops.ssd` pads P and Q to the kernels' tiles, so the same
+shapes also compile on a GPU; on a TPU, whose chunks are multiples of 128,
+lengths and chunk sizes are scaled by 8 (`SCALE`).
+`SsdApiTest` also lowers both kernel sets for an abstract H100 / TPU v5e from
+the CPU (no accelerator needed) at the Nemotron 3 Nano mixer shape.
 """
 
 import dataclasses
 import functools
-from unittest import mock
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import ops
+from pallas_kernels.ssd import ops_tpu
 from pallas_kernels.ssd import reference
 
 _GRAD_ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
@@ -63,13 +74,14 @@ def _inputs(shape: _Shape, dtype, seed=0):
   )
 
 
-def _doc_ids(batch, seqlen):
+def _doc_ids(batch, seqlen, scale=1):
   """Boundaries on and off chunk edges (chunk 16), one-token docs, reused ids."""
   rows = [
       [0] * 8 + [1] * 8 + [0] * 4 + [2] + [1] * 100,
       [3] * 3 + [7] + [3] * 12 + [0] * 5 + [3] * 100,
   ]
-  return jnp.asarray([r[:seqlen] for r in rows[:batch]], jnp.int32)
+  rows = [np.repeat(r, scale)[:seqlen] for r in rows[:batch]]  # chunk 16 scale
+  return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def _outputs_and_grads(fn, inputs, **kw):
@@ -90,21 +102,44 @@ def _outputs_and_grads(fn, inputs, **kw):
   return run(tuple(inputs[k] for k in _GRAD_ARGS))
 
 
+# Reference results by test method name: the backends' suites share them.
+_REFERENCE_CACHE = {}
+
+
 class SsdTest(parameterized.TestCase):
+  BACKEND, PLATFORM = "triton", "gpu"
   INTERPRET = False
+  DEFAULT_KW = {}  # ssd kwargs of test_outputs_and_grads_match_reference
+  SCALE = 1  # of sequence lengths, chunk sizes and document lengths
 
   def setUp(self):
     super().setUp()
-    if jax.default_backend() == "cpu" and not self.INTERPRET:
+    if jax.default_backend() != self.PLATFORM and not self.INTERPRET:
       self.skipTest(
-          "compiled Pallas Triton kernels need a GPU; SsdInterpretTest runs "
-          "the same tests on CPU"
+          f"compiled backend={self.BACKEND!r} needs a {self.PLATFORM}; its "
+          "*InterpretTest twin runs the same tests on CPU"
       )
 
   def _ssd(self, **kw):
     return functools.partial(
-        ops.ssd, backend="triton", interpret=self.INTERPRET, **kw
+        ops.ssd, backend=self.BACKEND, interpret=self.INTERPRET, **kw
     )
+
+  def _want(self, inputs, **kw):
+    """`ssd_reference` outputs and grads, once per test across backends."""
+    key = (self._testMethodName, self.SCALE)
+    if key not in _REFERENCE_CACHE:
+      _REFERENCE_CACHE[key] = _outputs_and_grads(
+          reference.ssd_reference, inputs, **kw
+      )
+    return _REFERENCE_CACHE[key]
+
+  def _block_sizes(self, heads_per_block, block_p=64, pad_multiple=128):
+    if self.BACKEND == "mosaic_tpu":
+      return ops.TpuBlockSizes(
+          heads_per_block=heads_per_block, pad_multiple=pad_multiple
+      )
+    return ops.BlockSizes(block_p=block_p, heads_per_block=heads_per_block)
 
   def _assert_matches(self, got, want, dtype, names=_OUT_NAMES):
     tol = _TOL[dtype]
@@ -137,51 +172,145 @@ class SsdTest(parameterized.TestCase):
   def test_outputs_and_grads_match_reference(
       self, dtype, seqlen, use_state, use_docs
   ):
+    seqlen *= self.SCALE
     shape = _Shape(seqlen=seqlen)
     inputs = _inputs(shape, dtype)
     if not use_state:
       inputs["initial_state"] = jnp.zeros_like(inputs["initial_state"])
     kw = dict(
-        chunk_size=16,
-        doc_ids=_doc_ids(shape.batch, seqlen) if use_docs else None,
+        chunk_size=16 * self.SCALE,
+        doc_ids=_doc_ids(shape.batch, seqlen, self.SCALE) if use_docs else None,
     )
-    got = _outputs_and_grads(self._ssd(), inputs, **kw)
-    want = _outputs_and_grads(reference.ssd_reference, inputs, **kw)
+    got = _outputs_and_grads(self._ssd(**self.DEFAULT_KW), inputs, **kw)
+    want = self._want(inputs, **kw)
     self.assertEqual(got[0].dtype, dtype)
     self.assertEqual(got[1].dtype, jnp.float32)
     self._assert_matches(got, want, dtype)
 
   def test_tiles_heads_per_block_and_padding(self):
-    """P split in tiles, 2 heads per program, Q = 12 padded to 16, chunk 32."""
-    shape = _Shape(seqlen=40, nheads=8, headdim=32, dstate=12)
+    """2 heads per program, Q = 12 padded to 16, chunk 32.
+
+    Triton: P split in 16-wide tiles. TPU: 2 head blocks per group, P and Q
+    padded to multiples of 8 only (blocks span the full P and Q).
+    """
+    seqlen = 40 * self.SCALE
+    shape = _Shape(seqlen=seqlen, nheads=8, headdim=32, dstate=12)
     inputs = _inputs(shape, jnp.float32, seed=1)
-    kw = dict(chunk_size=32, doc_ids=_doc_ids(shape.batch, shape.seqlen))
-    block_sizes = ops.BlockSizes(block_p=16, heads_per_block=2)
+    kw = dict(
+        chunk_size=32 * self.SCALE,
+        doc_ids=_doc_ids(shape.batch, seqlen, self.SCALE),
+    )
+    block_sizes = self._block_sizes(2, block_p=16, pad_multiple=8)
     got = _outputs_and_grads(self._ssd(block_sizes=block_sizes), inputs, **kw)
-    want = _outputs_and_grads(reference.ssd_reference, inputs, **kw)
+    want = self._want(inputs, **kw)
     self._assert_matches(got, want, jnp.float32)
 
   def test_optional_args_one_group_strong_decay(self):
     """No D / dt_bias, no softplus, dt clipping, J = 1, exp underflow."""
-    shape = _Shape(batch=1, seqlen=37, ngroups=1, headdim=12)
+    shape = _Shape(batch=1, seqlen=37 * self.SCALE, ngroups=1, headdim=12)
     inputs = _inputs(shape, jnp.float32, seed=2)
     inputs.update(D=None, dt_bias=None, dt=jnp.abs(inputs["dt"]) * 3.0)
     inputs["A"] = inputs["A"] * 20.0  # exp(dt A) underflows inside a chunk
     kw = dict(
-        chunk_size=16,
-        doc_ids=_doc_ids(1, shape.seqlen),
+        chunk_size=16 * self.SCALE,
+        doc_ids=_doc_ids(1, shape.seqlen, self.SCALE),
         dt_softplus=False,
         dt_min=0.05,
         dt_max=2.5,
     )
-    block_sizes = ops.BlockSizes(heads_per_block=4)  # all heads, one program
+    block_sizes = self._block_sizes(4)  # all heads, one program
     got = _outputs_and_grads(self._ssd(block_sizes=block_sizes), inputs, **kw)
-    want = _outputs_and_grads(reference.ssd_reference, inputs, **kw)
+    want = self._want(inputs, **kw)
     self._assert_matches(got, want, jnp.float32)
 
 
 class SsdInterpretTest(SsdTest):
   INTERPRET = True
+
+
+class SsdMosaicTpuTest(SsdTest):
+  BACKEND, PLATFORM = "mosaic_tpu", "tpu"
+  SCALE = 8  # compiled TPU chunks are multiples of 128 (lanes)
+  # No lane padding of P = 8, Q = 16 (2x faster in interpret mode); the
+  # default 128 is covered by test_optional_args_one_group_strong_decay.
+  DEFAULT_KW = dict(block_sizes=ops.TpuBlockSizes(pad_multiple=8))
+
+
+class SsdMosaicTpuInterpretTest(SsdMosaicTpuTest):
+  INTERPRET = True
+  SCALE = 1
+
+  def test_tpu_simulator(self):
+    """The TPU interpreter: NaN-filled uninitialized VMEM, bounds checks.
+
+    A read of the state scratch before its first write, or of an output
+    block that the pipeline does not fetch, would show up as NaN here.
+    """
+    shape = _Shape(batch=1, seqlen=40)
+    inputs = _inputs(shape, jnp.bfloat16, seed=3)
+    kw = dict(chunk_size=16, doc_ids=_doc_ids(1, shape.seqlen))
+    ssd = functools.partial(  # "auto" picks mosaic_tpu for InterpretParams
+        ops.ssd,
+        interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
+        **self.DEFAULT_KW,
+    )
+    got = _outputs_and_grads(ssd, inputs, **kw)
+    want = self._want(inputs, **kw)
+    self._assert_matches(got, want, jnp.bfloat16)
+
+
+def _abstract_mesh(device_kind, platform, num_cores):
+  """A 1-device AbstractMesh whose device is `device_kind` (jax private API)."""
+  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  device = mesh_lib.AbstractDevice(
+      device_kind=device_kind, num_cores=num_cores, platform=platform
+  )
+  return mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
+_H100 = ("NVIDIA H100 80GB HBM3", "gpu", 132)
+_TPU_V5E = ("TPU v5 lite", "tpu", 1)
+
+
+def _nano_args(with_docs=True):
+  """Nemotron 3 Nano mixer at T = 4096 as abstract (unallocated) inputs."""
+  b, t, m, p, j, q = 1, 4096, 64, 64, 8, 128
+  sds = jax.ShapeDtypeStruct
+  args = dict(
+      x=sds((b, t, m, p), jnp.bfloat16),
+      dt=sds((b, t, m), jnp.float32),
+      A=sds((m,), jnp.float32),
+      B=sds((b, t, j, q), jnp.bfloat16),
+      C=sds((b, t, j, q), jnp.bfloat16),
+      D=sds((m,), jnp.float32),
+      dt_bias=sds((m,), jnp.float32),
+      initial_state=sds((b, m, p, q), jnp.float32),
+  )
+  if with_docs:
+    args["doc_ids"] = sds((b, t), jnp.int32)
+  return args
+
+
+def _lower_value_and_grad(args, platform, compile=False, **kw):  # pylint: disable=redefined-builtin
+  """StableHLO text of jit(value_and_grad) of a loss of both ssd outputs.
+
+  With `compile`, also compiles it (needs a compiler for `platform`).
+  """
+  names = tuple(args)
+
+  def loss(*a):
+    a = dict(zip(names, a))
+    doc_ids = a.pop("doc_ids", None)
+    y, h = ops.ssd(**a, doc_ids=doc_ids, **kw)
+    return y.astype(jnp.float32).sum() + h.sum()
+
+  argnums = tuple(i for i, n in enumerate(names) if n != "doc_ids")
+  grad = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  lowered = grad.trace(*args.values()).lower(lowering_platforms=(platform,))
+  if compile:
+    lowered.compile()
+  return lowered.as_text()
 
 
 class SsdApiTest(parameterized.TestCase):
@@ -200,6 +329,7 @@ class SsdApiTest(parameterized.TestCase):
       ("unknown_backend", dict(backend="cuda"), "Unknown backend"),
       ("chunk_not_pow2", dict(backend="triton", chunk_size=24), "power-of-2"),
       ("chunk_too_small", dict(backend="triton", chunk_size=8), "power-of-2"),
+      ("tpu_chunk", dict(backend="mosaic_tpu", chunk_size=12), "multiple of"),
       ("bad_shape", dict(dt=jnp.zeros((1, 8, 3))), "dt must be"),
       ("bad_chunk", dict(chunk_size=0), "chunk_size"),
   )
@@ -209,54 +339,52 @@ class SsdApiTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, match):
       ops.ssd(**kw)
 
-  def test_triton_without_interpret_needs_gpu(self):
-    if jax.default_backend() == "gpu":
-      self.skipTest("only meaningful without a GPU")
+  @parameterized.parameters(("triton", "gpu"), ("mosaic_tpu", "tpu"))
+  def test_compiled_backend_needs_its_platform(self, backend, platform):
+    if jax.default_backend() == platform:
+      self.skipTest(f"only meaningful without a {platform}")
     inputs = _inputs(_Shape(batch=1, seqlen=8), jnp.float32)
     with self.assertRaisesRegex(ValueError, "interpret=True"):
-      ops.ssd(**inputs, chunk_size=16, backend="triton")
+      ops.ssd(**inputs, chunk_size=128, backend=backend)
 
-  def test_lowers_to_triton_ir_without_a_gpu(self):
+  def test_block_sizes_must_match_the_backend(self):
+    inputs = _inputs(_Shape(batch=1, seqlen=8), jnp.float32)
+    with self.assertRaisesRegex(TypeError, "TpuBlockSizes"):
+      ops.ssd(**inputs, chunk_size=16, backend="mosaic_tpu", interpret=True,
+              block_sizes=ops.BlockSizes())
+    with self.assertRaisesRegex(TypeError, "BlockSizes"):
+      ops.ssd(**inputs, chunk_size=16, backend="triton", interpret=True,
+              block_sizes=ops.TpuBlockSizes())
+
+  @parameterized.named_parameters(
+      # Non-power-of-2 M and P (padded), doc ids, 2 heads per program.
+      ("odd_shape", dict(batch=1, seqlen=200, nheads=12, headdim=40,
+                         dstate=32), 64, 2),
+      ("nemotron_nano", None, 128, 1),
+  )
+  def test_lowers_to_triton_for_an_abstract_gpu(self, shape, chunk, heads):
     """Pallas -> Triton IR lowering (not ptxas) of all 6 kernels, on CPU.
 
-    Pretends an H100 is present so that the GPU lowering rule runs; catches
-    ops or block shapes the Triton lowering rejects before a GPU sees them.
-    Shapes: non-power-of-2 M and P (padded), doc ids, 2 heads per program.
+    Under an abstract H100 mesh the public `ops.ssd(backend="triton")`
+    accepts the GPU target and the Triton lowering rule runs; catches ops or
+    block shapes the Triton lowering rejects before a GPU sees them.
     """
     try:
-      from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
-      from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=g-import-not-at-top
-
-      h100 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-      patches = [
-          mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: h100),
-          mock.patch.object(jax, "default_backend", lambda: "gpu"),
-      ]
-    except (ImportError, AttributeError) as e:
-      self.skipTest(f"jax internals moved ({e!r}); the GPU tests cover this")
-    shape = _Shape(batch=1, seqlen=200, nheads=12, headdim=40, dstate=32)
-    inputs = _inputs(shape, jnp.bfloat16)
-    doc_ids = jnp.zeros((1, shape.seqlen), jnp.int32)
-    names = tuple(inputs)
-
-    def loss(*args):
-      y, h = ops.ssd(
-          **dict(zip(names, args)),
-          doc_ids=doc_ids,
-          chunk_size=64,
-          backend="triton",
-          block_sizes=ops.BlockSizes(heads_per_block=2),
+      mesh = _abstract_mesh(*_H100)
+    except (ImportError, AttributeError, TypeError) as e:
+      self.skipTest(f"jax private AbstractDevice API changed: {e!r}")
+    if shape is None:
+      args = _nano_args()
+    else:
+      args = jax.tree.map(
+          lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+          _inputs(_Shape(**shape), jnp.bfloat16),
       )
-      return y.astype(jnp.float32).sum() + h.sum()
-
-    grad = jax.jit(
-        jax.value_and_grad(loss, argnums=tuple(range(len(names))))
-    )
-    with patches[0], patches[1]:
-      text = (
-          grad.trace(*inputs.values())
-          .lower(lowering_platforms=("cuda",))
-          .as_text()
+      args["doc_ids"] = jax.ShapeDtypeStruct((1, shape["seqlen"]), jnp.int32)
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = _lower_value_and_grad(
+          args, "cuda", chunk_size=chunk, backend="triton",
+          block_sizes=ops.BlockSizes(heads_per_block=heads),
       )
     # Forward 3 kernels; backward recomputes 2 and runs 3 more.
     self.assertEqual(text.count("__gpu$xla.gpu.triton"), 8)
@@ -265,6 +393,107 @@ class SsdApiTest(parameterized.TestCase):
         "ssd_chunk_state_dout", "ssd_state_passing_bwd", "ssd_chunk_scan_bwd",
     ):
       self.assertIn(f'name = "{name}"', text)
+
+  @parameterized.named_parameters(
+      ("auto_docs", "auto", True),
+      ("mosaic_tpu_no_docs", "mosaic_tpu", False),
+  )
+  def test_lowers_to_mosaic_for_an_abstract_tpu(self, backend, with_docs):
+    """Pallas -> Mosaic lowering of the 3 TPU kernels for a TPU v5e, on CPU.
+
+    Runs the Pallas TPU lowering (block-shape rules, Mosaic ops of the
+    kernel bodies) at the Nemotron 3 Nano mixer shape; the Mosaic compiler
+    itself (layouts, VMEM use) only runs on a TPU.
+    """
+    try:
+      mesh = _abstract_mesh(*_TPU_V5E)
+    except (ImportError, AttributeError, TypeError) as e:
+      self.skipTest(f"jax private AbstractDevice API changed: {e!r}")
+    with jax.sharding.use_abstract_mesh(mesh):
+      self.assertEqual(ops._target.platform(), "tpu")
+      text = _lower_value_and_grad(
+          _nano_args(with_docs), "tpu", chunk_size=128, backend=backend
+      )
+    # Forward 1 kernel; backward recomputes the states and runs 1 more.
+    self.assertEqual(text.count("@tpu_custom_call("), 3)
+    for name in ("ssd_tpu_fwd", "ssd_tpu_states", "ssd_tpu_bwd"):
+      self.assertIn(name, text)
+    self.assertNotIn("triton", text)
+
+  @absltest.skipIf(
+      importlib.util.find_spec("libtpu") is None,
+      "needs libtpu (`pip install libtpu`, no TPU needed) for the Mosaic "
+      "compiler; test_lowers_to_mosaic_for_an_abstract_tpu covers lowering",
+  )
+  def test_compiles_for_tpu_with_libtpu(self):
+    """Deviceless AOT compile for TPU v5e / v6e: libtpu's Mosaic compiler.
+
+    Beyond lowering, this runs Mosaic's layout passes and VMEM allocation on
+    the three kernels (forward and backward, Nano shape, doc ids; P = 64
+    padded to 128 on v5e, unpadded on v6e). It runs in a subprocess because
+    libtpu's plugin state is process-wide.
+    """
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.experimental import topologies
+        from jax.sharding import NamedSharding, PartitionSpec
+        from pallas_kernels.ssd import ops, ops_test
+        for name, pad in (("v5e:1x1", 128), ("v6e:1x1", 8)):
+          topo = topologies.get_topology_desc(name, "tpu")
+          mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
+          rep = NamedSharding(mesh, PartitionSpec())
+          args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep)
+                  for k, v in ops_test._nano_args().items()}
+          with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            ops_test._lower_value_and_grad(
+                args, "tpu", chunk_size=128, backend="mosaic_tpu",
+                block_sizes=ops.TpuBlockSizes(pad_multiple=pad), compile=True)
+    """)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        TPU_SKIP_MDS_QUERY="1",  # no GCE metadata server to ask
+        TPU_WORKER_HOSTNAMES="localhost",
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",  # this process may hold libtpu's lock
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
+        text=True, timeout=600, check=False,
+    )
+    self.assertEqual(done.returncode, 0, done.stderr[-4000:])
+
+  def test_backend_follows_the_abstract_target(self):
+    resolve = ops._resolve_backend  # pylint: disable=protected-access
+    try:
+      tpu, gpu = _abstract_mesh(*_TPU_V5E), _abstract_mesh(*_H100)
+    except (ImportError, AttributeError, TypeError) as e:
+      self.skipTest(f"jax private AbstractDevice API changed: {e!r}")
+    with jax.sharding.use_abstract_mesh(tpu):
+      self.assertEqual(resolve("auto", False, 128), "mosaic_tpu")
+      self.assertEqual(resolve("auto", False, 64), "reference")
+      self.assertEqual(resolve("mosaic_tpu", False, 256), "mosaic_tpu")
+      with self.assertRaisesRegex(ValueError, "multiple of 128"):
+        resolve("mosaic_tpu", False, 64)
+      with self.assertRaisesRegex(ValueError, "target platform is 'tpu'"):
+        resolve("triton", False, 128)
+      self.assertEqual(
+          ops.TpuBlockSizes.for_device(), dict(ops_tpu._DEFAULTS)["tpu v5 lite"]
+      )
+    with jax.sharding.use_abstract_mesh(gpu):
+      self.assertEqual(resolve("auto", False, 128), "triton")
+      self.assertEqual(resolve("triton", False, 64), "triton")
+      with self.assertRaisesRegex(ValueError, "target platform is 'gpu'"):
+        resolve("mosaic_tpu", False, 128)
+      self.assertEqual(ops.BlockSizes.for_device(), dict(ops._DEFAULTS)["h100"])
+    if jax.default_backend() == "cpu":
+      self.assertEqual(resolve("auto", False, 128), "reference")
+      self.assertEqual(resolve("auto", True, 128), "triton")
+      self.assertEqual(resolve("mosaic_tpu", True, 16), "mosaic_tpu")
+      params = pltpu.InterpretParams()
+      self.assertEqual(resolve("auto", params, 16), "mosaic_tpu")
+      with self.assertRaisesRegex(ValueError, "not TPU interpret"):
+        resolve("triton", params, 16)
 
   def test_block_sizes(self):
     with self.assertRaisesRegex(ValueError, "block_p"):
@@ -284,14 +513,30 @@ class SsdApiTest(parameterized.TestCase):
         ("NVIDIA H100 80GB HBM3", "h100"),
         ("NVIDIA H200", "h200"),
         ("NVIDIA A100-SXM4-80GB", "a100"),
-        ("TPU v5 lite", "tpu v5 lite"),
-        ("TPU v5p", "tpu v5"),
     ]:
       self.assertEqual(
           ops.BlockSizes.for_device(FakeDevice(kind)), dict(ops._DEFAULTS)[key]
       )
     self.assertEqual(
         ops.BlockSizes.for_device(FakeDevice("cpu")), ops.BlockSizes()
+    )
+
+    with self.assertRaisesRegex(ValueError, "heads_per_block"):
+      ops.TpuBlockSizes(heads_per_block=0)
+    with self.assertRaisesRegex(ValueError, "pad_multiple"):
+      ops.TpuBlockSizes(pad_multiple=12)
+    tpu_defaults = dict(ops_tpu._DEFAULTS)
+    for kind, key in [
+        ("TPU v5 lite", "tpu v5 lite"),
+        ("TPU v5p", "tpu v5"),
+        ("TPU v6 lite", "tpu v6"),
+        ("TPU v4", "tpu v4"),
+    ]:
+      self.assertEqual(
+          ops.TpuBlockSizes.for_device(FakeDevice(kind)), tpu_defaults[key]
+      )
+    self.assertEqual(
+        ops.TpuBlockSizes.for_device(FakeDevice("cpu")), ops.TpuBlockSizes()
     )
 
 
