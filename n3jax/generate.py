@@ -2,6 +2,7 @@
 
   python -m n3jax.generate --ckpt /ckpt/nano3 --prompt "Why is the sky blue?" [--reasoning off]
       [--thinking_budget 256] [--temperature 0.6 --top_p 0.95] [--max_new_tokens 512] [--stop "###"]
+      [--speculative_k 3]   # models with MTP heads (Nemotron 3 Super): MTP drafts, one verify forward
 
 One --prompt streams its answer to stdout as it is generated; several (repeat the flag) run as one batch
 and print each result. Reasoning goes to stderr unless --show_reasoning=false. The Python API is
@@ -34,6 +35,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(best) (0 = off).")
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL-style penalty (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SPECULATIVE_K = flags.DEFINE_integer(
+    "speculative_k", None, "MTP speculative decoding: tokens the MTP heads draft per verify step (models with "
+    "MTP heads only; greedy output is unchanged, sampling keeps its distribution).")
 flags.mark_flags_as_required(["ckpt", "prompt"])
 
 
@@ -66,6 +70,14 @@ class _Printer:
       sys.stderr.flush()
 
 
+def _spec(g: inference.Generation) -> str:
+  if g.speculative is None:
+    return ""
+  st = g.speculative
+  return (f", {st.mean_accepted:.2f} drafts accepted per verify step ({st.accepted}/{st.drafted} in "
+          f"{st.verify_steps} steps)")
+
+
 def main(argv):
   del argv  # Unused.
   if not flags.FLAGS["verbosity"].present:
@@ -79,12 +91,13 @@ def main(argv):
       system=_SYSTEM.value, reasoning=reasoning, thinking_budget=_BUDGET.value, max_new_tokens=_MAX_NEW.value,
       max_len=_MAX_LEN.value, stop=_STOP.value, prefill_chunk=_PREFILL_CHUNK.value, on_token=printer,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
-      repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value)
+      repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value, speculative_k=_SPECULATIVE_K.value)
   if printer is not None:
-    print(f"\n[{out.finish_reason}: {len(out.token_ids)} tokens, {out.thinking_tokens} thinking]", file=sys.stderr)
+    print(f"\n[{out.finish_reason}: {len(out.token_ids)} tokens, {out.thinking_tokens} thinking{_spec(out)}]",
+          file=sys.stderr)
     return
   for i, g in enumerate(out):
-    print(f"=== {i}: {g.finish_reason}, {len(g.token_ids)} tokens, {g.thinking_tokens} thinking")
+    print(f"=== {i}: {g.finish_reason}, {len(g.token_ids)} tokens, {g.thinking_tokens} thinking{_spec(g)}")
     if g.reasoning and _SHOW_REASONING.value:
       print(f"[reasoning] {g.reasoning}")
     print(g.answer)

@@ -34,7 +34,7 @@ from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
 __all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
-           "cache_length", "unstack_layers"]
+           "cache_length", "unstack_layers", "init_mtp_cache", "mtp_apply_cached"]
 
 Params = dict[str, Any]
 
@@ -107,8 +107,14 @@ class MTPModule(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, list]:
-    """-> (h^k, expert counts [E] of each MoE layer of the module, in order)."""
+  def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array, caches: list | None = None,
+               cache_index: jax.Array | None = None, cache_segment_ids: jax.Array | None = None) -> tuple:
+    """-> (h^k, expert counts [E] of each MoE layer of the module, in order).
+
+    Generation (speculative drafting): `caches` holds the KV cache {"k", "v": [B, S, K, H]} of each
+    attention layer of the module, in order, written at slot `cache_index` (see `Attention`); the updated
+    caches then come as a third output.
+    """
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
@@ -116,12 +122,18 @@ class MTPModule(nn.Module):
     w = _common.param(self, "eh_proj", _common.dense_init(cfg), (2 * d, d), (shd.NORM, shd.EMBED), pdtype)
     eh = jnp.concatenate([norm(name="enorm")(emb), norm(name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
     u = jnp.einsum("BTX,XD->BTD", eh, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    counts = []
+    counts, new_caches = [], []
     for i, kind in enumerate(cfg.mtp_blocks):
-      u, aux = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
+      if caches is not None and kind == Block.ATTENTION:
+        u, aux = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids, caches[len(new_caches)], cache_index,
+                                                     cache_segment_ids)
+        new_caches.append(aux["state"])
+      else:
+        u, aux = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
       if kind == Block.MOE:
         counts.append(aux["expert_counts"])
-    return norm(name="final_norm")(u), counts
+    h = norm(name="final_norm")(u)
+    return (h, counts) if caches is None else (h, counts, new_caches)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,10 +418,12 @@ def _stack_cached_scanned(cfg, layers: Params, caches: Params, h, segment_ids, i
 
 
 def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Params, *,
-                 segment_ids: jax.Array | None = None, all_logits: bool = False) -> tuple[jax.Array, Params]:
+                 segment_ids: jax.Array | None = None, all_logits: bool = False, return_hidden: bool = False
+                 ) -> tuple[jax.Array, ...]:
   """Runs `tokens` [B, T] as the next T slots of every row of `cache`: prefill (T = prompt, empty cache),
   a chunk of a longer prefill, or one decoding step (T = 1). Returns (logits, updated cache): f32 [B, V]
-  of the last position, or [B, T, V] with `all_logits`.
+  of the last position, or [B, T, V] with `all_logits`. `return_hidden` adds a third output, the hidden
+  states after the final norm (the input of the MTP heads), [B, D] or [B, T, D] like the logits.
 
   segment_ids [B, T] (default SEQUENCE_SEGMENT everywhere) follow the document rule of the SSD reference
   across calls too: the cached Mamba state belongs to the document of the last filled slot and flows into
@@ -445,6 +459,45 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
   if not all_logits:
     h = h[:, -1:]
   head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
-  _, logits = Head(cfg).apply({"params": head_params}, h, params["embedder"]["embedding"])
+  hidden, logits = Head(cfg).apply({"params": head_params}, h, params["embedder"]["embedding"])
   new_cache = {**caches, "segment_ids": slot_segments, "index": index + t}
+  if return_hidden:
+    return (logits, new_cache, hidden) if all_logits else (logits[:, 0], new_cache, hidden[:, 0])
   return (logits if all_logits else logits[:, 0]), new_cache
+
+
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
+  """Empty KV caches of the MTP modules' attention layers (speculative decoding), slot for slot beside
+  `init_cache`'s: {"<module>": {"k", "v": [La_mtp, B, S, K, H]}}, one entry per physical MTP module and
+  La_mtp = attention layers in `mtp_blocks`. Slot i holds the module's keys and values at position i."""
+  if not cfg.num_nextn_predict_layers:
+    raise ValueError("the model has no MTP modules (num_nextn_predict_layers=0)")
+  n = sum(k == Block.ATTENTION for k in cfg.mtp_blocks)
+  kv = (n, batch, cache_length(max_len), cfg.num_key_value_heads, cfg.head_dim)
+  dtype = _common.dtype_of(cfg.dtype)
+  return {str(m): {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)}
+          for m in range(cfg.num_nextn_predict_layers)}
+
+
+def mtp_apply_cached(cfg: ModelConfig, params: Params, module: int, tokens: jax.Array, h_prev: jax.Array,
+                     mtp_cache: Params, *, index: jax.Array, slot_segments: jax.Array,
+                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Params]:
+  """MTP module `module` over T positions written at slots `index + t` of its cache (speculative drafting).
+
+  tokens [B, T]: the token after each position; h_prev [B, T, D]: the hidden state that predicted it (the
+  main model's after the final norm, or an earlier MTP output). mtp_cache: the module's entry of
+  `init_mtp_cache`; slot_segments [B, S]: the segment id of every slot, these T included (the main cache's
+  rule: a position attends to earlier slots of its own segment); segment_ids [B, T] default SEQUENCE_SEGMENT.
+  Returns (logits f32 [B, T, V] of the token after next, h^k [B, T, D], the updated module cache).
+  """
+  _check_tokens(cfg, tokens, segment_ids)
+  segment_ids = (jnp.full(tokens.shape, SEQUENCE_SEGMENT, jnp.int32) if segment_ids is None
+                 else segment_ids.astype(jnp.int32))
+  emb = Embedder(cfg).apply({"params": params["embedder"]}, tokens.astype(jnp.int32))
+  n = mtp_cache["k"].shape[0]
+  caches = [{"k": mtp_cache["k"][i], "v": mtp_cache["v"][i]} for i in range(n)]
+  h, _, caches = MTPModule(cfg).apply({"params": params["mtp"][str(module)]}, emb, h_prev, segment_ids, caches,
+                                      index, slot_segments)
+  new_cache = {name: jnp.stack([c[name].astype(mtp_cache[name].dtype) for c in caches]) if caches
+               else mtp_cache[name] for name in ("k", "v")}
+  return project_to_vocab(cfg, h, lm_head_weight(cfg, params)), h, new_cache

@@ -7,8 +7,6 @@ with a small WordLevel tokenizer.json trained here (nothing is downloaded). Shap
 """
 
 import os
-import runpy
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -240,13 +238,10 @@ def test_stop_strings_and_streaming(ckpts, tok):
   assert rows[0].token_ids == full.token_ids  # batching does not change a row
 
 
-def test_cli_streams_the_answer(ckpts, capsys, monkeypatch):
+def test_cli_streams_the_answer(ckpts, capsys, run_cli):
   _, ckpt, _, _ = ckpts["dense"]
-  monkeypatch.setattr(sys, "argv", ["n3jax.generate", f"--ckpt={ckpt}", "--prompt=hello world", "--reasoning=off",
-                                    "--max_new_tokens=8", "--max_len=64"])
-  with pytest.raises(SystemExit) as e:
-    runpy.run_module("n3jax.generate", run_name="__main__")
-  assert e.value.code in (0, None)
+  assert run_cli("n3jax.generate", f"--ckpt={ckpt}", "--prompt=hello world", "--reasoning=off",
+                 "--max_new_tokens=8", "--max_len=64") == 0
   out, err = capsys.readouterr()
   assert out.strip() and "tokens" in err
 

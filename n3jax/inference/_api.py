@@ -3,6 +3,7 @@
     out = generate("/ckpt/nano3", "Why is the sky blue?", thinking_budget=256, temperature=0.6, top_p=0.95)
     out.answer, out.reasoning, out.tool_calls, out.finish_reason
     for deltas in stream("/ckpt/nano3", ["a", "b"], reasoning=False): ...   # Deltas per step, as they come
+    out = generate("/ckpt/super", "Why?", speculative_k=3)   # MTP speculative decoding (models with MTP heads)
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from n3jax import checkpointing
 from n3jax.configs import ModelConfig
-from n3jax.inference import _generate, chat
+from n3jax.inference import _generate, _speculative, chat
 from n3jax.inference._sampling import sampling_params
+from n3jax.inference._speculative import SpeculativeStats
 
 __all__ = ["Generation", "generate", "stream", "load_tokenizer", "stop_token_ids"]
 
@@ -32,6 +34,7 @@ class Generation:
   finish_reason: str               # "stop" or "length"
   thinking_tokens: int
   prompt_tokens: int
+  speculative: SpeculativeStats | None = None  # with speculative_k: verify steps, drafts made and kept
 
 
 def load_tokenizer(ckpt_dir: str, cfg: ModelConfig):
@@ -80,7 +83,8 @@ def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
   return (list(messages) if batch else [messages]), batch
 
 
-def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling):
+def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling,
+             speculative_k):
   if isinstance(model, (str, os.PathLike)):
     ckpt_dir = os.fspath(model)
     cfg = checkpointing.load_config(ckpt_dir)  # fails early, before any weights are read
@@ -90,6 +94,8 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     if tokenizer is None:
       raise ValueError("generating from (cfg, params) needs tokenizer= (an n3jax.data tokenizer or a path)")
     tok = tokenizer
+  if speculative_k is not None:  # before any weights are read
+    _speculative.check(cfg, None, speculative_k)
   if isinstance(tok, (str, os.PathLike)):
     from n3jax.data import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
     tok = _load(os.fspath(tok), pad_id=cfg.pad_token_id or 0, bos_id=cfg.bos_token_id or 1,
@@ -114,22 +120,23 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
 def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None, chat_mode: bool = True,
            system: str | None = None, tools=None, reasoning: bool = True, thinking_budget: int | None = None,
            max_new_tokens: int = 256, max_len: int | None = None, stop: Sequence[str] = (),
-           prefill_chunk: int | None = None, rows_out: list | None = None,
+           prefill_chunk: int | None = None, rows_out: list | None = None, speculative_k: int | None = None,
            **sampling) -> Iterator[list[_generate.Delta]]:
   """Like `generate`, but yields each step's Deltas (row, token id, released text) as they come."""
   cfg, params, _, prompts, _, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k)
   yield from _generate.stream_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
                                      prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
-                                     rows_out=rows_out, **kwargs)
+                                     rows_out=rows_out, speculative_k=speculative_k, **kwargs)
 
 
 def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None,
              chat_mode: bool = True, system: str | None = None, tools=None, reasoning: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 256, max_len: int | None = None,
              stop: Sequence[str] = (), prefill_chunk: int | None = None,
-             on_token: Callable[[_generate.Delta], None] | None = None, **sampling) -> Generation | list[Generation]:
+             on_token: Callable[[_generate.Delta], None] | None = None, speculative_k: int | None = None,
+             **sampling) -> Generation | list[Generation]:
   """Generates from an n3jax checkpoint directory (or a `(cfg, params)` pair with `tokenizer=`).
 
   prompt: a user message (or a list: a batch) put into the chat template, or raw text with
@@ -139,19 +146,23 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   stop: stop strings (EOS and `<|im_end|>` always stop). max_len: the cache size (default prompt +
   max_new_tokens). on_token: called with every Delta as it is generated. **sampling: `SamplingParams`
   fields (temperature, top_k, top_p, min_p, repetition_penalty, seed); anything else is an error.
+  speculative_k: MTP speculative decoding (models with MTP heads, e.g. Nemotron 3 Super): the MTP heads
+  draft k tokens and the main model checks them in one forward; greedy output is the same as without it,
+  sampled output has the same distribution. `Generation.speculative` then reports the acceptance.
   Returns one Generation, or a list for a batch.
   """
   cfg, params, _, prompts, batch, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k)
   done = _generate.generate_tokens(cfg, params, prompts, on_token=on_token, max_new_tokens=max_new_tokens,
                                    max_len=max_len, prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
-                                   **kwargs)
+                                   speculative_k=speculative_k, **kwargs)
   out = []
   for p, c in zip(prompts, done):
     started = chat_mode and reasoning
     reasoning_text, answer = chat.split_reasoning(c.text, started_in_thinking=started) if chat_mode else (None, c.text)
     out.append(Generation(text=c.text, answer=answer, reasoning=reasoning_text,
                           tool_calls=chat.parse_tool_calls(answer) if chat_mode else [], token_ids=c.token_ids,
-                          finish_reason=c.finish_reason, thinking_tokens=c.thinking_tokens, prompt_tokens=len(p)))
+                          finish_reason=c.finish_reason, thinking_tokens=c.thinking_tokens, prompt_tokens=len(p),
+                          speculative=c.speculative))
   return out if batch else out[0]

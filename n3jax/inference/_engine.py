@@ -89,15 +89,10 @@ def _extend(cfg: ModelConfig, params: Params, tokens, segment_ids, cache):
   return models.apply_cached(cfg, params, tokens, cache, segment_ids=segment_ids)
 
 
-def prefill(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: int,
-            chunk: int | None = None) -> tuple[jax.Array, Params]:
-  """Left-aligned prompts (see `left_align`) -> (logits f32 [B, V] of each row's last token, cache).
-
-  The cache holds `max_len` tokens (prompt columns included). `chunk` columns run per compiled call
-  (None: the whole prompt in one call); the prompt is left-padded to a multiple of it.
-  """
+def prefill_chunks(tokens, segment_ids, *, max_len: int, chunk: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+  """-> (tokens, segment_ids) left-padded to a multiple of the chunk, and the chunk (see `prefill`)."""
   tokens, segment_ids = np.asarray(tokens, np.int32), np.asarray(segment_ids, np.int32)
-  bsz, length = tokens.shape
+  length = tokens.shape[1]
   if length > max_len:
     raise ValueError(f"the prompt has {length} columns (padding included) but the cache holds {max_len=} tokens; "
                      "raise max_len or shorten the prompt")
@@ -108,6 +103,18 @@ def prefill(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: i
   pad = total - length
   tokens = np.pad(tokens, ((0, 0), (pad, 0)))
   segment_ids = np.pad(segment_ids, ((0, 0), (pad, 0)), constant_values=models.PAD_SEGMENT)
+  return tokens, segment_ids, chunk
+
+
+def prefill(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: int,
+            chunk: int | None = None) -> tuple[jax.Array, Params]:
+  """Left-aligned prompts (see `left_align`) -> (logits f32 [B, V] of each row's last token, cache).
+
+  The cache holds `max_len` tokens (prompt columns included). `chunk` columns run per compiled call
+  (None: the whole prompt in one call); the prompt is left-padded to a multiple of it.
+  """
+  tokens, segment_ids, chunk = prefill_chunks(tokens, segment_ids, max_len=max_len, chunk=chunk)
+  bsz, total = tokens.shape
   cache = _empty_cache(cfg, bsz, max_len)
   logits = None
   for start in range(0, total, chunk):

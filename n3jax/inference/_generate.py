@@ -4,11 +4,16 @@ The device picks every token (sampling is inside the compiled step); the host wa
 tokens, stop strings and the thinking budget, and can force the next token of a row (the close marker of
 a thinking section). Without a thinking budget the host never forces anything, so step k+1 is dispatched
 before step k's tokens are read and the host work overlaps the device.
+
+With `speculative_k` (models with MTP heads) each compiled step is a speculative round instead
+(`_speculative`): up to k + 1 tokens per row per step, the same tokens as plain greedy decoding (or, when
+sampling, the same distribution). The thinking budget caps how many drafts a row may keep in a round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
@@ -16,8 +21,9 @@ import numpy as np
 
 from n3jax import models
 from n3jax.configs import ModelConfig
-from n3jax.inference import _engine
+from n3jax.inference import _engine, _speculative
 from n3jax.inference._sampling import SamplingParams
+from n3jax.inference._speculative import SpeculativeStats
 
 __all__ = ["Delta", "Completion", "stream_tokens", "generate_tokens"]
 
@@ -38,6 +44,7 @@ class Completion:
   text: str | None              # decoded text (None without a detokenizer), stop token and stop string cut
   finish_reason: str            # "stop": a stop token or string; "length": max_new_tokens or the cache is full
   thinking_tokens: int = 0      # tokens generated inside a thinking section
+  speculative: SpeculativeStats | None = None  # draft acceptance, with speculative_k
 
 
 @dataclasses.dataclass
@@ -131,12 +138,27 @@ class _Text:
     return out
 
 
+def _advance(b: int, row: _Row, tok: int, *, last: bool, stops: set[int], think: _Think, text: _Text) -> Delta:
+  """Appends one generated token to a row: thinking, stop tokens and strings; `last`: no more may follow."""
+  row.ids.append(tok)
+  think.track(row, tok)
+  if tok in stops:  # the stop token itself is not text
+    row.done, row.finish_reason = True, "stop"
+    text.flush(row)
+  elif text.add(row, tok):
+    row.done, row.finish_reason = True, "stop"
+  elif last:
+    row.done = True  # "length": max_new_tokens or the cache is full
+    text.flush(row)
+  return Delta(b, tok, text.release(row), row.finish_reason if row.done else None)
+
+
 def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
                   stop_strings: Sequence[str] = (), decode: Callable[[Sequence[int]], str] | None = None,
                   max_len: int | None = None, prefill_chunk: int | None = None, thinking_budget: int | None = None,
                   think_ids: tuple[int | None, int | None] = (None, None), rows_out: list | None = None,
-                  ) -> Iterator[list[Delta]]:
+                  speculative_k: int | None = None) -> Iterator[list[Delta]]:
   """Generates for a batch of token prompts; yields, per step, the Deltas of the rows still running.
 
   max_len: cache size in tokens (default: the padded prompt plus max_new_tokens); a prompt longer than it
@@ -144,9 +166,14 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   marker ids; with `thinking_budget` N a row that has generated N tokens inside a thinking section is
   given the close marker as its next token and goes on with its answer. `rows_out` (a list) receives the
   per-row results as `Completion`s when the stream ends.
+  speculative_k: MTP speculative decoding with k drafts per step (models with MTP heads only; see
+  `_speculative`). The default cache then also holds the k draft slots of the last step, and, for a batch,
+  the slots of rows that keep fewer tokens than the best row of a step ((k + 1) * max_new_tokens in all).
   """
   if max_new_tokens < 1:
     raise ValueError(f"{max_new_tokens=} must be >= 1")
+  if speculative_k is not None:
+    _speculative.check(cfg, params, speculative_k)
   think = _Think(*think_ids, thinking_budget)
   text = _Text(decode, stop_strings)
   longest = max((len(p) for p in prompts), default=0)
@@ -157,20 +184,32 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     width = _engine.padded_length(longest, prefill_chunk, limit=max(longest, max_len - max_new_tokens + 1))
   else:
     width = _engine.padded_length(longest, prefill_chunk)
-    max_len = width + max_new_tokens
+    max_len = (width + max_new_tokens if speculative_k is None
+               else _speculative.cache_size(width, max_new_tokens, speculative_k, len(prompts)))
   tokens, segments = _engine.left_align(prompts, length=width, pad_id=cfg.pad_token_id or 0)
   rows = [_Row(ids=[], thinking=think.starts_inside(tokens[b][segments[b] == models.SEQUENCE_SEGMENT]))
           for b in range(len(tokens))]
   stops = set(int(t) for t in stop_tokens)
   sampling, seed = dataclasses.replace(sampling, seed=0), sampling.seed  # the seed is data, not a compile key
   lookahead = thinking_budget is None
+  advance = functools.partial(_advance, stops=stops, think=think, text=text)
 
   def forced() -> jnp.ndarray:
     return jnp.asarray([think.close_id if not r.done and think.must_close(r) else -1 for r in rows], jnp.int32)
 
+  state = _engine.sampling_state(cfg, tokens, segments, sampling, seed=seed)
+  if speculative_k is not None:
+    stats = [SpeculativeStats() for _ in rows]
+    yield from _stream_speculative(cfg, params, tokens, segments, rows, stats, state, advance, forced, think,
+                                   k=speculative_k, max_new_tokens=max_new_tokens, max_len=max_len,
+                                   prefill_chunk=prefill_chunk, sampling=sampling, lookahead=lookahead)
+    if rows_out is not None:
+      rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens, st)
+                      for r, st in zip(rows, stats))
+    return
+
   logits, cache = _engine.prefill(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk)
   filled, slots = _engine.cache_room(cache)
-  state = _engine.sampling_state(cfg, tokens, segments, sampling, seed=seed)
   pending, state = _engine.choose_jit(logits, state, forced(), sampling=sampling)
   for step in range(max_new_tokens):
     more = step + 1 < max_new_tokens and filled + step < slots  # room for feeding this step's token
@@ -178,22 +217,7 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     if lookahead and more:
       nxt, cache, state = _engine.decode_sample(cfg, params, cache, pending, state, forced(), sampling=sampling)
     chosen = np.asarray(pending)
-    deltas = []
-    for b, row in enumerate(rows):
-      if row.done:
-        continue
-      tok = int(chosen[b])
-      row.ids.append(tok)
-      think.track(row, tok)
-      if tok in stops:  # the stop token itself is not text
-        row.done, row.finish_reason = True, "stop"
-        text.flush(row)
-      elif text.add(row, tok):
-        row.done, row.finish_reason = True, "stop"
-      elif not more:
-        row.done = True  # "length": max_new_tokens or the cache is full
-        text.flush(row)
-      deltas.append(Delta(b, tok, text.release(row), row.finish_reason if row.done else None))
+    deltas = [advance(b, row, int(chosen[b]), last=not more) for b, row in enumerate(rows) if not row.done]
     if deltas:
       yield deltas
     if all(r.done for r in rows) or not more:
@@ -203,6 +227,69 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     pending = nxt
   if rows_out is not None:
     rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens) for r in rows)
+
+
+def _stream_speculative(cfg, params, tokens, segments, rows: list[_Row], stats: list[SpeculativeStats], sstate,
+                        advance, forced, think: _Think, *, k: int, max_new_tokens: int, max_len: int,
+                        prefill_chunk: int | None, sampling: SamplingParams, lookahead: bool
+                        ) -> Iterator[list[Delta]]:
+  """The loop of `stream_tokens` with speculative rounds; once the cache has no room for a round's k + 1
+  slots it finishes with plain one-token steps."""
+  first, state = _speculative.start(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk, k=k,
+                                    sampling=sampling, sstate=sstate, forced=forced())
+  filled, slots = _engine.cache_room(state["cache"])
+  markers = jnp.asarray([-1 if i is None else i for i in (think.open_id, think.close_id)], jnp.int32)
+
+  def limits() -> jnp.ndarray:
+    """Drafts a row may keep before its thinking budget forces the close marker (-1: no budget); outside a
+    thinking section k + 1, which only stops the row's drafts at a thinking marker (see `_speculative._cap`)."""
+    if think.budget is None:
+      return jnp.full((len(rows),), -1, jnp.int32)
+    return jnp.asarray([-1 if r.done else max(0, think.budget - r.thinking_tokens) if r.thinking else k + 1
+                        for r in rows], jnp.int32)
+
+  def launch(state, filled: int):
+    """-> ((tokens [B, n], kept [B] or None, accepted [B] or None), state, slots it may fill), or None."""
+    if filled + k + 1 <= slots:
+      toks, kept, accepted, state = _speculative.step(cfg, params, state, limits(), markers, k=k, sampling=sampling)
+      return (toks, kept, accepted), state, k + 1
+    if filled < slots:  # no room for a round: plain steps (the MTP state is not needed any more)
+      nxt, cache, sst = _engine.decode_sample(cfg, params, state["cache"], state["pending"],
+                                              {"key": state["key"], "seen": state["seen"]}, forced(),
+                                              sampling=sampling)
+      return (nxt[:, None], None, None), {"cache": cache, "pending": nxt, **sst}, 1
+    return None
+
+  chosen = np.asarray(first)
+  yield [advance(b, row, int(chosen[b]), last=max_new_tokens == 1 or filled >= slots) for b, row in enumerate(rows)]
+  launched = None
+  while not all(r.done for r in rows):
+    launched = launched or launch(state, filled)
+    if launched is None:  # unreachable: a row whose last token has no room to be fed is done
+      break
+    (toks, kept, accepted), state, most = launched
+    launched = None
+    if lookahead and (most == 1 or filled + most + k + 1 <= slots):  # the next step is known: dispatch it first
+      launched = launch(state, filled + most)
+    toks = np.asarray(toks)
+    kept = np.ones(len(rows), np.int64) if kept is None else np.asarray(kept)
+    accepted = None if accepted is None else np.asarray(accepted)
+    filled += int(kept.max())
+    room = filled < slots  # for feeding this step's last token
+    deltas = []
+    for b, row in enumerate(rows):
+      if row.done:
+        continue
+      if accepted is not None:
+        st = stats[b]
+        st.verify_steps, st.drafted, st.accepted = st.verify_steps + 1, st.drafted + k, st.accepted + int(accepted[b])
+      for i in range(int(kept[b])):
+        last = len(row.ids) + 1 >= max_new_tokens or (not room and i == kept[b] - 1)
+        deltas.append(advance(b, row, int(toks[b, i]), last=last))
+        if row.done:
+          break
+    if deltas:
+      yield deltas
 
 
 def generate_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,

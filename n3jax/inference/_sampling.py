@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SamplingParams", "sampling_params", "sample"]
+__all__ = ["SamplingParams", "sampling_params", "sample", "distribution"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,3 +81,28 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.
     keep &= probs >= params.min_p * probs[:, :1]
   choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)  # [B] index into k
   return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def distribution(logits: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
+  """logits [B, V] -> the probabilities [B, V] f32 that `sample` draws from (one-hot of the argmax when
+  greedy): the same penalty, temperature and filters. Speculative decoding needs them explicitly."""
+  logits = logits.astype(jnp.float32)
+  if seen is not None:
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+  if params.greedy:
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  logits = logits / params.temperature
+  if params.top_k or params.top_p < 1 or params.min_p > 0:
+    k = min(params.top_k, logits.shape[-1]) if params.top_k else logits.shape[-1]
+    vals, ids = jax.lax.top_k(logits, k)                                     # [B, k] descending
+    keep = jnp.ones(vals.shape, bool)
+    if params.top_p < 1:
+      probs = jax.nn.softmax(vals, axis=-1)
+      keep &= jnp.cumsum(probs, axis=-1) - probs < params.top_p
+    if params.min_p > 0:
+      probs = jax.nn.softmax(vals, axis=-1)
+      keep &= probs >= params.min_p * probs[:, :1]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    kept = jnp.zeros(logits.shape, bool).at[rows, ids].set(keep)             # [B, V]
+    logits = jnp.where(kept, logits, -jnp.inf)
+  return jax.nn.softmax(logits, axis=-1)
