@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks n3jax owes, in parts that each fit one 10-minute device call. Results go to $OUT/<part>.log
+# (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
+#
+#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD Triton, MoE gmm), ~5 min
+#   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py vs jnp reference and mamba_ssm (ANCHORS shapes + Nano/Super)
+#   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
+#   bash benchmarks/gpu_session.sh train      # benchmarks/train_step.py vs anchor_hf_train.py (reduced-depth Nano)
+#   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B shape)
+#   bash benchmarks/gpu_session.sh quant      # benchmarks/quant.py: bf16 vs fp8 (native) vs nvfp4 (emulated)
+#
+# mamba_ssm's Triton sources (for `ssd`): fetch state-spaces/mamba, extract its `mamba_ssm/` into
+# third_party/mamba/ (git-ignored), empty third_party/mamba/mamba_ssm/__init__.py (ANCHORS.md: no compiled
+# extension is imported), and pass `carry: ["third_party"]` to the device call.
+# The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?part: kernels | ssd | moe | train | generate | quant}"
+out="${OUT:-/tmp/n3jax_gpu}"
+mkdir -p "$out"
+anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
+py="${PYTHON:-python}"
+# The device image has jax with CUDA; n3jax itself is used from the working tree.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+log="$out/$part.log"
+{
+  echo "# n3jax GPU part '$part' $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
+  case "$part" in
+    kernels)
+      # Compiled classes only (their interpret twins run in the CPU suite).
+      XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
+        "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" -rs ;;
+    ssd)
+      "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" ;;
+    moe)  # times torch._grouped_mm itself, in the same process
+      "$py" benchmarks/moe.py ;;
+    train)
+      "$py" benchmarks/train_step.py
+      [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
+        "$py" "$anchors/anchor_hf_train.py" ;;
+    generate)
+      "$py" benchmarks/generate.py --anchor=on --anchor_script="$anchors/anchor_hf_generate.py" ;;
+    quant)
+      "$py" benchmarks/quant.py --out="$out/quant.json" ;;
+    *)
+      echo "unknown part '$part'" >&2; exit 2 ;;
+  esac
+} 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
