@@ -179,11 +179,21 @@ def chunk_scan_bwd_kernel(
     dxs = SW^T dy + w o (B dstate^T)        dx = dt o dxs + D dy
     dB  = dS^T C + w o (xs dstate)          (summed over this program's heads)
     dC  = dS B + e o (dy h^T)               (summed over this program's heads)
-    dcum_l = rowsum(dS o S)_l - colsum(dS o S)_l - dw_l w_l + de_l e_l
-             + [l = L-1] sum_s dw_s w_s
-  where dw = rowsum((xs dstate) o B) and de = rowsum((dy h) o C). The carry
-  decay g = e_{L-1} of step 3 gets its gradient in `ops.py`.
-  Outputs: dx [L, H, P], ddt/dcum/dskip [H, L] (dskip_l = sum_p dy x, summed to
+  and, with dw = rowsum((xs dstate) o B) and de = rowsum((dy h) o C), the
+  gradient of a_i = dt_i A (cum_l = sum_{i <= l} a_i) from W, w and e:
+    da_i = sum_{l >= i, s < i} (dS o S)_ls + sum_{l >= i} de_l e_l
+           + sum_{s < i} dw_s w_s
+  (dW_ls / da_i = W_ls [s < i <= l], de_l / da_i = e_l [i <= l],
+  dw_s / da_i = w_s [s < i]). da is computed directly, never as the reverse
+  cumsum of dcum_l = rowsum(dS o S)_l - colsum(dS o S)_l + ...: under strong
+  decay the diagonal-dominated row and column sums cancel in that cumsum (it
+  cost 1e-4 to 2e-3 relative error in dA at L = 128). Each sum here adds only
+  terms of the result: the first as an inclusive cumsum over s (prefix_lj =
+  sum_{s <= j} (dS o S)_ls, giving da_{j+1}) then an exact one-token shift,
+  the others as masked [L, L] sums (no dot: float32 throughout). The term
+  <dstate, h_in> g of the carry decay g = e_{L-1}, the same for every i, is
+  added in `ops.py`.
+  Outputs: dx [L, H, P], ddt/da/dskip [H, L] (dskip_l = sum_p dy x, summed to
   dD in `ops.py`), db/dc [L, Q] float32.
   """
   if has_docs:
@@ -191,12 +201,16 @@ def chunk_scan_bwd_kernel(
     seg = seg_ref[...]
   else:
     outs, seg_ref, carry_ref, seg = list(rest), None, None, None
-  dx_ref, ddt_ref, dcum_ref, dskip_ref, db_ref, dc_ref = outs
+  dx_ref, ddt_ref, da_ref, dskip_ref, db_ref, dc_ref = outs
   chunk, _, _ = x_ref.shape
   head0 = pl.program_id(2) * heads
   cmat, bmat = c_ref[...], b_ref[...]
   cb = _dot(cmat, bmat, mm_dtype, trans_b=True)  # S [L, S] float32
-  last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+  rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  after = rows > cols  # [l > j]: rows index l or s, columns j
+  shift = rows + 1 == cols  # [j + 1 = i]: rows index j, columns i
+  first = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == 0
 
   def body(h, acc):
     db_acc, dc_acc = acc
@@ -221,16 +235,21 @@ def chunk_scan_bwd_kernel(
 
     dw_w = jnp.sum(xs_dstate * bmat.astype(_F32), axis=1) * w  # [L]
     de_e = jnp.sum(dy_h * cmat.astype(_F32), axis=1) * e
-    z = ds * cb
-    dcum = jnp.sum(z, axis=1) - jnp.sum(z, axis=0) - dw_w + de_e
-    dcum += jnp.where(last, jnp.sum(dw_w, axis=0), 0.0)
+    prefix = lax.cumsum(ds * cb, axis=1)  # sum_{s <= j} (dS o S)_ls [L, J]
+    # f_j = da_{j+1}: l > j take prefix_lj + de_l e_l, s <= j take dw_s w_s.
+    f = jnp.sum(
+        jnp.where(after, prefix + de_e[:, None], dw_w[:, None]), axis=0
+    )  # [J]
+    # da_i = f_{i-1} (one nonzero term per column: exact); da_0 = sum de e.
+    da = jnp.sum(jnp.where(shift, f[:, None], 0.0), axis=0)  # [I]
+    da += jnp.where(first, jnp.sum(de_e, axis=0), 0.0)
 
     dy = dy.astype(_F32)
     dx_ref[:, h, :] = (dxs * dt[:, None] + d_ref[head0 + h] * dy).astype(
         dx_ref.dtype
     )
     ddt_ref[h, :] = jnp.sum(dxs * x, axis=1)
-    dcum_ref[h, :] = dcum
+    da_ref[h, :] = da
     dskip_ref[h, :] = jnp.sum(dy * x, axis=1)
     return db_acc + db, dc_acc + dc
 

@@ -218,8 +218,8 @@ def bwd_kernel(
   G <- g G + dh_in with dh_in^T = (C^T o e) dy, and dh0 = G after chunk 0.
   da, the gradient of a_i = dt_i A (cum_l = sum_{i <= l} a_i), is written
   instead of dcum: its reverse cumsum over the chunk would cancel the
-  rowsum / colsum terms above catastrophically under strong decay (kernel.py
-  has that error: 2e-3 relative in dA at L = 128). Directly:
+  rowsum / colsum terms above catastrophically under strong decay (the
+  Triton kernel in kernel.py computes da directly too). Directly:
     da_i = sum_{l >= i, s < i} (dS o S)_ls + sum_{l >= i} de_l e_l
            + sum_{s < i} dw_s w_s + <G, h_in> g
   (the first sum as a [L, S] x [S, L] product with a 0/1 matrix).

@@ -18,6 +18,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -97,9 +98,37 @@ def _outputs_and_grads(fn, inputs, **kw):
     (y, h), vjp = jax.vjp(f, *args)
     wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
     wh = jnp.sin(jnp.arange(h.size, dtype=jnp.float32)).reshape(h.shape)
-    return (y, h) + vjp((wy.astype(y.dtype), wh))
+    return (y, h) + vjp((wy.astype(y.dtype), wh.astype(h.dtype)))
 
   return run(tuple(inputs[k] for k in _GRAD_ARGS))
+
+
+def _float64_outputs_and_grads(inputs, **kw):
+  """`_outputs_and_grads` of `ssd_reference` in float64 (numpy arrays).
+
+  The reference computes in float32 by design; under x64 its float32 dtype
+  constant is patched to float64, which makes every step float64 (checked on
+  the outputs' dtypes).
+  """
+  with jax.enable_x64(True), mock.patch.object(reference, "_F32", jnp.float64):
+    inputs = {
+        k: None if v is None else jnp.asarray(np.asarray(v, np.float64))
+        for k, v in inputs.items()
+    }
+    out = _outputs_and_grads(reference.ssd_reference, inputs, **kw)
+    assert all(v is None or v.dtype == jnp.float64 for v in out), out
+    return tuple(None if v is None else np.asarray(v) for v in out)
+
+
+def _strong_decay_inputs(shape: _Shape, seed=0):
+  """float32 inputs with A in [-8, -1], dt in [0, 1] before softplus."""
+  inputs = _inputs(shape, jnp.float32, seed)
+  rng = np.random.default_rng(seed + 100)
+  b, t, m = shape.batch, shape.seqlen, shape.nheads
+  inputs["A"] = -jnp.asarray(np.exp(rng.uniform(0.0, np.log(8.0), (m,))),
+                             jnp.float32)
+  inputs["dt"] = jnp.asarray(rng.uniform(0.0, 1.0, (b, t, m)), jnp.float32)
+  return inputs
 
 
 # Reference results by test method name: the backends' suites share them.
@@ -222,6 +251,33 @@ class SsdTest(parameterized.TestCase):
     got = _outputs_and_grads(self._ssd(block_sizes=block_sizes), inputs, **kw)
     want = self._want(inputs, **kw)
     self._assert_matches(got, want, jnp.float32)
+
+  @parameterized.named_parameters(("plain", False), ("docs", True))
+  def test_decay_grads_at_chunk_128_match_float64(self, use_docs):
+    """dA, ddt, ddt_bias (and the rest) at chunk 128 under strong decay.
+
+    Against a float64 reference. The gradient of the chunk-local cumsum,
+    reverse-cumsummed into that of a = dt A, cancels catastrophically here
+    (the Triton backward did that: 1.4e-4 / 1.9e-4 of max|dA| off); the
+    kernels now sum da directly. The float32 reference meets the tolerance by
+    > 100x, the kernels by ~3x: their floor is W = exp(cum_l - cum_s) from a
+    float32 cum of magnitude up to ~1e3. No SCALE: 128 is a compiled TPU
+    chunk size too.
+    """
+    shape = _Shape(batch=1, seqlen=256, nheads=2, headdim=16, dstate=16,
+                   ngroups=1)
+    inputs = _strong_decay_inputs(shape)
+    kw = dict(
+        chunk_size=128,
+        doc_ids=_doc_ids(1, shape.seqlen, 8) if use_docs else None,
+    )
+    got = _outputs_and_grads(self._ssd(**self.DEFAULT_KW), inputs, **kw)
+    want = _float64_outputs_and_grads(inputs, **kw)
+    for name, g, w in zip(_OUT_NAMES, got, want, strict=True):
+      g = np.asarray(g, np.float64)
+      np.testing.assert_allclose(
+          g, w, atol=5e-5 * np.abs(w).max(), rtol=5e-5, err_msg=name
+      )
 
 
 class SsdInterpretTest(SsdTest):
