@@ -34,7 +34,7 @@ from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
 __all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
-           "cache_length", "unstack_layers", "init_mtp_cache", "mtp_apply_cached"]
+           "cache_logical_axes", "cache_length", "unstack_layers", "init_mtp_cache", "mtp_apply_cached"]
 
 Params = dict[str, Any]
 
@@ -352,6 +352,26 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
   return cache
 
 
+def cache_logical_axes(cfg: ModelConfig) -> Params:
+  """Logical `PartitionSpec`s of `init_cache(cfg, ...)`'s pytree, leaf for leaf.
+
+  Rows go over the batch axes (`ACT_BATCH`), Mamba heads / B-C groups and KV heads over whatever the layout
+  splits them by (`SSM_HEADS`, `SSM_GROUPS`, `KV_HEADS`), like the weights that write them; the layer
+  axis and the slot axis stay whole. `sharding.cache_shardings` maps them onto a mesh.
+  """
+  P = jax.sharding.PartitionSpec
+  axes: Params = {"segment_ids": P(shd.ACT_BATCH, None), "index": P()}
+  if cfg.count(Block.MAMBA):
+    conv_bc = P(shd.LAYERS, shd.ACT_BATCH, shd.CONV_WIDTH, shd.SSM_GROUPS, shd.SSM_STATE)
+    axes["mamba"] = {"conv_x": P(shd.LAYERS, shd.ACT_BATCH, shd.CONV_WIDTH, shd.SSM_HEADS, shd.SSM_HEAD_DIM),
+                     "conv_B": conv_bc, "conv_C": conv_bc,
+                     "ssm": P(shd.LAYERS, shd.ACT_BATCH, shd.SSM_HEADS, shd.SSM_HEAD_DIM, shd.SSM_STATE)}
+  if cfg.count(Block.ATTENTION):
+    kv = P(shd.LAYERS, shd.ACT_BATCH, None, shd.KV_HEADS, shd.HEAD_DIM)
+    axes["attention"] = {"k": kv, "v": kv}
+  return axes
+
+
 def _cached_layer(cfg, kind: Block, p: Params, c: Params | None, h, segment_ids, index, slot_segments):
   """One layer with its cache (None for MLP / MoE) -> (h, updated cache or None)."""
   h, aux = Layer(cfg, kind).apply({"params": p}, h, segment_ids, c, index, slot_segments)
@@ -451,6 +471,7 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
   slot_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)  # [B, S]
 
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
+  h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))  # a no-op outside use_mesh
   unstacked = any(isinstance(v, list) for v in params["layers"].values())
   if unstacked and cfg.scan_layers:
     raise ValueError("params from `unstack_layers` need scan_layers=False")

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_shardings", "init_sharded",
-           "batch_sharding", "logical_to_mesh"]
+           "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding"]
 
 # --- Parameter axes ---
 LAYERS = "layers"              # stacked layers of one block kind (scan axis); never sharded
@@ -144,6 +144,45 @@ def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules_name: str) -> Any:
   shardings = param_shardings(cfg, mesh, rules_name)
   with use_mesh(mesh, rules_name):
     return jax.jit(lambda k: models.init(cfg, k), out_shardings=shardings)(key)
+
+
+def named_sharding(mesh: Mesh, rules_name: str, axes: tuple[str | None, ...]) -> NamedSharding:
+  """The `NamedSharding` of an array whose dimensions have the logical names `axes`, under a layout."""
+  return NamedSharding(mesh, logical_to_mesh(PartitionSpec(*axes), rules_name))
+
+
+def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: int) -> Any:
+  """`NamedSharding` per leaf of `models.init_cache(cfg, batch, max_len)` under a layout
+  (`models.cache_logical_axes`), checked for divisibility: the rows over the batch axes, Mamba heads and
+  groups and KV heads over the tensor axis where the layout splits them."""
+  from n3jax import models  # lazy, as in `param_shardings`
+  logical = models.cache_logical_axes(cfg)
+  shapes = jax.eval_shape(lambda: models.init_cache(cfg, batch, max_len))
+  specs = logical_to_mesh(logical, rules_name)
+
+  def check(path, names, spec, leaf):
+    for dim, name, axes in zip(leaf.shape, names, spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        what = f"a batch of {dim} rows" if name == ACT_BATCH else f"{dim} {name}"
+        raise ValueError(f"Cache {jax.tree_util.keystr(path)} {leaf.shape}: {what} cannot be split over mesh axes "
+                         f"{axes} ({size} shards) of mesh {dict(mesh.shape)} under layout {rules_name!r}: "
+                         f"{dim} % {size} != 0")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(check, logical, specs, shapes,
+                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_cache_sharded(cfg, batch: int, max_len: int, mesh: Mesh, rules_name: str) -> Any:
+  """Empty generation caches (`models.init_cache`) created directly in their shards."""
+  from n3jax import models
+  shardings = cache_shardings(cfg, mesh, rules_name, batch=batch, max_len=max_len)
+  with use_mesh(mesh, rules_name):
+    return jax.jit(lambda: models.init_cache(cfg, batch, max_len), out_shardings=shardings)()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

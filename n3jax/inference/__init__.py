@@ -9,6 +9,8 @@ Import from here; `_*.py` files are private.
     completions = generate_tokens(cfg, params, prompts, max_new_tokens=64, sampling=SamplingParams(...))
     out = generate("/ckpt/super", "Why?", speculative_k=3)            # MTP drafts 3, one verify forward
     out.speculative.mean_accepted                                     # drafts kept per verify step
+    completions = generate_tokens(cfg, params, prompts, max_new_tokens=64, mesh=mesh, layout="fsdp_tp_ep")
+                                  # on a mesh: params + caches sharded, decode compiled once
 """
 
 from n3jax.inference import chat

@@ -4,6 +4,8 @@
     out.answer, out.reasoning, out.tool_calls, out.finish_reason
     for deltas in stream("/ckpt/nano3", ["a", "b"], reasoning=False): ...   # Deltas per step, as they come
     out = generate("/ckpt/super", "Why?", speculative_k=3)   # MTP speculative decoding (models with MTP heads)
+    mesh = n3jax.sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    outs = generate("/ckpt/super", ["a", "b", "c", "d"], mesh=mesh, layout="fsdp_tp_ep")  # params + caches sharded
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from n3jax import checkpointing
 from n3jax.configs import ModelConfig
-from n3jax.inference import _generate, _speculative, chat
+from n3jax.inference import _engine, _generate, _speculative, chat
 from n3jax.inference._sampling import sampling_params
 from n3jax.inference._speculative import SpeculativeStats
 
@@ -84,7 +86,7 @@ def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
 
 
 def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling,
-             speculative_k):
+             speculative_k, sharded=False):
   if isinstance(model, (str, os.PathLike)):
     ckpt_dir = os.fspath(model)
     cfg = checkpointing.load_config(ckpt_dir)  # fails early, before any weights are read
@@ -96,6 +98,9 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     tok = tokenizer
   if speculative_k is not None:  # before any weights are read
     _speculative.check(cfg, None, speculative_k)
+    if sharded:
+      raise NotImplementedError("speculative decoding (speculative_k) does not run on a mesh yet; drop mesh= or "
+                                "speculative_k=")
   if isinstance(tok, (str, os.PathLike)):
     from n3jax.data import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
     tok = _load(os.fspath(tok), pad_id=cfg.pad_token_id or 0, bos_id=cfg.bos_token_id or 1,
@@ -109,8 +114,8 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
       raise ValueError("messages, tools and system need the chat template (chat_mode=True)")
     texts = [c[-1]["content"] for c in convs]
   prompts = [chat.encode(tok, t) for t in texts]
-  if isinstance(model, (str, os.PathLike)):
-    cfg, params = checkpointing.load(ckpt_dir)
+  if isinstance(model, (str, os.PathLike)):  # on a mesh: read to host memory, then put into shards
+    params = checkpointing.load_params(ckpt_dir, as_numpy=sharded)
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
                 stop_strings=tuple(stop), decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))
@@ -121,14 +126,16 @@ def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, t
            system: str | None = None, tools=None, reasoning: bool = True, thinking_budget: int | None = None,
            max_new_tokens: int = 256, max_len: int | None = None, stop: Sequence[str] = (),
            prefill_chunk: int | None = None, rows_out: list | None = None, speculative_k: int | None = None,
-           **sampling) -> Iterator[list[_generate.Delta]]:
+           mesh=None, layout: str | None = None, **sampling) -> Iterator[list[_generate.Delta]]:
   """Like `generate`, but yields each step's Deltas (row, token id, released text) as they come."""
   cfg, params, _, prompts, _, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
+      sharded=_engine.check_mesh(mesh, layout))
   yield from _generate.stream_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
                                      prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
-                                     rows_out=rows_out, speculative_k=speculative_k, **kwargs)
+                                     rows_out=rows_out, speculative_k=speculative_k, mesh=mesh, layout=layout,
+                                     **kwargs)
 
 
 def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None,
@@ -136,7 +143,7 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
              thinking_budget: int | None = None, max_new_tokens: int = 256, max_len: int | None = None,
              stop: Sequence[str] = (), prefill_chunk: int | None = None,
              on_token: Callable[[_generate.Delta], None] | None = None, speculative_k: int | None = None,
-             **sampling) -> Generation | list[Generation]:
+             mesh=None, layout: str | None = None, **sampling) -> Generation | list[Generation]:
   """Generates from an n3jax checkpoint directory (or a `(cfg, params)` pair with `tokenizer=`).
 
   prompt: a user message (or a list: a batch) put into the chat template, or raw text with
@@ -149,14 +156,20 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   speculative_k: MTP speculative decoding (models with MTP heads, e.g. Nemotron 3 Super): the MTP heads
   draft k tokens and the main model checks them in one forward; greedy output is the same as without it,
   sampled output has the same distribution. `Generation.speculative` then reports the acceptance.
+  mesh, layout: generate on a device mesh (`n3jax.sharding.make_mesh`) under a layout of
+  `n3jax.sharding.AXIS_RULES` ("fsdp", "fsdp_tp_ep", ...): a checkpoint is read to host memory and put
+  straight into its shards (`(cfg, params)` are placed with `sharding.param_shardings` unless already so),
+  the caches are sharded to match (rows over the batch axes, Mamba and KV heads over the tensor axis where
+  the layout splits them) and decoding compiles once. The number of prompts must divide over the batch axes.
   Returns one Generation, or a list for a batch.
   """
   cfg, params, _, prompts, batch, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
+      sharded=_engine.check_mesh(mesh, layout))
   done = _generate.generate_tokens(cfg, params, prompts, on_token=on_token, max_new_tokens=max_new_tokens,
                                    max_len=max_len, prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
-                                   speculative_k=speculative_k, **kwargs)
+                                   speculative_k=speculative_k, mesh=mesh, layout=layout, **kwargs)
   out = []
   for p, c in zip(prompts, done):
     started = chat_mode and reasoning

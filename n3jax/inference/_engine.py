@@ -10,6 +10,12 @@ never reads a padding slot, so a padded row computes exactly what the unpadded p
     logits, cache = prefill(cfg, params, tokens, segment_ids, max_len=...)
     logits, cache = decode_logits(cfg, params, cache, next_tokens)      # one token per row
 
+On a mesh (`mesh=` and `layout=`, a `sharding.AXIS_RULES` name) the params are placed with
+`sharding.param_shardings`, the cache is created in its shards (`sharding.cache_shardings`: rows over the
+batch axes, Mamba heads / groups and KV heads over the tensor axis where the layout splits them) and every
+step is compiled under `sharding.use_mesh` with the cache's shardings as its output shardings, so decoding
+compiles once and keeps the layout (`sharded_steps`).
+
 `prefill` runs the prompt in chunks of `chunk` columns (memory bound for long prompts and big batches);
 the prompt is left-padded further to a multiple of the chunk (or to a power of two when it fits one),
 which bounds the number of compiled shapes.
@@ -24,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from n3jax import models
+from n3jax import models, sharding
 from n3jax.configs import ModelConfig
 from n3jax.inference import _sampling
 
-__all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room"]
+__all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room",
+           "sharded_steps", "check_mesh"]
 
 Params = Any
 _MIN_BUCKET = 8
@@ -107,14 +114,18 @@ def prefill_chunks(tokens, segment_ids, *, max_len: int, chunk: int | None) -> t
 
 
 def prefill(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: int,
-            chunk: int | None = None) -> tuple[jax.Array, Params]:
+            chunk: int | None = None, mesh=None, layout: str | None = None) -> tuple[jax.Array, Params]:
   """Left-aligned prompts (see `left_align`) -> (logits f32 [B, V] of each row's last token, cache).
 
   The cache holds `max_len` tokens (prompt columns included). `chunk` columns run per compiled call
   (None: the whole prompt in one call); the prompt is left-padded to a multiple of it.
+  mesh, layout: run on a `sharding.make_mesh` mesh under a layout (see `sharded_steps`); the cache comes
+  back sharded. `params` are best placed first (`sharded_steps(...).place(params)`), else each call moves them.
   """
   tokens, segment_ids, chunk = prefill_chunks(tokens, segment_ids, max_len=max_len, chunk=chunk)
   bsz, total = tokens.shape
+  if check_mesh(mesh, layout):
+    return sharded_steps(cfg, mesh, layout, bsz, max_len).prefill(params, tokens, segment_ids, chunk)
   cache = _empty_cache(cfg, bsz, max_len)
   logits = None
   for start in range(0, total, chunk):
@@ -160,3 +171,98 @@ def sampling_state(cfg: ModelConfig, tokens: np.ndarray, segment_ids: np.ndarray
     rows, cols = np.nonzero(segment_ids == models.SEQUENCE_SEGMENT)
     seen[rows, tokens[rows, cols]] = True
   return {"key": jax.random.key(sampling.seed if seed is None else seed), "seen": jnp.asarray(seen)}
+
+
+def check_mesh(mesh, layout: str | None) -> bool:
+  """Whether generation runs on a mesh; a layout without a mesh (or the reverse) is an error."""
+  if mesh is None and layout is None:
+    return False
+  if mesh is None or layout is None:
+    raise ValueError(f"sharded generation needs both mesh= and layout= (one of {sorted(sharding.AXIS_RULES)}), "
+                     f"got mesh={mesh} layout={layout!r}")
+  if layout not in sharding.AXIS_RULES:
+    raise ValueError(f"Unknown layout {layout!r}; known: {sorted(sharding.AXIS_RULES)}")
+  return True
+
+
+class ShardedSteps:
+  """Prefill and decode of one (cfg, mesh, layout, batch, max_len), compiled under `sharding.use_mesh`.
+
+  Every output has a fixed sharding (the cache's from `sharding.cache_shardings`; tokens, logits and the
+  sampling state split by rows), so each step sees the same input shardings every time and compiles once.
+  Build it with `sharded_steps` (cached), which checks that the batch and the heads divide over the mesh.
+  """
+
+  def __init__(self, cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int):
+    self.cfg, self.mesh, self.layout, self.batch, self.max_len = cfg, mesh, layout, batch, max_len
+    self.cache_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len)
+    self.param_shardings = sharding.param_shardings(cfg, mesh, layout)
+    rows = functools.partial(sharding.named_sharding, mesh, layout)
+    self.rows = rows((sharding.ACT_BATCH,))                   # [B]
+    self.columns = rows((sharding.ACT_BATCH, None))           # [B, T], [B, V]
+    self.state_shardings = {"key": rows(()), "seen": self.columns}
+    cache_sh, state_sh = self.cache_shardings, self.state_shardings
+
+    def extend(params, tokens, segment_ids, cache):
+      return models.apply_cached(cfg, params, tokens, cache, segment_ids=segment_ids)
+
+    def decode_logits(params, cache, tokens):
+      return models.apply_cached(cfg, params, tokens[:, None], cache)
+
+    def decode_sample(params, cache, tokens, state, forced, sampling):
+      logits, cache = models.apply_cached(cfg, params, tokens[:, None], cache)
+      token, state = choose(logits, state, forced, sampling)
+      return token, cache, state
+
+    self._empty = jax.jit(lambda: models.init_cache(cfg, batch, max_len), out_shardings=cache_sh)
+    self._extend = jax.jit(extend, out_shardings=(self.columns, cache_sh), donate_argnames=("cache",))
+    self._decode_logits = jax.jit(decode_logits, out_shardings=(self.columns, cache_sh), donate_argnames=("cache",))
+    self._choose = jax.jit(choose, static_argnames=("sampling",), out_shardings=(self.rows, state_sh),
+                           donate_argnames=("state",))
+    self._decode_sample = jax.jit(decode_sample, static_argnames=("sampling",),
+                                  out_shardings=(self.rows, cache_sh, state_sh), donate_argnames=("cache", "state"))
+
+  def place(self, params: Params) -> Params:
+    """Params in their `sharding.param_shardings` (a no-op for params already placed so)."""
+    return jax.device_put(params, self.param_shardings)
+
+  def put(self, x, shardings):
+    return jax.device_put(x, shardings)
+
+  def empty_cache(self) -> Params:
+    with sharding.use_mesh(self.mesh, self.layout):
+      return self._empty()
+
+  def prefill(self, params: Params, tokens: np.ndarray, segment_ids: np.ndarray, chunk: int
+              ) -> tuple[jax.Array, Params]:
+    """`prefill` on the mesh, from `prefill_chunks`' output."""
+    params, cache, logits = self.place(params), self.empty_cache(), None
+    with sharding.use_mesh(self.mesh, self.layout):
+      for start in range(0, tokens.shape[1], chunk):
+        logits, cache = self._extend(params, self.put(tokens[:, start:start + chunk], self.columns),
+                                     self.put(segment_ids[:, start:start + chunk], self.columns), cache)
+    return logits, cache
+
+  def decode_logits(self, params: Params, cache: Params, tokens) -> tuple[jax.Array, Params]:
+    with sharding.use_mesh(self.mesh, self.layout):
+      return self._decode_logits(params, cache, self.put(tokens, self.rows))
+
+  def choose(self, logits, state, forced, *, sampling: _sampling.SamplingParams):
+    with sharding.use_mesh(self.mesh, self.layout):
+      return self._choose(logits, self.put(state, self.state_shardings), self.put(forced, self.rows),
+                          sampling=sampling)
+
+  def decode_sample(self, params: Params, cache: Params, tokens, state, forced, *,
+                    sampling: _sampling.SamplingParams):
+    with sharding.use_mesh(self.mesh, self.layout):
+      return self._decode_sample(params, cache, self.put(tokens, self.rows), self.put(state, self.state_shardings),
+                                 self.put(forced, self.rows), sampling=sampling)
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_steps(cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int) -> ShardedSteps:
+  """The compiled steps of generation on `mesh` under `layout` (cached per arguments; see `ShardedSteps`).
+  Raises ValueError, naming the numbers, when the batch does not divide over the batch axes or the heads
+  / groups over the tensor axis."""
+  check_mesh(mesh, layout)
+  return ShardedSteps(cfg, mesh, layout, batch, max_len)

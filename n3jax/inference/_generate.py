@@ -8,6 +8,9 @@ before step k's tokens are read and the host work overlaps the device.
 With `speculative_k` (models with MTP heads) each compiled step is a speculative round instead
 (`_speculative`): up to k + 1 tokens per row per step, the same tokens as plain greedy decoding (or, when
 sampling, the same distribution). The thinking budget caps how many drafts a row may keep in a round.
+
+With `mesh=` and `layout=` the loop runs on a device mesh (`_engine.sharded_steps`): params placed with
+`sharding.param_shardings`, the cache created in its shards and kept in them by every step.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                   stop_strings: Sequence[str] = (), decode: Callable[[Sequence[int]], str] | None = None,
                   max_len: int | None = None, prefill_chunk: int | None = None, thinking_budget: int | None = None,
                   think_ids: tuple[int | None, int | None] = (None, None), rows_out: list | None = None,
-                  speculative_k: int | None = None) -> Iterator[list[Delta]]:
+                  speculative_k: int | None = None, mesh=None, layout: str | None = None) -> Iterator[list[Delta]]:
   """Generates for a batch of token prompts; yields, per step, the Deltas of the rows still running.
 
   max_len: cache size in tokens (default: the padded prompt plus max_new_tokens); a prompt longer than it
@@ -169,11 +172,20 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   speculative_k: MTP speculative decoding with k drafts per step (models with MTP heads only; see
   `_speculative`). The default cache then also holds the k draft slots of the last step, and, for a batch,
   the slots of rows that keep fewer tokens than the best row of a step ((k + 1) * max_new_tokens in all).
+  mesh, layout: generate on a `sharding.make_mesh` mesh under a `sharding.AXIS_RULES` layout: params are
+  placed with `sharding.param_shardings` (params already placed so are not moved), the cache is sharded
+  (rows over the batch axes, Mamba heads / groups and KV heads over the tensor axis where the layout splits
+  them) and prefill and decode are compiled under `sharding.use_mesh`, decode once. The number of prompts
+  must divide over the batch axes (a ValueError names the numbers). Not with `speculative_k` yet.
   """
   if max_new_tokens < 1:
     raise ValueError(f"{max_new_tokens=} must be >= 1")
   if speculative_k is not None:
     _speculative.check(cfg, params, speculative_k)
+  sharded = _engine.check_mesh(mesh, layout)
+  if sharded and speculative_k is not None:
+    raise NotImplementedError("speculative decoding (speculative_k) does not run on a mesh yet; drop mesh= or "
+                              "speculative_k=")
   think = _Think(*think_ids, thinking_budget)
   text = _Text(decode, stop_strings)
   longest = max((len(p) for p in prompts), default=0)
@@ -208,14 +220,22 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                       for r, st in zip(rows, stats))
     return
 
-  logits, cache = _engine.prefill(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk)
+  if sharded:
+    steps = _engine.sharded_steps(cfg, mesh, layout, len(prompts), max_len)
+    params = steps.place(params)
+    logits, cache = steps.prefill(params, *_engine.prefill_chunks(tokens, segments, max_len=max_len,
+                                                                  chunk=prefill_chunk))
+    choose, decode_sample = steps.choose, functools.partial(steps.decode_sample, params)
+  else:
+    logits, cache = _engine.prefill(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk)
+    choose, decode_sample = _engine.choose_jit, functools.partial(_engine.decode_sample, cfg, params)
   filled, slots = _engine.cache_room(cache)
-  pending, state = _engine.choose_jit(logits, state, forced(), sampling=sampling)
+  pending, state = choose(logits, state, forced(), sampling=sampling)
   for step in range(max_new_tokens):
     more = step + 1 < max_new_tokens and filled + step < slots  # room for feeding this step's token
     nxt = None
     if lookahead and more:
-      nxt, cache, state = _engine.decode_sample(cfg, params, cache, pending, state, forced(), sampling=sampling)
+      nxt, cache, state = decode_sample(cache, pending, state, forced(), sampling=sampling)
     chosen = np.asarray(pending)
     deltas = [advance(b, row, int(chosen[b]), last=not more) for b, row in enumerate(rows) if not row.done]
     if deltas:
@@ -223,7 +243,7 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     if all(r.done for r in rows) or not more:
       break
     if not lookahead:
-      nxt, cache, state = _engine.decode_sample(cfg, params, cache, pending, state, forced(), sampling=sampling)
+      nxt, cache, state = decode_sample(cache, pending, state, forced(), sampling=sampling)
     pending = nxt
   if rows_out is not None:
     rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens) for r in rows)

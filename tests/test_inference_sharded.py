@@ -1,0 +1,83 @@
+"""Generation on a device mesh: params and caches sharded, the same greedy tokens as on one device, the
+cache keeping its layout through decoding, decode compiled once, and clear errors for shapes that do not split.
+
+A tiny random hybrid (Mamba, attention, MLP) on the 8 fake CPU devices of `conftest.py`.
+"""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from n3jax import models, sharding
+from n3jax.configs import PRESETS
+from n3jax.inference import SamplingParams, _engine, generate_tokens, prefill
+
+CFG = PRESETS["tiny-dense"]  # 8 Mamba heads, 2 groups, 2 KV heads: all split over tensor=2
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+LAYOUT = "fsdp_tp_ep"
+PROMPTS = [[5, 17, 9, 33], [40, 2, 71, 8, 8, 19], [7], [3, 3, 100, 4, 200]]  # 4 rows over 4 batch shards
+NEW, MAX_LEN = 6, 16
+
+
+@pytest.fixture(scope="module")
+def setup():
+  mesh = sharding.make_mesh(MESH)
+  params = jax.jit(lambda k: models.init(CFG, k))(jax.random.key(0))
+  return mesh, params
+
+
+def test_cache_logical_axes_mirror_init_cache():
+  shapes = jax.eval_shape(lambda: models.init_cache(CFG, 4, MAX_LEN))
+  axes = models.cache_logical_axes(CFG)
+  is_spec = lambda x: isinstance(x, P)
+  assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_spec)
+  for a, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_spec)):
+    assert len(spec) == a.ndim
+
+
+def test_greedy_on_mesh_matches_one_device(setup):
+  mesh, params = setup
+  one = generate_tokens(CFG, params, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+  split = generate_tokens(CFG, params, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN, mesh=mesh,
+                          layout=LAYOUT)  # params placed with `sharding.param_shardings` on the way in
+  assert [c.token_ids for c in split] == [c.token_ids for c in one]
+  assert all(len(c.token_ids) == NEW for c in split)
+  # the compiled decode step of this shape was traced and compiled once for all NEW - 1 steps
+  steps = _engine.sharded_steps(CFG, mesh, LAYOUT, len(PROMPTS), MAX_LEN)
+  assert steps._decode_sample._cache_size() == 1
+
+
+def test_cache_keeps_its_shardings(setup):
+  mesh, params = setup
+  steps = _engine.sharded_steps(CFG, mesh, LAYOUT, len(PROMPTS), MAX_LEN)  # the steps of the test above
+  params = steps.place(params)
+  tokens, segments = _engine.left_align(PROMPTS, length=8)
+  logits, cache = prefill(CFG, params, tokens, segments, max_len=MAX_LEN, mesh=mesh, layout=LAYOUT)
+  sampling = SamplingParams()
+  state = _engine.sampling_state(CFG, tokens, segments, sampling)
+  forced = np.full((len(PROMPTS),), -1, np.int32)
+  token, state = steps.choose(logits, state, forced, sampling=sampling)
+  for _ in range(2):
+    token, cache, state = steps.decode_sample(params, cache, token, state, forced, sampling=sampling)
+  expected = sharding.cache_shardings(CFG, mesh, LAYOUT, batch=len(PROMPTS), max_len=MAX_LEN)
+  for a, s in zip(jax.tree.leaves(cache), jax.tree.leaves(expected)):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+  batch = ("data", "fsdp", "expert")
+  assert cache["mamba"]["ssm"].sharding.spec == P(None, batch, "tensor", None, None)
+  assert cache["mamba"]["conv_B"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert cache["attention"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert cache["segment_ids"].sharding.spec == P(batch, None)
+  assert int(cache["index"]) == 10
+  assert steps._decode_sample._cache_size() == 1  # still the one compiled decode step
+
+
+def test_shapes_that_do_not_split(setup):
+  mesh, params = setup
+  with pytest.raises(ValueError, match=r"a batch of 3 rows cannot be split .* 3 % 4 != 0"):
+    generate_tokens(CFG, params, PROMPTS[:3], max_new_tokens=2, max_len=MAX_LEN, mesh=mesh, layout=LAYOUT)
+  odd = CFG.replace(num_key_value_heads=1, num_attention_heads=1)
+  with pytest.raises(ValueError, match=r"1 kv_heads cannot be split .*tensor.* 1 % 2 != 0"):
+    _engine.sharded_steps(odd, mesh, LAYOUT, 4, MAX_LEN)
+  with pytest.raises(ValueError, match="needs both mesh= and layout="):
+    generate_tokens(CFG, params, PROMPTS, max_new_tokens=2, mesh=mesh)
