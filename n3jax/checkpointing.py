@@ -53,15 +53,55 @@ def load_config(directory: str) -> ModelConfig:
     return ModelConfig.from_json(f.read())
 
 
-def load_params(directory: str, *, as_numpy: bool = False) -> Any:
-  """The params tree: jax arrays on the default device, or host numpy arrays with `as_numpy`."""
+def _params_path(directory: str) -> str:
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{directory} is not an n3jax checkpoint: {PARAMS_DIR}/ is missing")
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_CONCURRENT_GB))
+  return path
+
+
+def _params_checkpointer() -> ocp.Checkpointer:
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_CONCURRENT_GB))
+
+
+def params_metadata(directory: str) -> Any:
+  """The saved params tree as `jax.ShapeDtypeStruct`s (reads no array data)."""
+  tree = _params_checkpointer().metadata(_params_path(directory)).item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def load_params(directory: str, *, as_numpy: bool = False, shardings: Any = None, dtypes: Any = None) -> Any:
+  """The params tree: jax arrays on the default device, host numpy arrays with `as_numpy`, or jax arrays
+  read straight into their shards with `shardings` (a tree of `jax.sharding.Sharding` like the params:
+  each process reads only its shards, so a model larger than one host's memory loads).
+
+  `dtypes` (a tree of dtypes like the params, or one dtype) casts while reading, e.g. a bf16 checkpoint
+  into f32 master params. A tree that does not match the checkpoint's is one error naming the params.
+  """
+  path = _params_path(directory)
+  checkpointer = _params_checkpointer()
   metadata = checkpointer.metadata(path).item_metadata.tree
-  restore_type = np.ndarray if as_numpy else jax.Array
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=restore_type), metadata)
+  for name, tree in (("shardings", shardings), ("dtypes", dtypes)):
+    if tree is None or not isinstance(tree, dict):
+      continue
+    want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+    got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if want != got:
+      raise ValueError(f"{name} do not match the params of {directory}: missing {sorted(want - got)[:5]}, "
+                       f"unknown {sorted(got - want)[:5]}")
+  if dtypes is not None and not isinstance(dtypes, dict):
+    dtypes = jax.tree.map(lambda _: dtypes, metadata)
+  if shardings is not None:
+    if as_numpy:
+      raise ValueError("load_params: as_numpy and shardings exclude each other")
+    restore_args = jax.tree.map(
+        lambda m, s, d: ocp.ArrayRestoreArgs(sharding=s, global_shape=tuple(m.shape), dtype=d),
+        metadata, shardings, dtypes if dtypes is not None else jax.tree.map(lambda _: None, metadata))
+  else:
+    restore_type = np.ndarray if as_numpy else jax.Array
+    restore_args = jax.tree.map(
+        lambda _, d: ocp.RestoreArgs(restore_type=restore_type, dtype=d), metadata,
+        dtypes if dtypes is not None else jax.tree.map(lambda _: None, metadata))
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 

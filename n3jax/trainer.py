@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -90,9 +89,9 @@ def _fresh_state(cfg, config, tx, init_key, rng, device, shardings=None) -> Any:
     init = jax.jit(lambda k: _train_step.init_state(models.init(cfg, k), tx, rng), out_shardings=shardings)
     return init.lower(init_key).compile(compiler_options=fast)(init_key)
   want = jax.eval_shape(lambda: models.init(cfg, init_key))
-  got = checkpointing.load_params(config.init_from, as_numpy=True)
+  saved = checkpointing.params_metadata(config.init_from)  # shapes only: checked before any read
   want_paths = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(want)[0]}
-  got_paths = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  got_paths = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   if missing := sorted(set(want_paths) - set(got_paths)):
     raise ValueError(f"init_from={config.init_from!r} lacks params {missing[:5]} (of {len(missing)})")
   if extra := sorted(set(got_paths) - set(want_paths)):
@@ -100,8 +99,11 @@ def _fresh_state(cfg, config, tx, init_key, rng, device, shardings=None) -> Any:
   for k, s in want_paths.items():
     if got_paths[k].shape != s.shape:
       raise ValueError(f"init_from param {k} has shape {got_paths[k].shape}, the model wants {s.shape}")
-  # Cast to the training param dtype (a bf16 checkpoint trains with f32 master params).
-  params = jax.tree.map(lambda s, v: jnp.asarray(v, s.dtype), want, got)
+  # Cast to the training param dtype while reading (a bf16 checkpoint trains with f32 master params); on a
+  # mesh each process reads only its shards.
+  dtypes = jax.tree.map(lambda s: s.dtype, want)
+  params = checkpointing.load_params(config.init_from, dtypes=dtypes,
+                                     shardings=None if shardings is None else shardings["params"])
   return jax.jit(lambda p: _train_step.init_state(p, tx, rng), out_shardings=shardings)(params)
 
 

@@ -81,3 +81,24 @@ def test_shapes_that_do_not_split(setup):
     _engine.sharded_steps(odd, mesh, LAYOUT, 4, MAX_LEN)
   with pytest.raises(ValueError, match="needs both mesh= and layout="):
     generate_tokens(CFG, params, PROMPTS, max_new_tokens=2, mesh=mesh)
+
+
+def test_checkpoint_is_read_into_its_shards(setup, tmp_path):
+  """`n3jax.generate(ckpt_dir, mesh=, layout=)` restores each param straight into its shards (and casts on
+  the way, as fine-tuning from a bf16 checkpoint does); the tokens are those of the in-memory params."""
+  import n3jax  # pylint: disable=g-import-not-at-top
+  from n3jax import checkpointing, data  # pylint: disable=g-import-not-at-top
+  mesh, params = setup
+  checkpointing.save_params(str(tmp_path), CFG, params)
+  shardings = sharding.param_shardings(CFG, mesh, LAYOUT)
+  restored = checkpointing.load_params(str(tmp_path), shardings=shardings, dtypes=np.float32)
+  for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    assert a.sharding.is_equivalent_to(s, a.ndim)
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="shardings do not match the params"):
+    checkpointing.load_params(str(tmp_path), shardings={"embedder": shardings["embedder"]})
+  text = ["ab", "cd", "ef", "gh"]
+  tok = data.ByteTokenizer()
+  kw = dict(tokenizer=tok, chat_mode=False, max_new_tokens=3, max_len=MAX_LEN)
+  on_mesh = n3jax.generate(str(tmp_path), text, mesh=mesh, layout=LAYOUT, **kw)
+  assert [g.token_ids for g in on_mesh] == [g.token_ids for g in n3jax.generate((CFG, params), text, **kw)]

@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from n3jax import checkpointing
+from n3jax import sharding
 from n3jax.configs import ModelConfig
 from n3jax.inference import _engine, _generate, _speculative, chat
 from n3jax.inference._sampling import sampling_params
@@ -86,7 +87,8 @@ def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
 
 
 def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling,
-             speculative_k, sharded=False):
+             speculative_k, mesh=None, layout=None):
+  sharded = _engine.check_mesh(mesh, layout)
   if isinstance(model, (str, os.PathLike)):
     ckpt_dir = os.fspath(model)
     cfg = checkpointing.load_config(ckpt_dir)  # fails early, before any weights are read
@@ -114,8 +116,9 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
       raise ValueError("messages, tools and system need the chat template (chat_mode=True)")
     texts = [c[-1]["content"] for c in convs]
   prompts = [chat.encode(tok, t) for t in texts]
-  if isinstance(model, (str, os.PathLike)):  # on a mesh: read to host memory, then put into shards
-    params = checkpointing.load_params(ckpt_dir, as_numpy=sharded)
+  if isinstance(model, (str, os.PathLike)):  # on a mesh: each process reads its shards only
+    shardings = sharding.param_shardings(cfg, mesh, layout) if sharded else None
+    params = checkpointing.load_params(ckpt_dir, shardings=shardings)
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
                 stop_strings=tuple(stop), decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))
@@ -131,7 +134,7 @@ def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, t
   cfg, params, _, prompts, _, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
       reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
-      sharded=_engine.check_mesh(mesh, layout))
+      mesh=mesh, layout=layout)
   yield from _generate.stream_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
                                      prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
                                      rows_out=rows_out, speculative_k=speculative_k, mesh=mesh, layout=layout,
@@ -157,8 +160,8 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   draft k tokens and the main model checks them in one forward; greedy output is the same as without it,
   sampled output has the same distribution. `Generation.speculative` then reports the acceptance.
   mesh, layout: generate on a device mesh (`n3jax.sharding.make_mesh`) under a layout of
-  `n3jax.sharding.AXIS_RULES` ("fsdp", "fsdp_tp_ep", ...): a checkpoint is read to host memory and put
-  straight into its shards (`(cfg, params)` are placed with `sharding.param_shardings` unless already so),
+  `n3jax.sharding.AXIS_RULES` ("fsdp", "fsdp_tp_ep", ...): each process reads only its shards of a checkpoint
+  (`(cfg, params)` are placed with `sharding.param_shardings` unless already so),
   the caches are sharded to match (rows over the batch axes, Mamba and KV heads over the tensor axis where
   the layout splits them) and decoding compiles once. The number of prompts must divide over the batch axes.
   Returns one Generation, or a list for a batch.
@@ -166,7 +169,7 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   cfg, params, _, prompts, batch, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
       reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
-      sharded=_engine.check_mesh(mesh, layout))
+      mesh=mesh, layout=layout)
   done = _generate.generate_tokens(cfg, params, prompts, on_token=on_token, max_new_tokens=max_new_tokens,
                                    max_len=max_len, prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
                                    speculative_k=speculative_k, mesh=mesh, layout=layout, **kwargs)
