@@ -1,9 +1,10 @@
 """Mamba-2 SSD (state space duality) kernels and references.
 
 `ssd` (`ops.py`) is a drop-in for `reference.ssd_reference` on Pallas kernels
-with a custom VJP: Triton kernels for NVIDIA GPUs (`kernel.py`, tiling
-`BlockSizes`) and Mosaic kernels for TPUs (`ops_tpu.py` + `kernel_tpu.py`,
-tiling `TpuBlockSizes`); `backend="auto"` picks by the target platform.
+with a custom VJP: Triton kernels for NVIDIA GPUs (`ops_triton.py` +
+`kernel.py`, tiling `BlockSizes`) and Mosaic kernels for TPUs (`ops_tpu.py` +
+`kernel_tpu.py`, tiling `TpuBlockSizes`); `backend="auto"` picks by the target
+platform.
 Verified on CPU hosts only: interpret-mode parity with the reference (outputs
 and gradients), lowering for an abstract H100 / TPU v5e, and ahead-of-time
 Mosaic compilation with libtpu (no TPU). Owed: runs on a real TPU and GPU, and

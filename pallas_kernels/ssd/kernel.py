@@ -1,6 +1,6 @@
 """Pallas (Triton GPU) kernel bodies of the chunked Mamba-2 SSD scan.
 
-Kernel bodies only; `ops.py` owns shapes, grids, padding and `custom_vjp`.
+Kernel bodies only; `ops_triton.py` owns shapes, grids, padding and `custom_vjp`.
 Math and notation follow `reference.py` (Dao & Gu 2024, arXiv:2405.21060,
 Sec. 6): per (batch b, chunk c, head m) with chunk positions l, s in [0, L)
 
@@ -13,7 +13,7 @@ Sec. 6): per (batch b, chunk c, head m) with chunk positions l, s in [0, L)
   state    = sum_s W_{L-1,s} dt_s x_s B_s^T                  (2) chunk-end state
   h_in[c+1] = e_{L-1}(c) h_in[c] + state[c]                  (3) state passing
 
-Every ref below is one block of the arrays laid out in `ops.py`:
+Every ref below is one block of the arrays laid out in `ops_triton.py`:
   x, dy, dx  [L, H, P]   (H heads of one B/C group per program; P tile)
   dt, cum    [H, L]      float32 (processed dt; chunk-local cumsum of dt * A)
   b, c       [L, Q]      one B/C group
@@ -192,9 +192,9 @@ def chunk_scan_bwd_kernel(
   sum_{s <= j} (dS o S)_ls, giving da_{j+1}) then an exact one-token shift,
   the others as masked [L, L] sums (no dot: float32 throughout). The term
   <dstate, h_in> g of the carry decay g = e_{L-1}, the same for every i, is
-  added in `ops.py`.
+  added in `ops_triton.py`.
   Outputs: dx [L, H, P], ddt/da/dskip [H, L] (dskip_l = sum_p dy x, summed to
-  dD in `ops.py`), db/dc [L, Q] float32.
+  dD in `ops_triton.py`), db/dc [L, Q] float32.
   """
   if has_docs:
     seg_ref, carry_ref, *outs = rest
@@ -259,6 +259,6 @@ def chunk_scan_bwd_kernel(
   dc_ref[...] = dc
 
 
-# Named partials used by `ops.py`.
+# Named partials used by `ops_triton.py`.
 chunk_state_fwd = functools.partial(chunk_state_kernel, mode="state")
 chunk_state_dout = functools.partial(chunk_state_kernel, mode="dout")

@@ -29,6 +29,7 @@ import numpy as np
 
 from pallas_kernels.ssd import ops
 from pallas_kernels.ssd import ops_tpu
+from pallas_kernels.ssd import ops_triton
 from pallas_kernels.ssd import reference
 
 _GRAD_ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
@@ -541,7 +542,9 @@ class SsdApiTest(parameterized.TestCase):
       self.assertEqual(resolve("triton", False, 64), "triton")
       with self.assertRaisesRegex(ValueError, "target platform is 'gpu'"):
         resolve("mosaic_tpu", False, 128)
-      self.assertEqual(ops.BlockSizes.for_device(), dict(ops._DEFAULTS)["h100"])
+      self.assertEqual(
+          ops.BlockSizes.for_device(), dict(ops_triton._DEFAULTS)["h100"]
+      )
     if jax.default_backend() == "cpu":
       self.assertEqual(resolve("auto", False, 128), "reference")
       self.assertEqual(resolve("auto", True, 128), "triton")
@@ -571,7 +574,8 @@ class SsdApiTest(parameterized.TestCase):
         ("NVIDIA A100-SXM4-80GB", "a100"),
     ]:
       self.assertEqual(
-          ops.BlockSizes.for_device(FakeDevice(kind)), dict(ops._DEFAULTS)[key]
+          ops.BlockSizes.for_device(FakeDevice(kind)),
+          dict(ops_triton._DEFAULTS)[key],
       )
     self.assertEqual(
         ops.BlockSizes.for_device(FakeDevice("cpu")), ops.BlockSizes()
