@@ -36,9 +36,16 @@ _F32 = jnp.float32
 
 
 def _dot(a, b, mm_dtype, *, trans_a=False, trans_b=False):
-  """[.., K] x [K, ..] with `mm_dtype` operands and float32 accumulation."""
+  """[.., K] x [K, ..] with `mm_dtype` operands and float32 accumulation.
+
+  float32 operands get IEEE float32 products (Precision.HIGHEST), not the TF32
+  that Triton's dot defaults to on NVIDIA GPUs, so that the f32 path keeps the
+  reference's accuracy (as `pallas_kernels.moe.gmm` does).
+  """
+  precision = lax.Precision.HIGHEST if jnp.dtype(mm_dtype) == _F32 else None
   return plgpu.dot(
-      a.astype(mm_dtype), b.astype(mm_dtype), trans_a=trans_a, trans_b=trans_b
+      a.astype(mm_dtype), b.astype(mm_dtype), trans_a=trans_a, trans_b=trans_b,
+      precision=precision,
   )
 
 
