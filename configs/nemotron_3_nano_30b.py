@@ -1,4 +1,4 @@
-"""Nemotron 3 Nano 30B-A3B pretraining at its published settings (multi-host; the mesh is not wired yet).
+"""Nemotron 3 Nano 30B-A3B pretraining at its published settings (multi-host: add `--config.distributed=True`).
 
     python -m n3jax.train --config=configs/nemotron_3_nano_30b.py --workdir=gs://... \\
         --config.data.source=... --config.data.tokenizer=.../tokenizer.json
@@ -9,7 +9,9 @@ Settings from NVIDIA-NeMo Megatron-Bridge `recipes/nemotronh/nemotron_3_nano.py`
 bf16 compute with f32 master weights, router in f32, aux-loss-free expert bias plus `seq_aux_loss`
 with coefficient 1e-4. Schedule: WSD, as the Nemotron 3 Nano technical report describes; the recipe
 file leaves the decay to its cosine default, so `decay_fraction=0.2` and the `minus_sqrt` shape are
-our choices, not published numbers. Tests only build this config and `jax.eval_shape` the model.
+our choices, not published numbers. Layout: FSDP over every device with the 128 experts split 8 ways
+(EP8, as NVIDIA's published Megatron-Bridge runs); `python -m n3jax.plan` checks other meshes. Tests only
+build this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
 """
 
 import ml_collections
@@ -44,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- MoE ---
   cfg.moe.bias_update_rate = 1e-3
   cfg.moe.balance_loss_coef = 1e-4
+  # --- Devices ---
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=8, tensor=1))
+  cfg.axis_rules = "fsdp_ep"
   # --- Checkpoints and progress ---
   cfg.checkpoint.every_steps = 200
   cfg.log_every = 10

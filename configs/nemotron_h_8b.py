@@ -1,4 +1,4 @@
-"""Nemotron-H 8B pretraining at its published settings (multi-host; the mesh is not wired yet).
+"""Nemotron-H 8B pretraining at its published settings (multi-host: add `--config.distributed=True`).
 
     python -m n3jax.train --config=configs/nemotron_h_8b.py --workdir=gs://... \\
         --config.data.source=... --config.data.tokenizer=.../tokenizer.json
@@ -8,7 +8,9 @@ over `_pretrain_common`): sequence length 8192, global batch 768 sequences (6.3M
 steps, 2000 warmup steps, peak lr 3e-4 to min 3e-5, weight decay 0.1, Adam beta2 0.95, bf16 mixed
 precision with f32 master weights. Schedule: WSD, as the Nemotron-H paper (arXiv 2504.03624) trains;
 `decay_fraction=0.2` is our choice (the recipe file uses its cosine default). Tests only build this
-config and `jax.eval_shape` the model.
+config, `jax.eval_shape` the model and
+split its params over the mesh on 8 simulated devices. Layout: FSDP over every device (`python -m n3jax.plan`
+checks other meshes).
 """
 
 import ml_collections
@@ -37,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.optimizer.decay_fraction = 0.2
   cfg.optimizer.weight_decay = 0.1
   cfg.optimizer.b2 = 0.95
+  # --- Devices ---
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  cfg.axis_rules = "fsdp"
   # --- Checkpoints and progress ---
   cfg.checkpoint.every_steps = 1000
   cfg.log_every = 10

@@ -4,8 +4,9 @@
       -> restore the newest intact checkpoint, or init (random, or `init_from` a converted checkpoint)
       -> jitted `train_step(state, batch)` -> progress lines + TensorBoard -> periodic eval and async saves
 
-Single device: state and batches live on `jax.local_devices()[0]` (the step is a pure jitted function,
-so a mesh can be added around it later). Workdir layout:
+Devices: with `config.mesh` all 1, state and batches live on `jax.local_devices()[0]`; otherwise on a mesh
+over every process's devices under the layout `config.axis_rules` (`n3jax.sharding`), the state created or
+restored directly in its shards and each host feeding its slice of the batch. Workdir layout:
 
     WORKDIR/config.json            the ModelConfig (as in n3jax checkpoints)
     WORKDIR/experiment.json        the full training config

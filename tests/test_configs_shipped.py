@@ -11,6 +11,7 @@ import pytest
 from n3jax import _optim
 from n3jax import _train_config
 from n3jax import models
+from n3jax import sharding
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -36,6 +37,9 @@ def test_shipped_config_builds(path):
   assert config.batch_size % config.grad_accum_steps == 0
   params = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
   assert jax.tree.leaves(params)
+  # The config's mesh and layout split every param evenly (8 fake devices stand in for the cluster).
+  mesh = sharding.make_mesh({k: v for k, v in config.mesh.to_dict().items() if v != 1} or {"data": -1})
+  assert jax.tree.leaves(sharding.param_shardings(cfg, mesh, config.axis_rules))
   assert {x.dtype for x in jax.tree.leaves(params["layers"])} <= {np.dtype(cfg.param_dtype), np.dtype("float32")}
   tx, schedule = _optim.make_optimizer(config.optimizer, config.num_steps)
   assert jax.tree.leaves(jax.eval_shape(tx.init, params))
