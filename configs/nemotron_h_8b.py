@@ -7,10 +7,9 @@ Settings from NVIDIA-NeMo Megatron-Bridge `recipes/nemotronh/nemotronh.py` (`nem
 over `_pretrain_common`): sequence length 8192, global batch 768 sequences (6.3M tokens), 1,168,251
 steps, 2000 warmup steps, peak lr 3e-4 to min 3e-5, weight decay 0.1, Adam beta2 0.95, bf16 mixed
 precision with f32 master weights. Schedule: WSD, as the Nemotron-H paper (arXiv 2504.03624) trains;
-`decay_fraction=0.2` is our choice (the recipe file uses its cosine default). Tests only build this
-config, `jax.eval_shape` the model and
-split its params over the mesh on 8 simulated devices. Layout: FSDP over every device (`python -m n3jax.plan`
-checks other meshes).
+`decay_fraction=0.2` is our choice (the recipe file uses its cosine default). Layout: FSDP over every
+device (`python -m n3jax.plan` checks other meshes). Tests only build this config, `jax.eval_shape` the
+model and split its params over the mesh on 8 simulated devices.
 """
 
 import ml_collections
