@@ -25,7 +25,7 @@ def _load(path: pathlib.Path):
 
 def test_there_are_configs():
   assert {p.stem for p in CONFIG_DIR.glob("*.py")} >= {
-      "tiny_cpu", "tiny_sft_cpu", "gpu_1b_moe", "nemotron_3_nano_30b", "nemotron_h_8b"}
+      "tiny_cpu", "tiny_sft_cpu", "gpu_1b_moe", "nemotron_3_nano_30b", "nemotron_3_super_120b", "nemotron_h_8b"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)

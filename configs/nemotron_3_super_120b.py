@@ -1,0 +1,59 @@
+"""Nemotron 3 Super 120B-A12B pretraining at its published settings (multi-host: add `--config.distributed=True`).
+
+    python -m n3jax.train --config=configs/nemotron_3_super_120b.py --workdir=gs://... \\
+        --config.data.source=... --config.data.tokenizer=.../tokenizer.json
+
+Settings from NVIDIA-NeMo Megatron-Bridge `recipes/nemotronh/nemotron_3_super.py`
+(`nemotron_3_super_pretrain_config`): sequence length 8192, global batch 3072 sequences (25M tokens),
+39,735 steps, WSD schedule with 333 warmup steps, peak lr 4.5e-4 to min 4.5e-6, weight decay 0.1, Adam
+beta2 0.95 and eps 1e-8, init std 0.014, NVFP4 mixed precision (`nemotron_3_super_bf16_with_nvfp4_mixed`:
+the `quant="nvfp4"` recipe of `n3jax.quant`, last 14 layers in BF16), and MTP run twice through the one
+shared MTP module with loss scale 0.3 (`mtp_num_layers=2`, `mtp_use_repeated_layer`). The recipe does not
+set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` and the Nano 3 values below
+are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
+`python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
+this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
+"""
+
+import ml_collections
+
+from n3jax import trainer
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = trainer.default_config()
+  # --- Model ---
+  cfg.model_preset = "nemotron-3-super-120b-a12b"
+  cfg.model_overrides = ml_collections.ConfigDict(dict(
+      dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
+      initializer_range=0.014, quant="nvfp4"))
+  # --- Data ---
+  cfg.data.seq_len = 8192
+  cfg.data.prefetch = 2
+  cfg.data.eval_batches = 32
+  # --- Steps ---
+  cfg.batch_size = 3072
+  cfg.grad_accum_steps = 1
+  cfg.num_steps = 39_735
+  # --- Optimizer ---
+  cfg.optimizer.lr = 4.5e-4
+  cfg.optimizer.min_lr_ratio = 0.01
+  cfg.optimizer.warmup_steps = 333
+  cfg.optimizer.schedule = "wsd"
+  cfg.optimizer.decay_fraction = 0.2
+  cfg.optimizer.weight_decay = 0.1
+  cfg.optimizer.b2 = 0.95
+  cfg.optimizer.eps = 1e-8
+  # --- MoE and MTP ---
+  cfg.moe.bias_update_rate = 1e-3
+  cfg.moe.balance_loss_coef = 1e-4
+  cfg.mtp_depths = 2
+  cfg.mtp_loss_scale = 0.3
+  # --- Devices ---
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=8, tensor=1))
+  cfg.axis_rules = "fsdp_ep"
+  # --- Checkpoints and progress ---
+  cfg.checkpoint.every_steps = 200
+  cfg.log_every = 10
+  cfg.eval_every = 1000
+  return cfg
