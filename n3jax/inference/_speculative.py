@@ -15,10 +15,10 @@ the cache), d_1 and h^1 the first draft and its MTP hidden state (from the previ
              included) and, at position a, drafts d_1 of the next round.
 
 Roll-back of the Mamba layers: the verify call runs `models.apply_cached` over a Mamba cache that holds one
-state per chunk position ([Lm, B, T, ...]); a Flax method interceptor lets every `Mamba2Mixer` run its
-chunk as usual (its output feeds the logits) and fills those T entries with the state after each position:
-the conv window is the last W-1 raw inputs, the SSM state is replayed with the decode recurrence from the
-mixer's own projections (`_proj`) and params. Nothing is recomputed through the weights.
+state per chunk position ([Lm, B, T, ...]). Given such a state, every `Mamba2Mixer` runs its chunk as usual
+(its output feeds the logits) and returns the state after each position: the conv window is the last W-1
+raw inputs, the SSM state is replayed with the decode recurrence from the mixer's own projections. Nothing
+is recomputed through the weights.
 
 Exactness: every kept token is the target's own choice (greedy: its argmax; sampling: a draw from its
 distribution, by the rule above), so greedy output equals plain greedy decoding and sampled output has its
@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +46,6 @@ import numpy as np
 from n3jax import models
 from n3jax.configs import ModelConfig
 from n3jax.inference import _engine, _sampling
-from n3jax.nn import _mamba2
-from pallas_kernels.ssd import reference as ssd_ref
 
 __all__ = ["SpeculativeStats", "check", "cache_size", "speculative_accept", "verify", "start", "step"]
 
@@ -98,79 +94,6 @@ def _modules(cfg: ModelConfig, k: int) -> range:
 # ---------------------------------------------------------------------------------------------------
 # Verify: one chunk, Mamba states after every position
 # ---------------------------------------------------------------------------------------------------
-class _PerPositionMambaStates:
-  """Flax method interceptor: a `Mamba2Mixer` given a state with a position axis ([B, T, ...]; entry 0 is
-  the state before the chunk) runs the chunk from that state and returns the state after each position."""
-
-  def __init__(self):
-    self._proj: list[dict[str, jax.Array]] = []  # the raw projections of the mixer being run
-
-  def __call__(self, next_fun, args, kwargs, context):
-    if not isinstance(context.module, _mamba2.Mamba2Mixer):
-      return next_fun(*args, **kwargs)
-    if context.method_name == "_proj":  # (name, u, out_shape, axes) -> [B, T, *out_shape]
-      out = next_fun(*args, **kwargs)
-      if self._proj:
-        self._proj[-1][args[0]] = out
-      return out
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    names = ("u", "segment_ids", "state")
-    call = {**dict(zip(names, args)), **kwargs}
-    state = call.get("state")
-    if state is None or state["ssm"].ndim != 5:  # not a verify call
-      return next_fun(*args, **kwargs)
-    before = {name: v[:, 0] for name, v in state.items()}
-    self._proj.append({})
-    y, _ = next_fun(call["u"], call["segment_ids"], before)
-    proj = self._proj.pop()
-    if missing := {"x", "B", "C", "dt"} - set(proj):
-      raise RuntimeError(f"Mamba2Mixer no longer projects {sorted(missing)} through `_proj`; the speculative "
-                         "roll-back reads its projections there (n3jax/inference/_speculative.py)")
-    states = _states_after_each_position(context.module, proj, before, call["segment_ids"])
-    return y, {name: states[name].astype(state[name].dtype) for name in state}
-
-
-def _states_after_each_position(mixer, proj: dict[str, jax.Array], before: dict[str, jax.Array],
-                                segment_ids: jax.Array) -> dict[str, jax.Array]:
-  """The mixer's conv windows and SSM states after each position of a one-document chunk, from its raw
-  projections proj {"x", "B", "C", "dt": [B, T, ...]} and the state before the chunk -> {name: [B, T, ...]}.
-  The conv outputs are the mixer's own (same function, same inputs); the SSM states follow the decoding
-  recurrence (`ssd_decode_step_reference`) position by position."""
-  cfg = mixer.cfg
-  param = lambda name: mixer.get_variable("params", name)
-  bsz, t = proj["dt"].shape[:2]
-  w = cfg.conv_kernel
-  out, convolved = {}, {}
-  for name in ("x", "B", "C"):
-    raw = proj[name]                                                           # [B, T, *shape]
-    shape = raw.shape[2:]
-    ch = math.prod(shape)
-    init = before[f"conv_{name}"].reshape(bsz, w - 1, ch)
-    window = jnp.concatenate([init.astype(raw.dtype), raw.reshape(bsz, t, ch)], axis=1)  # [B, W-1+T, Ch]
-    last = jnp.arange(t)[:, None] + jnp.arange(1, w)[None, :]                  # [T, W-1]: inputs kept after t
-    out[f"conv_{name}"] = window[:, last].reshape(bsz, t, w - 1, *shape)       # [B, T, W-1, *shape]
-    kernel = param(f"conv1d_{name}").reshape(w, ch).astype(raw.dtype)
-    bias = param(f"conv1d_{name}_bias").reshape(ch).astype(raw.dtype) if cfg.use_conv_bias else None
-    y, _ = ssd_ref.causal_conv1d_reference(raw.reshape(bsz, t, ch), kernel, bias, initial_state=init,
-                                           doc_ids=segment_ids, activation="silu")
-    convolved[name] = y.reshape(bsz, t, *shape)
-  a = -jnp.exp(param("A_log").astype(jnp.float32))                           # [M]
-  d_skip, dt_bias = param("D").astype(jnp.float32), param("dt_bias").astype(jnp.float32)
-  dt_min, dt_max = cfg.dt_limit
-
-  def recur(h, xs):
-    x, dt, b, c = xs
-    _, h = ssd_ref.ssd_decode_step_reference(h, x, dt, a, b, c, d_skip, dt_bias, dt_softplus=True, dt_min=dt_min,
-                                             dt_max=dt_max)
-    return h, h
-
-  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (convolved["x"], proj["dt"], convolved["B"], convolved["C"]))
-  _, ssm = jax.lax.scan(recur, before["ssm"].astype(jnp.float32), xs)          # [T, B, M, P, Q] f32
-  out["ssm"] = jnp.moveaxis(ssm, 0, 1)
-  return out
-
-
 def verify(cfg: ModelConfig, params: Params, cache: Params, tokens: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
   """tokens [B, T] (one document, continuing each row) as the next T slots -> (logits f32 [B, T, V], hidden
   [B, T, D] after the final norm, cache). The returned cache's Mamba entries have a position axis,
@@ -180,8 +103,8 @@ def verify(cfg: ModelConfig, params: Params, cache: Params, tokens: jax.Array) -
   if "mamba" in cache:
     cache["mamba"] = jax.tree.map(lambda a: jnp.broadcast_to(a[:, :, None], a.shape[:2] + (t,) + a.shape[2:]),
                                   cache["mamba"])
-  with nn.intercept_methods(_PerPositionMambaStates()):
-    logits, cache, hidden = models.apply_cached(cfg, params, tokens, cache, all_logits=True, return_hidden=True)
+  # A Mamba state with a position axis makes each `Mamba2Mixer` return its state after every position.
+  logits, cache, hidden = models.apply_cached(cfg, params, tokens, cache, all_logits=True, return_hidden=True)
   return logits, hidden, cache
 
 

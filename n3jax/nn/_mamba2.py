@@ -64,6 +64,37 @@ def _conv_init(width: int):
   return nn.initializers.uniform(2 * bound), bound
 
 
+def _states_after_each_position(cfg: ModelConfig, raw: dict[str, jax.Array], convolved: dict[str, jax.Array],
+                                dt: jax.Array, a: jax.Array, d_skip: jax.Array, dt_bias: jax.Array,
+                                before: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The state after each position of a one-document chunk continuing `before` -> {name: [B, T, ...]}.
+
+  Conv windows: the last W-1 raw inputs after each position; SSM states: the decoding recurrence
+  (`ssd_decode_step_reference`) run over the chunk's convolved inputs. The numbers equal those of decoding
+  the chunk one token at a time (speculative decoding keeps the state after the last accepted token).
+  """
+  bsz, t = dt.shape[:2]
+  w = cfg.conv_kernel
+  out = {}
+  for name in ("x", "B", "C"):
+    shape = raw[name].shape[2:]
+    window = jnp.concatenate([before[f"conv_{name}"].astype(raw[name].dtype), raw[name]], axis=1)  # [B, W-1+T, ...]
+    kept = jnp.arange(t)[:, None] + jnp.arange(1, w)[None, :]                  # [T, W-1]: inputs kept after t
+    out[f"conv_{name}"] = window[:, kept].reshape(bsz, t, w - 1, *shape)
+  dt_min, dt_max = cfg.dt_limit
+
+  def step(h, xs):
+    x, dt_t, b, c = xs
+    _, h = ssd_ref.ssd_decode_step_reference(h, x, dt_t, a, b, c, d_skip, dt_bias, dt_softplus=True,
+                                             dt_min=dt_min, dt_max=dt_max)
+    return h, h
+
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (convolved["x"], dt, convolved["B"], convolved["C"]))
+  _, ssm = jax.lax.scan(step, before["ssm"].astype(jnp.float32), xs)            # [T, B, M, P, Q] f32
+  out["ssm"] = jnp.moveaxis(ssm, 0, 1)
+  return out
+
+
 class Mamba2Mixer(nn.Module):
   cfg: ModelConfig
   layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
@@ -100,6 +131,10 @@ class Mamba2Mixer(nn.Module):
     "ssm": [B,M,P,Q] f32}; the returned state has the same structure (the generation caches). One token
     after a state (T == 1, decoding) takes the recurrent update instead of a chunk padded to `chunk_size`;
     the numbers are those of the sequence path.
+
+    A state whose leaves carry a position axis ([B, T, ...], entry 0 the state before the chunk) asks for
+    the state after every position of a one-document chunk, returned with the same axis (speculative
+    decoding verifies T tokens at once and resumes after the last accepted one).
     """
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
@@ -116,6 +151,9 @@ class Mamba2Mixer(nn.Module):
     dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
 
     # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
+    per_position = state is not None and state["ssm"].ndim == 5  # [B, T, M, P, Q]: every position's state
+    if per_position:
+      state = {name: v[:, 0] for name, v in state.items()}  # the state before the chunk
     decode = t == 1 and state is not None  # a single new token continuing its document
     state = state or {}
     new_state = {}
@@ -153,6 +191,9 @@ class Mamba2Mixer(nn.Module):
           dt_bias.astype(jnp.float32), initial_state=state.get("ssm"), doc_ids=segment_ids,
           chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
     new_state["ssm"] = ssm_state  # [B, M, P, Q] f32
+    if per_position:
+      new_state = _states_after_each_position(cfg, {"x": x, "B": b_in, "C": c_in}, convolved, dt, a,
+                                              d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), state)
 
     scale = _common.param(self, "norm", nn.initializers.ones, (m, p), head_axes, pdtype)
     y = _norms.gated_group_rms_norm(y, z, scale, groups=j, eps=cfg.layer_norm_epsilon)  # [B, T, M, P] f32
