@@ -5,7 +5,7 @@ the abstract device names the target, so that a CPU host can lower (and
 compile ahead of time) for a GPU or a TPU; otherwise the first JAX device does.
 """
 
-from typing import Any
+from typing import Any, Optional, Sequence, TypeVar
 
 import jax
 
@@ -27,3 +27,15 @@ def platform() -> str:
   abstract = jax.sharding.get_abstract_mesh().abstract_device
   name = abstract.platform if abstract is not None else jax.default_backend()
   return _PLATFORM_ALIASES.get(name, name)
+
+
+T = TypeVar("T")
+
+
+def lookup(table: Sequence[tuple[str, T]], default: T, dev: Optional[Any] = None) -> T:
+  """The first entry of `table` whose key is in `dev.device_kind` (lower case; default: the target device)."""
+  kind = (dev or device()).device_kind.lower()
+  for key, value in table:
+    if key in kind:
+      return value
+  return default

@@ -76,11 +76,7 @@ class TpuBlockSizes:
   @classmethod
   def for_device(cls, device: Optional[Any] = None) -> "TpuBlockSizes":
     """Defaults by `device.device_kind` (default: the target device)."""
-    kind = (device or _target.device()).device_kind.lower()
-    for key, sizes in _DEFAULTS:
-      if key in kind:
-        return sizes
-    return cls()
+    return _target.lookup(_DEFAULTS, cls(), device)
 
 
 # Matched in order against `device_kind.lower()`.

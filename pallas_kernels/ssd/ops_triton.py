@@ -79,11 +79,7 @@ class BlockSizes:
   @classmethod
   def for_device(cls, device: Optional[jax.Device] = None) -> "BlockSizes":
     """Defaults by `device.device_kind` (default: the target device)."""
-    kind = (device or _target.device()).device_kind.lower()
-    for key, sizes in _DEFAULTS:
-      if key in kind:
-        return sizes
-    return cls()
+    return _target.lookup(_DEFAULTS, cls(), device)
 
 
 # Matched in order against `device_kind.lower()`.
