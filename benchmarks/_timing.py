@@ -17,3 +17,19 @@ def median_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
     jax.block_until_ready(fn())
     times.append((time.perf_counter() - start) * 1e3)
   return statistics.median(times)
+
+
+def torch_median_ms(torch, fn: Callable[[], object], iters: int, warmup: int) -> float:
+  """Median CUDA-event time of `fn()` in ms over `iters` calls after `warmup` calls (as the anchor scripts)."""
+  for _ in range(warmup):
+    fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(iters):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end))
+  return statistics.median(times)

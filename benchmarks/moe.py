@@ -22,7 +22,6 @@ errors are reported as rows, not raised.
 import dataclasses
 import functools
 import json
-import statistics
 import time
 from typing import Callable
 
@@ -102,21 +101,6 @@ def _torch_cuda():
   return torch, None
 
 
-def _torch_median_ms(torch, fn, iters, warmup):
-  for _ in range(warmup):
-    fn()
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(iters):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end))
-  return statistics.median(times)
-
-
 def _group_sizes(num_groups: int, rows: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)  # random routing, as in the anchor scripts
   return np.bincount(rng.integers(0, num_groups, size=rows), minlength=num_groups).astype(np.int32)
@@ -187,12 +171,12 @@ def _bench_gmm(shape_name: str, shape: GmmShape, interpret: bool) -> None:
   t_lhs = torch.randn(shape.rows, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
   t_rhs = (torch.randn(shape.num_groups, shape.k, shape.n, device="cuda", dtype=torch.bfloat16) * 0.02
            ).requires_grad_(True)
-  ms = _torch_median_ms(torch, lambda: torch._grouped_mm(t_lhs, t_rhs, offs=offs), _ITERS.value, _WARMUP.value)
+  ms = _timing.torch_median_ms(torch, lambda: torch._grouped_mm(t_lhs, t_rhs, offs=offs), _ITERS.value, _WARMUP.value)
 
   def fwd_bwd():
     torch._grouped_mm(t_lhs, t_rhs, offs=offs).float().sum().backward()
 
-  ms_fb = _torch_median_ms(torch, fwd_bwd, max(_ITERS.value // 2, 1), _WARMUP.value)
+  ms_fb = _timing.torch_median_ms(torch, fwd_bwd, max(_ITERS.value // 2, 1), _WARMUP.value)
   _emit(what="gmm", shape=shape_name, impl="torch_grouped_mm", fwd_ms=ms, fwd_tflops=flops / ms / 1e9,
         fwd_bwd_ms=ms_fb, fwd_bwd_tflops=3 * flops / ms_fb / 1e9)
 
@@ -261,12 +245,12 @@ def _bench_layer(shape_name: str, shape: LayerShape) -> None:
 
   with torch.no_grad():
     err = float((torch_moe().float().cpu() - torch.from_numpy(np.asarray(want))).abs().max())
-    ms = _torch_median_ms(torch, torch_moe, _ITERS.value, _WARMUP.value)
+    ms = _timing.torch_median_ms(torch, torch_moe, _ITERS.value, _WARMUP.value)
 
   def fwd_bwd():
     torch_moe().float().sum().backward()
 
-  ms_fb = _torch_median_ms(torch, fwd_bwd, max(_ITERS.value // 2, 1), _WARMUP.value)
+  ms_fb = _timing.torch_median_ms(torch, fwd_bwd, max(_ITERS.value // 2, 1), _WARMUP.value)
   _emit(what="moe_layer", shape=shape_name, impl="torch_grouped_mm_layer", fwd_ms=ms,
         fwd_tflops=flops / ms / 1e9, fwd_bwd_ms=ms_fb, fwd_bwd_tflops=3 * flops / ms_fb / 1e9,
         max_abs_err_vs_pallas=err)

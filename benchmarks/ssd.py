@@ -17,7 +17,6 @@ Absolute times drift between machines: compare ratios from one run.
 
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Optional
@@ -131,20 +130,7 @@ def _time_mamba(scan, shape, chunk) -> dict[str, float]:
   """As anchor_torch.py: CUDA-event medians in ms."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  def bench(fn, iters):
-    for _ in range(_WARMUP.value):
-      fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-      start = torch.cuda.Event(enable_timing=True)
-      end = torch.cuda.Event(enable_timing=True)
-      start.record()
-      fn()
-      end.record()
-      torch.cuda.synchronize()
-      times.append(start.elapsed_time(end))
-    return statistics.median(times)
+  bench = lambda fn, iters: _timing.torch_median_ms(torch, fn, iters, _WARMUP.value)
 
   bsz, seqlen, nheads, headdim, dstate, ngroups = shape
   dev, bf16 = "cuda", torch.bfloat16
