@@ -22,7 +22,6 @@ errors are reported as rows, not raised.
 import dataclasses
 import functools
 import json
-import time
 from typing import Callable
 
 import _timing

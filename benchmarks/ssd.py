@@ -18,7 +18,6 @@ Absolute times drift between machines: compare ratios from one run.
 import json
 import os
 import sys
-import time
 from typing import Callable, Optional
 
 import _timing
