@@ -323,14 +323,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # Entry point (called by ops.ssd after argument checks).
 
-
-def _pad_dim(v: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = size - v.shape[axis]
-  if not pad:
-    return v
-  widths = [(0, 0)] * v.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(v, widths)
+_pad_dim = reference._pad_dim  # pylint: disable=protected-access
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -348,7 +341,6 @@ def ssd_mosaic_tpu(
   padded_t = _round_up(seqlen, chunk)
   padded_p = _round_up(headdim, block_sizes.pad_multiple)
   padded_q = _round_up(dstate, block_sizes.pad_multiple)
-  nchunks = padded_t // chunk
   # bf16/f16 inputs: products on those operands (f32 accumulation).
   x_dtype = jnp.dtype(x.dtype)
   cfg = _Config(
@@ -384,13 +376,11 @@ def ssd_mosaic_tpu(
     )
   seg = carry = None
   if doc_ids is not None:
-    seg = reference._segment_ids(doc_ids, bsz, seqlen)  # pylint: disable=protected-access
-    seg = jnp.pad(seg, [(0, 0), (0, padded_t - seqlen)], mode="edge")
-    segc = seg.reshape(bsz, nchunks, chunk)
-    seg_prev = jnp.pad(segc[:, :-1, -1], [(0, 0), (1, 0)])  # [B,C]
-    carry = (segc == seg_prev[:, :, None]).reshape(bsz, 1, padded_t)
-    seg = seg.astype(_F32).reshape(bsz, 1, padded_t)  # exact below 2**24
-    carry = carry.astype(_F32)  # [B,1,T]
+    segc, carry = reference._chunked_segments(  # pylint: disable=protected-access
+        doc_ids, bsz, seqlen, chunk
+    )  # [B,C,L] each
+    seg = segc.astype(_F32).reshape(bsz, 1, padded_t)  # exact below 2**24
+    carry = carry.astype(_F32).reshape(bsz, 1, padded_t)  # [B,1,T]
 
   y, final = _core(cfg, xh, dtp, a, pad_bc(B), pad_bc(C), d, h0, seg, carry)
   y = jnp.swapaxes(y, 1, 2)[:, :seqlen, :, :headdim]  # [B,T,M,P]

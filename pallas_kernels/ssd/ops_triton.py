@@ -376,14 +376,7 @@ def check_chunk_size(chunk_size: int) -> Optional[str]:
 
 # Entry point (called by ops.ssd after argument checks).
 
-
-def _pad_dim(v: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = size - v.shape[axis]
-  if not pad:
-    return v
-  widths = [(0, 0)] * v.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(v, widths)
+_pad_dim = reference._pad_dim  # pylint: disable=protected-access
 
 
 def _tile(n: int) -> int:
@@ -400,7 +393,6 @@ def ssd_triton(
   chunk = int(chunk_size)
   padded_t = -(-seqlen // chunk) * chunk
   padded_p, padded_q = _tile(headdim), _tile(dstate)
-  nchunks = padded_t // chunk
   heads = math.gcd(block_sizes.heads_per_block, nheads // ngroups)
   # bf16/f16 inputs: products on those operands (f32 accumulation), like mamba.
   x_dtype = jnp.dtype(x.dtype)
@@ -436,11 +428,11 @@ def ssd_triton(
                   padded_q)
   seg = carry = None
   if doc_ids is not None:
-    seg = reference._segment_ids(doc_ids, bsz, seqlen)  # pylint: disable=protected-access
-    seg = jnp.pad(seg, [(0, 0), (0, padded_t - seqlen)], mode="edge")
-    segc = seg.reshape(bsz, nchunks, chunk)
-    seg_prev = jnp.pad(segc[:, :-1, -1], [(0, 0), (1, 0)])  # [B,C]
-    carry = (segc == seg_prev[:, :, None]).astype(_F32).reshape(bsz, padded_t)
+    segc, carry = reference._chunked_segments(  # pylint: disable=protected-access
+        doc_ids, bsz, seqlen, chunk
+    )  # [B,C,L] each
+    seg = segc.reshape(bsz, padded_t)
+    carry = carry.astype(_F32).reshape(bsz, padded_t)
 
   y, final = _ssd_core(cfg, xp, dtp, a, bp, cp, d, h0, seg, carry)
   return y[:, :seqlen, :, :headdim], final[:, :, :headdim, :dstate]

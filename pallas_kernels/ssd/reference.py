@@ -132,6 +132,31 @@ def _segment_ids(doc_ids: Optional[jax.Array], bsz: int, seqlen: int):
   return jnp.pad(jnp.cumsum(changes, axis=1), [(0, 0), (1, 0)])  # [B,T]
 
 
+def _chunked_segments(doc_ids: Optional[jax.Array], bsz: int, seqlen: int, chunk: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(document index [B, C, L] int32 over whole chunks, padding in the last document; carry [B, C, L] bool).
+
+  The state entering chunk c belongs to the document of chunk c-1's last token (document 0, that of the
+  initial state, for c == 0); `carry[b, c, l]` says whether position l is in that document (indices never
+  decrease, so equality <=> no boundary in between). Shared by the reference and the kernels' prologues.
+  """
+  seg = _segment_ids(doc_ids, bsz, seqlen)  # [B,T]
+  seg = jnp.pad(seg, [(0, 0), (0, (-seqlen) % chunk)], mode="edge")
+  segc = seg.reshape(bsz, -1, chunk)  # [B,C,L]
+  seg_prev = jnp.pad(segc[:, :-1, -1], [(0, 0), (1, 0)])  # [B,C]
+  return segc, segc == seg_prev[:, :, None]
+
+
+def _pad_dim(v: jax.Array, axis: int, size: int) -> jax.Array:
+  """Zero-pads `axis` of `v` up to `size`."""
+  pad = size - v.shape[axis]
+  if not pad:
+    return v
+  widths = [(0, 0)] * v.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(v, widths)
+
+
 def _cast_ssd(x, A, B, C, initial_state):
   """Returns float32 A, x, B/C expanded to heads [..., M, Q], and h0."""
   nheads, headdim = x.shape[-2:]
@@ -221,8 +246,8 @@ def ssd_reference(
   dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
   # xf [B,T,M,P], bmat/cmat [B,T,M,Q], h0 [B,M,P,Q]
   a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, initial_state)
-  seg = _segment_ids(doc_ids, *x.shape[:2])  # [B,T]
   bsz, seqlen, nheads, headdim = x.shape
+  segc, carry_in = _chunked_segments(doc_ids, bsz, seqlen, chunk_size)  # [B,C,L] each
 
   # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 change neither
   # y nor the final state; padded tokens stay in the last document.
@@ -230,11 +255,10 @@ def ssd_reference(
   if pad:
     pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
     xf, dt, bmat, cmat = map(pad_t, (xf, dt, bmat, cmat))
-    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
   nchunks = (seqlen + pad) // chunk_size
   chunked = lambda v: v.reshape((bsz, nchunks, chunk_size) + v.shape[2:])
-  # xc [B,C,L,M,P], dtc [B,C,L,M], bc/cc [B,C,L,M,Q], segc [B,C,L].
-  xc, dtc, bc, cc, segc = map(chunked, (xf, dt, bmat, cmat, seg))
+  # xc [B,C,L,M,P], dtc [B,C,L,M], bc/cc [B,C,L,M,Q].
+  xc, dtc, bc, cc = map(chunked, (xf, dt, bmat, cmat))
 
   a = jnp.transpose(dtc * a_coef, (0, 3, 1, 2))  # [B,M,C,L]
   a_cumsum = jnp.cumsum(a, axis=-1)  # [B,M,C,L]
@@ -260,16 +284,13 @@ def ssd_reference(
       "bmcs,bcsm,bcsmq,bcsmp->bcmpq", decay_to_end, dtc, bc, xc
   )
 
-  # (3) Inter-chunk recurrence. The state entering chunk c belongs to the
-  # document of chunk c-1's last token (document 0, that of initial_state, for
-  # c == 0); position l sees it iff it is in that document (indices never
-  # decrease, so equality <=> no boundary in between). decay_from_start[..., l]
-  # is the decay of the incoming state at l (0 if cut off); the last entry is
-  # the carry decay of the whole chunk. exp(cumsum(dt * A) <= 0) is safe.
+  # (3) Inter-chunk recurrence. Position l sees the state entering its chunk
+  # iff it is in that state's document (`carry_in`, see `_chunked_segments`).
+  # decay_from_start[..., l] is the decay of the incoming state at l (0 if cut
+  # off); the last entry is the carry decay of the whole chunk.
+  # exp(cumsum(dt * A) <= 0) is safe.
   decay_from_start = jnp.exp(a_cumsum)  # [B,M,C,L]
   if doc_ids is not None:
-    seg_prev = jnp.pad(segc[:, :-1, -1], [(0, 0), (1, 0)])  # [B,C]
-    carry_in = segc == seg_prev[:, :, None]  # [B,C,L]
     decay_from_start = jnp.where(carry_in[:, None], decay_from_start, 0.0)
   chunk_decay = decay_from_start[..., -1]  # [B,M,C]
 
