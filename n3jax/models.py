@@ -352,6 +352,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
   return cache
 
 
+# Keys / values [L, B, S, K, H]: rows over the batch axes, KV heads as the layout splits them.
+_KV_AXES = jax.sharding.PartitionSpec(shd.LAYERS, shd.ACT_BATCH, None, shd.KV_HEADS, shd.HEAD_DIM)
+
+
 def cache_logical_axes(cfg: ModelConfig) -> Params:
   """Logical `PartitionSpec`s of `init_cache(cfg, ...)`'s pytree, leaf for leaf.
 
@@ -367,8 +371,7 @@ def cache_logical_axes(cfg: ModelConfig) -> Params:
                      "conv_B": conv_bc, "conv_C": conv_bc,
                      "ssm": P(shd.LAYERS, shd.ACT_BATCH, shd.SSM_HEADS, shd.SSM_HEAD_DIM, shd.SSM_STATE)}
   if cfg.count(Block.ATTENTION):
-    kv = P(shd.LAYERS, shd.ACT_BATCH, None, shd.KV_HEADS, shd.HEAD_DIM)
-    axes["attention"] = {"k": kv, "v": kv}
+    axes["attention"] = {"k": _KV_AXES, "v": _KV_AXES}
   return axes
 
 
@@ -498,6 +501,12 @@ def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
   dtype = _common.dtype_of(cfg.dtype)
   return {str(m): {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)}
           for m in range(cfg.num_nextn_predict_layers)}
+
+
+def mtp_cache_logical_axes(cfg: ModelConfig) -> Params:
+  """Logical `PartitionSpec`s of `init_mtp_cache(cfg, ...)`'s pytree: the main KV cache's axes (see
+  `cache_logical_axes`); `sharding.cache_shardings(..., mtp=True)` maps them onto a mesh."""
+  return {str(m): {"k": _KV_AXES, "v": _KV_AXES} for m in range(cfg.num_nextn_predict_layers)}
 
 
 def mtp_apply_cached(cfg: ModelConfig, params: Params, module: int, tokens: jax.Array, h_prev: jax.Array,

@@ -151,14 +151,17 @@ def named_sharding(mesh: Mesh, rules_name: str, axes: tuple[str | None, ...]) ->
   return NamedSharding(mesh, logical_to_mesh(PartitionSpec(*axes), rules_name))
 
 
-def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: int) -> Any:
+def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: int, mtp: bool = False) -> Any:
   """`NamedSharding` per leaf of `models.init_cache(cfg, batch, max_len)` under a layout
   (`models.cache_logical_axes`), checked for divisibility: the rows over the batch axes, Mamba heads and
-  groups and KV heads over the tensor axis where the layout splits them."""
+  groups and KV heads over the tensor axis where the layout splits them. mtp=True: the same for the MTP
+  modules' KV caches (`models.init_mtp_cache`, `models.mtp_cache_logical_axes`; speculative decoding)."""
   from n3jax import models  # lazy, as in `param_shardings`
-  logical = models.cache_logical_axes(cfg)
-  shapes = jax.eval_shape(lambda: models.init_cache(cfg, batch, max_len))
+  init, logical = ((models.init_mtp_cache, models.mtp_cache_logical_axes(cfg)) if mtp
+                   else (models.init_cache, models.cache_logical_axes(cfg)))
+  shapes = jax.eval_shape(lambda: init(cfg, batch, max_len))
   specs = logical_to_mesh(logical, rules_name)
+  kind = "MTP cache" if mtp else "Cache"
 
   def check(path, names, spec, leaf):
     for dim, name, axes in zip(leaf.shape, names, spec):
@@ -168,7 +171,7 @@ def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: in
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
         what = f"a batch of {dim} rows" if name == ACT_BATCH else f"{dim} {name}"
-        raise ValueError(f"Cache {jax.tree_util.keystr(path)} {leaf.shape}: {what} cannot be split over mesh axes "
+        raise ValueError(f"{kind} {jax.tree_util.keystr(path)} {leaf.shape}: {what} cannot be split over mesh axes "
                          f"{axes} ({size} shards) of mesh {dict(mesh.shape)} under layout {rules_name!r}: "
                          f"{dim} % {size} != 0")
     return NamedSharding(mesh, spec)

@@ -1,6 +1,7 @@
 """MTP speculative decoding (`n3jax.inference._speculative`): greedy output equals plain greedy decoding, the
 Mamba roll-back after partial and full acceptance, batches with per-row acceptance, the speculative-sampling
-rule, the thinking budget, the CLI flag, and bad input.
+rule, the thinking budget, the CLI flag, bad input, and generation on a mesh of the fake CPU devices (the same
+greedy tokens, the state keeping its shardings, one compiled round).
 
 One tiny random hybrid with every kind the roll-back touches (Mamba, attention, LatentMoE) and one MTP module
 `*E` like Nemotron 3 Super, in float32 so that the chunked verify and one-token decoding agree to rounding,
@@ -10,13 +11,16 @@ repeat on purpose (prompt width 8, cache 32, one row) so that the compiled steps
 """
 
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import n3jax
-from n3jax import configs, models
+from n3jax import configs, models, sharding
 from n3jax.inference import _engine, _speculative
 from n3jax.inference import Generation, SamplingParams, SpeculativeStats, generate_tokens, speculative_accept
 
@@ -122,14 +126,15 @@ def test_rollback_leaves_the_caches_of_plain_decoding(param_sets):
   for prompt in PROMPTS:
     tokens, segments = _engine.left_align([prompt], length=8)
     sstate = _engine.sampling_state(CFG, tokens, segments, GREEDY)
-    first, state = _speculative.start(CFG, params, tokens, segments, max_len=MAX_LEN, chunk=None, k=k,
-                                      sampling=GREEDY, sstate=sstate, forced=jnp.full((1,), -1, jnp.int32))
+    steps = _speculative.compiled_steps(CFG, 1, MAX_LEN)  # one device: the module-level jits
+    first, state = _speculative.start(steps, params, tokens, segments, chunk=None, k=k, sampling=GREEDY,
+                                      sstate=sstate, forced=jnp.full((1,), -1, jnp.int32))
     _, cache = _engine.prefill(CFG, params, tokens, segments, max_len=MAX_LEN)
     plain_state = _engine.sampling_state(CFG, tokens, segments, GREEDY)
     fed = [int(first[0])]
     while len(fed) < NEW:
-      out, kept, accepted, state = _speculative.step(CFG, params, state, jnp.full((1,), -1, jnp.int32),
-                                                     jnp.asarray([-1, -1], jnp.int32), k=k, sampling=GREEDY)
+      out, kept, accepted, state = steps.step(params, state, jnp.full((1,), -1, jnp.int32),
+                                              jnp.asarray([-1, -1], jnp.int32), k=k, sampling=GREEDY)
       kept, accepted = int(kept[0]), int(accepted[0])
       seen_accepted.add(accepted)
       for tok in fed[-1:] + [int(t) for t in np.asarray(out)[0, :kept - 1]]:  # what the round put in the cache
@@ -185,6 +190,62 @@ def test_sampling_runs_and_is_seeded(param_sets):
   sampling = SamplingParams(temperature=1.0, seed=3)
   a, b = (_run(param_sets["mixed"], [PROMPTS[0]], 2, sampling=sampling)[0] for _ in range(2))
   assert a.token_ids == b.token_ids and len(a.token_ids) == NEW and a.speculative.verify_steps >= 1
+
+
+# --- On a device mesh ----------------------------------------------------------------------------------
+BATCH_SPLIT, TENSOR_SPLIT = ("fsdp", {"fsdp": 2}), ("fsdp_tp_ep", {"fsdp": 2, "tensor": 2})  # heads 8, groups 2, KV 2
+
+
+def _mesh(shape):
+  return sharding.make_mesh(shape, devices=jax.devices()[:math.prod(shape.values())])
+
+
+@pytest.mark.parametrize("layout,shape", [BATCH_SPLIT, TENSOR_SPLIT])
+def test_greedy_on_a_mesh_equals_one_device_and_plain(param_sets, plain, layout, shape):
+  """Two rows (different acceptance per round) over the batch shards, prefilled in chunks of 4: the tokens
+  of one device and of plain greedy decoding; the round compiled once for all rounds."""
+  mesh, params, k = _mesh(shape), param_sets["mixed"], 2
+  one = _run(params, PROMPTS[:2], k, prefill_chunk=4)
+  split = _run(params, PROMPTS[:2], k, prefill_chunk=4, mesh=mesh, layout=layout)
+  assert [c.token_ids for c in split] == [c.token_ids for c in one] == [plain["mixed", i] for i in range(2)]
+  assert sum(c.speculative.verify_steps for c in split) > 4
+  steps = _speculative.compiled_steps(CFG, 2, _speculative.cache_size(8, NEW, k, 2), mesh=mesh, layout=layout)
+  assert isinstance(steps, _speculative.ShardedSteps) and steps._step[True]._cache_size() == 1
+
+
+def test_mesh_round_state_keeps_its_shardings(param_sets):
+  """Rounds run by hand with sampling on (the state then holds draft_probs): every leaf of the state and
+  of the caches stays in its sharding, the KV heads of the MTP cache split over tensor like the main ones."""
+  layout, shape = TENSOR_SPLIT
+  mesh, k, sampling = _mesh(shape), 2, SamplingParams(temperature=1.0)
+  steps = _speculative.compiled_steps(CFG, 2, MAX_LEN, mesh=mesh, layout=layout)
+  params = steps.place(param_sets["mixed"])
+  tokens, segments = _engine.left_align(PROMPTS[:2], length=8)
+  sstate = _engine.sampling_state(CFG, tokens, segments, sampling)
+  forced, limit, markers = np.full((2,), -1, np.int32), np.full((2,), -1, np.int32), np.asarray([-1, -1], np.int32)
+  _, state = _speculative.start(steps, params, tokens, segments, chunk=None, k=k, sampling=sampling,
+                                sstate=sstate, forced=forced)
+  for _ in range(3):
+    toks, kept, _, state = steps.step(params, state, limit, markers, k=k, sampling=sampling)
+  assert "draft_probs" in state and steps._step[False]._cache_size() == 1
+  expected = steps.state_shardings[False]
+  assert jax.tree.structure(state) == jax.tree.structure(expected)
+  for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+  batch = ("data", "fsdp", "expert")
+  assert state["mtp"]["0"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert state["cache"]["attention"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert toks.sharding.spec == P(batch, None) and kept.sharding.spec == P(batch)
+
+
+def test_mesh_shapes_that_do_not_split(param_sets):
+  layout, shape = BATCH_SPLIT
+  with pytest.raises(ValueError, match=r"a batch of 3 rows cannot be split .* 3 % 2 != 0"):
+    _run(param_sets["random"], PROMPTS, 2, mesh=_mesh(shape), layout=layout)
+  with pytest.raises(ValueError, match=r"MTP cache \['0'\]\['k'\].* 2 kv_heads cannot be split .* 2 % 4 != 0"):
+    sharding.cache_shardings(CFG, _mesh({"tensor": 4}), "fsdp_tp_ep", batch=1, max_len=MAX_LEN, mtp=True)
+  axes, shapes = models.mtp_cache_logical_axes(CFG), jax.eval_shape(lambda: models.init_mtp_cache(CFG, 2, MAX_LEN))
+  assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, P))
 
 
 # --- The speculative-sampling rule ------------------------------------------------------------------

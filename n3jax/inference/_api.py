@@ -100,9 +100,6 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     tok = tokenizer
   if speculative_k is not None:  # before any weights are read
     _speculative.check(cfg, None, speculative_k)
-    if sharded:
-      raise NotImplementedError("speculative decoding (speculative_k) does not run on a mesh yet; drop mesh= or "
-                                "speculative_k=")
   if isinstance(tok, (str, os.PathLike)):
     from n3jax.data import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
     tok = _load(os.fspath(tok), pad_id=cfg.pad_token_id or 0, bos_id=cfg.bos_token_id or 1,
@@ -164,6 +161,7 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   (`(cfg, params)` are placed with `sharding.param_shardings` unless already so),
   the caches are sharded to match (rows over the batch axes, Mamba and KV heads over the tensor axis where
   the layout splits them) and decoding compiles once. The number of prompts must divide over the batch axes.
+  With speculative_k the MTP caches are sharded like the main KV cache and each round compiles once.
   Returns one Generation, or a list for a batch.
   """
   cfg, params, _, prompts, batch, kwargs = _prepare(

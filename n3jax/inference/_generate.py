@@ -9,8 +9,9 @@ With `speculative_k` (models with MTP heads) each compiled step is a speculative
 (`_speculative`): up to k + 1 tokens per row per step, the same tokens as plain greedy decoding (or, when
 sampling, the same distribution). The thinking budget caps how many drafts a row may keep in a round.
 
-With `mesh=` and `layout=` the loop runs on a device mesh (`_engine.sharded_steps`): params placed with
-`sharding.param_shardings`, the cache created in its shards and kept in them by every step.
+With `mesh=` and `layout=` the loop runs on a device mesh (`_engine.sharded_steps`, speculative rounds
+`_speculative.ShardedSteps`): params placed with `sharding.param_shardings`, the caches created in their
+shards and kept in them by every step.
 """
 
 from __future__ import annotations
@@ -176,16 +177,14 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   placed with `sharding.param_shardings` (params already placed so are not moved), the cache is sharded
   (rows over the batch axes, Mamba heads / groups and KV heads over the tensor axis where the layout splits
   them) and prefill and decode are compiled under `sharding.use_mesh`, decode once. The number of prompts
-  must divide over the batch axes (a ValueError names the numbers). Not with `speculative_k` yet.
+  must divide over the batch axes (a ValueError names the numbers). With `speculative_k` too: the MTP
+  caches are sharded like the main KV cache and each speculative round compiles once.
   """
   if max_new_tokens < 1:
     raise ValueError(f"{max_new_tokens=} must be >= 1")
   if speculative_k is not None:
     _speculative.check(cfg, params, speculative_k)
   sharded = _engine.check_mesh(mesh, layout)
-  if sharded and speculative_k is not None:
-    raise NotImplementedError("speculative decoding (speculative_k) does not run on a mesh yet; drop mesh= or "
-                              "speculative_k=")
   think = _Think(*think_ids, thinking_budget)
   text = _Text(decode, stop_strings)
   longest = max((len(p) for p in prompts), default=0)
@@ -212,9 +211,10 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   state = _engine.sampling_state(cfg, tokens, segments, sampling, seed=seed)
   if speculative_k is not None:
     stats = [SpeculativeStats() for _ in rows]
-    yield from _stream_speculative(cfg, params, tokens, segments, rows, stats, state, advance, forced, think,
-                                   k=speculative_k, max_new_tokens=max_new_tokens, max_len=max_len,
-                                   prefill_chunk=prefill_chunk, sampling=sampling, lookahead=lookahead)
+    steps = _speculative.compiled_steps(cfg, len(prompts), max_len, mesh=mesh, layout=layout)
+    yield from _stream_speculative(steps, params, tokens, segments, rows, stats, state, advance, forced, think,
+                                   k=speculative_k, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
+                                   sampling=sampling, lookahead=lookahead)
     if rows_out is not None:
       rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens, st)
                       for r, st in zip(rows, stats))
@@ -249,14 +249,15 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens) for r in rows)
 
 
-def _stream_speculative(cfg, params, tokens, segments, rows: list[_Row], stats: list[SpeculativeStats], sstate,
-                        advance, forced, think: _Think, *, k: int, max_new_tokens: int, max_len: int,
-                        prefill_chunk: int | None, sampling: SamplingParams, lookahead: bool
+def _stream_speculative(steps: _speculative.Steps, params, tokens, segments, rows: list[_Row],
+                        stats: list[SpeculativeStats], sstate, advance, forced, think: _Think, *, k: int,
+                        max_new_tokens: int, prefill_chunk: int | None, sampling: SamplingParams, lookahead: bool
                         ) -> Iterator[list[Delta]]:
-  """The loop of `stream_tokens` with speculative rounds; once the cache has no room for a round's k + 1
-  slots it finishes with plain one-token steps."""
-  first, state = _speculative.start(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk, k=k,
-                                    sampling=sampling, sstate=sstate, forced=forced())
+  """The loop of `stream_tokens` with speculative rounds (`steps`: on one device or a mesh); once the cache
+  has no room for a round's k + 1 slots it finishes with plain one-token steps."""
+  params = steps.place(params)
+  first, state = _speculative.start(steps, params, tokens, segments, chunk=prefill_chunk, k=k, sampling=sampling,
+                                    sstate=sstate, forced=forced())
   filled, slots = _engine.cache_room(state["cache"])
   markers = jnp.asarray([-1 if i is None else i for i in (think.open_id, think.close_id)], jnp.int32)
 
@@ -271,12 +272,11 @@ def _stream_speculative(cfg, params, tokens, segments, rows: list[_Row], stats: 
   def launch(state, filled: int):
     """-> ((tokens [B, n], kept [B] or None, accepted [B] or None), state, slots it may fill), or None."""
     if filled + k + 1 <= slots:
-      toks, kept, accepted, state = _speculative.step(cfg, params, state, limits(), markers, k=k, sampling=sampling)
+      toks, kept, accepted, state = steps.step(params, state, limits(), markers, k=k, sampling=sampling)
       return (toks, kept, accepted), state, k + 1
     if filled < slots:  # no room for a round: plain steps (the MTP state is not needed any more)
-      nxt, cache, sst = _engine.decode_sample(cfg, params, state["cache"], state["pending"],
-                                              {"key": state["key"], "seen": state["seen"]}, forced(),
-                                              sampling=sampling)
+      nxt, cache, sst = steps.decode_sample(params, state["cache"], state["pending"],
+                                            {"key": state["key"], "seen": state["seen"]}, forced(), sampling=sampling)
       return (nxt[:, None], None, None), {"cache": cache, "pending": nxt, **sst}, 1
     return None
 

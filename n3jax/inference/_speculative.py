@@ -31,10 +31,16 @@ kept (n_max); a row that kept n < n_max has its n KV slots moved to the end of t
 n_max - n slots before them marked empty (EMPTY_SEGMENT: never attended; NoPE means a key does not care
 which slot it sits in). Such holes cost cache slots, so a batch reserves (k + 1) slots per new token.
 The MTP modules' KV caches sit slot for slot beside the main ones (`models.init_mtp_cache`).
+
+Compiled pieces (`compiled_steps`): the prefill and the round are plain functions; on one device `Steps`
+runs them as module-level jits (`step` is the round), on a mesh `ShardedSteps` compiles them under
+`sharding.use_mesh` with fixed output shardings (the caches as `sharding.cache_shardings`, the MTP caches
+with mtp=True, the rest of the round state by rows), so a round compiles once and keeps the layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -43,11 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from n3jax import models
+from n3jax import models, sharding
 from n3jax.configs import ModelConfig
 from n3jax.inference import _engine, _sampling
 
-__all__ = ["SpeculativeStats", "check", "cache_size", "speculative_accept", "verify", "start", "step"]
+__all__ = ["SpeculativeStats", "check", "cache_size", "speculative_accept", "verify", "start", "step", "Steps",
+           "ShardedSteps", "compiled_steps"]
 
 Params = Any
 
@@ -209,14 +216,12 @@ def _shift_window(a: jax.Array, index: jax.Array, src: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prefill (main model + MTP catch-up over the prompt) and the round
+# Prefill (main model + MTP catch-up over the prompt) and the round, as plain functions (see `Steps`)
 # ---------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _empty_caches(cfg: ModelConfig, batch: int, max_len: int) -> tuple[Params, Params]:
   return models.init_cache(cfg, batch, max_len), models.init_mtp_cache(cfg, batch, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _prefill_main(cfg, params, tokens, segment_ids, cache):
   """A prompt chunk through the main model -> (logits [B, V] of its last column, hidden [B, C, D], cache)."""
   logits, cache, hidden = models.apply_cached(cfg, params, tokens, cache, segment_ids=segment_ids, all_logits=True,
@@ -224,7 +229,6 @@ def _prefill_main(cfg, params, tokens, segment_ids, cache):
   return logits[:, -1], hidden, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k"), donate_argnames=("mtp",))
 def _prefill_mtp(cfg, params, next_tokens, hidden, segment_ids, index, slot_segments, mtp, *, k):
   """The same chunk through the MTP modules (next_tokens: the token after each column) -> (module 0's
   logits [B, V] and h^1 [B, D] at the last column, mtp)."""
@@ -233,43 +237,43 @@ def _prefill_mtp(cfg, params, next_tokens, hidden, segment_ids, index, slot_segm
   return logits[:, -1], h[:, -1], mtp
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",), donate_argnames=("sstate",))
 def _first_draft(logits, sstate, *, sampling):
+  """-> the round state's draft entries: {"draft", "draft_probs" (sampling only), "key", "seen"}."""
   key, sub = jax.random.split(sstate["key"])
   draft, probs = _pick(logits, sampling, sstate["seen"], sub)
-  return draft, probs, {"key": key, "seen": sstate["seen"]}
+  out = {"draft": draft, "key": key, "seen": sstate["seen"]}
+  return out if probs is None else {**out, "draft_probs": probs}
 
 
-def start(cfg: ModelConfig, params: Params, tokens, segment_ids, *, max_len: int, chunk: int | None, k: int,
+def start(steps: Steps, params: Params, tokens, segment_ids, *, chunk: int | None, k: int,
           sampling: _sampling.SamplingParams, sstate: dict[str, jax.Array], forced: jax.Array
           ) -> tuple[jax.Array, dict[str, Any]]:
   """Prefill for speculative decoding: left-aligned prompts (see `_engine.left_align`) -> (the first
   chosen token [B], the round state). Each prompt chunk runs through the main model, then through the MTP
   modules (whose inputs are the next column's token: the prompt's, or for the last column the chosen one).
+  steps: `compiled_steps` of this batch (one device or a mesh; `params` best placed with `steps.place`);
   sstate: `_engine.sampling_state`; forced: as in `_engine.choose`."""
-  tokens, segment_ids, chunk = _engine.prefill_chunks(tokens, segment_ids, max_len=max_len, chunk=chunk)
-  bsz, total = tokens.shape
-  cache, mtp = _empty_caches(cfg, bsz, max_len)
+  tokens, segment_ids, chunk = _engine.prefill_chunks(tokens, segment_ids, max_len=steps.max_len, chunk=chunk)
+  if tokens.shape[0] != steps.batch:
+    raise ValueError(f"{tokens.shape[0]} prompts, but the compiled steps are for a batch of {steps.batch}")
+  total = tokens.shape[1]
+  cache, mtp = steps.empty_caches()
   first = None
   for s in range(0, total, chunk):
-    segs = jnp.asarray(segment_ids[:, s:s + chunk])
-    logits, hidden, cache = _prefill_main(cfg, params, jnp.asarray(tokens[:, s:s + chunk]), segs, cache)
+    segs = segment_ids[:, s:s + chunk]
+    logits, hidden, cache = steps.prefill_main(params, tokens[:, s:s + chunk], segs, cache)
     next_tokens = jnp.asarray(tokens[:, s + 1:s + chunk + 1])
     if s + chunk == total:
-      first, sstate = _engine.choose_jit(logits, sstate, forced, sampling=sampling)
+      first, sstate = steps.choose(logits, sstate, forced, sampling=sampling)
       next_tokens = jnp.concatenate([next_tokens, first[:, None]], axis=1)
-    logits, hidden, mtp = _prefill_mtp(cfg, params, next_tokens, hidden, segs, jnp.asarray(s, jnp.int32),
-                                       cache["segment_ids"], mtp, k=k)
-  draft, probs, sstate = _first_draft(logits, sstate, sampling=sampling)
-  state = {"cache": cache, "mtp": mtp, "pending": first, "draft": draft, "hidden": hidden, **sstate}
-  if probs is not None:
-    state["draft_probs"] = probs
+    logits, hidden, mtp = steps.prefill_mtp(params, next_tokens, hidden, segs, s, cache["segment_ids"], mtp, k=k)
+  state = {"cache": cache, "mtp": mtp, "pending": first, "hidden": hidden,
+           **steps.first_draft(logits, sstate, sampling=sampling)}
   return first, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "sampling"), donate_argnames=("state",))
-def step(cfg: ModelConfig, params: Params, state: dict[str, Any], limit: jax.Array, markers: jax.Array, *, k: int,
-         sampling: _sampling.SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
+def _round(cfg: ModelConfig, params: Params, state: dict[str, Any], limit: jax.Array, markers: jax.Array, *, k: int,
+           sampling: _sampling.SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
   """One round (see the module docstring); the caller checks that slots index..index+k are free.
 
   limit [B] int32: -1, or the drafts a row may keep (its thinking budget left; see `_cap`); markers [2]
@@ -364,3 +368,134 @@ def step(cfg: ModelConfig, params: Params, state: dict[str, Any], limit: jax.Arr
   if probs is not None:
     new_state["draft_probs"] = probs
   return tokens, kept, accepted, new_state
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled: on one device (the module-level jits) or on a mesh (fixed output shardings)
+# ---------------------------------------------------------------------------------------------------
+_JIT_OPTIONS = {
+    _empty_caches: dict(static_argnums=(0, 1, 2)),
+    _prefill_main: dict(static_argnames=("cfg",), donate_argnames=("cache",)),
+    _prefill_mtp: dict(static_argnames=("cfg", "k"), donate_argnames=("mtp",)),
+    _first_draft: dict(static_argnames=("sampling",), donate_argnames=("sstate",)),
+    _round: dict(static_argnames=("cfg", "k", "sampling"), donate_argnames=("state",)),
+}
+
+
+def _jit(fn, **out_shardings):
+  return jax.jit(fn, **_JIT_OPTIONS[fn], **out_shardings)
+
+
+# One device: step(cfg, params, state, limit, markers, k=, sampling=) is one round.
+step = _jit(_round)
+_empty_caches_jit, _prefill_main_jit, _prefill_mtp_jit, _first_draft_jit = map(
+    _jit, (_empty_caches, _prefill_main, _prefill_mtp, _first_draft))
+
+
+class Steps:
+  """The compiled pieces of speculative decoding for one (cfg, batch, max_len), on one device: the
+  module-level jits (shared by every instance) and `_engine`'s `choose_jit` and `decode_sample`.
+  `ShardedSteps` runs the same on a mesh. Get one from `compiled_steps`."""
+
+  def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
+    self.cfg, self.batch, self.max_len = cfg, batch, max_len
+    self.rows = self.columns = self.replicated = None  # where `_put` places host inputs (one device: anywhere)
+    self._empty, self._prefill_main, self._prefill_mtp = _empty_caches_jit, _prefill_main_jit, _prefill_mtp_jit
+    self._first_draft = dict.fromkeys((True, False), _first_draft_jit)  # by sampling.greedy (see ShardedSteps)
+    self._step = dict.fromkeys((True, False), step)
+
+  def _context(self):
+    return contextlib.nullcontext()
+
+  def _put(self, x, where):
+    return jnp.asarray(x)
+
+  def place(self, params: Params) -> Params:
+    return params
+
+  def empty_caches(self) -> tuple[Params, Params]:
+    with self._context():
+      return self._empty(self.cfg, self.batch, self.max_len)
+
+  def prefill_main(self, params: Params, tokens, segment_ids, cache: Params):
+    with self._context():
+      return self._prefill_main(self.cfg, params, self._put(tokens, self.columns), self._put(segment_ids, self.columns),
+                                cache)
+
+  def prefill_mtp(self, params: Params, next_tokens, hidden, segment_ids, index: int, slot_segments, mtp: Params, *,
+                  k: int):
+    with self._context():
+      return self._prefill_mtp(self.cfg, params, self._put(next_tokens, self.columns), hidden,
+                               self._put(segment_ids, self.columns), self._put(np.int32(index), self.replicated),
+                               slot_segments, mtp, k=k)
+
+  def choose(self, logits, sstate, forced, *, sampling: _sampling.SamplingParams):
+    return _engine.choose_jit(logits, sstate, forced, sampling=sampling)
+
+  def first_draft(self, logits, sstate, *, sampling: _sampling.SamplingParams) -> dict[str, jax.Array]:
+    with self._context():
+      return self._first_draft[sampling.greedy](logits, sstate, sampling=sampling)
+
+  def step(self, params: Params, state: dict[str, Any], limit, markers, *, k: int, sampling: _sampling.SamplingParams):
+    """One round (`_round`); limit and markers may be host arrays."""
+    with self._context():
+      return self._step[sampling.greedy](self.cfg, params, state, self._put(limit, self.rows),
+                                         self._put(markers, self.replicated), k=k, sampling=sampling)
+
+  def decode_sample(self, params: Params, cache: Params, tokens, sstate, forced, *,
+                    sampling: _sampling.SamplingParams):
+    """A plain one-token step (`_engine.decode_sample`), for the end of the cache."""
+    return _engine.decode_sample(self.cfg, params, cache, tokens, sstate, forced, sampling=sampling)
+
+
+class ShardedSteps(Steps):
+  """`Steps` on a mesh under a layout, compiled under `sharding.use_mesh` with fixed output shardings, so
+  each piece sees the same input shardings every time and compiles once (a round: once per k and sampling
+  mode). Output shardings: the main cache's and the MTP caches' from `sharding.cache_shardings` (mtp=False /
+  True), the rest of the round state by rows ([B], [B, D], [B, V]), its PRNG key replicated. Params
+  placement, prefill's first choice and the plain steps at the end of the cache: `_engine.sharded_steps`."""
+
+  def __init__(self, cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int):
+    super().__init__(cfg, batch, max_len)
+    self.mesh, self.layout = mesh, layout
+    self.plain = plain = _engine.sharded_steps(cfg, mesh, layout, batch, max_len)  # checks the main cache
+    self.mtp_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len, mtp=True)
+    self.rows, self.columns = plain.rows, plain.columns  # [B]; [B, T], [B, V], [B, D]
+    self.replicated = sharding.named_sharding(mesh, layout, ())
+    chunk_hidden = sharding.named_sharding(mesh, layout, (sharding.ACT_BATCH, None, None))  # [B, C, D]
+    cache_sh, mtp_sh, rows, columns = plain.cache_shardings, self.mtp_shardings, self.rows, self.columns
+    state = {"cache": cache_sh, "mtp": mtp_sh, "pending": rows, "draft": rows, "hidden": columns,
+             **plain.state_shardings}
+    # By sampling.greedy: when sampling, the state also holds the draft's distribution [B, V].
+    self.state_shardings = {True: state, False: {**state, "draft_probs": columns}}
+    drafts = lambda sh: {k: v for k, v in sh.items() if k in ("draft", "draft_probs", "key", "seen")}
+    self._empty = _jit(_empty_caches, out_shardings=(cache_sh, mtp_sh))
+    self._prefill_main = _jit(_prefill_main, out_shardings=(columns, chunk_hidden, cache_sh))
+    self._prefill_mtp = _jit(_prefill_mtp, out_shardings=(columns, columns, mtp_sh))
+    self._first_draft = {g: _jit(_first_draft, out_shardings=drafts(sh)) for g, sh in self.state_shardings.items()}
+    self._step = {g: _jit(_round, out_shardings=(columns, rows, rows, sh)) for g, sh in self.state_shardings.items()}
+
+  def _context(self):
+    return sharding.use_mesh(self.mesh, self.layout)
+
+  def _put(self, x, where):
+    return jax.device_put(x, where)
+
+  def place(self, params: Params) -> Params:
+    return self.plain.place(params)
+
+  def choose(self, logits, sstate, forced, *, sampling: _sampling.SamplingParams):
+    return self.plain.choose(logits, sstate, forced, sampling=sampling)
+
+  def decode_sample(self, params: Params, cache: Params, tokens, sstate, forced, *,
+                    sampling: _sampling.SamplingParams):
+    return self.plain.decode_sample(params, cache, tokens, sstate, forced, sampling=sampling)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(cfg: ModelConfig, batch: int, max_len: int, *, mesh=None, layout: str | None = None) -> Steps:
+  """The compiled pieces for `batch` rows and a cache of `max_len`: on one device, or with `mesh=` and
+  `layout=` on a mesh (`ShardedSteps`; cached per arguments). On a mesh a ValueError names the numbers when
+  the batch does not divide over the batch axes or the heads / groups over the tensor axis."""
+  if _engine.check_mesh(mesh, layout):
+    return ShardedSteps(cfg, mesh, layout, batch, max_len)
+  return Steps(cfg, batch, max_len)
