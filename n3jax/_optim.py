@@ -81,10 +81,13 @@ def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, o
     raise ValueError(f"optimizer.decay_fraction={opt.decay_fraction} must be in [0, 1]")
   if opt.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+  if opt.mu_dtype not in ("", "bfloat16", "float32"):
+    raise ValueError(f"optimizer.mu_dtype={opt.mu_dtype!r} must be '' (the param dtype), 'bfloat16' or 'float32'")
   schedule = lr_schedule(opt, num_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask),
+      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask,
+                  mu_dtype=opt.mu_dtype or None),
       optax.masked(optax.set_to_zero(), frozen_mask),
   )
   return tx, schedule

@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1               # micro-batches per step (a scan inside the jitted step)
   c.num_steps = 100                    # sets the schedule; training ends here
   c.stop_after_step = 0                # > 0: save and return after this step (preemption drill)
-  # --- Optimizer (AdamW, f32 moments; master params in model param_dtype) ---
+  # --- Optimizer (AdamW; master params, gradients and moments in model param_dtype unless mu_dtype) ---
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-4,                         # peak learning rate
       schedule="wsd",                  # 'wsd' (warmup-stable-decay) | 'cosine' | 'constant'
@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,                # not on norms, biases, A_log, D, dt_bias (see n3jax._optim)
       grad_clip=1.0,                   # global-norm clip; 0 disables
+      mu_dtype="",                     # AdamW first moment: '' (param dtype) | 'bfloat16' | 'float32'
   ))
   # --- MoE and MTP losses ---
   c.moe = ml_collections.ConfigDict(dict(

@@ -125,7 +125,8 @@ class ModelConfig:
   scan_layers: bool = False                   # lax.scan over layers (compile time O(1) in depth)
   remat_policy: str = "none"                  # see `_REMAT_POLICIES`
   ssd_backend: str = "reference"              # `pallas_kernels.ssd` implementation
-  moe_backend: str = "ragged_dot"             # `pallas_kernels.moe.moe_dispatch` backend
+  moe_backend: str = "auto"                   # `pallas_kernels.moe.moe_dispatch` backend ("auto": Pallas gmm on
+                                              # GPU/TPU, ragged_dot on CPU; see `pallas_kernels.moe.ops`)
   moe_ep_exchange: str = "all_to_all"         # expert parallelism token exchange: all_to_all | all_gather
   quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
   quant_bf16_layers_at_start: int | None = None  # layers the recipe keeps in BF16 (None: the published recipe:

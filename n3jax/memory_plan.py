@@ -122,9 +122,9 @@ def _attention_score_bytes_per_token(cfg: ModelConfig, seq: int, tensor: int) ->
 
 
 def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int], batch: int, seq: int,
-             remat: str = "full", device_gb: float = 80.0, mu_dtype: str = "float32") -> Plan:
-  """One layout on one mesh. Optimizer: AdamW with first moment in `mu_dtype` and second moment in f32
-  (`optax.adamw(mu_dtype=...)`); gradients in f32."""
+             remat: str = "full", device_gb: float = 80.0, mu_dtype: str | None = None) -> Plan:
+  """One layout on one mesh. Optimizer: AdamW (optax) with the first moment in `mu_dtype` (None: the param
+  dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs)."""
   mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
   batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   if batch % batch_shards:
@@ -144,8 +144,8 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   gathered = largest_layer * _BYTES[cfg.dtype] * (2 if mesh["fsdp"] > 1 else 0)  # fwd/bwd copies in flight
   flops = _step_flops(cfg, batch * seq, seq)
   gb = 1e9
-  params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype] + 4) / gb
-  grads_gb = per_device * 4 / gb
+  params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype or cfg.param_dtype] + pbytes) / gb
+  grads_gb = per_device * pbytes / gb
   total = params_gb + opt_gb + grads_gb + gathered / gb + act / gb
   return Plan(preset, layout, mesh, batch, seq, remat, params_gb, opt_gb, grads_gb, gathered / gb, act / gb,
               total, flops / 1e12, device_gb)
@@ -174,7 +174,7 @@ def _meshes(devices: int):
 
 
 def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: int, remat: str = "full",
-              device_gb: float = 80.0, mu_dtype: str = "float32") -> Plan:
+              device_gb: float = 80.0, mu_dtype: str | None = None) -> Plan:
   """The least-communication layout that fits: data parallel before FSDP before experts before tensor
   parallelism, and within a layout the smallest model-parallel degree. If none fits, the smallest plan."""
   smallest = None

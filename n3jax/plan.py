@@ -19,7 +19,8 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Global batch (sequences).")
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots_saveable", "nothing_saveable"], "Remat policy.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Master weight dtype.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
-_MU_DTYPE = flags.DEFINE_enum("mu_dtype", "float32", ["float32", "bfloat16"], "AdamW first-moment dtype.")
+_MU_DTYPE = flags.DEFINE_enum("mu_dtype", None, ["float32", "bfloat16"],
+                               "AdamW first-moment dtype (default: the param dtype; optimizer.mu_dtype).")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
 
 

@@ -39,7 +39,8 @@ from n3jax import models
 from n3jax import sharding
 from n3jax._train_config import build_model_config, default_config, merge_with_defaults
 
-__all__ = ["InputError", "TrainResult", "default_config", "train_and_evaluate", "build_model_config"]
+__all__ = ["InputError", "TrainResult", "build_model_config", "compile_train_step", "default_config",
+           "train_and_evaluate"]
 
 
 class InputError(ValueError):
@@ -151,6 +152,15 @@ def _prepare(config):
   return config, cfg, tx, schedule, data
 
 
+def _state_shardings(cfg, mesh, rules: str, abstract_state, tx):
+  """Params by the layout's rules; optimizer moments like their params; scalars replicated."""
+  params = sharding.param_shardings(cfg, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params,
+                              transform_non_params=lambda _: replicated)
+  return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+
+
 class _Devices:
   """Where the state lives: one local device, or a mesh over every process's devices (`config.mesh`)."""
 
@@ -171,14 +181,7 @@ class _Devices:
     return sharding.use_mesh(self.mesh, self.rules) if self.mesh else contextlib.nullcontext()
 
   def state_shardings(self, abstract_state, tx):
-    """Params by the layout's rules; optimizer moments like their params; scalars replicated."""
-    if self.mesh is None:
-      return None
-    params = sharding.param_shardings(self.cfg, self.mesh, self.rules)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params,
-                                transform_non_params=lambda _: replicated)
-    return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+    return None if self.mesh is None else _state_shardings(self.cfg, self.mesh, self.rules, abstract_state, tx)
 
   def place_state(self, state, shardings):
     return jax.device_put(state, self.device if shardings is None else shardings)
@@ -304,3 +307,26 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         f"{progress.last_interval_loss:.3f}{held}; {time.perf_counter() - t_start:.0f} s in all")
   return TrainResult(losses=losses, metrics=dict(progress.history), eval_losses=eval_losses,
                      restored_step=restored_step, last_step=step, preempted=preempted)
+
+
+def compile_train_step(config, devices, compiler_options=None) -> jax.stages.Compiled:
+  """The training step of `config` compiled ahead of time for `devices` (a list of `config.mesh`'s size,
+  e.g. compile-only ones from `n3jax.aot.devices("h100", 8)`), from abstract state and batch: no weights
+  are allocated and no data is read. The same step, sharding and donation as `train_and_evaluate`;
+  `n3jax.aot.memory(compiled)` is then XLA's per-device memory for it. compiler_options: for XLA
+  (`n3jax.aot.compiler_options(target)` for compile-only devices)."""
+  config = merge_with_defaults(config)
+  cfg = build_model_config(config)
+  _check_numbers(config, cfg)
+  tx, schedule = _optim.make_optimizer(config.optimizer, config.num_steps)
+  mesh = sharding.make_mesh({k: int(v) for k, v in config.mesh.items()}, devices=devices)
+  keys = jax.random.split(jax.random.key(config.seed))
+  abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, keys[0]), tx, keys[1]))
+  shardings = _state_shardings(cfg, mesh, config.axis_rules, abstract, tx)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  rows = jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), np.int32,
+                              sharding=sharding.batch_sharding(mesh))
+  batch = {k: rows for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+  step = jax.jit(_train_step.make_train_step(cfg, config, tx, schedule), donate_argnums=0)
+  with sharding.use_mesh(mesh, config.axis_rules):
+    return step.trace(state, batch).lower().compile(compiler_options)

@@ -6,9 +6,9 @@ from pallas_kernels.moe.expert_parallel import expert_parallel_moe
 from pallas_kernels.moe.gmm import BlockSizes, TileSizes
 from pallas_kernels.moe.gmm_tpu import BlockSizes as TpuBlockSizes
 from pallas_kernels.moe.gmm_tpu import TileSizes as TpuTileSizes
-from pallas_kernels.moe.ops import BACKENDS, GROUPED_MATMULS, moe_dispatch
+from pallas_kernels.moe.ops import BACKENDS, GROUPED_MATMULS, moe_dispatch, resolve_backend
 from pallas_kernels.moe.reference import ACTIVATIONS, moe_dispatch_dense, moe_dispatch_ragged_dot
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "BlockSizes", "GROUPED_MATMULS", "TileSizes", "TpuBlockSizes", "TpuTileSizes",
            "expert_parallel_moe",
-           "moe_dispatch", "moe_dispatch_dense", "moe_dispatch_ragged_dot"]
+           "moe_dispatch", "moe_dispatch_dense", "moe_dispatch_ragged_dot", "resolve_backend"]

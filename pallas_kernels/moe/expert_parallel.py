@@ -240,7 +240,7 @@ def expert_parallel_moe(
     expert_axis: str = "expert",
     data_axes: Sequence[str] = ("data",),
     activation: str = "relu2",
-    backend: str = "ragged_dot",
+    backend: str = "auto",
     exchange: str = "all_to_all",
     ragged_impl: str = "auto",
     preferred_element_type: jax.typing.DTypeLike = jnp.float32,
@@ -261,7 +261,7 @@ def expert_parallel_moe(
     data_axes: Further mesh axes the tokens are split on (data, FSDP).
     activation: A key of ``reference.ACTIVATIONS``.
     backend: Grouped matmul, a key of ``ops.GROUPED_MATMULS`` ("ragged_dot"
-      or "pallas").
+      or "pallas"), or "auto" (``ops.resolve_backend`` for the mesh's platform).
     exchange: "all_to_all" or "all_gather" (see the module docstring).
     ragged_impl: For "all_to_all": "native" (``jax.lax.ragged_all_to_all``),
       "padded" (dense all_to_all emulation) or "auto" (padded on CPU meshes,
@@ -283,6 +283,7 @@ def expert_parallel_moe(
       raise ValueError(f"{axis=} is not a mesh axis; {mesh.axis_names=}.")
   if expert_axis in data_axes:
     raise ValueError(f"{expert_axis=} must not be one of {data_axes=}.")
+  backend = ops.resolve_backend(backend, _platform(mesh))
   if backend not in ops.GROUPED_MATMULS:
     raise ValueError(
         f"Unknown {backend=!r}; known: {sorted(ops.GROUPED_MATMULS)}."

@@ -117,15 +117,16 @@ _DEFAULT_BLOCK_SIZES = BlockSizes()  # untuned: GPU tuning owed.
 
 
 def block_sizes_for(device_kind: str | None = None) -> BlockSizes:
-  """Block sizes for a device kind (default: the first local device's)."""
+  """Block sizes for a device kind (default: the abstract mesh's device, AOT, else the first local one)."""
   if device_kind is None:
-    device_kind = jax.devices()[0].device_kind
+    device_kind = common.abstract_device_kind() or jax.devices()[0].device_kind
   return _BLOCK_SIZES_BY_DEVICE_KIND.get(device_kind, _DEFAULT_BLOCK_SIZES)
 
 
 def _resolve_interpret(interpret: bool | None) -> bool:
-  """None -> interpret on CPU (no Triton there), compile on GPU."""
-  backend = jax.default_backend()
+  """None -> interpret on CPU (no Triton there), compile on GPU (the target: the abstract mesh's device, AOT,
+  else the default backend)."""
+  backend = common.abstract_platform() or jax.default_backend()
   if interpret is None:
     interpret = backend == "cpu"
   if not interpret and backend not in ("gpu", "cuda", "rocm"):

@@ -309,3 +309,20 @@ def test_public_exports():
   assert moe.moe_dispatch is ops.moe_dispatch
   assert set(moe.BACKENDS) >= {"ragged_dot", "dense"}
   assert set(moe.ACTIVATIONS) == {"relu2", "silu", "gelu"}
+
+
+@pytest.mark.parametrize("device_kind,platform,want", [
+    ("NVIDIA H100 80GB HBM3", "gpu", "pallas"),
+    ("TPU v5 lite", "tpu", "pallas"),
+])
+def test_auto_backend_picks_the_kernel_for_accelerators(device_kind, platform, want):
+  """"auto" is ragged_dot on CPU (the default backend here) and the Pallas
+  grouped matmul when compiling for a GPU or TPU (the abstract mesh's device)."""
+  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  assert ops.resolve_backend("auto") == "ragged_dot"
+  assert ops.resolve_backend("dense") == "dense"
+  device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=1, platform=platform)
+  with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)):
+    assert ops.resolve_backend("auto") == want
+  assert ops.resolve_backend("auto", "cpu") == "ragged_dot"

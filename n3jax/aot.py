@@ -1,0 +1,97 @@
+"""Ahead-of-time compilation for accelerators this host does not have ("deviceless" AOT).
+
+XLA compiles for a GPU or a TPU without one when it is told what the target is. The executable cannot
+run here, but it is the real one: XLA's whole pipeline for that chip (fusion, buffer assignment, the
+Pallas Triton / Mosaic kernels compiled), with its memory analysis and optimized HLO. Use it to check
+that a training step fits before asking for hardware, or that kernels compile for a chip you lack:
+
+    import jax
+    from n3jax import aot, sharding
+    mesh = sharding.make_mesh({"fsdp": 8}, devices=aot.devices("h100", 8))
+    compiled = jax.jit(step).trace(*args_sharded_over_mesh).lower().compile()
+    print(aot.memory(compiled))
+
+Targets:
+  "h100"          NVIDIA H100 SXM 80 GB. Needs the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) and, on
+                  a host without a GPU, `JAX_PLATFORMS=cpu` set before JAX starts (the plugin then registers
+                  without probing for a GPU). The chip's description is XLA's own (`_targets/h100_sxm.txtpb`).
+  "tpu:<topology>"  a TPU topology as libtpu names it, e.g. "tpu:v5e=2x2", "tpu:v5p=2x2x1" (needs libtpu).
+
+Pass `compiler_options(target)` to `.compile(...)`: XLA's CUB radix sort (argsort, as in MoE routing)
+needs a live GPU while compiling, so without one sorts compile to XLA's own sort kernel instead.
+
+What it does not give: speed. XLA does not autotune without a device (GEMMs keep its default choice,
+Triton kernels their given block sizes), and nothing runs; timings need the chip (`benchmarks/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+
+__all__ = ["GPU_TARGETS", "MemoryStats", "compiler_options", "devices", "memory"]
+
+_TARGET_DIR = pathlib.Path(__file__).parent / "_targets"
+GPU_TARGETS = {"h100": "h100_sxm.txtpb"}  # name -> XLA GpuTargetConfigProto (text) in _targets/
+
+
+def devices(target: str, count: int, *, hosts: int = 1) -> list:
+  """`count` compile-only devices of `target` ("h100" or "tpu:<topology>"), split over `hosts` processes.
+
+  They go into `jax.sharding.Mesh` / `sharding.make_mesh(..., devices=)` like real devices; arrays cannot
+  live on them, so a program is traced with `jax.ShapeDtypeStruct`s sharded over that mesh.
+  """
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  if target.startswith("tpu:"):
+    topo = topologies.get_topology_desc(target[len("tpu:"):], platform="tpu")
+    if len(topo.devices) != count:
+      raise ValueError(f"TPU topology {target!r} has {len(topo.devices)} devices, not {count}")
+    return list(topo.devices)
+  if target not in GPU_TARGETS:
+    raise ValueError(f"Unknown AOT target {target!r}; known: {sorted(GPU_TARGETS)} or 'tpu:<topology>'")
+  if count < 1 or hosts < 1 or count % hosts:
+    raise ValueError(f"{count=} devices must split evenly over {hosts=}")
+  config = (_TARGET_DIR / GPU_TARGETS[target]).read_text()
+  try:
+    topo = topologies.get_topology_desc("", platform="cuda", target_config=config,
+                                        topology=f"1x{hosts}x{count // hosts}")
+  except Exception as e:  # no plugin: KeyError / NotImplementedError / JaxRuntimeError, depending on the state
+    raise RuntimeError(
+        f"Compiling for {target!r} without the chip needs the CUDA PJRT plugin (pip install 'n3jax[aot-gpu]') "
+        f"and, on a host without a GPU, JAX_PLATFORMS=cpu set before JAX starts; got {type(e).__name__}: {e}"
+    ) from e
+  return list(topo.devices)
+
+
+def compiler_options(target: str) -> dict[str, object]:
+  """XLA options that compiling for `target` without the chip needs (see the module docstring)."""
+  return {"xla_gpu_enable_cub_radix_sort": False} if target in GPU_TARGETS else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+  """Per-device bytes of a compiled program (XLA's buffer assignment), in GB (1e9 bytes)."""
+  arguments_gb: float
+  outputs_gb: float
+  aliased_gb: float  # outputs that reuse a donated argument's buffer
+  temp_gb: float     # everything live only inside the program (activations, gradients, workspaces)
+
+  @property
+  def peak_gb(self) -> float:
+    """Arguments + outputs not aliased to them + temporaries: what the device must hold at once."""
+    return self.arguments_gb + self.outputs_gb - self.aliased_gb + self.temp_gb
+
+  def report(self) -> str:
+    return (f"arguments {self.arguments_gb:.2f} GB + outputs {self.outputs_gb:.2f} GB - donated "
+            f"{self.aliased_gb:.2f} GB + temporaries {self.temp_gb:.2f} GB = {self.peak_gb:.2f} GB")
+
+
+def memory(compiled: jax.stages.Compiled) -> MemoryStats:
+  """XLA's per-device memory analysis of `compiled`."""
+  m = compiled.memory_analysis()
+  gb = 1e9
+  return MemoryStats(m.argument_size_in_bytes / gb, m.output_size_in_bytes / gb, m.alias_size_in_bytes / gb,
+                     m.temp_size_in_bytes / gb)

@@ -1,0 +1,135 @@
+"""Compiling for an H100 on a host without one (`n3jax.aot`).
+
+The compile tests need the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) and skip without it; CI has
+no plugin and runs only the error checks. They compile (XLA's whole GPU pipeline, Triton kernels
+included) but run nothing: speed and numerics on the chip are `benchmarks/`' business.
+"""
+
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from n3jax import aot
+
+_HAS_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_plugin = pytest.mark.skipif(not _HAS_PLUGIN, reason="needs the CUDA PJRT plugin: pip install 'n3jax[aot-gpu]'")
+
+
+def test_unknown_target_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"Unknown AOT target 'a100'.*h100"):
+    aot.devices("a100", 1)
+  with pytest.raises(ValueError, match="split evenly"):
+    aot.devices("h100", 6, hosts=4)
+
+
+@pytest.mark.skipif(_HAS_PLUGIN, reason="checks the error without the plugin")
+def test_without_the_plugin_the_error_says_what_to_install():
+  with pytest.raises(RuntimeError, match=r"n3jax\[aot-gpu\]"):
+    aot.devices("h100", 1)
+
+
+def _h100_mesh(n=1):
+  return jax.sharding.Mesh(aot.devices("h100", n), ("x",))
+
+
+def _abstract(mesh, *shapes_dtypes):
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return [jax.ShapeDtypeStruct(s, d, sharding=sh) for s, d in shapes_dtypes]
+
+
+def _compile(fn, args, mesh, **options):
+  with jax.set_mesh(mesh):
+    return jax.jit(fn).trace(*args).lower().compile({**aot.compiler_options("h100"), **options})
+
+
+@needs_plugin
+def test_devices_are_h100s_over_hosts():
+  devs = aot.devices("h100", 8, hosts=2)
+  assert [d.device_kind for d in devs] == ["NVIDIA H100 80GB HBM3"] * 8
+  assert sorted({d.process_index for d in devs}) == [0, 1]
+
+
+@needs_plugin
+def test_ssd_triton_kernels_compile_for_h100():
+  """The Triton SSD forward and backward at the Nemotron 3 Nano mixer shape (T = 4096, 64 heads)."""
+  from pallas_kernels.ssd import ops  # pylint: disable=g-import-not-at-top
+
+  mesh = _h100_mesh()
+  b, t, m, p, j, q = 1, 4096, 64, 64, 8, 128
+  args = _abstract(mesh, ((b, t, m, p), jnp.bfloat16), ((b, t, m), jnp.float32), ((m,), jnp.float32),
+                   ((b, t, j, q), jnp.bfloat16), ((b, t, j, q), jnp.bfloat16), ((m,), jnp.float32),
+                   ((m,), jnp.float32), ((b, m, p, q), jnp.float32), ((b, t), jnp.int32))
+
+  def loss(x, dt, a, bb, c, d, dt_bias, h0, doc_ids):
+    y, h = ops.ssd(x, dt, a, bb, c, d, dt_bias, initial_state=h0, doc_ids=doc_ids,
+                   backend="auto")
+    return y.astype(jnp.float32).sum() + h.sum()
+
+  compiled = _compile(jax.value_and_grad(loss, argnums=tuple(range(8))), args, mesh)
+  hlo = compiled.as_text()
+  assert "__gpu$xla.gpu.triton" in hlo
+  assert aot.memory(compiled).peak_gb < 5
+
+
+@needs_plugin
+def test_moe_layer_picks_and_compiles_the_triton_gmm_for_h100():
+  """moe_dispatch(backend="auto") on an H100 is the Pallas gmm: fwd + both backward products compile as
+  Triton kernels, and the temporaries stay near the activations (ragged_dot expands densely on GPUs)."""
+  from pallas_kernels.moe import ops  # pylint: disable=g-import-not-at-top
+
+  mesh = _h100_mesh()
+  tokens, experts, top, d, f = 4096, 128, 6, 2688, 1856
+  args = _abstract(mesh, ((tokens, d), jnp.bfloat16), ((tokens, top), jnp.float32), ((tokens, top), jnp.int32),
+                   ((experts, d, f), jnp.bfloat16), ((experts, f, d), jnp.bfloat16))
+
+  def loss(x, w, ids, up, down):
+    out, _ = ops.moe_dispatch(x, w, ids, up, down)
+    return out.astype(jnp.float32).sum()
+
+  compiled = _compile(jax.grad(loss, argnums=(0, 3, 4)), args, mesh)
+  assert compiled.as_text().count("__gpu$xla.gpu.triton") >= 3
+  assert aot.memory(compiled).temp_gb < 10
+
+
+@needs_plugin
+def test_fp8_recipe_gemms_become_cublaslt_fp8():
+  """The FP8 recipe's forward, data-gradient and weight-gradient GEMMs are the pattern XLA's GPU compiler
+  rewrites to cuBLASLt FP8 GEMMs (`__cublas$lt$matmul$f8`), shown with Triton GEMMs off (without a
+  device XLA cannot autotune between the two)."""
+  from n3jax.quant import _dot, _recipes  # pylint: disable=g-import-not-at-top
+
+  mesh = _h100_mesh()
+  recipe = _recipes.gemm_recipe(_recipes.QuantConfig(mode="fp8", fp8_backend="native"))
+  args = _abstract(mesh, ((2, 1024, 2688), jnp.bfloat16), ((2688, 1856), jnp.bfloat16), ((2, 1024, 1856), jnp.float32))
+
+  def loss(x, w, g):
+    return (_dot.quantized_einsum("btd,df->btf", x, w, recipe=recipe).astype(jnp.float32) * g).sum()
+
+  compiled = _compile(jax.value_and_grad(loss, argnums=(0, 1)), args, mesh, xla_gpu_enable_triton_gemm=False)
+  targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+  assert targets.count("__cublas$lt$matmul$f8") == 3, targets
+
+
+@needs_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize("param_dtype,remat,scan", [("float32", "none", False), ("bfloat16", "none", False),
+                                                    ("float32", "full", True)])
+def test_plan_matches_xla_for_the_reduced_nano_train_step_on_h100(param_dtype, remat, scan):
+  """The memory plan against XLA's buffer assignment for the H100 executable of the training step of the
+  reduced Nemotron 3 Nano of shared/bench/ANCHORS.md (MEMEM*E at full width, batch 2 x 4096): within 15%."""
+  from n3jax import memory_plan, trainer  # pylint: disable=g-import-not-at-top
+
+  c = trainer.default_config()
+  c.model_preset = "nemotron-3-nano-30b-a3b"
+  c.model_overrides.update(blocks="MEMEM*E", dtype="bfloat16", param_dtype=param_dtype, remat_policy=remat,
+                           scan_layers=scan)
+  c.batch_size, c.data.seq_len = 2, 4096
+  compiled = trainer.compile_train_step(c, aot.devices("h100", 1), aot.compiler_options("h100"))
+  xla = aot.memory(compiled).peak_gb
+  plan = memory_plan.estimate(trainer.build_model_config(c), preset="nano-MEMEM*E", layout="data_parallel",
+                              mesh={}, batch=2, seq=4096, remat=remat).total_gb
+  print(f"{param_dtype} remat={remat} scan={scan}: XLA {xla:.2f} GB, plan {plan:.2f} GB")
+  assert abs(plan - xla) < 0.15 * xla
