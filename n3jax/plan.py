@@ -3,11 +3,16 @@
   python -m n3jax.plan --preset nemotron-3-nano-30b-a3b --mesh data=1,fsdp=8,expert=1,tensor=1 \\
       --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80] [--mu_dtype bfloat16]
   python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices 64 --seq 4096 --batch 64   # recommends
+  python -m n3jax.plan ... --compile_for h100   # also compile the step for H100s (n3jax.aot) and print
+                                                # XLA's per-device memory beside the estimate
 """
 
+import math
+
+import jax
 from absl import app, flags
 
-from n3jax import memory_plan, sharding
+from n3jax import aot, memory_plan, sharding, trainer
 from n3jax.configs import PRESETS
 
 _PRESET = flags.DEFINE_string("preset", None, "Key of n3jax.PRESETS.")
@@ -22,10 +27,31 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Comput
 _MU_DTYPE = flags.DEFINE_enum("mu_dtype", None, ["float32", "bfloat16"],
                                "AdamW first-moment dtype (default: the param dtype; optimizer.mu_dtype).")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
+_COMPILE_FOR = flags.DEFINE_enum("compile_for", None, list(aot.GPU_TARGETS),
+                                 "Also compile the training step for this chip, without one (n3jax.aot; needs "
+                                 "pip install 'n3jax[aot-gpu]'), and print XLA's per-device memory.")
+
+
+def _compile(plan: memory_plan.Plan, target: str) -> str:
+  """The trainer's step for `plan` compiled for `target` devices -> XLA's memory line."""
+  c = trainer.default_config()
+  c.model_preset = plan.preset
+  c.model_overrides.update(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value, remat_policy=plan.remat)
+  c.optimizer.mu_dtype = _MU_DTYPE.value or ""
+  c.mesh.update(plan.mesh)
+  c.axis_rules, c.batch_size, c.data.seq_len = plan.layout, plan.batch, plan.seq
+  n = math.prod(plan.mesh.values())
+  hosts = n // 8 if n % 8 == 0 else 1  # 8 GPUs per host, as on an HGX node
+  compiled = trainer.compile_train_step(c, aot.devices(target, n, hosts=hosts), aot.compiler_options(target))
+  mem = aot.memory(compiled)
+  return (f"  XLA, compiled for {n} x {target} (AOT): {mem.report()} per device; "
+          f"plan / XLA = {plan.total_gb / mem.peak_gb:.2f}")
 
 
 def main(argv):
   del argv  # Unused.
+  if _COMPILE_FOR.value:
+    jax.config.update("jax_platforms", "cpu")  # compile-only devices need no accelerator here (n3jax.aot)
   if _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(PRESETS)}, got {_PRESET.value!r}")
   # Training keeps f32 master weights and computes in bf16, whatever dtype the preset stores.
@@ -34,14 +60,16 @@ def main(argv):
             mu_dtype=_MU_DTYPE.value)
   if _MESH.value:
     mesh = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
-    print(memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw).report())
+    plan = memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw)
   elif _DEVICES.value:
     plan = memory_plan.recommend(cfg, devices=_DEVICES.value, **kw)
     if not plan.fits:
       print(f"No layout fits {_PRESET.value} on {_DEVICES.value} x {_DEVICE_GB.value:.0f} GB; the smallest plan is:")
-    print(plan.report())
   else:
     raise app.UsageError("Give --mesh or --devices")
+  print(plan.report())
+  if _COMPILE_FOR.value:
+    print(_compile(plan, _COMPILE_FOR.value))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ import pytest
 
 from n3jax import aot
 
-_HAS_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+def _has_plugin() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+_HAS_PLUGIN = _has_plugin()
 needs_plugin = pytest.mark.skipif(not _HAS_PLUGIN, reason="needs the CUDA PJRT plugin: pip install 'n3jax[aot-gpu]'")
 
 
