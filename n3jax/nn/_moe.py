@@ -84,11 +84,11 @@ class MoE(nn.Module):
       grouped_matmul = quant.make_grouped_matmul(_common.quant_config(cfg), layer_index=self.layer_index,
                                                  num_layers=cfg.num_hidden_layers, key=key)
     # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
-    if self.is_initializing() or (ep := shd.expert_parallel_axes()) is None:
+    if self.is_initializing() or (ep := shd.moe_shard_axes()) is None:
       routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
                                             activation="relu2", backend=cfg.moe_backend,
                                             grouped_matmul=grouped_matmul)  # [T, Din], [E]
-    else:  # experts split over the mesh: shard_map + token exchange, dropless, global counts
+    else:  # per token shard (shard_map); experts split over the mesh: + token exchange. Dropless, global counts
       routed, counts = expert_parallel.expert_parallel_moe(
           v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
           expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,

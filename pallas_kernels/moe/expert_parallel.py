@@ -39,6 +39,11 @@ that are neither data nor expert axes (e.g. "tensor") see replicated work.
 Per-expert counts are psum'd over the data and expert axes: every shard
 returns the global [E] counts.
 
+``expert_axis=None`` (experts not split): each token shard dispatches its own
+tokens against the whole (gathered) expert set, with no exchange. This is the
+data-parallel / FSDP MoE; a plain ``moe_dispatch`` on a token axis split over
+devices would not be: its sort makes XLA gather every token onto every device.
+
 This module imports only jax/numpy (it is part of ``pallas_kernels``).
 """
 
@@ -213,6 +218,16 @@ def _local_all_gather(
   return out.astype(dtype), counts
 
 
+def _local(tokens, router_weights, expert_ids, w_up, w_down, *, activation, preferred_element_type,
+           grouped_matmul, **_):
+  """No expert split: this shard's tokens through every expert (``sorted_dispatch``)."""
+  return reference.sorted_dispatch(
+      tokens, router_weights, expert_ids, w_up, w_down, activation=activation,
+      preferred_element_type=preferred_element_type,
+      grouped_matmul=grouped_matmul,
+  )
+
+
 def _platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> str:
   """"cpu", "gpu", "tpu", ... of a concrete or abstract mesh."""
   if isinstance(mesh, jax.sharding.Mesh):
@@ -237,7 +252,7 @@ def expert_parallel_moe(
     w_down: Array,
     *,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-    expert_axis: str = "expert",
+    expert_axis: str | None = "expert",
     data_axes: Sequence[str] = ("data",),
     activation: str = "relu2",
     backend: str = "auto",
@@ -257,7 +272,8 @@ def expert_parallel_moe(
     w_down: [E, F, D].
     mesh: The device mesh, concrete or abstract (e.g. the model's
       ``jax.sharding.get_abstract_mesh()`` under ``jax.set_mesh``).
-    expert_axis: Mesh axis the experts (and part of the tokens) are split on.
+    expert_axis: Mesh axis the experts (and part of the tokens) are split on;
+      None: experts not split, each shard of ``data_axes`` runs its tokens.
     data_axes: Further mesh axes the tokens are split on (data, FSDP).
     activation: A key of ``reference.ACTIVATIONS``.
     backend: Grouped matmul, a key of ``ops.GROUPED_MATMULS`` ("ragged_dot"
@@ -278,7 +294,8 @@ def expert_parallel_moe(
       tokens, router_weights, expert_ids, w_up, w_down, activation
   )
   data_axes = tuple(data_axes)
-  for axis in data_axes + (expert_axis,):
+  expert_axes = () if expert_axis is None else (expert_axis,)
+  for axis in data_axes + expert_axes:
     if axis not in mesh.shape:
       raise ValueError(f"{axis=} is not a mesh axis; {mesh.axis_names=}.")
   if expert_axis in data_axes:
@@ -292,8 +309,8 @@ def expert_parallel_moe(
     raise ValueError(f"Unknown {exchange=!r}; known: {EXCHANGES}.")
   if ragged_impl not in RAGGED_IMPLS:
     raise ValueError(f"Unknown {ragged_impl=!r}; known: {RAGGED_IMPLS}.")
-  ep = mesh.shape[expert_axis]
-  batch_axes = data_axes + (expert_axis,)
+  ep = 1 if expert_axis is None else mesh.shape[expert_axis]
+  batch_axes = data_axes + expert_axes
   token_shards = math.prod(mesh.shape[a] for a in batch_axes)
   if w_up.shape[0] % ep:
     raise ValueError(
@@ -311,7 +328,10 @@ def expert_parallel_moe(
   else:
     native = ragged_impl == "native"
 
-  body = _local_all_to_all if exchange == "all_to_all" else _local_all_gather
+  if expert_axis is None:
+    body = _local
+  else:
+    body = _local_all_to_all if exchange == "all_to_all" else _local_all_gather
   # Pallas interpret mode (CPU) lowers the kernel body to dynamic_slices whose
   # grid indices are not typed as varying over the mesh, which
   # check_vma=True rejects (jax 0.12); the compiled kernel has no such body.
@@ -328,7 +348,7 @@ def expert_parallel_moe(
     return combined, jax.lax.psum(counts, batch_axes)
 
   row_spec = P(batch_axes, None)
-  expert_spec = P(expert_axis, None, None)
+  expert_spec = P(expert_axis, None, None)  # expert_axis None: replicated
   specs = (row_spec, row_spec, row_spec, expert_spec, expert_spec)
   args = [
       _place(x, mesh, s)
