@@ -111,7 +111,9 @@ def test_fp8_recipe_gemms_become_cublaslt_fp8():
   from n3jax.quant import _dot, _recipes  # pylint: disable=g-import-not-at-top
 
   mesh = _h100_mesh()
-  recipe = _recipes.gemm_recipe(_recipes.QuantConfig(mode="fp8", fp8_backend="native"))
+  with jax.set_mesh(mesh):  # fp8_backend="auto" feeds FP8 operands to the dot when compiling for a GPU
+    recipe = _recipes.gemm_recipe(_recipes.QuantConfig(mode="fp8"))
+  assert recipe.native_fp8
   args = _abstract(mesh, ((2, 1024, 2688), jnp.bfloat16), ((2688, 1856), jnp.bfloat16), ((2, 1024, 1856), jnp.float32))
 
   def loss(x, w, g):

@@ -17,10 +17,12 @@ times its E4M3 block scale) and `s` the f32 per-tensor decode scale; the GEMM is
 which is how the FP8/FP4 tensor-core GEMMs with an `alpha` scale compute.
 
 FP8 `native=True` feeds the FP8-typed operands straight into `jax.lax.dot_general(...,
-preferred_element_type=f32)` so that XLA GPU can emit a cuBLASLt FP8 GEMM on Hopper (the numbers are
-the same as the emulation: products of FP8 values are exact in f32). Owed (issue #7): the GPU check -
-confirm on an H100 that the optimized HLO holds an FP8 cuBLASLt custom call and time it with
-`benchmarks/quant.py`. NVFP4 is always emulated (Hopper has no FP4 tensor cores).
+preferred_element_type=f32)` so that XLA GPU can emit an FP8 GEMM on Hopper (the numbers are the same as
+the emulation: products of FP8 values are exact in f32). Compiled for an H100 ahead of time
+(`tests/test_aot.py`), forward, dgrad and wgrad each become `__cublas$lt$matmul$f8` (with XLA's Triton
+GEMMs off; with them on and no autotuning, Triton FP8 GEMM fusions). XLA's GEMM rewriter also folds the
+emulated form (FP8 values converted to BF16, then the dot) into the same FP8 GEMM. Still owed: timing it
+on a GPU (`benchmarks/quant.py`). NVFP4 is always emulated (Hopper has no FP4 tensor cores).
 
 Residuals are the unquantized `x`, `w` (as for a plain matmul); the backward re-quantizes them, which
 gives the same numbers as saving the forward's quantized copies (round-to-nearest is deterministic).

@@ -63,8 +63,10 @@ class QuantConfig:
   `QuantConfig(mode="nvfp4")` are the published Nemotron recipes.
 
   Frozen and hashable, so it can sit in a frozen model config. `fp8_backend="auto"` feeds FP8-typed
-  operands to `dot_general` on GPU (for cuBLASLt FP8 GEMMs on Hopper; that speed-up is still to be
-  confirmed on a GPU with `benchmarks/quant.py`) and emulates with the same numbers elsewhere.
+  operands to `dot_general` when compiling for a GPU and emulates with the same numbers elsewhere. On an
+  H100 XLA compiles the three GEMMs of each product to real FP8 GEMMs (`tests/test_aot.py`, compiled ahead
+  of time: cuBLASLt `__cublas$lt$matmul$f8`, or Triton FP8 GEMM fusions when XLA's autotuner prefers
+  them); the speed-up over BF16 is still to be measured on a GPU with `benchmarks/quant.py`.
   """
   mode: str = "none"                       # "none" | "fp8" | "nvfp4"
   bf16_layers_at_start: int | None = None  # None: recipe default (fp8 2, nvfp4 0)
@@ -117,6 +119,12 @@ def _check_site(layer_index: int | None, num_layers: int, role: str) -> None:
     raise ValueError(f"{layer_index=} must be None or a static int in [0, {num_layers=})")
 
 
+def _target_platform() -> str:
+  """The platform being compiled for: the abstract mesh's device (AOT, `n3jax.aot`), else the default."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def gemm_recipe(quant: QuantConfig, *, layer_index: int | None = None) -> GemmRecipe:
   """The operand quantization of the three GEMMs for `quant.mode` (ignores the BF16 tables)."""
   if quant.mode == "none":
@@ -124,7 +132,7 @@ def gemm_recipe(quant: QuantConfig, *, layer_index: int | None = None) -> GemmRe
   if quant.mode == "fp8":
     fwd = OperandQuant("fp8", fp8_format=E4M3)
     grad = OperandQuant("fp8", fp8_format=E5M2 if quant.fp8_format == "hybrid" else E4M3)
-    native = quant.fp8_backend == "native" or (quant.fp8_backend == "auto" and jax.default_backend() == "gpu")
+    native = quant.fp8_backend == "native" or (quant.fp8_backend == "auto" and _target_platform() == "gpu")
     return GemmRecipe(x_fwd=fwd, w_fwd=fwd, dy_dgrad=grad, w_dgrad=fwd, x_wgrad=fwd, dy_wgrad=grad,
                       native_fp8=native)
   rht, sr, two_d = quant.nvfp4_rht, quant.nvfp4_stochastic_rounding, quant.nvfp4_2d_weights
