@@ -71,10 +71,7 @@ GMM_SHAPES = {
 LAYER_SHAPES = {"nano_layer": _NANO, "super_layer": _SUPER}
 TINY_GMM_SHAPES = {"tiny_gmm": GmmShape(8, 100, 48, 40)}
 TINY_LAYER_SHAPES = {"tiny_layer": LayerShape(num_tokens=64, num_experts=8, top_k=2, d_in=32, d_hidden=48)}
-SWEEP_TILES = [  # (block_m, block_n, block_k, num_warps, num_stages)
-    (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
-    (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
-]
+SWEEP_TILES = gmm_lib.HOPPER_CANDIDATE_TILES  # (block_m, block_n, block_k, num_warps, num_stages)
 
 _ROWS: list[dict] = []
 

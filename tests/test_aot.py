@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from n3jax import aot
+from pallas_kernels.moe import gmm as gmm_lib
 
 
 
@@ -144,3 +145,46 @@ def test_plan_matches_xla_for_the_reduced_nano_train_step_on_h100(param_dtype, r
                               mesh={}, batch=2, seq=4096, remat=remat).total_gb
   print(f"{param_dtype} remat={remat} scan={scan}: XLA {xla:.2f} GB, plan {plan:.2f} GB")
   assert abs(plan - xla) < 0.15 * xla
+
+
+_SSD_SHAPES = {  # benchmarks/ssd.py: (batch, seq, heads, head_dim, state, groups)
+    "anchor2_64k": (1, 65536, 64, 64, 128, 8), "anchor3": (8, 4096, 128, 64, 128, 8),
+    "super_b1": (1, 8192, 128, 64, 128, 8),
+}
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", sorted(_SSD_SHAPES))
+def test_ssd_compiles_for_h100_at_benchmark_shapes(name):
+  from pallas_kernels.ssd import ops  # pylint: disable=g-import-not-at-top
+
+  b, t, m, p, q, j = _SSD_SHAPES[name]
+  mesh = _h100_mesh()
+  args = _abstract(mesh, ((b, t, m, p), jnp.bfloat16), ((b, t, m), jnp.float32), ((m,), jnp.float32),
+                   ((b, t, j, q), jnp.bfloat16), ((b, t, j, q), jnp.bfloat16), ((m,), jnp.float32), ((m,), jnp.float32))
+
+  def loss(*a):
+    y, h = ops.ssd(*a)
+    return y.astype(jnp.float32).sum() + h.sum()
+
+  assert "__gpu$xla.gpu.triton" in _compile(jax.value_and_grad(loss, argnums=tuple(range(7))), args, mesh).as_text()
+
+
+@needs_plugin
+@pytest.mark.parametrize("tiles", [None, *gmm_lib.HOPPER_CANDIDATE_TILES])
+def test_gmm_tiles_fit_h100_shared_memory(tiles):
+  """The H100 default tiles and every sweep candidate compile (forward, gmm_t, tgmm) at the Nano expert
+  shape; XLA rejects a tile whose pipeline stages need more than the 227 KB of shared memory per block."""
+  blocks = None
+  if tiles is not None:
+    bm, bn, bk, warps, stages = tiles
+    t = gmm_lib.TileSizes(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    blocks = gmm_lib.BlockSizes(gmm=t, gmm_t=t, tgmm=t)
+  mesh = _h100_mesh()
+  args = _abstract(mesh, ((6 * 4096, 2688), jnp.bfloat16), ((128, 2688, 1856), jnp.bfloat16), ((128,), jnp.int32))
+
+  def loss(lhs, rhs, sizes):
+    return gmm_lib.gmm(lhs, rhs, sizes, block_sizes=blocks).astype(jnp.float32).sum()
+
+  hlo = _compile(jax.value_and_grad(loss, argnums=(0, 1)), args, mesh).as_text()
+  assert hlo.count("__gpu$xla.gpu.triton") == 3

@@ -109,6 +109,13 @@ _HOPPER_UNTUNED = BlockSizes(
     gmm_t=TileSizes(block_m=64, block_n=128, block_k=64, num_stages=4),
     tgmm=TileSizes(block_m=64, block_n=64, block_k=64, num_stages=3),
 )
+# Tiles to sweep on Hopper (`benchmarks/moe.py --sweep`): (block_m, block_n, block_k, num_warps,
+# num_stages). Each compiles for an H100 within its 227 KB of shared memory per block (tests/test_aot.py);
+# (128, 256, 64, 8, 3) does not (240 KB), so the 128 x 256 tile has 2 stages.
+HOPPER_CANDIDATE_TILES = (
+    (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+    (128, 256, 64, 8, 2), (64, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+)
 _BLOCK_SIZES_BY_DEVICE_KIND: dict[str, BlockSizes] = {
     "NVIDIA H100 80GB HBM3": _HOPPER_UNTUNED,  # untuned: GPU tuning owed
     "NVIDIA H200": _HOPPER_UNTUNED,  # untuned: GPU tuning owed
