@@ -18,7 +18,10 @@ Targets:
   "tpu:<topology>"  a TPU topology as libtpu names it, e.g. "tpu:v5e=2x2", "tpu:v5p=2x2x1" (needs libtpu).
 
 Pass `compiler_options(target)` to `.compile(...)`: XLA's CUB radix sort (argsort, as in MoE routing)
-needs a live GPU while compiling, so without one sorts compile to XLA's own sort kernel instead.
+needs a live GPU while compiling, so without one sorts compile to XLA's own sort kernel instead; and
+XLA's Triton collective kernels (the one-shot all-reduce, jax 0.12) abort the process with an LLVM error
+when compiled for 64 devices (a psum of f32[128] over 64 compile-only H100s does it), so collectives take
+the NCCL path. Both barely change the memory analysis.
 
 What it does not give: speed. XLA does not autotune without a device (GEMMs keep its default choice,
 Triton kernels their given block sizes), and nothing runs; timings need the chip (`benchmarks/`).
@@ -68,7 +71,9 @@ def devices(target: str, count: int, *, hosts: int = 1) -> list:
 
 def compiler_options(target: str) -> dict[str, object]:
   """XLA options that compiling for `target` without the chip needs (see the module docstring)."""
-  return {"xla_gpu_enable_cub_radix_sort": False} if target in GPU_TARGETS else {}
+  if target not in GPU_TARGETS:
+    return {}
+  return {"xla_gpu_enable_cub_radix_sort": False, "xla_gpu_experimental_use_collective_kernels": ""}
 
 
 @dataclasses.dataclass(frozen=True)

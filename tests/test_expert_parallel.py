@@ -163,32 +163,37 @@ def test_indivisible_shapes_raise(num_tokens, num_experts, match):
         jnp.zeros((num_experts, D, F)), jnp.zeros((num_experts, F, D)), mesh=mesh, data_axes=data_axes)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "nvfp4"])
-def test_quantized_experts_match_single_device(mode):
+@pytest.mark.parametrize("mode,mesh_name", [("fp8", "expert8"), ("nvfp4", "expert8"), ("fp8", "data2_expert4")])
+def test_quantized_experts_match_single_device(mode, mesh_name):
   """A low-precision grouped matmul (`n3jax.quant`, one scale set per expert) runs on each device's local
-  experts and gives what it gives on one device. FP8: the same up to f32 summation order. NVFP4 (SR
-  off): wgrad blocks run along each expert's rows, whose order the exchange changes, so only close."""
+  experts and gives what it gives on one device. Experts over all 8 devices (expert8): each expert sees
+  all its rows, so FP8 is the same up to f32 summation order, and NVFP4 (SR off) has the same forward but
+  wgrad blocks along each expert's rows, whose order the exchange changes, so close. With a data axis too
+  (data2_expert4) each data shard quantizes its own rows: per-tensor scales come from that shard's amax,
+  as Transformer Engine's current scaling takes each GPU's own, so only close (and it must trace: the
+  weights vary over fewer mesh axes than the rows)."""
   from n3jax import quant  # pylint: disable=g-import-not-at-top
   gmm = quant.make_grouped_matmul(quant.QuantConfig(mode=mode, nvfp4_stochastic_rounding=False),
                                   layer_index=4, num_layers=32)  # not in a BF16-kept layer
-  mesh, _ = _mesh("expert8")
+  mesh, data_axes = _mesh(mesh_name)  # data2_expert4: weights vary over fewer axes than tokens in shard_map
   tokens, router_weights, w_up, w_down, cotangent = _params()
   ids = jnp.asarray(_routings()["random"], jnp.int32)
-  got = _value_and_grads(functools.partial(expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=(),
+  got = _value_and_grads(functools.partial(expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=data_axes,
                                            grouped_matmul=gmm), [])(tokens, router_weights, ids, w_up, w_down,
                                                                     cotangent)
   want = _value_and_grads(functools.partial(ops.moe_dispatch, grouped_matmul=gmm), [])(
       tokens, router_weights, ids, w_up, w_down, cotangent)
   plain = _REFERENCE(tokens, router_weights, ids, w_up, w_down, cotangent)
   assert not np.allclose(want[0][1][0], plain[0][1][0], atol=1e-4)  # the recipe changed the numbers
-  if mode == "fp8":
+  if mode == "fp8" and mesh_name == "expert8":
     _check(got, want, mode)
-  else:
-    (_, (out, _)), grads = got
-    (_, (want_out, _)), want_grads = want
+    return
+  (_, (out, _)), grads = got
+  (_, (want_out, _)), want_grads = want
+  if mesh_name == "expert8":
     np.testing.assert_allclose(out, want_out, **TOL)  # fprop is row-local: same up to summation order
-    for g, w in zip(grads, want_grads):
-      assert np.linalg.norm(g - w) <= 0.1 * np.linalg.norm(w)
+  for g, w in zip((out, *grads), (want_out, *want_grads)):
+    assert np.linalg.norm(g - w) <= 0.1 * np.linalg.norm(w)
 
 
 def test_no_expert_split_runs_each_token_shard_locally():
@@ -231,3 +236,19 @@ def test_moe_layer_under_fsdp_dispatches_local_tokens(monkeypatch):
   with sharding.use_mesh(mesh, "fsdp"):
     jax.jit(functools.partial(models.forward, cfg)).trace(params, tokens)
   assert rows and set(rows) == {8 * 16 // 8}, rows
+
+
+def test_native_exchange_types_received_rows_as_varying_over_data():
+  """The native ragged all-to-all (GPU) writes into a buffer whose varying mesh axes type the result; the
+  received rows must vary over the data axes too, or under check_vma the weight gradients would miss their
+  sum over data shards. XLA:CPU cannot run it, so this traces the gradient through a custom-VJP grouped
+  matmul (the FP8 recipe's), which rejects a cotangent typed unlike its primal."""
+  from n3jax import quant  # pylint: disable=g-import-not-at-top
+  gmm = quant.make_grouped_matmul(quant.QuantConfig(mode="fp8"), layer_index=4, num_layers=32)
+  mesh, data_axes = _mesh("data2_expert4")
+  tokens, router_weights, w_up, w_down, cotangent = _params()
+  ids = jnp.asarray(_routings()["random"], jnp.int32)
+  run = _value_and_grads(functools.partial(expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=data_axes,
+                                           ragged_impl="native", grouped_matmul=gmm), [])
+  text = run.trace(tokens, router_weights, ids, w_up, w_down, cotangent).lower().as_text()
+  assert "ragged_all_to_all" in text

@@ -404,6 +404,21 @@ def test_grouped_matmul_equals_per_expert_quantized_einsums(mode):
   assert 0 < _rel(y, plain) < (0.05 if mode == "fp8" else 0.2)
 
 
+@pytest.mark.parametrize("mode", ["fp8", "nvfp4"])
+def test_grouped_matmul_on_the_pallas_kernels(mode):
+  """backend="pallas" (what GPUs and TPUs run: `gmm` for fprop and dgrad, `tgmm` for wgrad; Pallas
+  interpret mode here) gives the `ragged_dot` numbers: the same exact products, f32 sums in another order."""
+  x, w, dy, sizes = _grouped_inputs()
+  recipe = q.gemm_recipe(q.QuantConfig(mode=mode, nvfp4_stochastic_rounding=False), layer_index=3)
+
+  def run(backend):
+    y, pull = jax.vjp(lambda x, w: q.quantized_ragged_dot(x, w, sizes, recipe=recipe, backend=backend), x, w)
+    return (y, *pull(dy))
+
+  for name, got, want in zip(("y", "dx", "dw"), run("pallas"), run("ragged_dot")):
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * float(jnp.abs(want).max()), err_msg=name)
+
+
 def test_grouped_matmul_through_moe_dispatch_and_errors():
   x, w, _, sizes = _grouped_inputs()
   recipe = q.gemm_recipe(q.QuantConfig(mode="nvfp4"), layer_index=0)

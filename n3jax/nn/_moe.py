@@ -82,7 +82,8 @@ class MoE(nn.Module):
     if cfg.quant != "none" and not self.is_initializing():
       key = self.make_rng("quant") if self.has_rng("quant") else None
       grouped_matmul = quant.make_grouped_matmul(_common.quant_config(cfg), layer_index=self.layer_index,
-                                                 num_layers=cfg.num_hidden_layers, key=key)
+                                                 num_layers=cfg.num_hidden_layers, key=key,
+                                                 backend=cfg.moe_backend)
     # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
     if self.is_initializing() or (ep := shd.moe_shard_axes()) is None:
       routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),

@@ -19,6 +19,12 @@ neither an amax nor `X^T dY`). Rows past `sum(group_sizes)` (the slack of a stat
 outputs and zero gradients.
 
 FP8 operands go into the GEMMs as bf16 (exact) in every backend: `ragged_dot` has no FP8-typed path.
+
+The three GEMMs run on `backend` (`pallas_kernels.moe.resolve_backend`; "auto" by default): our Pallas
+grouped matmul (`gmm` forward and dgrad, `tgmm` wgrad) when compiling for a GPU or TPU, `ragged_dot` on
+CPU. XLA's GPU compiler expands `ragged_dot` densely over the experts: at Super's per-device expert shape
+(64 local experts, 180224 rows, K 1024, N 2688) one quantized GEMM's fwd + bwd held 124 GB (FP8) and
+87 GB (NVFP4) of temporaries in XLA's memory analysis of the H100 executable (`n3jax.aot`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from n3jax.quant import _hadamard
 from n3jax.quant import _nvfp4
 from n3jax.quant._dot import GemmRecipe, OperandQuant
 from n3jax.quant._formats import finite_amax
+import pallas_kernels.moe as moe
+from pallas_kernels.moe import gmm as gmm_lib
+from pallas_kernels.moe import match_vma
 
 __all__ = ["QuantizedGroupedMatmul", "quantized_ragged_dot"]
 
@@ -104,23 +113,38 @@ def _aligned(a: jax.Array, gid: jax.Array, starts: jax.Array, group_sizes: jax.A
   return out, padded_sizes.astype(group_sizes.dtype), _row_groups(padded_sizes, total)[0]
 
 
-def _forward(x, w, group_sizes, recipe: GemmRecipe) -> jax.Array:
+def _gemm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, backend: str) -> jax.Array:
+  """[M, K] x [E, K, N] (grouped) -> f32 [M, N] on `backend` (see the module docstring)."""
+  lhs, rhs = _same_dtype(lhs, rhs)
+  if moe.resolve_backend(backend) == "pallas":
+    return gmm_lib.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _wgrad_gemm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, backend: str) -> jax.Array:
+  """x [M, K], dy [M, N] -> f32 [E, K, N]: x[rows e].T @ dy[rows e] per group, on `backend`."""
+  x, dy = _same_dtype(x, dy)
+  if moe.resolve_backend(backend) == "pallas":
+    return gmm_lib.tgmm(x, dy, group_sizes, preferred_element_type=jnp.float32)
+  return jax.lax.ragged_dot_general(x.T, dy, group_sizes, _WGRAD_DIMS, preferred_element_type=jnp.float32)
+
+
+def _forward(x, w, group_sizes, recipe: GemmRecipe, backend: str) -> jax.Array:
   e = w.shape[0]
   gid, _ = _row_groups(group_sizes, x.shape[0])
   vx, sx = _prepare_rows(x, recipe.x_fwd, 1, gid, e, None)
   vw, sw = _dot._prepare(w, recipe.w_fwd, 1, None, False)  # pylint: disable=protected-access
-  y = jax.lax.ragged_dot(*_same_dtype(vx, vw), group_sizes, preferred_element_type=jnp.float32)
+  y = _gemm(vx, vw, group_sizes, backend)
   return _scale_rows(y, gid, sx, None if sw is None else sw.reshape(e))
 
 
-def _backward(x, w, group_sizes, key, dy, recipe: GemmRecipe) -> tuple[jax.Array, jax.Array]:
+def _backward(x, w, group_sizes, key, dy, recipe: GemmRecipe, backend: str) -> tuple[jax.Array, jax.Array]:
   e = w.shape[0]
   k_dgrad, k_wgrad = jax.random.split(key)
   gid, starts = _row_groups(group_sizes, x.shape[0])
   vdy, sdy = _prepare_rows(dy, recipe.dy_dgrad, 1, gid, e, k_dgrad)
   vw, sw = _dot._prepare(w, recipe.w_dgrad, 2, None, False)  # pylint: disable=protected-access
-  dx = jax.lax.ragged_dot(*_same_dtype(vdy, jnp.swapaxes(vw, 1, 2)), group_sizes,
-                          preferred_element_type=jnp.float32)
+  dx = _gemm(vdy, jnp.swapaxes(vw, 1, 2), group_sizes, backend)
   dx = _scale_rows(dx, gid, sdy, None if sw is None else sw.reshape(e))
 
   xw, dyw, sizes, gw = x, dy, group_sizes, gid
@@ -136,26 +160,25 @@ def _backward(x, w, group_sizes, key, dy, recipe: GemmRecipe) -> tuple[jax.Array
     dyw = _hadamard.apply_rht(dyw, recipe.rht_signs, axis=0)
   vx, sx = _prepare_rows(xw, recipe.x_wgrad, 0, gw, e, None)
   vdy, sdy = _prepare_rows(dyw, recipe.dy_wgrad, 0, gw, e, k_wgrad)
-  dw = jax.lax.ragged_dot_general(*_same_dtype(vx.T, vdy), sizes, _WGRAD_DIMS,
-                                  preferred_element_type=jnp.float32)           # [E, K, N]
+  dw = _wgrad_gemm(vx, vdy, sizes, backend)                                     # [E, K, N]
   for s in (sx, sdy):
     if s is not None:
       dw = dw * s[:e, None, None]
   return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _qragged(x, w, group_sizes, key, recipe: GemmRecipe) -> jax.Array:
-  return _forward(x, w, group_sizes, recipe)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _qragged(x, w, group_sizes, key, recipe: GemmRecipe, backend: str) -> jax.Array:
+  return _forward(x, w, group_sizes, recipe, backend)
 
 
-def _qragged_fwd(x, w, group_sizes, key, recipe):
-  return _forward(x, w, group_sizes, recipe), (x, w, group_sizes, key)
+def _qragged_fwd(x, w, group_sizes, key, recipe, backend):
+  return _forward(x, w, group_sizes, recipe, backend), (x, w, group_sizes, key)
 
 
-def _qragged_bwd(recipe, residuals, dy):
+def _qragged_bwd(recipe, backend, residuals, dy):
   x, w, group_sizes, key = residuals
-  dx, dw = _backward(x, w, group_sizes, key, dy.astype(jnp.float32), recipe)
+  dx, dw = _backward(x, w, group_sizes, key, dy.astype(jnp.float32), recipe, backend)
   return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 
@@ -163,7 +186,8 @@ _qragged.defvjp(_qragged_fwd, _qragged_bwd)
 
 
 def quantized_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, recipe: GemmRecipe,
-                         key: jax.Array | None = None, preferred_element_type=None) -> jax.Array:
+                         key: jax.Array | None = None, preferred_element_type=None, backend: str = "auto"
+                         ) -> jax.Array:
   """`jax.lax.ragged_dot(lhs [M, K], rhs [E, K, N], group_sizes [E])` with quantized GEMM operands.
 
   Args:
@@ -173,6 +197,7 @@ def quantized_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     recipe: operand quantization of the three GEMMs (see `n3jax.quant.gemm_recipe`).
     key: PRNG key for stochastic rounding; required when the recipe uses it.
     preferred_element_type: output dtype (None: the promoted input dtype).
+    backend: the GEMMs' grouped matmul, "auto" | "pallas" | "ragged_dot" (module docstring).
   """
   if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],) or lhs.shape[1] != rhs.shape[1]:
     raise ValueError(f"quantized_ragged_dot needs lhs [M, K], rhs [E, K, N], group_sizes [E]; got "
@@ -181,7 +206,11 @@ def quantized_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     if recipe.needs_key:
       raise ValueError("This recipe uses stochastic rounding; pass a PRNG key")
     key = jax.random.key(0)
-  y = _qragged(lhs, rhs, group_sizes.astype(jnp.int32), key, recipe)
+  # Inside shard_map the weights may vary over fewer mesh axes than the rows (experts split over `expert`,
+  # tokens over `fsdp` too): give both one set, so the custom VJP's weight gradient is typed like its
+  # primal and the reduction over the other axes is the transpose of this cast (as for a plain dot).
+  lhs, rhs = match_vma(lhs, rhs)
+  y = _qragged(lhs, rhs, group_sizes.astype(jnp.int32), key, recipe, backend)
   return y.astype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
 
 
@@ -190,7 +219,8 @@ class QuantizedGroupedMatmul:
   """A `GroupedMatmul` (`pallas_kernels.moe`) for one expert layer: `quantized_ragged_dot` with its key."""
   recipe: GemmRecipe
   key: jax.Array | None = None
+  backend: str = "auto"
 
   def __call__(self, lhs, rhs, group_sizes, *, preferred_element_type=None):
     return quantized_ragged_dot(lhs, rhs, group_sizes, recipe=self.recipe, key=self.key,
-                                preferred_element_type=preferred_element_type)
+                                preferred_element_type=preferred_element_type, backend=self.backend)

@@ -208,17 +208,18 @@ def make_einsum(quant: QuantConfig, *, layer_index: int | None, num_layers: int,
 
 
 def make_grouped_matmul(quant: QuantConfig, *, layer_index: int | None, num_layers: int,
-                        key: jax.Array | None = None) -> QuantizedGroupedMatmul | None:
+                        key: jax.Array | None = None, backend: str = "auto") -> QuantizedGroupedMatmul | None:
   """The routed experts' grouped matmul (role "expert") for one MoE layer, or None where the recipe
   keeps them in BF16 (the caller then uses its plain grouped matmul).
 
   Returns a `pallas_kernels.moe.GroupedMatmul` (`fn(lhs [M, K], rhs [E, K, N], group_sizes [E], *,
   preferred_element_type)`) whose three GEMMs per expert follow `gemm_recipe` (see `_grouped.py`).
   `key` seeds stochastic rounding; None derives a fixed key from (seed, layer), so pass a fresh one
-  every step when the recipe uses stochastic rounding.
+  every step when the recipe uses stochastic rounding. backend: the GEMMs' grouped matmul (the model's
+  `moe_backend`: "auto" | "pallas" | "ragged_dot").
   """
   if not quant.is_quantized(layer_index=layer_index, num_layers=num_layers, role="expert"):
     return None
   if key is None:
     key = jax.random.fold_in(jax.random.key(quant.seed), zlib.crc32(f"{layer_index}/expert".encode()) & 0x7FFFFFFF)
-  return QuantizedGroupedMatmul(gemm_recipe(quant, layer_index=layer_index), key)
+  return QuantizedGroupedMatmul(gemm_recipe(quant, layer_index=layer_index), key, backend)

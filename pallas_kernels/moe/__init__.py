@@ -2,6 +2,7 @@
 (`pallas_kernels.moe.gmm.gmm` / `tgmm`: Triton on GPU, Mosaic on TPU via `gmm_tpu`), and expert parallelism
 over a mesh. `BlockSizes` tiles the Triton kernels, `TpuBlockSizes` the Mosaic ones."""
 
+from pallas_kernels.moe._gmm_common import match_vma
 from pallas_kernels.moe.expert_parallel import expert_parallel_moe
 from pallas_kernels.moe.gmm import BlockSizes, TileSizes
 from pallas_kernels.moe.gmm_tpu import BlockSizes as TpuBlockSizes
@@ -10,5 +11,5 @@ from pallas_kernels.moe.ops import BACKENDS, GROUPED_MATMULS, moe_dispatch, reso
 from pallas_kernels.moe.reference import ACTIVATIONS, moe_dispatch_dense, moe_dispatch_ragged_dot
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "BlockSizes", "GROUPED_MATMULS", "TileSizes", "TpuBlockSizes", "TpuTileSizes",
-           "expert_parallel_moe",
+           "expert_parallel_moe", "match_vma",
            "moe_dispatch", "moe_dispatch_dense", "moe_dispatch_ragged_dot", "resolve_backend"]

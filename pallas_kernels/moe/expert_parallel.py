@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 
+from pallas_kernels.moe import _gmm_common as common
 from pallas_kernels.moe import ops
 from pallas_kernels.moe import reference
 from pallas_kernels.moe.reference import GroupedMatmul
@@ -111,6 +112,17 @@ def _padded_ragged_all_to_all(
   )
 
 
+def _buffer_like(rows: Array, num: int) -> Array:
+  """Zeros [num, ...] for ``ragged_all_to_all`` to write ``rows`` into, varying over the same mesh axes.
+
+  The exchange's result takes the output buffer's varying axes (jax 0.12); a fresh ``jnp.zeros`` varies
+  over none, which would type the received rows as equal on every data shard. Under
+  ``shard_map(check_vma=True)`` the weight gradients would then miss their sum over the data axes.
+  """
+  buffer = jnp.zeros((num,) + rows.shape[1:], rows.dtype)
+  return common.match_vma(rows, buffer)[1]
+
+
 def _local_all_to_all(
     tokens, router_weights, expert_ids, w_up, w_down, *, expert_axis,
     ep, activation, preferred_element_type, grouped_matmul, native,
@@ -145,7 +157,7 @@ def _local_all_to_all(
   # 3. Dispatch. Worst case: every shard sends everything here.
   capacity = ep * num_rows
   received = exchange(
-      rows, jnp.zeros((capacity,) + rows.shape[1:], dtype), input_offsets,
+      rows, _buffer_like(rows, capacity), input_offsets,
       send_sizes, output_offsets, recv_sizes, axis_name=expert_axis,
   )  # [cap, D], blocks by source, each sorted by expert
 
@@ -172,7 +184,7 @@ def _local_all_to_all(
 
   # 5. Return: the reverse exchange, into this shard's sorted order.
   returned = exchange(
-      y, jnp.zeros((num_rows,) + y.shape[1:], dtype),
+      y, _buffer_like(y, num_rows),
       _exclusive_cumsum(recv_sizes), recv_sizes,
       _exclusive_cumsum(sizes, axis=1)[:, shard], send_sizes,
       axis_name=expert_axis,
