@@ -6,10 +6,12 @@
 0.99B params in all, 0.46B active per token (0.19B without the 131072 x 1024 embedding and head):
 pattern MEMEM*EMEMEM*EMEMEME (10 Mamba-2, 2 attention, 9 MoE layers with 32 experts, top-4, and a
 shared expert). bf16 compute, f32 master params and Adam moments, layers scanned and rematerialised
-(`dots_saveable`). 8 x 4096 tokens per step as 4 micro-batches of 2 x 4096 (f32 logits of one
-micro-batch are 4.3 GB at this vocabulary). Without `data.source`, it trains on the built-in corpus
-with the byte tokenizer, which fits any vocabulary. Not yet run on a GPU: memory and speed are
-estimates; `benchmarks/train_step.py` measures the step.
+(`dots_saveable`). 8 x 4096 tokens per step as 8 micro-batches of 1 x 4096. Memory, from XLA's analysis
+of the step compiled for one H100 without one (`trainer.compile_train_step` on `n3jax.aot` devices): 49.0 GB
+(11.9 GB params + Adam state, 37.1 GB temporaries); micro-batches of 2 x 4096 would need 76.4 GB, more
+than the 75% of the GPU that XLA takes by default; `remat_policy="full"` needs 27.7 GB. Without
+`data.source`, it trains on the built-in corpus with the byte tokenizer, which fits any vocabulary.
+Not yet run on a GPU: speed is unmeasured (`benchmarks/train_step.py` measures the step).
 """
 
 import ml_collections
@@ -36,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.eval_batches = 8
   # --- Steps ---
   cfg.batch_size = 8
-  cfg.grad_accum_steps = 4
+  cfg.grad_accum_steps = 8
   cfg.num_steps = 20_000
   # --- Optimizer ---
   cfg.optimizer.lr = 1e-3

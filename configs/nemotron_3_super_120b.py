@@ -13,6 +13,11 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
+Memory: NOT YET FITTING. Compiled for 64 H100s (fsdp 8 x expert 8) without them (`n3jax.aot`), one sequence
+per GPU per micro-batch, XLA's analysis gives 214 GB per GPU; with `moe_ep_capacity_factor=2.0` (expert
+shards take at most 2x their routed rows; the default sizes the exchange buffers for the worst case, 8x)
+129 GB. What remains is materialised attention scores (f32, 8192 x 8192 per head) and three f32 logit
+tensors (main + 2 MTP depths, 131072 wide); chunked attention and a chunked cross-entropy are the fix.
 """
 
 import ml_collections
@@ -34,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Steps ---
   cfg.batch_size = 3072
   cfg.grad_accum_steps = 1
+  cfg.micro_batch_size = 1  # one sequence per device per micro-batch: grad_accum_steps = batch / devices
   cfg.num_steps = 39_735
   # --- Optimizer ---
   cfg.optimizer.lr = 4.5e-4

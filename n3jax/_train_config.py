@@ -44,6 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   # --- Batch and steps ---
   c.batch_size = 8                     # sequences per optimizer step, all hosts together
   c.grad_accum_steps = 1               # micro-batches per step (a scan inside the jitted step)
+  c.micro_batch_size = 0               # > 0: sequences per device per micro-batch; sets grad_accum_steps to
+                                       # batch_size / (devices splitting the batch x micro_batch_size)
   c.num_steps = 100                    # sets the schedule; training ends here
   c.stop_after_step = 0                # > 0: save and return after this step (preemption drill)
   # --- Optimizer (AdamW; master params, gradients and moments in model param_dtype unless mu_dtype) ---

@@ -128,6 +128,8 @@ class ModelConfig:
   moe_backend: str = "auto"                   # `pallas_kernels.moe.moe_dispatch` backend ("auto": Pallas gmm on
                                               # GPU/TPU, ragged_dot on CPU; see `pallas_kernels.moe.ops`)
   moe_ep_exchange: str = "all_to_all"         # expert parallelism token exchange: all_to_all | all_gather
+  moe_ep_capacity_factor: float | None = None  # all_to_all: rows an expert shard takes, x its routed rows;
+                                              # None: ep x (the worst case, dropless). See expert_parallel_moe
   quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
   quant_bf16_layers_at_start: int | None = None  # layers the recipe keeps in BF16 (None: the published recipe:
   quant_bf16_layers_at_end: int | None = None    # FP8 2 + 2, NVFP4 0 + 14)
@@ -195,6 +197,9 @@ class ModelConfig:
     need(self.quant in ("none", "fp8", "nvfp4"), f"{self.quant=} must be one of none, fp8, nvfp4")
     need(self.moe_ep_exchange in ("all_to_all", "all_gather"),
          f"{self.moe_ep_exchange=} must be 'all_to_all' or 'all_gather'")
+    need(self.moe_ep_capacity_factor is None or (self.moe_ep_capacity_factor > 0
+                                                 and self.moe_ep_exchange == "all_to_all"),
+         f"{self.moe_ep_capacity_factor=} must be None or > 0, with moe_ep_exchange='all_to_all'")
     need(self.layer_norm_epsilon > 0, f"{self.layer_norm_epsilon=} must be > 0")
     used = set(self.blocks) | (set(self.mtp_blocks) if self.num_nextn_predict_layers else set())
     if Block.MAMBA in used:

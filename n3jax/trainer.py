@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -80,6 +81,21 @@ def _check_numbers(config, cfg) -> None:
     need(config[name] >= 0, f"{name}={config[name]} must be >= 0")
   need(config.checkpoint.every_steps >= 0 and config.checkpoint.keep >= 0,
        f"checkpoint.every_steps={config.checkpoint.every_steps} and keep={config.checkpoint.keep} must be >= 0")
+
+
+def _accumulation(config, batch_shards: int):
+  """`config` with grad_accum_steps from `micro_batch_size` (when > 0) for a batch split `batch_shards` ways."""
+  mbs = config.micro_batch_size
+  if mbs <= 0:
+    return config
+  per_step = batch_shards * mbs
+  if config.grad_accum_steps != 1 or config.batch_size % per_step:
+    raise ValueError(f"micro_batch_size={mbs} x {batch_shards} devices splitting the batch = {per_step} sequences "
+                     f"per micro-batch must divide batch_size={config.batch_size} (and leave grad_accum_steps at 1, "
+                     f"not {config.grad_accum_steps})")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.grad_accum_steps = config.batch_size // per_step
+  return config
 
 
 def _fresh_state(cfg, config, tx, init_key, rng, device, shardings=None) -> Any:
@@ -170,8 +186,9 @@ class _Devices:
     self.rules = config.axis_rules
     self.device = jax.local_devices()[0]
     self.cfg = cfg
+    self.batch_shards = 1
     if self.mesh is not None:
-      shards = math.prod(self.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+      self.batch_shards = shards = math.prod(self.mesh.shape[a] for a in ("data", "fsdp", "expert"))
       if config.batch_size % shards:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of data*fsdp*expert={shards} "
                          f"(mesh {dict(self.mesh.shape)})")
@@ -203,6 +220,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   try:
     config, cfg, tx, schedule, data = _prepare(config)
     devices = _Devices(config, cfg)
+    config = _accumulation(config, devices.batch_shards)
   except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
     raise InputError(str(e).strip("'\"")) from e
   is_chief = jax.process_index() == 0
@@ -320,6 +338,7 @@ def compile_train_step(config, devices, compiler_options=None) -> jax.stages.Com
   _check_numbers(config, cfg)
   tx, schedule = _optim.make_optimizer(config.optimizer, config.num_steps)
   mesh = sharding.make_mesh({k: int(v) for k, v in config.mesh.items()}, devices=devices)
+  config = _accumulation(config, math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert")))
   keys = jax.random.split(jax.random.key(config.seed))
   abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, keys[0]), tx, keys[1]))
   shardings = _state_shardings(cfg, mesh, config.axis_rules, abstract, tx)

@@ -161,6 +161,8 @@ def test_wrong_model_type_and_layer_count():
     (dict(dtype="int8"), "dtype"),
     (dict(blocks=()), "empty"),
     (dict(remat_policy="sometimes"), "remat_policy"),
+    (dict(moe_ep_capacity_factor=0.0), "moe_ep_capacity_factor"),
+    (dict(moe_ep_capacity_factor=2.0, moe_ep_exchange="all_gather"), "moe_ep_capacity_factor"),
 ])
 def test_invalid_configs_fail_at_construction(change, match):
   with pytest.raises(ValueError, match=match):

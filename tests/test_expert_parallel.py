@@ -252,3 +252,63 @@ def test_native_exchange_types_received_rows_as_varying_over_data():
                                            ragged_impl="native", grouped_matmul=gmm), [])
   text = run.trace(tokens, router_weights, ids, w_up, w_down, cotangent).lower().as_text()
   assert "ragged_all_to_all" in text
+
+
+def _kept_slots(ids: np.ndarray, shards: int, ep: int, capacity: int) -> np.ndarray:
+  """The capacity rule in numpy: [T, R] bool, whether each (token, slot) row reaches its expert. Tokens
+  are split over `shards` (the expert axis last, so source = shard index); each source sorts its rows by
+  expert; each destination takes sources in order, each block's head first, up to `capacity` rows."""
+  t, r = ids.shape
+  e_local = E // ep
+  flat = ids.reshape(shards, t // shards * r)                        # rows of each source
+  kept = np.zeros_like(flat, bool)
+  taken = np.zeros(ep, int)
+  for src in range(shards):
+    order = np.argsort(flat[src], kind="stable")
+    for dst in range(ep):
+      block = [i for i in order if flat[src, i] // e_local == dst]
+      n = min(len(block), max(0, capacity - taken[dst]))
+      kept[src, block[:n]] = True
+      taken[dst] += len(block)
+  return kept.reshape(t, r)
+
+
+@pytest.mark.parametrize("factor", [8.0, 1.0, 0.5])
+def test_capacity_factor_drops_what_does_not_fit(factor):
+  """capacity_factor >= ep is dropless (the worst case fits); below it, each expert shard takes at most
+  ceil(factor * T_l * R) rows by the documented rule, and the dropped rows count and contribute nothing:
+  the result equals one-device dispatch with those rows' routing weights set to zero."""
+  mesh, data_axes = _mesh("expert8")
+  tokens, router_weights, w_up, w_down, cotangent = _params()
+  ids = np.asarray(_routings()["one_shard"])                          # everything to shard 0's experts
+  capacity = int(np.ceil(factor * T // 8 * R))
+  kept = _kept_slots(ids, shards=8, ep=8, capacity=capacity)
+  ids = jnp.asarray(ids, jnp.int32)
+
+  def loss(fn, weights, *a):
+    out = fn(tokens, weights, ids, *a)
+    return jnp.sum(out[0] * cotangent), out
+
+  ep_fn = functools.partial(expert_parallel.expert_parallel_moe, mesh=mesh, data_axes=data_axes,
+                            capacity_factor=factor, return_dropped=True)
+  (_, (out, counts, dropped)), grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, ep_fn), argnums=(0, 1, 2), has_aux=True))(router_weights, w_up, w_down)
+  masked = jnp.where(kept, router_weights, 0.0)
+  (_, (want_out, want_counts)), want_grads = jax.value_and_grad(
+      functools.partial(loss, ops.moe_dispatch), argnums=(0, 1, 2), has_aux=True)(masked, w_up, w_down)
+  assert int(dropped) == int((~kept).sum())
+  assert (int(dropped) == 0) == (factor >= 8.0) and (factor >= 8.0 or int(dropped) > 0)
+  np.testing.assert_allclose(out, want_out, **TOL)
+  np.testing.assert_array_equal(counts, want_counts)                  # what the router chose
+  np.testing.assert_allclose(jnp.where(kept, grads[0], 0.0), jnp.where(kept, want_grads[0], 0.0), **TOL)
+  np.testing.assert_array_equal(jnp.where(kept, 0.0, grads[0]), 0.0)  # dropped slots: no gradient
+  for g, w in zip(grads[1:], want_grads[1:]):
+    np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_capacity_factor_needs_the_all_to_all_exchange():
+  mesh, data_axes = _mesh("expert8")
+  tokens, router_weights, w_up, w_down, _ = _params()
+  with pytest.raises(ValueError, match="capacity_factor=2.0 needs exchange='all_to_all'"):
+    expert_parallel.expert_parallel_moe(tokens, router_weights, jnp.zeros((T, R), jnp.int32), w_up, w_down,
+                                        mesh=mesh, data_axes=data_axes, exchange="all_gather", capacity_factor=2.0)

@@ -267,6 +267,13 @@ def test_init_from_checkpoint(tmp_path):
 
 
 # --- Bad input: one clear error each, before anything compiles ---
+def test_micro_batch_size_sets_the_accumulation_from_the_devices():
+  c = _small(batch_size=16, micro_batch_size=2)
+  assert trainer._accumulation(c, 4).grad_accum_steps == 2  # 16 / (4 devices x 2)
+  assert trainer._accumulation(c, 8).grad_accum_steps == 1
+  assert trainer._accumulation(_small(batch_size=16), 4).grad_accum_steps == 1  # 0: off
+
+
 def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
   def no_compile(*a, **k):
     raise AssertionError("reached the train step: the bad input was not caught up front")
@@ -285,6 +292,9 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
             data__eval_source=str(long_chat)), r"record 0 is \d+ tokens, longer than data.seq_len \+ 1 = 65"),
       (dict(model_preset="tiny-mo"), r"Unknown model_preset='tiny-mo' \(did you mean 'tiny-moe'\?\)"),
       (dict(grad_accum_steps=3), r"batch_size=4 must be a multiple of grad_accum_steps=3"),
+      (dict(micro_batch_size=3), r"micro_batch_size=3 x 1 devices splitting the batch = 3 sequences per "
+                                 r"micro-batch must divide batch_size=4"),
+      (dict(optimizer__mu_dtype="float16"), r"optimizer.mu_dtype='float16' must be"),
       (dict(data__tokenizer=str(tmp_path / "tok.json")), r"no such tokenizer.json"),
   ]
   for overrides, pattern in cases:

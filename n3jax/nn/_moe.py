@@ -93,7 +93,8 @@ class MoE(nn.Module):
       routed, counts = expert_parallel.expert_parallel_moe(
           v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
           expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,
-          exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul)
+          exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul,
+          capacity_factor=cfg.moe_ep_capacity_factor if ep[0] is not None else None)
     if cfg.moe_latent_size:
       w_fc2 = _common.param(self, "fc2_latent_proj", _common.out_proj_init(cfg), (din, d), (shd.LATENT, shd.EMBED),
                             pdtype)

@@ -126,8 +126,15 @@ def _buffer_like(rows: Array, num: int) -> Array:
 def _local_all_to_all(
     tokens, router_weights, expert_ids, w_up, w_down, *, expert_axis,
     ep, activation, preferred_element_type, grouped_matmul, native,
+    capacity=None,
 ):
-  """Per-shard body of the "all_to_all" exchange (inside shard_map)."""
+  """Per-shard body of the "all_to_all" exchange (inside shard_map).
+
+  capacity: rows each shard can receive (None: ep * its own rows, the
+  dropless worst case). Sources fill it in shard order, each with the head of
+  its block (its lowest experts' rows); rows past it are dropped (zero output
+  and gradient). -> (combined, counts, rows dropped from this shard's tokens).
+  """
   dtype = tokens.dtype
   num_slots = expert_ids.shape[1]
   e_local = w_up.shape[0]
@@ -147,15 +154,21 @@ def _local_all_to_all(
   # 2. Sizes: rows from source shard i for each expert, for all i.
   all_counts = jax.lax.all_gather(counts, expert_axis)  # [ep_src, E]
   per_local = all_counts.reshape(ep, ep, e_local)  # [src, dst, local expert]
-  sizes = per_local.sum(-1)  # [src, dst] rows sent from src to dst
-  send_sizes = sizes[shard]  # [ep] (to each dst)
-  input_offsets = _exclusive_cumsum(send_sizes)
-  recv_sizes = sizes[:, shard]  # [ep] (from each src)
+  sizes = per_local.sum(-1)  # [src, dst] rows routed from src to dst
+  # What each destination takes (the same on every shard: from the gathered
+  # counts): sources in order until `capacity`, each block's head first.
+  capacity = ep * num_rows if capacity is None else min(capacity, ep * num_rows)
+  kept = jnp.clip(capacity - _exclusive_cumsum(sizes, axis=0), 0, sizes)
+  kept_local = jnp.clip(
+      kept[..., None] - _exclusive_cumsum(per_local, axis=2), 0, per_local
+  )  # [src, dst, local expert]
+  send_sizes = kept[shard]  # [ep] (to each dst)
+  input_offsets = _exclusive_cumsum(sizes[shard])  # block starts (all rows)
+  recv_sizes = kept[:, shard]  # [ep] (from each src)
   # Receivers stack what they get by source shard order.
-  output_offsets = _exclusive_cumsum(sizes, axis=0)[shard]  # [ep] (per dst)
+  output_offsets = _exclusive_cumsum(kept, axis=0)[shard]  # [ep] (per dst)
 
-  # 3. Dispatch. Worst case: every shard sends everything here.
-  capacity = ep * num_rows
+  # 3. Dispatch into the receive buffer.
   received = exchange(
       rows, _buffer_like(rows, capacity), input_offsets,
       send_sizes, output_offsets, recv_sizes, axis_name=expert_axis,
@@ -163,7 +176,7 @@ def _local_all_to_all(
 
   # 4. Regroup by local expert: segment (src i, local expert e) has
   # per_local[i, shard, e] rows, in (i, e) order.
-  seg_sizes = per_local[:, shard, :].reshape(-1)  # [ep * E_l]
+  seg_sizes = kept_local[:, shard, :].reshape(-1)  # [ep * E_l]
   seg_expert = jnp.tile(jnp.arange(e_local, dtype=jnp.int32), ep)
   local_ids = jnp.repeat(seg_expert, seg_sizes, total_repeat_length=capacity)
   total = seg_sizes.sum()
@@ -171,7 +184,7 @@ def _local_all_to_all(
       jnp.arange(capacity) < total, local_ids, e_local
   )  # padding sorts last
   regroup = jnp.argsort(local_ids, stable=True)  # [cap]
-  group_sizes = per_local[:, shard, :].sum(0).astype(jnp.int32)  # [E_l]
+  group_sizes = kept_local[:, shard, :].sum(0).astype(jnp.int32)  # [E_l]
   y = ops.expert_mlp(
       jnp.take(received, regroup, axis=0), group_sizes, w_up, w_down,
       activation=activation, preferred_element_type=preferred_element_type,
@@ -188,8 +201,10 @@ def _local_all_to_all(
       _exclusive_cumsum(recv_sizes), recv_sizes,
       _exclusive_cumsum(sizes, axis=1)[:, shard], send_sizes,
       axis_name=expert_axis,
-  )  # [N_l, D]
-  return ops.combine(returned, order, router_weights).astype(dtype), counts
+  )  # [N_l, D], zeros for dropped rows
+  dropped = sizes[shard].sum() - send_sizes.sum()
+  return (ops.combine(returned, order, router_weights).astype(dtype), counts,
+          dropped)
 
 
 def _local_all_gather(
@@ -227,17 +242,18 @@ def _local_all_gather(
   out = jax.lax.psum_scatter(
       partial, expert_axis, scatter_dimension=0, tiled=True
   )  # [T_l, D]
-  return out.astype(dtype), counts
+  return out.astype(dtype), counts, jnp.zeros((), jnp.int32)
 
 
 def _local(tokens, router_weights, expert_ids, w_up, w_down, *, activation, preferred_element_type,
            grouped_matmul, **_):
   """No expert split: this shard's tokens through every expert (``sorted_dispatch``)."""
-  return reference.sorted_dispatch(
+  combined, counts = reference.sorted_dispatch(
       tokens, router_weights, expert_ids, w_up, w_down, activation=activation,
       preferred_element_type=preferred_element_type,
       grouped_matmul=grouped_matmul,
   )
+  return combined, counts, jnp.zeros((), jnp.int32)
 
 
 def _platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> str:
@@ -272,7 +288,9 @@ def expert_parallel_moe(
     ragged_impl: str = "auto",
     preferred_element_type: jax.typing.DTypeLike = jnp.float32,
     grouped_matmul: GroupedMatmul | None = None,
-) -> tuple[Array, Array]:
+    capacity_factor: float | None = None,
+    return_dropped: bool = False,
+) -> tuple[Array, Array] | tuple[Array, Array, Array]:
   """``moe_dispatch`` with experts sharded over ``mesh[expert_axis]``.
 
   Args:
@@ -297,10 +315,21 @@ def expert_parallel_moe(
     preferred_element_type: Matmul accumulation dtype.
     grouped_matmul: Overrides ``backend``'s grouped matmul (as in
       ``ops.moe_dispatch``); it runs on each device's local experts.
+    capacity_factor: For "all_to_all": each shard receives at most
+      ceil(capacity_factor * T_l * R) rows (T_l * R: the rows a shard routes),
+      and sizes its buffers so. None: ep * T_l * R, the worst case, dropless.
+      Over capacity, each destination takes sources in shard order, each
+      source's rows for its lowest experts first; the rest are dropped (zero
+      output, zero gradient), as with an expert capacity in GShard/Megatron.
+      The buffers, sized for the worst case, hold ep x the rows a balanced
+      routing needs (Super on EP8: 1.4M rows of 2688 per buffer).
+    return_dropped: Also return the number of (token, slot) rows dropped.
 
   Returns:
     combined: [T, D] in tokens.dtype, sharded like tokens.
-    counts: [E] int32 global assignments per expert (replicated).
+    counts: [E] int32 global assignments per expert (replicated), dropped
+      rows included (what the router chose).
+    dropped: (with ``return_dropped``) [] int32 rows dropped, all shards.
   """
   reference._validate(  # pylint: disable=protected-access
       tokens, router_weights, expert_ids, w_up, w_down, activation
@@ -321,6 +350,12 @@ def expert_parallel_moe(
     raise ValueError(f"Unknown {exchange=!r}; known: {EXCHANGES}.")
   if ragged_impl not in RAGGED_IMPLS:
     raise ValueError(f"Unknown {ragged_impl=!r}; known: {RAGGED_IMPLS}.")
+  if capacity_factor is not None and (
+      exchange != "all_to_all" or expert_axis is None or not capacity_factor > 0):
+    raise ValueError(
+        f"{capacity_factor=} needs exchange='all_to_all' with an expert axis"
+        f" and a value > 0 (got {exchange=!r}, {expert_axis=!r})."
+    )
   ep = 1 if expert_axis is None else mesh.shape[expert_axis]
   batch_axes = data_axes + expert_axes
   token_shards = math.prod(mesh.shape[a] for a in batch_axes)
@@ -349,15 +384,21 @@ def expert_parallel_moe(
   # check_vma=True rejects (jax 0.12); the compiled kernel has no such body.
   check_vma = not (backend == "pallas" and on_cpu)
 
+  extra = {}
+  if capacity_factor is not None:
+    routed_rows = tokens.shape[0] // token_shards * expert_ids.shape[1]
+    extra["capacity"] = math.ceil(capacity_factor * routed_rows)
+
   def shard_fn(tokens, router_weights, expert_ids, w_up, w_down):
-    combined, counts = body(
+    combined, counts, dropped = body(
         tokens, router_weights, expert_ids, w_up, w_down,
         expert_axis=expert_axis, ep=ep, activation=activation,
         preferred_element_type=preferred_element_type,
         grouped_matmul=grouped_matmul or ops.GROUPED_MATMULS[backend],
-        native=native,
+        native=native, **extra,
     )
-    return combined, jax.lax.psum(counts, batch_axes)
+    return (combined, jax.lax.psum(counts, batch_axes),
+            jax.lax.psum(dropped, batch_axes))
 
   row_spec = P(batch_axes, None)
   expert_spec = P(expert_axis, None, None)  # expert_axis None: replicated
@@ -368,7 +409,8 @@ def expert_parallel_moe(
           (tokens, router_weights, expert_ids, w_up, w_down), specs
       )
   ]
-  return jax.shard_map(
-      shard_fn, mesh=mesh, in_specs=specs, out_specs=(row_spec, P()),
+  combined, counts, dropped = jax.shard_map(
+      shard_fn, mesh=mesh, in_specs=specs, out_specs=(row_spec, P(), P()),
       check_vma=check_vma,
   )(*args)
+  return (combined, counts, dropped) if return_dropped else (combined, counts)
