@@ -129,7 +129,8 @@ class ModelConfig:
                                               # GPU/TPU, ragged_dot on CPU; see `pallas_kernels.moe.ops`)
   moe_ep_exchange: str = "all_to_all"         # expert parallelism token exchange: all_to_all | all_gather
   moe_ep_capacity_factor: float | None = None  # all_to_all: rows an expert shard takes, x its routed rows;
-                                              # None: ep x (the worst case, dropless). See expert_parallel_moe
+                                              # None: ep x (the worst case, dropless). Rows over it are dropped
+                                              # (`expert_parallel_moe`; not yet a training metric)
   quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
   quant_bf16_layers_at_start: int | None = None  # layers the recipe keeps in BF16 (None: the published recipe:
   quant_bf16_layers_at_end: int | None = None    # FP8 2 + 2, NVFP4 0 + 14)
