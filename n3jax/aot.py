@@ -8,7 +8,7 @@ that a training step fits before asking for hardware, or that kernels compile fo
     import jax
     from n3jax import aot, sharding
     mesh = sharding.make_mesh({"fsdp": 8}, devices=aot.devices("h100", 8))
-    compiled = jax.jit(step).trace(*args_sharded_over_mesh).lower().compile()
+    compiled = jax.jit(step).trace(*args_sharded_over_mesh).lower().compile(aot.compiler_options("h100"))
     print(aot.memory(compiled))
 
 Targets:

@@ -89,7 +89,7 @@ class MoE(nn.Module):
       routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
                                             activation="relu2", backend=cfg.moe_backend,
                                             grouped_matmul=grouped_matmul)  # [T, Din], [E]
-    else:  # per token shard (shard_map); experts split over the mesh: + token exchange. Dropless, global counts
+    else:  # per token shard (shard_map); experts split: + token exchange (dropless unless a capacity factor)
       routed, counts = expert_parallel.expert_parallel_moe(
           v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
           expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,
