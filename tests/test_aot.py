@@ -210,3 +210,19 @@ def test_shipped_training_configs_fit_h100s(name, devices):
   peak = aot.memory(compiled).peak_gb
   print(f"{name} on {devices} x H100: {aot.memory(compiled).report()}")
   assert peak < (0.75 * 85.0 if devices == 1 else 80.0)
+
+
+_PLAN_ARGS = ("--preset=tiny-moe", "--mesh=data=1", "--seq=64", "--batch=2", "--compile_for=h100")
+
+
+@needs_plugin
+def test_plan_cli_prints_xla_memory_beside_the_estimate(run_cli, capsys):
+  assert run_cli("n3jax.plan", *_PLAN_ARGS) == 0
+  out = capsys.readouterr().out
+  assert "per device: params" in out and "XLA, compiled for 1 x h100 (AOT): arguments" in out
+
+
+@pytest.mark.skipif(_HAS_PLUGIN, reason="checks the error without the plugin")
+def test_plan_cli_compile_without_the_plugin_says_what_to_install(run_cli):
+  with pytest.raises(RuntimeError, match=r"n3jax\[aot-gpu\]"):
+    run_cli("n3jax.plan", *_PLAN_ARGS)
