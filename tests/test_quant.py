@@ -394,7 +394,9 @@ def test_grouped_matmul_equals_per_expert_quantized_einsums(mode):
       dxe, dwe = pull_e(dy[rows])
       np.testing.assert_array_equal(y[rows], ye, err_msg=f"expert {e}")
       np.testing.assert_array_equal(dx[rows], dxe, err_msg=f"expert {e}")
-      np.testing.assert_array_equal(dw[e], dwe, err_msg=f"expert {e}")
+      # The same quantized operands; the sum over the group's rows is in XLA's order, which for
+      # `ragged_dot_general` and a plain dot may differ (1 ulp on CPU with jaxlib 0.12.0.1).
+      np.testing.assert_allclose(dw[e], dwe, rtol=0, atol=4e-7 * float(np.abs(dwe).max()), err_msg=f"expert {e}")
     else:
       np.testing.assert_array_equal(dw[e], 0.0)
     start += size
