@@ -66,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
       bias_update_rate=1e-3,           # aux-loss-free balancing: b += rate * sign(mean_load - load)
       balance_loss_coef=1e-4,          # sequence-level balance loss (0 disables)
   ))
+  c.loss_chunk = 0                     # positions per piece of the cross-entropy: the f32 logits [B, chunk, V]
+                                       # of one piece at a time, recomputed in the backward pass; 0: whole
   c.mtp_loss_scale = 0.3               # loss = main + mtp_loss_scale / D * sum_k CE_k
   c.mtp_depths = 0                     # 0: the model's num_nextn_predict_layers (Super trains 2)
   # --- Checkpoints ---

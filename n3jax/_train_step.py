@@ -13,6 +13,7 @@ is in the loss and in the same document as position i.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -21,6 +22,7 @@ import optax
 
 from n3jax import _moe_balance
 from n3jax import models
+from n3jax import sharding
 from n3jax.configs import Block, ModelConfig
 
 __all__ = ["init_state", "make_train_step", "make_eval_step", "mtp_depths"]
@@ -47,6 +49,35 @@ def _ce_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.sum((logz - picked) * mask)
 
 
+def _ce_sum_chunked(cfg: ModelConfig, h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array,
+                    chunk: int) -> jax.Array:
+  """`_ce_sum(project_to_vocab(h, w), ...)` over pieces of `chunk` positions, one at a time.
+
+  h [B, T, D] (after the final norm), w [D, V]. The f32 logits of one piece, [B, chunk, V], are live at
+  a time, in the forward and (rematerialised: one more LM-head product per piece) in the backward pass;
+  whole, they are [B, T, V] f32 per head and XLA keeps copies for the softmax's backward (at Super's
+  T = 8192 and V = 131072, 4.3 GB per head, three heads with MTP). The pieces' sums and w's gradient
+  add up in f32 in sequence order. T that `chunk` does not divide is padded with masked positions.
+  """
+  b, t, d = h.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets, mask = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, mask))
+
+  def split(x):  # [B, T', ...] -> [n, B, chunk, ...]
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(total, xs):
+    h_c, t_c, m_c = xs
+    return total + _ce_sum(models.project_to_vocab(cfg, h_c, w), t_c, m_c), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(targets), split(mask)))
+  return total
+
+
 def _shift_left(x: jax.Array, k: int) -> jax.Array:
   return jnp.pad(x[:, k:], ((0, 0), (0, k)))
 
@@ -62,15 +93,25 @@ def _denominators(batch: Batch, depths: int) -> jax.Array:
   return jnp.maximum(jnp.stack(counts).astype(jnp.float32), 1.0)
 
 
-def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float, quant_key=None):
-  """-> (CE sums [1 + depths], expert counts [n_moe (+ MTP MoE layers when depths > 0), E])."""
+def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance_coef: float, quant_key=None,
+                    loss_chunk: int = 0):
+  """-> (CE sums [1 + depths], expert counts [n_moe (+ MTP MoE layers when depths > 0), E]).
+
+  loss_chunk > 0: the cross-entropy from the heads' hidden states in pieces (`_ce_sum_chunked`); the
+  model's own logits are then unused, and jit drops them."""
   with _moe_balance.balance_loss_hook(cfg, balance_coef):
     out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths,
                        quant_key=quant_key)
-  sums = [_ce_sum(out["logits"], batch["targets"], batch["loss_mask"])]
+  if loss_chunk:
+    # As the Head uses it: gathered over the FSDP axes (tied or not, its axes are embed x vocab here).
+    w = sharding.gathered_for_compute(models.lm_head_weight(cfg, params), (sharding.EMBED, sharding.VOCAB))
+    ce = lambda i, tgt, mask: _ce_sum_chunked(cfg, out["hidden"] if i == 0 else out["mtp_hidden"][i - 1], w,
+                                              tgt, mask, loss_chunk)
+  else:
+    ce = lambda i, tgt, mask: _ce_sum(out["logits"] if i == 0 else out["mtp_logits"][i - 1], tgt, mask)
+  sums = [ce(0, batch["targets"], batch["loss_mask"])]
   for k in range(1, depths + 1):
-    tgt, mask = _mtp_targets(batch, k)
-    sums.append(_ce_sum(out["mtp_logits"][k - 1], tgt, mask))
+    sums.append(ce(k, *_mtp_targets(batch, k)))
   counts = out["expert_counts"]
   if "mtp_expert_counts" in out and counts.shape[-1] == out["mtp_expert_counts"].shape[-1]:
     counts = jnp.concatenate([counts, out["mtp_expert_counts"]])  # MTP MoE layers balance their bias too
@@ -86,7 +127,7 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
   weights = jnp.asarray([1.0] + [config.mtp_loss_scale / max(depths, 1)] * depths, jnp.float32)
 
   def micro_loss(params, micro: Batch, denoms: jax.Array, quant_key):
-    sums, counts = _forward_losses(cfg, params, micro, depths, balance_coef, quant_key)
+    sums, counts = _forward_losses(cfg, params, micro, depths, balance_coef, quant_key, config.loss_chunk)
     return jnp.sum(weights * sums / denoms), (sums, counts)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -131,6 +131,10 @@ class ModelConfig:
   moe_ep_capacity_factor: float | None = None  # all_to_all: rows an expert shard takes, x its routed rows;
                                               # None: ep x (the worst case, dropless). Rows over it are dropped
                                               # (`expert_parallel_moe`; not yet a training metric)
+  attention_impl: str = "dense"               # training attention: dense (materialised [T, T] f32 scores, the HF
+                                              # eager path) | blockwise (FlashAttention-2 in XLA, O(T) memory)
+  moe_seq_chunks: int = 1                     # routed experts over this many pieces of each sequence in turn
+                                              # (rematerialised): dispatch buffers / n, one more expert forward
   quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
   quant_bf16_layers_at_start: int | None = None  # layers the recipe keeps in BF16 (None: the published recipe:
   quant_bf16_layers_at_end: int | None = None    # FP8 2 + 2, NVFP4 0 + 14)
@@ -201,6 +205,8 @@ class ModelConfig:
     need(self.moe_ep_capacity_factor is None or (self.moe_ep_capacity_factor > 0
                                                  and self.moe_ep_exchange == "all_to_all"),
          f"{self.moe_ep_capacity_factor=} must be None or > 0, with moe_ep_exchange='all_to_all'")
+    need(self.attention_impl in ("dense", "blockwise"), f"{self.attention_impl=} must be 'dense' or 'blockwise'")
+    need(isinstance(self.moe_seq_chunks, int) and self.moe_seq_chunks >= 1, f"{self.moe_seq_chunks=} must be an int >= 1")
     need(self.layer_norm_epsilon > 0, f"{self.layer_norm_epsilon=} must be > 0")
     used = set(self.blocks) | (set(self.mtp_blocks) if self.num_nextn_predict_layers else set())
     if Block.MAMBA in used:

@@ -251,13 +251,15 @@ def _stack_scanned(cfg, layers: Params, h, segment_ids, quant_key):
   return h, counts
 
 
-def _check_tokens(cfg: ModelConfig, tokens, segment_ids):
+def _check_tokens(cfg: ModelConfig, tokens, segment_ids, *, whole_sequence: bool = False):
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be int [batch, seq], got {tokens.shape=}")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integers, got {tokens.dtype=}")
   if segment_ids is not None and segment_ids.shape != tokens.shape:
     raise ValueError(f"{segment_ids.shape=} must equal {tokens.shape=}")
+  if whole_sequence and tokens.shape[1] % cfg.moe_seq_chunks:
+    raise ValueError(f"moe_seq_chunks={cfg.moe_seq_chunks} must divide the sequence length {tokens.shape[1]}")
 
 
 def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -268,12 +270,14 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
     expert_counts [n_moe_layers, E] int32 (tokens routed per expert, for balancing);
     mtp_logits [depths, B, T, V] f32 when the model has MTP (depth k at position i predicts token
       i + k + 1; its input at the last k positions is padding), and mtp_expert_counts
-      [modules * MoE layers per module, E] int32 (module-major; summed over the depths a module serves). `mtp_depths` repeats the last physical
-      module beyond `num_nextn_predict_layers` (Super trains with 2 depths of one module).
+      [modules * MoE layers per module, E] int32 (module-major; summed over the depths a module serves),
+      and mtp_hidden [depths, B, T, D] (each depth's output, the input of its logits). `mtp_depths`
+      repeats the last physical module beyond `num_nextn_predict_layers` (Super trains with 2 depths of
+      one module). Under jit, what the caller leaves unused (e.g. the logits) is never computed.
   quant_key: under `cfg.quant`, the step's key for stochastic rounding (each layer folds in its index);
     pass a new one every training step.
   """
-  _check_tokens(cfg, tokens, segment_ids)
+  _check_tokens(cfg, tokens, segment_ids, whole_sequence=True)
   tokens = tokens.astype(jnp.int32)
   if segment_ids is None:
     segment_ids = jnp.zeros_like(tokens)
@@ -289,7 +293,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
          "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, e), jnp.int32)}
   depths = cfg.num_nextn_predict_layers if mtp_depths is None else mtp_depths
   if depths and cfg.num_nextn_predict_layers:
-    mtp_logits, h_prev = [], hidden
+    mtp_logits, mtp_hidden, h_prev = [], [], hidden
     n_moe = sum(k == Block.MOE for k in cfg.mtp_blocks)
     mtp_counts = jnp.zeros((cfg.num_nextn_predict_layers, n_moe, cfg.n_routed_experts), jnp.int32)
     for k in range(1, depths + 1):
@@ -299,8 +303,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
       h_prev, counts = MTPModule(cfg).apply({"params": params["mtp"][str(physical)]}, emb_k, h_prev, segment_ids)
       if counts:  # a repeated module accumulates the counts of every depth it serves
         mtp_counts = mtp_counts.at[physical].add(jnp.stack(counts))
+      mtp_hidden.append(h_prev)
       mtp_logits.append(project_to_vocab(cfg, h_prev, lm_head_weight(cfg, params)))
     out["mtp_logits"] = jnp.stack(mtp_logits)
+    out["mtp_hidden"] = jnp.stack(mtp_hidden)
     out["mtp_expert_counts"] = mtp_counts.reshape(-1, cfg.n_routed_experts)
   return out
 

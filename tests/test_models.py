@@ -42,6 +42,38 @@ def test_scan_and_remat_match_unrolled_values_and_grads(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_memory_saving_options_match_the_default_path(name):
+  """Blockwise attention and routed experts over sequence pieces only change memory: the same loss and
+  gradients as the materialised path, alone and with scanned, rematerialised layers; packed documents."""
+  cfg, params = PRESETS[name], _params(name)
+  tokens = _tokens(cfg, seq=20)
+  segments = jnp.asarray(np.repeat([[1] * 7 + [2] * 13], 2, 0), jnp.int32)
+  loss = lambda cfg, params: _loss_packed(cfg, params, tokens, segments)
+  want_loss, want_grad = jax.value_and_grad(functools.partial(loss, cfg))(params)
+  moe = {"moe_seq_chunks": 4} if cfg.n_routed_experts else {}
+  for variant in (dict(attention_impl="blockwise"), moe,
+                  dict(attention_impl="blockwise", scan_layers=True, remat_policy="full", **moe)):
+    got_loss, got_grad = jax.jit(jax.value_and_grad(functools.partial(loss, cfg.replace(**variant))))(params)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=str(variant))
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+      np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5, err_msg=str(variant))
+
+
+def _loss_packed(cfg, params, tokens, segments):
+  logits = models.forward(cfg, params, tokens, segment_ids=segments)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+
+def test_moe_seq_chunks_must_divide_the_sequence_but_decoding_runs_whole():
+  cfg = PRESETS["tiny-moe"].replace(moe_seq_chunks=4)
+  with pytest.raises(ValueError, match="moe_seq_chunks=4 must divide the sequence length 10"):
+    n3jax.forward(cfg, _params("tiny-moe"), jnp.zeros((1, 10), jnp.int32))
+  cache = models.init_cache(cfg, 1, 32)  # a one-token step is not split
+  logits, _ = models.apply_cached(cfg, _params("tiny-moe"), jnp.zeros((1, 1), jnp.int32), cache)
+  assert logits.shape == (1, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_every_param_gets_a_gradient_except_the_selection_bias(name):
   cfg, params = PRESETS[name], _params(name)
   grads = jax.grad(functools.partial(_loss, cfg))(params, _tokens(cfg))

@@ -49,8 +49,33 @@ def _single_device(name):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_layout_step_matches_one_device(name, layout, capfd):
+  _check_step_on_mesh(MODELS[name], name, layout, capfd)
+
+
+def test_memory_saving_options_on_a_mesh_match_one_device(capfd):
+  """Blockwise attention and routed experts over sequence pieces, under FSDP + expert parallelism: the
+  step of the default path on one device."""
+  _check_step_on_mesh(MODELS["moe"].replace(attention_impl="blockwise", moe_seq_chunks=2), "moe", "fsdp_ep", capfd)
+
+
+def test_expert_axis_also_splits_the_other_weights():
+  """Under fsdp_ep the expert axis is a batch axis for every non-expert layer, so their weights (and
+  optimizer state) are split over it as over fsdp; routed experts keep it for their expert dimension."""
+  specs = sharding.logical_to_mesh(models.logical_axes(MODELS["moe"]), "fsdp_ep")
+  assert specs["embedder"]["embedding"] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))
+  mixer = specs["layers"]["moe"]["mixer"]
+  assert mixer["experts_up_proj"] == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)
+  assert mixer["shared_experts"]["up_proj"] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"), None)
+  cfg = MODELS["moe"]
+  split = plan.estimate(cfg, preset="x", layout="fsdp_ep", mesh={"fsdp": 2, "expert": 4}, batch=8, seq=16)
+  one = plan.estimate(cfg, preset="x", layout="data_parallel", mesh={"data": 8}, batch=8, seq=16)
+  assert split.params_gb < one.params_gb / 6  # all but the 1-D norms and biases split 8 ways
+
+
+def _check_step_on_mesh(cfg, name, layout, capfd):
+  """One AdamW step of `cfg` under `layout` on 8 devices equals `_single_device(name)`, compiled once."""
   assert jax.device_count() == 8
-  cfg, opt = MODELS[name], optax.adamw(1e-3)
+  opt = optax.adamw(1e-3)
   tokens, want_loss, want_params = _single_device(name)
   mesh = sharding.make_mesh(LAYOUTS[layout])
   params = sharding.init_sharded(cfg, jax.random.key(0), mesh, layout)

@@ -200,6 +200,32 @@ def test_grad_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [8, 7, 64], ids=["divides", "ragged", "longer"])
+def test_loss_in_pieces_equals_the_whole(chunk):
+  """`loss_chunk`: the cross-entropy of the main head and both MTP depths from the hidden states in
+  pieces gives the whole-logits sums and gradients (packed rows, masked targets)."""
+  cfg = configs.PRESETS["tiny-latent-moe"]
+  params = _params("tiny-latent-moe")
+  rng = np.random.RandomState(0)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 24)), jnp.int32)
+  batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1),
+           "segment_ids": jnp.ones((2, 24), jnp.int32).at[:, 15:].set(2),
+           "loss_mask": jnp.asarray(rng.rand(2, 24) > 0.2, jnp.int32)}
+
+  def sums(params, loss_chunk):
+    s, _ = _train_step._forward_losses(cfg, params, batch, 2, 0.0, loss_chunk=loss_chunk)
+    return jnp.sum(s * jnp.asarray([1.0, 0.3, 0.7])), s
+
+  (_, want), want_g = jax.value_and_grad(lambda p: sums(p, 0), has_aux=True)(params)
+  (_, got), got_g = jax.jit(jax.value_and_grad(lambda p: sums(p, chunk), has_aux=True))(params)
+  assert want.shape == (3,)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got_g)[0], jax.tree.leaves(want_g)):
+    # f32 sums in another order: to 1e-6 of the leaf's largest gradient.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max())),
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_balance_loss_adds_a_linear_gradient_to_the_router():
   cfg = configs.PRESETS["tiny-moe"]
   params = _params("tiny-moe")

@@ -2,7 +2,9 @@
 
 Nemotron-H attention has NoPE: no rotary embedding, no q/k norm, no biases (ARCHITECTURE.md §1.2, §3.2).
 Query head n reads kv head n // G (contiguous groups, HF `repeat_kv`). Packed sequences: a token attends
-only to earlier tokens with the same segment id.
+only to earlier tokens with the same segment id. Training and full forwards materialise the [T, T] f32
+scores (`dot_product_attention`, as HF's eager path) or, with `attention_impl="blockwise"`, never do
+(`_blockwise_attention`: FlashAttention-2 in XLA with its own VJP; long sequences need it).
 
 Generation (`kv_cache`): K and V of every token are written into a fixed-size cache at slots
 `cache_index + t`, and the queries attend over the filled slots with the same rule (earlier slot, same
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 
 from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
+from n3jax.nn import _blockwise_attention
 from n3jax.nn import _common
 
 
@@ -122,8 +125,11 @@ class Attention(nn.Module):
     v = proj("BTD,DKH->BTKH", w_v)  # [B, T, K, H]
     new_cache = None
     if kv_cache is None:
-      pos = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
-      o = dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, pos, pos))  # [B, T, N, H]
+      if cfg.attention_impl == "blockwise":
+        o = _blockwise_attention.blockwise_attention(q, k, v, segment_ids)                  # [B, T, N, H]
+      else:
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
+        o = dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, pos, pos))  # [B, T, N, H]
     else:
       if cache_index is None or cache_segment_ids is None:
         raise ValueError("attention with a kv_cache needs cache_index and cache_segment_ids")

@@ -14,6 +14,8 @@ layout that splits experts over the mesh (`n3jax.sharding`), through `expert_par
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,34 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
   return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
 
 
+def _in_sequence_chunks(fn, chunks: int, tokens: jax.Array, v: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                        key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """`fn(tokens, v, w_up, w_down, key)` over `chunks` consecutive pieces of the sequence, one at a time.
+
+  Routing and the experts act on each token alone, so the pieces give the layer's own output; their
+  dispatch buffers (sorted rows, the exchange's receive buffers, the experts' hidden activations) are
+  1/chunks of the whole. Each piece is rematerialised (`jax.checkpoint`), so the backward pass also holds
+  one piece's buffers at a time, at the cost of one more forward pass of the routed experts. The weights
+  enter in their storage dtype, so their gradients add up over pieces in it (f32 master weights: f32 sums).
+  Stochastic rounding draws a fresh key per piece; per-tensor scales of the low-precision recipes are taken
+  per piece (what a micro-batch of that many tokens would see).
+  """
+  b, t, d = tokens.shape
+
+  def split(x):  # [B, T, ...] -> [chunks, B, T / chunks, ...], sequence order kept
+    return jnp.moveaxis(x.reshape(b, chunks, t // chunks, *x.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(counts, xs):
+    tok, vv, i = xs
+    out, c = fn(tok, vv, w_up, w_down, None if key is None else jax.random.fold_in(key, i))
+    return counts + c, out
+
+  counts, routed = jax.lax.scan(body, jnp.zeros((w_up.shape[0],), jnp.int32),
+                                (split(tokens), split(v), jnp.arange(chunks)))
+  return jnp.moveaxis(routed, 0, 1).reshape(b, t, -1), counts                # [B, T, Din], [E]
+
+
 class MoE(nn.Module):
   """Under `cfg.quant` every linear product follows the recipe: the routed experts' grouped GEMMs through
   `n3jax.quant.make_grouped_matmul` (per-expert scales, handed to `moe_dispatch` as its grouped matmul),
@@ -69,36 +99,53 @@ class MoE(nn.Module):
     w_down = _common.param(self, "experts_down_proj", _common.out_proj_init(cfg), (e, f, din),
                            (shd.EXPERT, shd.EXPERT_MLP, width), pdtype)
 
-    tokens = x.astype(dtype).reshape(bsz * t, d)                              # [T, D]
-    logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32), w_gate.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)                  # [T, E] f32
-    weights, ids = route(logits, bias, cfg)                                   # [T, R], [T, R]
-
+    tokens = x.astype(dtype)                                                  # [B, T, D]
     v = tokens
     if cfg.moe_latent_size:
       w_fc1 = _common.param(self, "fc1_latent_proj", init, (d, din), (shd.EMBED, shd.LATENT), pdtype)
-      v = _common.linear(self, cfg, "latent_proj", "TD,DI->TI", tokens, w_fc1.astype(dtype)).astype(dtype)
-    grouped_matmul = None  # the backend's own (bf16) grouped matmul
-    if cfg.quant != "none" and not self.is_initializing():
-      key = self.make_rng("quant") if self.has_rng("quant") else None
-      grouped_matmul = quant.make_grouped_matmul(_common.quant_config(cfg), layer_index=self.layer_index,
-                                                 num_layers=cfg.num_hidden_layers, key=key,
-                                                 backend=cfg.moe_backend)
+      v = _common.linear(self, cfg, "latent_proj", "TD,DI->TI", tokens.reshape(bsz * t, d),
+                         w_fc1.astype(dtype)).astype(dtype).reshape(bsz, t, din)
+    key = None
+    if cfg.quant != "none" and not self.is_initializing() and self.has_rng("quant"):
+      key = self.make_rng("quant")
     # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
-    if self.is_initializing() or (ep := shd.moe_shard_axes()) is None:
-      routed, counts = moe_ops.moe_dispatch(v, weights, ids, w_up.astype(dtype), w_down.astype(dtype),
-                                            activation="relu2", backend=cfg.moe_backend,
-                                            grouped_matmul=grouped_matmul)  # [T, Din], [E]
-    else:  # per token shard (shard_map); experts split: + token exchange (dropless unless a capacity factor)
-      routed, counts = expert_parallel.expert_parallel_moe(
-          v, weights, ids, w_up.astype(dtype), w_down.astype(dtype), mesh=jax.sharding.get_abstract_mesh(),
-          expert_axis=ep[0], data_axes=ep[1], activation="relu2", backend=cfg.moe_backend,
-          exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul,
-          capacity_factor=cfg.moe_ep_capacity_factor if ep[0] is not None else None)
+    ep = None if self.is_initializing() else shd.moe_shard_axes()
+
+    def routed_experts(tokens, v, w_up, w_down, key):
+      """tokens [B, t, D], v [B, t, Din] -> (routed [B, t, Din], counts [E])."""
+      b, tc, _ = tokens.shape
+      logits = jnp.einsum("TD,DE->TE", tokens.reshape(b * tc, d).astype(jnp.float32), w_gate.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)                # [T, E] f32
+      weights, ids = route(logits, bias, cfg)                                 # [T, R], [T, R]
+      w_up, w_down = w_up.astype(dtype), w_down.astype(dtype)
+      grouped_matmul = None  # the backend's own (bf16) grouped matmul
+      if cfg.quant != "none" and not self.is_initializing():
+        grouped_matmul = quant.make_grouped_matmul(_common.quant_config(cfg), layer_index=self.layer_index,
+                                                   num_layers=cfg.num_hidden_layers, key=key,
+                                                   backend=cfg.moe_backend)
+      rows = v.reshape(b * tc, din)
+      if ep is None:
+        routed, counts = moe_ops.moe_dispatch(rows, weights, ids, w_up, w_down, activation="relu2",
+                                              backend=cfg.moe_backend, grouped_matmul=grouped_matmul)
+      else:  # per token shard (shard_map); experts split: + token exchange (dropless unless a capacity factor)
+        routed, counts = expert_parallel.expert_parallel_moe(
+            rows, weights, ids, w_up, w_down, mesh=jax.sharding.get_abstract_mesh(), expert_axis=ep[0],
+            data_axes=ep[1], activation="relu2", backend=cfg.moe_backend, exchange=cfg.moe_ep_exchange,
+            grouped_matmul=grouped_matmul,
+            capacity_factor=cfg.moe_ep_capacity_factor if ep[0] is not None else None)
+      return routed.reshape(b, tc, din), counts                               # [B, t, Din], [E]
+
+    # `models.apply` checks that the pieces divide a training sequence; generation's decode steps and
+    # prompt pieces that they do not divide run in one piece.
+    chunks = 1 if self.is_initializing() or t % cfg.moe_seq_chunks else cfg.moe_seq_chunks
+    if chunks == 1:
+      routed, counts = routed_experts(tokens, v, w_up, w_down, key)
+    else:
+      routed, counts = _in_sequence_chunks(routed_experts, chunks, tokens, v, w_up, w_down, key)
     if cfg.moe_latent_size:
       w_fc2 = _common.param(self, "fc2_latent_proj", _common.out_proj_init(cfg), (din, d), (shd.LATENT, shd.EMBED),
                             pdtype)
-      routed = _common.linear(self, cfg, "latent_proj", "TI,ID->TD", routed.astype(dtype),
-                              w_fc2.astype(dtype)).astype(dtype)
+      routed = _common.linear(self, cfg, "latent_proj", "TI,ID->TD", routed.reshape(bsz * t, din).astype(dtype),
+                              w_fc2.astype(dtype)).astype(dtype).reshape(bsz, t, d)
     shared = _mlp.MLP(cfg, cfg.moe_shared_expert_intermediate_size, self.layer_index, name="shared_experts")(x)
-    return (routed.reshape(bsz, t, d).astype(dtype) + shared).astype(dtype), counts
+    return (routed.astype(dtype) + shared).astype(dtype), counts
