@@ -13,11 +13,15 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
-Memory: NOT YET FITTING. Compiled for 64 H100s (fsdp 8 x expert 8) without them (`n3jax.aot`), one sequence
-per GPU per micro-batch, XLA's analysis gives 214 GB per GPU; with `moe_ep_capacity_factor=2.0` (expert
-shards take at most 2x their routed rows; the default sizes the exchange buffers for the worst case, 8x)
-129 GB. What remains is materialised attention scores (f32, 8192 x 8192 per head) and three f32 logit
-tensors (main + 2 MTP depths, 131072 wide); chunked attention and a chunked cross-entropy are the fix.
+Memory: NOT YET FITTING, 83.0 GB per GPU. Compiled for 64 H100s (fsdp 8 x expert 8) without them
+(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 83.0 GB with:
+non-expert weights split over the expert axis too (`fsdp_ep` rules; arguments 33.8 -> 23.2 GB), the
+routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless exchange's worst-case
+buffers, 8 x the routed rows, were 14.5 GB each in f32), blockwise attention (`attention_impl`: the
+8192 x 8192 f32 scores were 8.6 GB per copy) and the cross-entropy over 1024-position pieces
+(`loss_chunk`: three f32 [8192, 131072] logit tensors). What remains above 80 GB is XLA's, in the
+gradient accumulation loop: the stacked experts' f32 gradients live twice (the scan's carry and a
+zero-initialised copy), and the f32 expert weights are held transposed for the FSDP all-gather.
 """
 
 import ml_collections
@@ -31,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model_preset = "nemotron-3-super-120b-a12b"
   cfg.model_overrides = ml_collections.ConfigDict(dict(
       dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
-      initializer_range=0.014, quant="nvfp4"))
+      initializer_range=0.014, quant="nvfp4",
+      attention_impl="blockwise", moe_seq_chunks=8))  # memory: see the docstring
   # --- Data ---
   cfg.data.seq_len = 8192
   cfg.data.prefetch = 2
@@ -55,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.moe.balance_loss_coef = 1e-4
   cfg.mtp_depths = 2
   cfg.mtp_loss_scale = 0.3
+  cfg.loss_chunk = 1024
   # --- Devices ---
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=8, tensor=1))
   cfg.axis_rules = "fsdp_ep"
