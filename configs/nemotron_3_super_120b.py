@@ -13,15 +13,18 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
-Memory: NOT YET FITTING, 83.0 GB per GPU. Compiled for 64 H100s (fsdp 8 x expert 8) without them
-(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 83.0 GB with:
-non-expert weights split over the expert axis too (`fsdp_ep` rules; arguments 33.8 -> 23.2 GB), the
-routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless exchange's worst-case
-buffers, 8 x the routed rows, were 14.5 GB each in f32), blockwise attention (`attention_impl`: the
-8192 x 8192 f32 scores were 8.6 GB per copy) and the cross-entropy over 1024-position pieces
-(`loss_chunk`: three f32 [8192, 131072] logit tensors). What remains above 80 GB is XLA's, in the
-gradient accumulation loop: the stacked experts' f32 gradients live twice (the scan's carry and a
-zero-initialised copy), and the f32 expert weights are held transposed for the FSDP all-gather.
+Memory: 75.9 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
+(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 75.9 GB with:
+non-expert weights split over the expert axis too and experts split over fsdp on their expert dimension
+(`fsdp_ep` rules; arguments 33.8 -> 23.2 GB, and no transposed copy of the expert weights for their
+all-gather), the routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless
+exchange's worst-case buffers, 8 x the routed rows, were 14.5 GB each in f32), blockwise attention
+(`attention_impl`: the 8192 x 8192 f32 scores were 8.6 GB per copy) and the cross-entropy over
+1024-position pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors). That leaves little room:
+run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.97` (JAX takes 75% of the GPU by default), and on a GPU the
+allocator's fragmentation and NCCL's buffers come on top (not yet measured). What XLA still wastes: the backward of each
+MoE layer's slice of the stacked expert weights is a zero-filled copy of the whole f32 stack inside the
+scan's layer switch (7 GB), beside the stack's gradient carry.
 """
 
 import ml_collections

@@ -73,7 +73,7 @@ def _shard_factor(spec: PartitionSpec, mesh: dict[str, int]) -> int:
 def _param_bytes_per_device(cfg: ModelConfig, layout: str, mesh: dict[str, int]) -> tuple[float, float]:
   """(sharded param elements per device, elements of the largest single layer, unsharded)."""
   shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
-  specs = sharding.logical_to_mesh(models.logical_axes(cfg), layout)
+  specs = sharding.logical_to_mesh(models.logical_axes(cfg), layout, shapes=shapes, mesh=mesh)
   per_device = 0.0
   for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), jax.tree.leaves(shapes)):
     per_device += math.prod(leaf.shape) / _shard_factor(spec, mesh)
@@ -112,19 +112,24 @@ def _activation_bytes_per_token(cfg: ModelConfig, kind: Block, tensor: int) -> f
   if kind == Block.MLP:
     return d * c + 2 * cfg.intermediate_size / tensor * c
   r, f, din = cfg.num_experts_per_tok, cfg.moe_intermediate_size / tensor, cfg.moe_input_size
-  return (d * c + 4 * cfg.n_routed_experts + r * (din * c + 2 * f * c + 4 * din)
+  # `moe_seq_chunks`: the routed rows of one sequence piece at a time (each piece rematerialised).
+  return (d * c + 4 * cfg.n_routed_experts + r * (din * c + 2 * f * c + 4 * din) / cfg.moe_seq_chunks
           + 2 * cfg.moe_shared_expert_intermediate_size / tensor * c + (2 * din * c if cfg.moe_latent_size else 0))
 
 
 def _attention_score_bytes_per_token(cfg: ModelConfig, seq: int, tensor: int) -> float:
-  """The materialised f32 softmax row of each query head (T keys), kept for the backward pass."""
-  return 4 * seq * cfg.num_attention_heads / tensor
+  """The materialised f32 softmax row of each query head (T keys), kept for the backward pass; blockwise
+  attention keeps its f32 log-sum-exp instead (`attention_impl="blockwise"`)."""
+  keys = 1 if cfg.attention_impl == "blockwise" else seq
+  return 4 * keys * cfg.num_attention_heads / tensor
 
 
 def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int], batch: int, seq: int,
-             remat: str = "full", device_gb: float = 80.0, mu_dtype: str | None = None) -> Plan:
+             remat: str = "full", device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0
+             ) -> Plan:
   """One layout on one mesh. Optimizer: AdamW (optax) with the first moment in `mu_dtype` (None: the param
-  dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs)."""
+  dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs).
+  loss_chunk: the trainer's `loss_chunk` (the f32 logits of that many positions at a time; 0: all)."""
   mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
   batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   if batch % batch_shards:
@@ -137,11 +142,16 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
                                                                if k == Block.ATTENTION else 0) for k in cfg.blocks]
   residual = cfg.hidden_size * _BYTES[cfg.dtype]
   logits = 2 * 4 * cfg.vocab_size / (tensor if layout == "fsdp_tp_ep" else 1)  # f32 logits + log-softmax
+  if loss_chunk:
+    logits *= min(1.0, loss_chunk / seq)
   if remat == "none":
     act = tokens * (sum(per_layer) + logits)
   else:  # full / nothing_saveable: layer inputs are kept, one layer is recomputed at a time
     act = tokens * (len(per_layer) * residual + max(per_layer) + logits)
-  gathered = largest_layer * _BYTES[cfg.dtype] * (2 if mesh["fsdp"] > 1 else 0)  # fwd/bwd copies in flight
+  # FSDP gathers one layer at a time (fwd/bwd copies in flight), over `fsdp` and, where experts are split, the
+  # expert axis too (`sharding._FSDP_OVER_EXPERT`).
+  at_rest = mesh["fsdp"] * (mesh["expert"] if layout in ("fsdp_ep", "fsdp_tp_ep") else 1)
+  gathered = largest_layer * _BYTES[cfg.dtype] * (2 if at_rest > 1 else 0)
   flops = _step_flops(cfg, batch * seq, seq)
   gb = 1e9
   params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype or cfg.param_dtype] + pbytes) / gb
@@ -174,7 +184,7 @@ def _meshes(devices: int):
 
 
 def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: int, remat: str = "full",
-              device_gb: float = 80.0, mu_dtype: str | None = None) -> Plan:
+              device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0) -> Plan:
   """The least-communication layout that fits: data parallel before FSDP before experts before tensor
   parallelism, and within a layout the smallest model-parallel degree. If none fits, the smallest plan."""
   smallest = None
@@ -189,7 +199,7 @@ def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: i
         continue
       try:
         plan = estimate(cfg, preset=preset, layout=layout, mesh=mesh, batch=batch, seq=seq, remat=remat,
-                        device_gb=device_gb, mu_dtype=mu_dtype)
+                        device_gb=device_gb, mu_dtype=mu_dtype, loss_chunk=loss_chunk)
       except ValueError:
         continue
       if smallest is None or plan.total_gb < smallest.total_gb:

@@ -1,7 +1,8 @@
 """Command line of the memory plan (`n3jax.memory_plan`): per-device memory and FLOPs of a training step.
 
   python -m n3jax.plan --preset nemotron-3-nano-30b-a3b --mesh data=1,fsdp=8,expert=1,tensor=1 \\
-      --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80] [--mu_dtype bfloat16]
+      --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80] [--mu_dtype bfloat16] \\
+      [--attention_impl blockwise] [--moe_seq_chunks 8] [--loss_chunk 1024]
   python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices 64 --seq 4096 --batch 64   # recommends
   python -m n3jax.plan ... --compile_for h100   # also compile the step for H100s (n3jax.aot) and print
                                                 # XLA's per-device memory beside the estimate
@@ -26,6 +27,10 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _MU_DTYPE = flags.DEFINE_enum("mu_dtype", None, ["float32", "bfloat16"],
                                "AdamW first-moment dtype (default: the param dtype; optimizer.mu_dtype).")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "dense", ["dense", "blockwise"],
+                               "Training attention (ModelConfig.attention_impl).")
+_MOE_CHUNKS = flags.DEFINE_integer("moe_seq_chunks", 1, "Routed experts over this many sequence pieces.")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Cross-entropy over pieces of this many positions (0: whole).")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
 _COMPILE_FOR = flags.DEFINE_enum("compile_for", None, list(aot.GPU_TARGETS),
                                  "Also compile the training step for this chip, without one (n3jax.aot; needs "
@@ -36,7 +41,9 @@ def _compile(plan: memory_plan.Plan, target: str) -> str:
   """The trainer's step for `plan` compiled for `target` devices -> XLA's memory line."""
   c = trainer.default_config()
   c.model_preset = plan.preset
-  c.model_overrides.update(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value, remat_policy=plan.remat)
+  c.model_overrides.update(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value, remat_policy=plan.remat,
+                           attention_impl=_ATTENTION.value, moe_seq_chunks=_MOE_CHUNKS.value)
+  c.loss_chunk = _LOSS_CHUNK.value
   c.optimizer.mu_dtype = _MU_DTYPE.value or ""
   c.mesh.update(plan.mesh)
   c.axis_rules, c.batch_size, c.data.seq_len = plan.layout, plan.batch, plan.seq
@@ -55,9 +62,10 @@ def main(argv):
   if _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(PRESETS)}, got {_PRESET.value!r}")
   # Training keeps f32 master weights and computes in bf16, whatever dtype the preset stores.
-  cfg = PRESETS[_PRESET.value].replace(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value)
+  cfg = PRESETS[_PRESET.value].replace(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
+                                       attention_impl=_ATTENTION.value, moe_seq_chunks=_MOE_CHUNKS.value)
   kw = dict(preset=_PRESET.value, batch=_BATCH.value, seq=_SEQ.value, remat=_REMAT.value, device_gb=_DEVICE_GB.value,
-            mu_dtype=_MU_DTYPE.value)
+            mu_dtype=_MU_DTYPE.value, loss_chunk=_LOSS_CHUNK.value)
   if _MESH.value:
     mesh = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
     plan = memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw)

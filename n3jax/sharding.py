@@ -59,11 +59,15 @@ _BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over every non-te
 # n_groups % tensor == 0.
 # With experts split, the expert axis is also a batch axis for every other layer, so the weights of those
 # layers (and their optimizer state) are split over it too, as over `fsdp` (ZeRO-3 over both; MaxText maps
-# `embed` onto its expert axis the same way). A routed expert's weight already uses `expert` for its
-# expert dimension, so its width falls back to `fsdp` alone. Without this, at Super on 64 H100s
-# (fsdp 8 x expert 8) every non-expert weight was split 8 ways, not 64: 33.8 GB of params and AdamW state
-# per GPU instead of 24.0 GB (`n3jax.aot`).
+# `embed` onto its expert axis the same way). Without this, at Super on 64 H100s (fsdp 8 x expert 8) every
+# non-expert weight was split 8 ways, not 64: 33.8 GB of params and AdamW state per GPU, not 23.2 GB.
+# Routed experts are split over `expert` for expert parallelism and, at rest, over `fsdp` on the same
+# dimension (each device holds whole experts; the FSDP all-gather concatenates along the leading
+# dimension of a layer's weights). Split on their width instead, XLA relaid out every expert weight
+# stack of the step for the gather (a transposed f32 copy of all of them, 7 GB per GPU at Super).
+# Experts that the two axes do not divide fall back to `expert` alone with the width over `fsdp`.
 _FSDP_OVER_EXPERT = (
+    (EXPERT, ("expert", "fsdp")), (EXPERT, "expert"),
     (EMBED, ("fsdp", "expert")), (EMBED, "fsdp"),
     (LATENT, ("fsdp", "expert")), (LATENT, "fsdp"),
 )
@@ -77,12 +81,10 @@ AXIS_RULES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
     ),
     "fsdp_ep": (
         (ACT_BATCH, _BATCH_AXES),
-        (EXPERT, "expert"),
         *_FSDP_OVER_EXPERT,
     ),
     "fsdp_tp_ep": (
         (ACT_BATCH, _BATCH_AXES),
-        (EXPERT, "expert"),
         *_FSDP_OVER_EXPERT,
         (VOCAB, "tensor"), (MLP, "tensor"), (EXPERT_MLP, "tensor"), (HEADS, "tensor"), (KV_HEADS, "tensor"),
         (SSM_HEADS, "tensor"), (SSM_GROUPS, "tensor"), (ACT_HEADS, "tensor"), (ACT_VOCAB, "tensor"),
@@ -124,9 +126,39 @@ def use_mesh(mesh: Mesh, rules_name: str):
     yield
 
 
-def logical_to_mesh(logical_axes: Any, rules_name: str) -> Any:
-  """Maps a pytree of logical `PartitionSpec`s to mesh `PartitionSpec`s under a named layout."""
-  return nn.logical_to_mesh(logical_axes, _rules(rules_name))
+def logical_to_mesh(logical_axes: Any, rules_name: str, *, shapes: Any = None,
+                    mesh: Mesh | dict[str, int] | None = None) -> Any:
+  """Maps a pytree of logical `PartitionSpec`s to mesh `PartitionSpec`s under a named layout.
+
+  Rules are tried in order, a mesh axis used once per array (flax's `logical_to_mesh_axes`). Given the
+  arrays' `shapes` (a matching pytree of shaped values) and the `mesh` (or its axis sizes), a rule whose
+  mesh axes do not divide the dimension is passed over for the next rule of the same name; the last rule
+  of a name always applies, so that `param_shardings` can name a dimension nothing divides.
+  """
+  rules = _rules(rules_name)
+  if shapes is None or mesh is None:
+    return nn.logical_to_mesh(logical_axes, rules)
+  sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  last = {name: i for i, (name, _) in enumerate(rules)}
+
+  def resolve(names: PartitionSpec, leaf) -> PartitionSpec:
+    out: list[Any] = [None] * len(names)
+    assigned = [False] * len(names)
+    used: set[str] = set()
+    for i, (name, axes) in enumerate(rules):
+      if name not in names:
+        continue
+      pos = tuple(names).index(name)
+      group = (axes,) if isinstance(axes, str) else tuple(axes)
+      if assigned[pos] or used & set(group):
+        continue
+      if leaf.shape[pos] % math.prod(sizes.get(a, 1) for a in group) and i != last[name]:
+        continue
+      out[pos], assigned[pos] = axes, True
+      used |= set(group)
+    return PartitionSpec(*out)
+
+  return jax.tree.map(resolve, logical_axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
@@ -134,7 +166,7 @@ def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
   from n3jax import models  # sharding sits below the model in the house plan; this is a lazy helper
   logical = models.logical_axes(cfg)
   shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
-  specs = logical_to_mesh(logical, rules_name)
+  specs = logical_to_mesh(logical, rules_name, shapes=shapes, mesh=mesh)
 
   def check(path, spec, leaf):
     for dim, axes in zip(leaf.shape, spec):
@@ -221,8 +253,11 @@ def moe_shard_axes() -> tuple[str | None, tuple[str, ...]] | None:
   rules = dict(nn.get_logical_axis_rules())
   batch = rules.get(ACT_BATCH, ())
   batch = tuple(a for a in ((batch,) if isinstance(batch, str) else tuple(batch or ())) if mesh.shape.get(a, 1) > 1)
-  expert_axis = rules.get(EXPERT)
-  if isinstance(expert_axis, str) and mesh.shape.get(expert_axis, 1) > 1:
+  # The expert dimension's first rule, less the FSDP axis that also splits it at rest.
+  expert_axes = next((axes for name, axes in nn.get_logical_axis_rules() if name == EXPERT), None)
+  expert_axes = [a for a in ((expert_axes,) if isinstance(expert_axes, str) else expert_axes or ()) if a != "fsdp"]
+  expert_axis = expert_axes[0] if len(expert_axes) == 1 else None
+  if expert_axis is not None and mesh.shape.get(expert_axis, 1) > 1:
     return expert_axis, tuple(a for a in batch if a != expert_axis)
   return (None, batch) if batch else None
 
@@ -251,7 +286,7 @@ def gathered_for_compute(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Arra
 
   def keep(entry, name):
     names = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ()))
-                  if a not in _AT_REST_AXES or name == EXPERT)
+                  if a not in _AT_REST_AXES or (name == EXPERT and a == "expert"))
     return names[0] if len(names) == 1 else (names or None)
 
   return jax.lax.with_sharding_constraint(w, PartitionSpec(*(keep(e, n) for e, n in zip(spec, axes))))

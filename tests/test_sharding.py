@@ -64,12 +64,18 @@ def test_expert_axis_also_splits_the_other_weights():
   specs = sharding.logical_to_mesh(models.logical_axes(MODELS["moe"]), "fsdp_ep")
   assert specs["embedder"]["embedding"] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))
   mixer = specs["layers"]["moe"]["mixer"]
-  assert mixer["experts_up_proj"] == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)
+  assert mixer["experts_up_proj"] == jax.sharding.PartitionSpec(None, ("expert", "fsdp"), None, None)
   assert mixer["shared_experts"]["up_proj"] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"), None)
   cfg = MODELS["moe"]
   split = plan.estimate(cfg, preset="x", layout="fsdp_ep", mesh={"fsdp": 2, "expert": 4}, batch=8, seq=16)
   one = plan.estimate(cfg, preset="x", layout="data_parallel", mesh={"data": 8}, batch=8, seq=16)
   assert split.params_gb < one.params_gb / 6  # all but the 1-D norms and biases split 8 ways
+  # Experts that expert x fsdp does not divide: split over `expert`, their width over `fsdp`.
+  cfg4 = cfg.replace(n_routed_experts=4, num_experts_per_tok=2)
+  shapes = jax.eval_shape(lambda: models.init(cfg4, jax.random.key(0)))
+  specs = sharding.logical_to_mesh(models.logical_axes(cfg4), "fsdp_ep", shapes=shapes, mesh={"fsdp": 2, "expert": 4})
+  assert specs["layers"]["moe"]["mixer"]["experts_up_proj"] == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)
+  assert specs["embedder"]["embedding"] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))
 
 
 def _check_step_on_mesh(cfg, name, layout, capfd):
@@ -184,6 +190,17 @@ def test_plan_accounts_every_parameter_once():
   from n3jax.configs import param_counts
   assert np.isclose(one.params_gb * 1e9 / 4, param_counts(cfg)["total"])
   assert split.params_gb < one.params_gb / 2
+
+
+def test_plan_counts_the_memory_saving_options():
+  """Blockwise attention drops the f32 score rows, MoE pieces divide the routed rows, loss pieces the logits."""
+  from n3jax.configs import PRESETS as P  # pylint: disable=g-import-not-at-top
+  cfg = P["nemotron-3-super-120b-a12b"].replace(dtype="bfloat16")
+  kw = dict(preset="super", layout="fsdp_ep", mesh={"fsdp": 8, "expert": 8}, batch=64, seq=8192, remat="full")
+  base = plan.estimate(cfg, **kw)
+  lean = plan.estimate(cfg.replace(attention_impl="blockwise", moe_seq_chunks=8), loss_chunk=1024, **kw)
+  assert lean.params_gb == base.params_gb
+  assert lean.activations_gb < base.activations_gb / 2, (lean.activations_gb, base.activations_gb)
 
 
 def test_trainer_on_a_mesh_matches_one_device(tmp_path):
