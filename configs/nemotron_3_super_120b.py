@@ -13,18 +13,17 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
-Memory: 75.9 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
-(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 75.9 GB with:
+Memory: 68.1 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
+(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 68.1 GB with:
 non-expert weights split over the expert axis too and experts split over fsdp on their expert dimension
 (`fsdp_ep` rules; arguments 33.8 -> 23.2 GB, and no transposed copy of the expert weights for their
 all-gather), the routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless
 exchange's worst-case buffers, 8 x the routed rows, were 14.5 GB each in f32), blockwise attention
-(`attention_impl`: the 8192 x 8192 f32 scores were 8.6 GB per copy) and the cross-entropy over
-1024-position pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors). That leaves little room:
-run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.97` (JAX takes 75% of the GPU by default), and on a GPU the
-allocator's fragmentation and NCCL's buffers come on top (not yet measured). What XLA still wastes: the backward of each
-MoE layer's slice of the stacked expert weights is a zero-filled copy of the whole f32 stack inside the
-scan's layer switch (7 GB), beside the stack's gradient carry.
+(`attention_impl`: the 8192 x 8192 f32 scores were 8.6 GB per copy), the cross-entropy over 1024-position
+pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors) and the scanned stack's own backward pass
+(`models._scanned_full_remat`: no zero-filled copy of the expert stack per layer, 7.6 GB). Run it with
+`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (JAX takes 75% of a GPU by default); on a GPU the allocator's
+fragmentation and NCCL's buffers come on top (not yet measured).
 """
 
 import ml_collections

@@ -99,9 +99,8 @@ def _forward_losses(cfg: ModelConfig, params, batch: Batch, depths: int, balance
 
   loss_chunk > 0: the cross-entropy from the heads' hidden states in pieces (`_ce_sum_chunked`); the
   model's own logits are then unused, and jit drops them."""
-  with _moe_balance.balance_loss_hook(cfg, balance_coef):
-    out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths,
-                       quant_key=quant_key)
+  out = models.apply(cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], mtp_depths=depths,
+                     quant_key=quant_key, balance_loss_coef=balance_coef)
   if loss_chunk:
     # As the Head uses it: gathered over the FSDP axes (tied or not, its axes are embed x vocab here).
     w = sharding.gathered_for_compute(models.lm_head_weight(cfg, params), (sharding.EMBED, sharding.VOCAB))

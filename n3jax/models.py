@@ -14,7 +14,9 @@ Param tree (one layout for every execution strategy; `checkpoint_convert` maps i
 Execution: `scan_layers=False` unrolls a Python loop (fast to compile for tiny models);
 `scan_layers=True` runs one `lax.scan` over the layers whose body is a `lax.switch` over the block kinds
 present, each branch reading its layer from its stack with a dynamic index, so the compiled program holds
-one copy of each kind whatever the depth. `remat_policy` wraps each layer in `jax.checkpoint`.
+one copy of each kind whatever the depth. `remat_policy` wraps each layer in `jax.checkpoint`, except
+scanned layers under `"full"`, whose backward pass is written out (`_scanned_full_remat`: the same
+gradients, without a zero-filled copy of a whole weight stack per layer).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class MTPModule(nn.Module):
   h^k = final_norm(u). The embedding half comes first. Logits use the shared LM head.
   """
   cfg: ModelConfig
+  balance_loss_coef: float = 0.0  # its MoE layers in training (`_moe.MoE`)
 
   @nn.compact
   def __call__(self, emb: jax.Array, h_prev: jax.Array, segment_ids: jax.Array, caches: list | None = None,
@@ -129,7 +132,7 @@ class MTPModule(nn.Module):
                                                      cache_segment_ids)
         new_caches.append(aux["state"])
       else:
-        u, aux = Layer(cfg, kind, name=f"layer_{i}")(u, segment_ids)
+        u, aux = Layer(cfg, kind, balance_loss_coef=self.balance_loss_coef, name=f"layer_{i}")(u, segment_ids)
       if kind == Block.MOE:
         counts.append(aux["expert_counts"])
     h = norm(name="final_norm")(u)
@@ -186,10 +189,10 @@ def _remat(cfg: ModelConfig, fn):
   return jax.checkpoint(fn, policy=policy)
 
 
-def _run_layer(cfg: ModelConfig, kind: Block, layer_index: int, p: Params, h: jax.Array, segment_ids: jax.Array,
-               key: jax.Array | None):
+def _run_layer(cfg: ModelConfig, kind: Block, layer_index: int, balance: float, p: Params, h: jax.Array,
+               segment_ids: jax.Array, key: jax.Array | None):
   rngs = None if key is None else {"quant": key}
-  h, aux = Layer(cfg, kind, layer_index).apply({"params": p}, h, segment_ids, rngs=rngs)
+  h, aux = Layer(cfg, kind, layer_index, balance).apply({"params": p}, h, segment_ids, rngs=rngs)
   counts = aux.get("expert_counts", jnp.zeros((cfg.n_routed_experts if kind == Block.MOE else 0,), jnp.int32))
   return h, counts
 
@@ -198,11 +201,12 @@ def _layer_key(quant_key: jax.Array | None, layer: jax.Array | int) -> jax.Array
   return None if quant_key is None else jax.random.fold_in(quant_key, layer)
 
 
-def _stack_unrolled(cfg, layers: Params, h, segment_ids, quant_key):
+def _stack_unrolled(cfg, layers: Params, h, segment_ids, quant_key, balance: float):
   counts = []
   for n, (kind, idx) in enumerate(layer_slots(cfg)):
     p = jax.tree.map(lambda a, idx=idx: a[idx], layers[kind_name(kind)])
-    h, c = _remat(cfg, functools.partial(_run_layer, cfg, kind, n))(p, h, segment_ids, _layer_key(quant_key, n))
+    h, c = _remat(cfg, functools.partial(_run_layer, cfg, kind, n, balance))(p, h, segment_ids,
+                                                                            _layer_key(quant_key, n))
     if kind == Block.MOE:
       counts.append(c)
   return h, counts
@@ -220,35 +224,111 @@ def _precision_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
   return runs
 
 
-def _stack_scanned(cfg, layers: Params, h, segment_ids, quant_key):
-  kinds = _kinds(cfg)
-  slots = layer_slots(cfg)
-  n_experts = cfg.n_routed_experts if Block.MOE in kinds else 0
-  counts = []
+def _run_xs(cfg: ModelConfig, start: int, end: int) -> tuple[list[Block], tuple[jax.Array, jax.Array, jax.Array]]:
+  """The kinds of slots [start, end) and the scan inputs: (branch of each slot's kind, its index in the
+  kind's stack, its position n in the whole stack)."""
+  run = layer_slots(cfg)[start:end]
+  run_kinds = [k for k in _kinds(cfg) if any(k == kind for kind, _ in run)]
+  xs = (jnp.asarray([run_kinds.index(k) for k, _ in run], jnp.int32), jnp.asarray([i for _, i in run], jnp.int32),
+        jnp.arange(start, end, dtype=jnp.int32))
+  return run_kinds, xs
+
+
+def _layer_of_stack(cfg, kind: Block, start: int, balance: float, layers: Params, h, i, n, segment_ids, quant_key):
+  """Layer `i` of `kind`'s stack (at position n; `start` places the run in the low-precision recipe) on h."""
+  p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+  h, c = _run_layer(cfg, kind, start, balance, p, h, segment_ids, _layer_key(quant_key, n))
+  return h, c if kind == Block.MOE else jnp.zeros((cfg.n_routed_experts if Block.MOE in _kinds(cfg) else 0,), jnp.int32)
+
+
+def _stack_scanned(cfg, layers: Params, h, segment_ids, quant_key, balance: float):
+  if cfg.remat_policy == "full":
+    h, counts = _scanned_full_remat(cfg, balance, layers, h, segment_ids, quant_key)
+  else:
+    counts = []
+    for start, end in _precision_runs(cfg):
+      run_kinds, xs = _run_xs(cfg, start, end)
+      branches = [_remat(cfg, functools.partial(_layer_of_stack, cfg, k, start, balance, layers)) for k in run_kinds]
+
+      def body(h, xs, branches=branches):
+        b, i, n = xs
+        if len(branches) == 1:
+          return branches[0](h, i, n, segment_ids, quant_key)
+        return jax.lax.switch(b, branches, h, i, n, segment_ids, quant_key)
+
+      h, run_counts = jax.lax.scan(body, h, xs)  # run_counts [end - start, E]
+      counts.append(run_counts)
+    counts = jnp.concatenate(counts)
+  moe_slots = [n for n, (k, _) in enumerate(layer_slots(cfg)) if k == Block.MOE]
+  return h, [counts[n] for n in moe_slots]
+
+
+# --- Scanned layers with full rematerialisation, and a backward pass of our own -----------------------
+# With `jax.checkpoint` around each layer of a `lax.scan` over a `lax.switch`, each layer's slice of a
+# stacked weight is a dynamic index inside a switch branch, and its transpose is a zero-filled buffer the
+# size of the whole stack with the slice's gradient written in, added to the scan's gradient carry: XLA
+# materialises that buffer inside the branch (at Super, 7 GB per GPU for the expert stacks, beside the
+# carry). Here the backward is written out: a reverse scan whose carry holds the stacked gradients and
+# adds each layer's into its slot in place (outside the switch), recomputing the layer's forward from its
+# saved input, as `remat_policy="full"` does. One custom VJP spans every precision run, so the stacks'
+# gradients are one buffer, not one per run.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scanned_full_remat(cfg, balance, layers, h, segment_ids, quant_key):
+  (h, counts), _ = _scanned_fwd(cfg, balance, layers, h, segment_ids, quant_key)
+  return h, counts
+
+
+def _scanned_fwd(cfg, balance, layers, h, segment_ids, quant_key):
+  counts, inputs = [], []
   for start, end in _precision_runs(cfg):
-    run = slots[start:end]
-    run_kinds = [k for k in kinds if any(k == kind for kind, _ in run)]
-
-    def make_branch(kind, start=start):
-      def branch(h, i, n):
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
-        h, c = _run_layer(cfg, kind, start, p, h, segment_ids, _layer_key(quant_key, n))
-        return h, c if kind == Block.MOE else jnp.zeros((n_experts,), jnp.int32)
-      return _remat(cfg, branch)
-
-    branches = [make_branch(k) for k in run_kinds]
+    run_kinds, xs = _run_xs(cfg, start, end)
+    branches = [functools.partial(_layer_of_stack, cfg, k, start, balance, layers) for k in run_kinds]
 
     def body(h, xs, branches=branches):
       b, i, n = xs
-      if len(branches) == 1:
-        return branches[0](h, i, n)
-      return jax.lax.switch(b, branches, h, i, n)
+      h_out, c = jax.lax.switch(b, branches, h, i, n, segment_ids, quant_key)
+      return h_out, (h, c)
 
-    xs = (jnp.asarray([run_kinds.index(k) for k, _ in run], jnp.int32), jnp.asarray([i for _, i in run], jnp.int32),
-          jnp.arange(start, end, dtype=jnp.int32))
-    h, run_counts = jax.lax.scan(body, h, xs)  # run_counts [end - start, E]
-    counts += [run_counts[n] for n, (k, _) in enumerate(run) if k == Block.MOE]
-  return h, counts
+    h, (h_in, run_counts) = jax.lax.scan(body, h, xs)
+    counts.append(run_counts)
+    inputs.append(h_in)                                                     # [end - start, B, T, D]
+  return (h, jnp.concatenate(counts)), (layers, inputs, segment_ids, quant_key)
+
+
+def _scanned_bwd(cfg, balance, residuals, cotangents):
+  layers, inputs, segment_ids, quant_key = residuals
+  dh, _ = cotangents  # the expert counts are integers
+  grads = jax.tree.map(jnp.zeros_like, layers)
+  for (start, end), h_in in reversed(list(zip(_precision_runs(cfg), inputs))):
+    run_kinds, xs = _run_xs(cfg, start, end)
+
+    def make_branch(kind, start=start):
+      def branch(dh, i, n, h):
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+        layer = lambda p, h: _run_layer(cfg, kind, start, balance, p, h, segment_ids, _layer_key(quant_key, n))[0]
+        _, pull = jax.vjp(layer, p, h)                                      # the layer's forward again
+        dp, dh_in = pull(dh)
+        return dh_in, {k: dp if k == kind_name(kind) else jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype),
+                                                                         layers[k]) for k in layers}
+      return branch
+
+    branches = [make_branch(k) for k in run_kinds]
+
+    def body(carry, xs, branches=branches):
+      dh, grads = carry
+      b, i, n, h = xs
+      dh, dp = jax.lax.switch(b, branches, dh, i, n, h)
+      # Each kind's slot i gets its gradient, in place (zeros for the kinds this layer is not).
+      grads = {k: jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(
+          g, jax.lax.dynamic_index_in_dim(g, i, 0, keepdims=False) + d.astype(g.dtype), i, 0), grads[k], dp[k])
+               for k in layers}
+      return (dh, grads), None
+
+    (dh, grads), _ = jax.lax.scan(body, (dh, grads), (*xs, h_in), reverse=True)
+  return grads, dh, None, None
+
+
+_scanned_full_remat.defvjp(_scanned_fwd, _scanned_bwd)
 
 
 def _check_tokens(cfg: ModelConfig, tokens, segment_ids, *, whole_sequence: bool = False):
@@ -263,7 +343,8 @@ def _check_tokens(cfg: ModelConfig, tokens, segment_ids, *, whole_sequence: bool
 
 
 def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-          mtp_depths: int | None = None, quant_key: jax.Array | None = None) -> dict[str, Any]:
+          mtp_depths: int | None = None, quant_key: jax.Array | None = None, balance_loss_coef: float = 0.0
+          ) -> dict[str, Any]:
   """The whole model. tokens int [B, T]; segment_ids int [B, T] for packed sequences (default: one
   document per row). Returns a dict with:
     logits [B, T, V] f32; hidden [B, T, D] (after the final norm);
@@ -276,6 +357,8 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
       one module). Under jit, what the caller leaves unused (e.g. the logits) is never computed.
   quant_key: under `cfg.quant`, the step's key for stochastic rounding (each layer folds in its index);
     pass a new one every training step.
+  balance_loss_coef: training; every MoE layer (MTP modules' too) adds this times its sequence balance loss
+    (`nn._moe.sequence_balance_loss`) to the loss, through the gradient of its output.
   """
   _check_tokens(cfg, tokens, segment_ids, whole_sequence=True)
   tokens = tokens.astype(jnp.int32)
@@ -284,7 +367,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
   h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
   stack = _stack_scanned if cfg.scan_layers else _stack_unrolled
-  h, counts = stack(cfg, params["layers"], h, segment_ids, quant_key)
+  h, counts = stack(cfg, params["layers"], h, segment_ids, quant_key, balance_loss_coef)
   emb = params["embedder"]["embedding"]
   head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
   hidden, logits = Head(cfg).apply({"params": head_params}, h, emb)
@@ -300,7 +383,8 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
       shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, tokens.shape[1]))))[:, : tokens.shape[1]]
       emb_k = Embedder(cfg).apply({"params": params["embedder"]}, shifted)
       physical = min(k, cfg.num_nextn_predict_layers) - 1
-      h_prev, counts = MTPModule(cfg).apply({"params": params["mtp"][str(physical)]}, emb_k, h_prev, segment_ids)
+      h_prev, counts = MTPModule(cfg, balance_loss_coef).apply({"params": params["mtp"][str(physical)]}, emb_k,
+                                                               h_prev, segment_ids)
       if counts:  # a repeated module accumulates the counts of every depth it serves
         mtp_counts = mtp_counts.at[physical].add(jnp.stack(counts))
       mtp_hidden.append(h_prev)

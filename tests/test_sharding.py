@@ -53,9 +53,11 @@ def test_layout_step_matches_one_device(name, layout, capfd):
 
 
 def test_memory_saving_options_on_a_mesh_match_one_device(capfd):
-  """Blockwise attention and routed experts over sequence pieces, under FSDP + expert parallelism: the
-  step of the default path on one device."""
-  _check_step_on_mesh(MODELS["moe"].replace(attention_impl="blockwise", moe_seq_chunks=2), "moe", "fsdp_ep", capfd)
+  """Blockwise attention, routed experts over sequence pieces and scanned layers with the stack's own
+  backward pass (`remat_policy="full"`), under FSDP + expert parallelism: the step of the default path on
+  one device."""
+  cfg = MODELS["moe"].replace(attention_impl="blockwise", moe_seq_chunks=2, scan_layers=True, remat_policy="full")
+  _check_step_on_mesh(cfg, "moe", "fsdp_ep", capfd)
 
 
 def test_expert_axis_also_splits_the_other_weights():

@@ -234,8 +234,7 @@ def test_balance_loss_adds_a_linear_gradient_to_the_router():
   def gate_grads(coefs):
     def grad(coef):
       def loss(p):
-        with _moe_balance.balance_loss_hook(cfg, coef):
-          return models.apply(cfg, p, tokens)["logits"].mean()
+        return models.apply(cfg, p, tokens, balance_loss_coef=coef)["logits"].mean()
       return jax.grad(loss)(params)["layers"]["moe"]["mixer"]["gate"]
     return [grad(c) for c in coefs]
 
@@ -357,8 +356,13 @@ def test_cli_model_overrides_take_any_model_field(tmp_path):
       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "model_overrides has unknown ModelConfig field(s) ['hidden_sise']" in proc.stderr
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from n3jax import train  # pylint: disable=g-import-not-at-top
-  rest = train._take_model_overrides(["prog", "--config=c.py", "--config.model_overrides.quant=fp8",
-                                      "--config.model_overrides.quant_bf16_layers_at_end=1", "--config.seed=3"])
-  assert rest == ["prog", "--config=c.py", "--config.seed=3"]
-  assert train._model_overrides == {"quant": "fp8", "quant_bf16_layers_at_end": 1}
+  try:
+    rest = train._take_model_overrides(["prog", "--config=c.py", "--config.model_overrides.quant=fp8",
+                                        "--config.model_overrides.quant_bf16_layers_at_end=1", "--config.seed=3"])
+    assert rest == ["prog", "--config=c.py", "--config.seed=3"]
+    assert train._model_overrides == {"quant": "fp8", "quant_bf16_layers_at_end": 1}
+  finally:  # importing n3jax.train defined its required flags: later in-process CLIs must not inherit them
+    for flag in list(flags.FLAGS.flags_by_module_dict().get(train.__name__, [])):
+      delattr(flags.FLAGS, flag.name)

@@ -20,6 +20,7 @@ class Layer(nn.Module):
   cfg: ModelConfig
   kind: Block
   layer_index: int | None = None  # static position in the stack (low-precision recipes); None: MTP
+  balance_loss_coef: float = 0.0  # MoE layers in training: the sequence balance loss (`_moe.MoE`)
 
   @nn.compact
   def __call__(self, h: jax.Array, segment_ids: jax.Array, state=None, cache_index: jax.Array | None = None,
@@ -39,7 +40,7 @@ class Layer(nn.Module):
     elif self.kind == Block.MLP:
       y = _mlp.MLP(cfg, cfg.intermediate_size, self.layer_index, name="mixer")(x)
     elif self.kind == Block.MOE:
-      y, aux["expert_counts"] = _moe.MoE(cfg, self.layer_index, name="mixer")(x)
+      y, aux["expert_counts"] = _moe.MoE(cfg, self.layer_index, self.balance_loss_coef, name="mixer")(x)
     else:
       raise ValueError(f"Unknown block kind {self.kind!r}")
     return (h.astype(dtype) + y).astype(dtype), aux

@@ -6,7 +6,8 @@
     v = fc1_latent_proj(x) if LatentMoE else x
     out = fc2_latent_proj(sum_r w_r * expert_r(v)) + shared_expert(x)
 
-Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the sum of its two best
+Training may add the sequence-level balance loss (`balance_loss_coef`, `sequence_balance_loss`) through
+the gradient of the layer output, as Megatron does. Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the sum of its two best
 biased scores; only the `topk_group` best groups are eligible. Experts are ungated relu^2 MLPs. Dispatch
 is dropless and goes through `pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a
 layout that splits experts over the mesh (`n3jax.sharding`), through `expert_parallel_moe` instead.
@@ -75,12 +76,49 @@ def _in_sequence_chunks(fn, chunks: int, tokens: jax.Array, v: jax.Array, w_up: 
   return jnp.moveaxis(routed, 0, 1).reshape(b, t, -1), counts                # [B, T, Din], [E]
 
 
+def sequence_balance_loss(logits: jax.Array, expert_ids: jax.Array, num_experts: int) -> jax.Array:
+  """Sequence-level balance loss (DeepSeek-V3 eq. 17-20; Megatron `moe_router_load_balancing_type=
+  "seq_aux_loss"`), averaged over sequences. logits [B, T, E] f32 router logits, expert_ids [B, T, R]:
+
+      s'_{t,e} = s_{t,e} / sum_e s_{t,e}     s = sigmoid router scores
+      f_e = E / (R * T) * #{t : e in top-R(t)}     P_e = mean_t s'_{t,e}     L = sum_e f_e P_e
+  """
+  _, t, _ = logits.shape
+  r = expert_ids.shape[-1]
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))                              # [B, T, E]
+  probs = scores / (scores.sum(-1, keepdims=True) + 1e-20)                        # [B, T, E]
+  counts = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32).sum((1, 2))  # [B, E]
+  f = jax.lax.stop_gradient(counts * num_experts / (r * t))                        # [B, E]
+  return jnp.mean(jnp.sum(f * probs.mean(1), -1))
+
+
+@jax.custom_vjp
+def _attach(out: jax.Array, aux: jax.Array, coef: jax.Array) -> jax.Array:
+  """`out`, with `coef * aux` added to the loss through the gradient only (Megatron's
+  `MoEAuxLossAutoScaler`): d(total)/d(aux) = coef, whatever flows into `out`."""
+  del aux, coef
+  return out
+
+
+def _attach_fwd(out, aux, coef):
+  del aux
+  return out, coef
+
+
+def _attach_bwd(coef, g):
+  return g, coef, jnp.zeros_like(coef)
+
+
+_attach.defvjp(_attach_fwd, _attach_bwd)
+
+
 class MoE(nn.Module):
   """Under `cfg.quant` every linear product follows the recipe: the routed experts' grouped GEMMs through
   `n3jax.quant.make_grouped_matmul` (per-expert scales, handed to `moe_dispatch` as its grouped matmul),
   the latent projections and the shared expert through `_common.linear`; the router stays f32."""
   cfg: ModelConfig
   layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
+  balance_loss_coef: float = 0.0  # training: adds coef x `sequence_balance_loss` to the loss (via its gradient)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,4 +186,12 @@ class MoE(nn.Module):
       routed = _common.linear(self, cfg, "latent_proj", "TI,ID->TD", routed.reshape(bsz * t, din).astype(dtype),
                               w_fc2.astype(dtype)).astype(dtype).reshape(bsz, t, d)
     shared = _mlp.MLP(cfg, cfg.moe_shared_expert_intermediate_size, self.layer_index, name="shared_experts")(x)
-    return (routed.astype(dtype) + shared).astype(dtype), counts
+    out = (routed.astype(dtype) + shared).astype(dtype)
+    if self.balance_loss_coef > 0 and not self.is_initializing():
+      # NOTE: f32 on purpose, as the router does; the ids repeat the router's own choice.
+      logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), w_gate.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)                  # [B, T, E]
+      _, ids = route(jax.lax.stop_gradient(logits).reshape(bsz * t, e), bias, cfg)
+      loss = sequence_balance_loss(logits, ids.reshape(bsz, t, -1), e)
+      out = _attach(out, loss, jnp.asarray(self.balance_loss_coef, jnp.float32))
+    return out, counts
