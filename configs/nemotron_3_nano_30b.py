@@ -13,8 +13,9 @@ our choices, not published numbers. Layout: FSDP over every device with the 128 
 (EP8, as NVIDIA's published Megatron-Bridge runs); `python -m n3jax.plan` checks other meshes. Tests only
 build this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
 Memory: compiled for 64 H100s (8 nodes; fsdp 8 x expert 8) without them (`n3jax.aot`), one sequence per GPU
-per micro-batch (`micro_batch_size=1`: 48 micro-batches per step), XLA's analysis gives 43.0 GB per GPU
-(49.6 GB before the `fsdp_ep` rules split the non-expert weights over the expert axis too).
+per micro-batch (`micro_batch_size=1`: 48 micro-batches per step), XLA's analysis gives 38.7 GB per GPU
+(49.6 GB before the `fsdp_ep` rules split the non-expert weights over the expert axis too and the scanned
+layers got their own backward pass).
 """
 
 import ml_collections
