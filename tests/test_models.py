@@ -34,8 +34,8 @@ def test_scan_and_remat_match_unrolled_values_and_grads(name):
   cfg, params = PRESETS[name], _params(name)
   tokens = _tokens(cfg)
   want_loss, want_grad = jax.value_and_grad(functools.partial(_loss, cfg))(params, tokens)
-  for variant in (dict(scan_layers=True), dict(remat_policy="full"), dict(scan_layers=True, remat_policy="dots_saveable"),
-                  dict(scan_layers=True, remat_policy="full")):  # the last: the stack's own backward pass
+  # Scanned + "full" (the stack's own backward pass): test_memory_saving_options_match_the_default_path.
+  for variant in (dict(scan_layers=True), dict(remat_policy="full"), dict(scan_layers=True, remat_policy="dots_saveable")):
     got_loss, got_grad = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg.replace(**variant))))(params, tokens)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=str(variant))
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
