@@ -234,9 +234,14 @@ def _run_xs(cfg: ModelConfig, start: int, end: int) -> tuple[list[Block], tuple[
   return run_kinds, xs
 
 
+def _stack_slice(layers: Params, kind: Block, i) -> Params:
+  """Layer `i` (traced) of `kind`'s stack."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+
+
 def _layer_of_stack(cfg, kind: Block, start: int, balance: float, layers: Params, h, i, n, segment_ids, quant_key):
   """Layer `i` of `kind`'s stack (at position n; `start` places the run in the low-precision recipe) on h."""
-  p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+  p = _stack_slice(layers, kind, i)
   h, c = _run_layer(cfg, kind, start, balance, p, h, segment_ids, _layer_key(quant_key, n))
   return h, c if kind == Block.MOE else jnp.zeros((cfg.n_routed_experts if Block.MOE in _kinds(cfg) else 0,), jnp.int32)
 
@@ -304,7 +309,7 @@ def _scanned_bwd(cfg, balance, residuals, cotangents):
 
     def make_branch(kind, start=start):
       def branch(dh, i, n, h):
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers[kind_name(kind)])
+        p = _stack_slice(layers, kind, i)
         layer = lambda p, h: _run_layer(cfg, kind, start, balance, p, h, segment_ids, _layer_key(quant_key, n))[0]
         _, pull = jax.vjp(layer, p, h)                                      # the layer's forward again
         dp, dh_in = pull(dh)

@@ -98,6 +98,11 @@ def _rules(rules_name: str):
   return AXIS_RULES[rules_name]
 
 
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  """A rule's or a `PartitionSpec` entry's mesh axes as a tuple (none for None)."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
   """A mesh over `devices` (default: all processes' devices) with axes `MESH_AXES`.
 
@@ -149,7 +154,7 @@ def logical_to_mesh(logical_axes: Any, rules_name: str, *, shapes: Any = None,
       if name not in names:
         continue
       pos = tuple(names).index(name)
-      group = (axes,) if isinstance(axes, str) else tuple(axes)
+      group = _mesh_axes(axes)
       if assigned[pos] or used & set(group):
         continue
       if leaf.shape[pos] % math.prod(sizes.get(a, 1) for a in group) and i != last[name]:
@@ -172,7 +177,7 @@ def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
     for dim, axes in zip(leaf.shape, spec):
       if axes is None:
         continue
-      size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+      size = math.prod(mesh.shape[a] for a in _mesh_axes(axes))
       if dim % size:
         raise ValueError(f"Param {jax.tree_util.keystr(path)} {leaf.shape} cannot be split {spec} over mesh "
                          f"{dict(mesh.shape)} under layout {rules_name!r}: {dim} % {size} != 0")
@@ -211,7 +216,7 @@ def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: in
     for dim, name, axes in zip(leaf.shape, names, spec):
       if axes is None:
         continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
+      axes = _mesh_axes(axes)
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
         what = f"a batch of {dim} rows" if name == ACT_BATCH else f"{dim} {name}"
@@ -252,10 +257,10 @@ def moe_shard_axes() -> tuple[str | None, tuple[str, ...]] | None:
     return None
   rules = dict(nn.get_logical_axis_rules())
   batch = rules.get(ACT_BATCH, ())
-  batch = tuple(a for a in ((batch,) if isinstance(batch, str) else tuple(batch or ())) if mesh.shape.get(a, 1) > 1)
+  batch = tuple(a for a in _mesh_axes(batch) if mesh.shape.get(a, 1) > 1)
   # The expert dimension's first rule, less the FSDP axis that also splits it at rest.
   expert_axes = next((axes for name, axes in nn.get_logical_axis_rules() if name == EXPERT), None)
-  expert_axes = [a for a in ((expert_axes,) if isinstance(expert_axes, str) else expert_axes or ()) if a != "fsdp"]
+  expert_axes = [a for a in _mesh_axes(expert_axes) if a != "fsdp"]
   expert_axis = expert_axes[0] if len(expert_axes) == 1 else None
   if expert_axis is not None and mesh.shape.get(expert_axis, 1) > 1:
     return expert_axis, tuple(a for a in batch if a != expert_axis)
@@ -285,7 +290,7 @@ def gathered_for_compute(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Arra
     return w
 
   def keep(entry, name):
-    names = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ()))
+    names = tuple(a for a in _mesh_axes(entry)
                   if a not in _AT_REST_AXES or (name == EXPERT and a == "expert"))
     return names[0] if len(names) == 1 else (names or None)
 

@@ -6,11 +6,12 @@
     v = fc1_latent_proj(x) if LatentMoE else x
     out = fc2_latent_proj(sum_r w_r * expert_r(v)) + shared_expert(x)
 
-Training may add the sequence-level balance loss (`balance_loss_coef`, `sequence_balance_loss`) through
-the gradient of the layer output, as Megatron does. Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the sum of its two best
-biased scores; only the `topk_group` best groups are eligible. Experts are ungated relu^2 MLPs. Dispatch
-is dropless and goes through `pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a
-layout that splits experts over the mesh (`n3jax.sharding`), through `expert_parallel_moe` instead.
+Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the sum of its two best
+biased scores; only the `topk_group` best groups are eligible. Experts are ungated relu^2 MLPs. Training
+may add the sequence-level balance loss (`balance_loss_coef`, `sequence_balance_loss`) through the
+gradient of the layer output, as Megatron does. Dispatch is dropless and goes through
+`pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a layout that splits experts
+over the mesh (`n3jax.sharding`), through `expert_parallel_moe` instead.
 """
 
 from __future__ import annotations
