@@ -2,8 +2,9 @@
 # The GPU checks n3jax owes, in parts that each fit one 10-minute device call. Results go to $OUT/<part>.log
 # (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
 #
-#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD Triton, MoE gmm), ~5 min
+#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD, MoE gmm, attention), ~5 min
 #   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py vs jnp reference and mamba_ssm (ANCHORS shapes + Nano/Super)
+#   bash benchmarks/gpu_session.sh attention  # benchmarks/attention.py vs XLA, cuDNN and torch SDPA
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
 #   bash benchmarks/gpu_session.sh train      # benchmarks/train_step.py vs anchor_hf_train.py (reduced-depth Nano)
 #   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B shape)
@@ -15,7 +16,7 @@
 # The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: kernels | ssd | moe | train | generate | quant}"
+part="${1:?part: kernels | ssd | attention | moe | train | generate | quant}"
 out="${OUT:-/tmp/n3jax_gpu}"
 mkdir -p "$out"
 anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
@@ -31,9 +32,12 @@ log="$out/$part.log"
     kernels)
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
-        "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" -rs ;;
+        "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" \
+        "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)
       "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" ;;
+    attention)
+      "$py" benchmarks/attention.py ;;
     moe)  # times torch._grouped_mm itself, in the same process
       "$py" benchmarks/moe.py ;;
     train)

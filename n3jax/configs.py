@@ -38,6 +38,7 @@ _HF_TO_BLOCK = {**{v: k for k, v in _BLOCK_TO_HF.items()}, "mamba": Block.MAMBA,
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+ATTENTION_IMPLS = ("dense", "blockwise", "flash")  # training attention (`n3jax.nn.Attention`)
 
 
 def parse_pattern(pattern: str) -> tuple[Block, ...]:
@@ -132,7 +133,9 @@ class ModelConfig:
                                               # None: ep x (the worst case, dropless). Rows over it are dropped
                                               # (`expert_parallel_moe`; not yet a training metric)
   attention_impl: str = "dense"               # training attention: dense (materialised [T, T] f32 scores, the HF
-                                              # eager path) | blockwise (FlashAttention-2 in XLA, O(T) memory)
+                                              # eager path) | blockwise (FlashAttention-2 in XLA, O(T) memory) |
+                                              # flash (Pallas kernels: Triton on GPUs, splash on TPUs;
+                                              # blockwise on CPU)
   moe_seq_chunks: int = 1                     # routed experts over this many pieces of each sequence in turn
                                               # (rematerialised): dispatch buffers / n, one more expert forward
   quant: str = "none"                         # linear-layer numerics: none | fp8 | nvfp4 (`n3jax.quant` recipes)
@@ -205,7 +208,7 @@ class ModelConfig:
     need(self.moe_ep_capacity_factor is None or (self.moe_ep_capacity_factor > 0
                                                  and self.moe_ep_exchange == "all_to_all"),
          f"{self.moe_ep_capacity_factor=} must be None or > 0, with moe_ep_exchange='all_to_all'")
-    need(self.attention_impl in ("dense", "blockwise"), f"{self.attention_impl=} must be 'dense' or 'blockwise'")
+    need(self.attention_impl in ATTENTION_IMPLS, f"{self.attention_impl=} must be one of {ATTENTION_IMPLS}")
     need(isinstance(self.moe_seq_chunks, int) and self.moe_seq_chunks >= 1, f"{self.moe_seq_chunks=} must be an int >= 1")
     need(self.layer_norm_epsilon > 0, f"{self.layer_norm_epsilon=} must be > 0")
     used = set(self.blocks) | (set(self.mtp_blocks) if self.num_nextn_predict_layers else set())

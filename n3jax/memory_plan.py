@@ -119,8 +119,8 @@ def _activation_bytes_per_token(cfg: ModelConfig, kind: Block, tensor: int) -> f
 
 def _attention_score_bytes_per_token(cfg: ModelConfig, seq: int, tensor: int) -> float:
   """The materialised f32 softmax row of each query head (T keys), kept for the backward pass; blockwise
-  attention keeps its f32 log-sum-exp instead (`attention_impl="blockwise"`)."""
-  keys = 1 if cfg.attention_impl == "blockwise" else seq
+  and flash attention keep their f32 log-sum-exp instead (`attention_impl="blockwise"` or `"flash"`)."""
+  keys = seq if cfg.attention_impl == "dense" else 1
   return 4 * keys * cfg.num_attention_heads / tensor
 
 

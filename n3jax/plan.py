@@ -2,7 +2,7 @@
 
   python -m n3jax.plan --preset nemotron-3-nano-30b-a3b --mesh data=1,fsdp=8,expert=1,tensor=1 \\
       --seq 4096 --batch 8 [--layout fsdp] [--remat full] [--device_gb 80] [--mu_dtype bfloat16] \\
-      [--attention_impl blockwise] [--moe_seq_chunks 8] [--loss_chunk 1024]
+      [--attention_impl blockwise|flash] [--moe_seq_chunks 8] [--loss_chunk 1024]
   python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices 64 --seq 4096 --batch 64   # recommends
   python -m n3jax.plan ... --compile_for h100   # also compile the step for H100s (n3jax.aot) and print
                                                 # XLA's per-device memory beside the estimate
@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 
 from n3jax import aot, memory_plan, sharding, trainer
-from n3jax.configs import PRESETS
+from n3jax.configs import ATTENTION_IMPLS, PRESETS
 
 _PRESET = flags.DEFINE_string("preset", None, "Key of n3jax.PRESETS.")
 _MESH = flags.DEFINE_string("mesh", None, "data=..,fsdp=..,expert=..,tensor=.. (omit with --devices to search)")
@@ -27,7 +27,7 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _MU_DTYPE = flags.DEFINE_enum("mu_dtype", None, ["float32", "bfloat16"],
                                "AdamW first-moment dtype (default: the param dtype; optimizer.mu_dtype).")
-_ATTENTION = flags.DEFINE_enum("attention_impl", "dense", ["dense", "blockwise"],
+_ATTENTION = flags.DEFINE_enum("attention_impl", "dense", list(ATTENTION_IMPLS),
                                "Training attention (ModelConfig.attention_impl).")
 _MOE_CHUNKS = flags.DEFINE_integer("moe_seq_chunks", 1, "Routed experts over this many sequence pieces.")
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Cross-entropy over pieces of this many positions (0: whole).")

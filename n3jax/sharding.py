@@ -1,7 +1,8 @@
 """Logical axis names, the rules tables that map them onto mesh axes, and sharded construction.
 
 Modules say *what* an axis is (`nn.with_logical_partitioning(init, (EMBED, MLP))`); only this file says
-*where* it goes. A new layout is a new named entry in `AXIS_RULES`, never an `if` in a layer.
+*where* it goes. A new layout is a new named entry in `AXIS_RULES`, never an `if` in a layer. Kernels that
+XLA cannot partition (Pallas calls) run per shard through `per_shard`, which reads the same rules.
 Mesh axes, always in this order: `data`, `fsdp`, `expert`, `tensor`.
 
     mesh = make_mesh({"data": 2, "fsdp": 4, "expert": 1, "tensor": 1})
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_shardings", "init_sharded",
-           "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding"]
+           "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding",
+           "per_shard"]
 
 # --- Parameter axes ---
 LAYERS = "layers"              # stacked layers of one block kind (scan axis); never sharded
@@ -295,6 +297,61 @@ def gathered_for_compute(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Arra
     return names[0] if len(names) == 1 else (names or None)
 
   return jax.lax.with_sharding_constraint(w, PartitionSpec(*(keep(e, n) for e, n in zip(spec, axes))))
+
+
+def per_shard(fn: Callable, in_axes: tuple[PartitionSpec | None, ...], out_axes: Any) -> Callable:
+  """`fn` run on each shard of its arguments under the active mesh and layout (`use_mesh`); else `fn`.
+
+  For ops that XLA's SPMD partitioner cannot split, such as a Pallas kernel: it is one opaque custom call,
+  so XLA would gather every shard's rows onto each device and run the whole batch there. `in_axes` holds
+  each argument's logical axes (a `PartitionSpec` of names; None: the argument whole on every shard); name
+  only the dimensions `fn` treats independently (batch rows, heads). A name takes the mesh axes of size > 1
+  of its first rule if they divide every dimension so named, else it stays whole. Arguments that are None
+  are passed through. `out_axes`: the outputs' logical axes (a pytree of `PartitionSpec`s).
+  """
+  def call(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return fn(*args)
+    sizes: dict[str, list[int]] = {}
+    for names, x in zip(in_axes, args):
+      for name, dim in zip(names or () if x is not None else (), getattr(x, "shape", ())):
+        if name is not None:
+          sizes.setdefault(name, []).append(dim)
+    rules, resolved = nn.get_logical_axis_rules(), {}
+    for name, dims in sizes.items():
+      axes = next((_mesh_axes(axes) for rule, axes in rules if rule == name), ())
+      axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+      if axes and not any(d % math.prod(mesh.shape[a] for a in axes) for d in dims):
+        resolved[name] = axes[0] if len(axes) == 1 else axes
+    if not resolved:
+      return fn(*args)
+
+    def spec(names):
+      entries, used = [], set()
+      for name in names or ():
+        axes = _mesh_axes(resolved.get(name))
+        entries.append(resolved.get(name) if axes and not used & set(axes) else None)
+        used |= set(axes)
+      return PartitionSpec(*entries)
+
+    present = [i for i, x in enumerate(args) if x is not None]
+
+    def local(*xs):
+      full = list(args)
+      for i, x in zip(present, xs):
+        full[i] = x
+      return fn(*full)
+
+    out_specs = jax.tree.map(spec, out_axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    # check_vma=False: `fn` need not type its loop carries and kernel outputs as varying over the mesh
+    # (references build zero states, interpreted kernels index with plain ints). JAX's transpose then
+    # divides output cotangents over the axes an output is replicated on and sums input cotangents over
+    # the axes an input is replicated on, so gradients of replicated inputs (A, D, dt_bias) are whole.
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(spec(in_axes[i]) for i in present),
+                         out_specs=out_specs, check_vma=False)(*(args[i] for i in present))
+
+  return call
 
 
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

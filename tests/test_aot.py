@@ -171,6 +171,30 @@ def test_ssd_compiles_for_h100_at_benchmark_shapes(name):
 
 
 @needs_plugin
+def test_flash_attention_compiles_for_h100():
+  """The Triton flash-attention forward, dk/dv and dq at the Nemotron 3 Nano / Super attention shape (32
+  query heads, 2 kv heads, head dim 128; batch 2 x 4096) compile with their H100 tiling and hold no [T, T]
+  scores; a tiling whose pipeline needs more than the 227 KB of shared memory is refused, which shows
+  that the Triton kernels themselves were compiled."""
+  from pallas_kernels.attention import ops  # pylint: disable=g-import-not-at-top
+
+  mesh = _h100_mesh()
+  b, t, n, kvh, h = 2, 4096, 32, 2, 128
+  args = _abstract(mesh, ((b, t, n, h), jnp.bfloat16), ((b, t, kvh, h), jnp.bfloat16),
+                   ((b, t, kvh, h), jnp.bfloat16), ((b, t), jnp.int32))
+
+  def grad_of(blocks):
+    loss = lambda q, k, v, seg: ops.attention(q, k, v, seg, block_sizes=blocks).astype(jnp.float32).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+  compiled = _compile(grad_of(None), args, mesh)
+  assert compiled.as_text().count("__gpu$xla.gpu.triton") == 3
+  assert aot.memory(compiled).temp_gb < 0.2   # one f32 [B, N, T, T] score tensor would be 4.3 GB
+  with pytest.raises(Exception, match="[Ss]hared memory"):
+    _compile(grad_of(ops.BlockSizes(block_q=512, block_k=512, num_stages=4)), args, mesh)
+
+
+@needs_plugin
 @pytest.mark.parametrize("tiles", [None, *gmm_lib.HOPPER_CANDIDATE_TILES])
 def test_gmm_tiles_fit_h100_shared_memory(tiles):
   """The H100 default tiles and every sweep candidate compile (forward, gmm_t, tgmm) at the Nano expert

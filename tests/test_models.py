@@ -44,7 +44,7 @@ def test_scan_and_remat_match_unrolled_values_and_grads(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_memory_saving_options_match_the_default_path(name):
-  """Blockwise attention and routed experts over sequence pieces only change memory: the same loss and
+  """Flash attention (blockwise off GPUs) and routed experts over sequence pieces only change memory: the same loss and
   gradients as the materialised path, alone and with scanned, rematerialised layers; packed documents."""
   cfg, params = PRESETS[name], _params(name)
   tokens = _tokens(cfg, seq=20)
@@ -52,8 +52,8 @@ def test_memory_saving_options_match_the_default_path(name):
   loss = lambda cfg, params: _loss_packed(cfg, params, tokens, segments)
   want_loss, want_grad = jax.value_and_grad(functools.partial(loss, cfg))(params)
   moe = {"moe_seq_chunks": 4} if cfg.n_routed_experts else {}
-  # The switches together, in one compile (blockwise attention alone: tests/test_blockwise_attention.py).
-  for variant in (dict(attention_impl="blockwise", scan_layers=True, remat_policy="full", **moe),):
+  # The switches together, in one compile (attention alone: pallas_kernels/attention/).
+  for variant in (dict(attention_impl="flash", scan_layers=True, remat_policy="full", **moe),):
     got_loss, got_grad = jax.jit(jax.value_and_grad(functools.partial(loss, cfg.replace(**variant))))(params)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=str(variant))
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):

@@ -60,6 +60,62 @@ def test_memory_saving_options_on_a_mesh_match_one_device(capfd):
   _check_step_on_mesh(cfg, "moe", "fsdp_ep", capfd)
 
 
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_tp_ep"])
+def test_kernels_run_per_shard(layout):
+  """`sharding.per_shard` hands a Pallas kernel its shard of the batch (and of the heads, kv heads with
+  their query heads and Mamba heads with their B/C groups): the interpreted Triton attention and SSD
+  kernels see local shapes and give the one-device outputs and gradients, replicated inputs (A, D,
+  dt_bias) included."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from n3jax.nn import _mamba2  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import ops as attention_ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.ssd import ops as ssd_ops  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  b, t, n, kvh, h = 8, 24, 4, 2, 16
+  q, k, v = normal(b, t, n, h), normal(b, t, kvh, h), normal(b, t, kvh, h)
+  seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 14], b, 0), jnp.int32)
+  m, p, j, st = 4, 16, 2, 16
+  ssd_args = (normal(b, t, m, p), normal(b, t, m) - 1.0, -jnp.exp(normal(m)), normal(b, t, j, st),
+              normal(b, t, j, st), normal(m), normal(m), None, seg)
+  seen = []
+
+  def attention(q, k, v, seg):
+    seen.append(("attention", q.shape, k.shape))
+    return attention_ops.attention(q, k, v, seg, backend="triton", interpret=True,
+                                   block_sizes=attention_ops.BlockSizes(block_q=16, block_k=16, block_q_bwd=16,
+                                                                        block_k_bwd=16))
+
+  def ssd(x, dt, a, bb, c, d, dt_bias, h0, doc):
+    seen.append(("ssd", x.shape, bb.shape))
+    return ssd_ops.ssd(x, dt, a, bb, c, d, dt_bias, initial_state=h0, doc_ids=doc, chunk_size=16,
+                       dt_softplus=True, backend="triton", interpret=True)
+
+  heads = P(sharding.ACT_BATCH, None, sharding.KV_HEADS, None)
+  attn_sharded = sharding.per_shard(attention, (heads, heads, heads, P(sharding.ACT_BATCH, None)), heads)
+  ssd_sharded = sharding.per_shard(ssd, _mamba2._SSD_IN_AXES, _mamba2._SSD_OUT_AXES)
+
+  def loss(attend, scan, q, k, v, x, dt, a, d, dt_bias):
+    y, final = scan(x, dt, a, ssd_args[3], ssd_args[4], d, dt_bias, None, seg)
+    return (jnp.sum(attend(q, k, v, seg) ** 2) + jnp.sum(y ** 2) + jnp.sum(final ** 2))
+
+  args = (q, k, v, *ssd_args[:3], ssd_args[5], ssd_args[6])
+  grad = lambda attend, scan: jax.jit(jax.value_and_grad(functools.partial(loss, attend, scan),
+                                                         argnums=tuple(range(len(args)))))
+  want = grad(attention, ssd)(*args)
+  mesh = sharding.make_mesh(LAYOUTS[layout])
+  seen.clear()
+  with sharding.use_mesh(mesh, layout):
+    got = grad(attn_sharded, ssd_sharded)(*args)
+  tensor = mesh.shape["tensor"]
+  rows = b // (mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])
+  assert ("attention", (rows, t, n // tensor, h), (rows, t, kvh // tensor, h)) in seen
+  assert ("ssd", (rows, t, m // tensor, p), (rows, t, j // tensor, st)) in seen
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
 def test_expert_axis_also_splits_the_other_weights():
   """Under fsdp_ep the expert axis is a batch axis for every non-expert layer, so their weights (and
   optimizer state) are split over it as over fsdp; routed experts keep it for their expert dimension."""

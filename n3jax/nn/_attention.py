@@ -2,9 +2,12 @@
 
 Nemotron-H attention has NoPE: no rotary embedding, no q/k norm, no biases (ARCHITECTURE.md §1.2, §3.2).
 Query head n reads kv head n // G (contiguous groups, HF `repeat_kv`). Packed sequences: a token attends
-only to earlier tokens with the same segment id. Training and full forwards materialise the [T, T] f32
-scores (`dot_product_attention`, as HF's eager path) or, with `attention_impl="blockwise"`, never do
-(`_blockwise_attention`: FlashAttention-2 in XLA with its own VJP; long sequences need it).
+only to earlier tokens with the same segment id. Training and full forwards go through
+`pallas_kernels.attention.attention`, whose backend `cfg.attention_impl` picks: "dense" materialises the
+[T, T] f32 scores (as HF's eager path); "blockwise" never does (FlashAttention-2 in XLA with its own VJP;
+long sequences need it); "flash" runs Pallas kernels (our Triton flash attention on GPUs, JAX's splash
+attention on TPUs) and the blockwise form on CPU. Under a mesh each batch and kv-head shard runs on its
+own (`shd.per_shard`).
 
 Generation (`kv_cache`): K and V of every token are written into a fixed-size cache at slots
 `cache_index + t`, and the queries attend over the filled slots with the same rule (earlier slot, same
@@ -15,34 +18,21 @@ on positions: a left-padded batch shares one write index.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
-from n3jax.nn import _blockwise_attention
 from n3jax.nn import _common
+from pallas_kernels.attention import ops as attention_ops
 
 
-def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
-  """[B, T, S] bool: causal and same segment."""
-  causal = kv_pos[:, None, :] <= q_pos[:, :, None]
-  same = kv_segments[:, None, :] == q_segments[:, :, None]
-  return causal & same
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]. Softmax in f32 (HF eager path)."""
-  b, t, n, h = q.shape
-  kvh = k.shape[2]
-  qg = q.reshape(b, t, kvh, n // kvh, h)  # [B, T, K, G, H]
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(v.dtype)
-
+# `cfg.attention_impl` -> `pallas_kernels.attention.attention` backend.
+_BACKENDS = {"dense": "reference", "blockwise": "xla", "flash": "auto"}
 
 KV_BLOCK = 256  # keys per online-softmax step of `cached_attention`; caches are a multiple of it
 
@@ -125,11 +115,12 @@ class Attention(nn.Module):
     v = proj("BTD,DKH->BTKH", w_v)  # [B, T, K, H]
     new_cache = None
     if kv_cache is None:
-      if cfg.attention_impl == "blockwise":
-        o = _blockwise_attention.blockwise_attention(q, k, v, segment_ids)                  # [B, T, N, H]
-      else:
-        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
-        o = dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, pos, pos))  # [B, T, N, H]
+      # Per batch shard and kv-head shard (a Pallas kernel is opaque to XLA's partitioner): query heads are
+      # split with their kv heads, so a shard's query head n still reads its kv head n // G.
+      heads = P(shd.ACT_BATCH, None, shd.KV_HEADS, None)
+      attend = shd.per_shard(functools.partial(attention_ops.attention, backend=_BACKENDS[cfg.attention_impl]),
+                             (heads, heads, heads, P(shd.ACT_BATCH, None)), heads)
+      o = attend(q, k, v, segment_ids)                                                    # [B, T, N, H]
     else:
       if cache_index is None or cache_segment_ids is None:
         raise ValueError("attention with a kv_cache needs cache_index and cache_segment_ids")

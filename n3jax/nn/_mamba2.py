@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from n3jax import sharding as shd
 from n3jax.configs import ModelConfig
@@ -43,6 +44,27 @@ def _ssd(cfg: ModelConfig):
   if cfg.ssd_backend not in SSD_BACKENDS:
     raise ValueError(f"Unknown {cfg.ssd_backend=}; known: {sorted(SSD_BACKENDS)}")
   return SSD_BACKENDS[cfg.ssd_backend]
+
+
+# The scan's arguments (x, dt, A, B, C, D, dt_bias, initial state, doc ids) and outputs (y, final state) by
+# the dimensions it treats independently: batch rows, and heads split with their B/C groups (Megatron's
+# tensor-parallel Mamba), so that a shard's head m still reads its group m // (M / J).
+_ROWS, _HEADS, _GROUPS = shd.ACT_BATCH, shd.SSM_HEADS, shd.SSM_GROUPS
+_SSD_IN_AXES = (P(_ROWS, None, _HEADS, None), P(_ROWS, None, _HEADS), P(_HEADS), P(_ROWS, None, _GROUPS, None),
+                P(_ROWS, None, _GROUPS, None), P(_HEADS), P(_HEADS), P(_ROWS, _HEADS, None, None), P(_ROWS, None))
+_SSD_OUT_AXES = (P(_ROWS, None, _HEADS, None), P(_ROWS, _HEADS, None, None))
+
+
+def _ssd_per_shard(cfg: ModelConfig):
+  """The chunked scan, run per batch and head shard under a mesh (`shd.per_shard`: a Pallas kernel is one
+  custom call that XLA's partitioner would otherwise feed every shard's rows)."""
+  scan, (dt_min, dt_max) = _ssd(cfg), cfg.dt_limit
+
+  def run(x, dt, a, b, c, d, dt_bias, initial_state, doc_ids):
+    return scan(x, dt, a, b, c, d, dt_bias, initial_state=initial_state, doc_ids=doc_ids,
+                chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+
+  return shd.per_shard(run, _SSD_IN_AXES, _SSD_OUT_AXES)
 
 
 def _a_log_init(key, shape, dtype):
@@ -186,10 +208,9 @@ class Mamba2Mixer(nn.Module):
           d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
       y = y[:, None]                                                             # [B, 1, M, P]
     else:
-      y, ssm_state = _ssd(cfg)(
+      y, ssm_state = _ssd_per_shard(cfg)(
           convolved["x"], dt, a, convolved["B"], convolved["C"], d_skip.astype(jnp.float32),
-          dt_bias.astype(jnp.float32), initial_state=state.get("ssm"), doc_ids=segment_ids,
-          chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+          dt_bias.astype(jnp.float32), state.get("ssm"), segment_ids)
     new_state["ssm"] = ssm_state  # [B, M, P, Q] f32
     if per_position:
       new_state = _states_after_each_position(cfg, {"x": x, "B": b_in, "C": c_in}, convolved, dt, a,

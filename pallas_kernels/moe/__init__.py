@@ -2,7 +2,7 @@
 (`pallas_kernels.moe.gmm.gmm` / `tgmm`: Triton on GPU, Mosaic on TPU via `gmm_tpu`), and expert parallelism
 over a mesh. `BlockSizes` tiles the Triton kernels, `TpuBlockSizes` the Mosaic ones."""
 
-from pallas_kernels.moe._gmm_common import match_vma
+from pallas_kernels._vma import match_vma
 from pallas_kernels.moe.expert_parallel import expert_parallel_moe
 from pallas_kernels.moe.gmm import BlockSizes, TileSizes
 from pallas_kernels.moe.gmm_tpu import BlockSizes as TpuBlockSizes

@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._vma import match_vma, out_struct  # pylint: disable=unused-import (used as common.*)
+
 Array = jax.Array
 DTypeLike = jax.typing.DTypeLike
 
@@ -54,33 +56,6 @@ def validate_tgmm(lhs: Array, dy: Array, group_sizes: Array) -> None:
 def out_dtype(lhs: Array, preferred_element_type: DTypeLike | None):
   return jnp.dtype(
       lhs.dtype if preferred_element_type is None else preferred_element_type
-  )
-
-
-def match_vma(*arrays: Array) -> tuple[Array, ...]:
-  """Casts arrays to vary over the union of their mesh axes (shard_map).
-
-  Inside ``jax.shard_map(check_vma=True)`` a pallas_call must state how its
-  outputs vary over the mesh axes; giving all operands one varying set makes
-  that the outputs' set, and keeps custom_vjp cotangents typed like the
-  primals. Outside shard_map the sets are empty and this is a no-op.
-  """
-  varying = [jax.typeof(x).mat.varying for x in arrays]
-  union = frozenset().union(*varying)
-  return tuple(
-      jax.lax.pcast(x, tuple(sorted(union - v)), to="varying")
-      if union - v else x
-      for x, v in zip(arrays, varying)
-  )
-
-
-def out_struct(shape: tuple[int, ...], dtype: DTypeLike, like: Array):
-  """ShapeDtypeStruct varying over the same mesh axes as ``like``."""
-  return jax.ShapeDtypeStruct(
-      shape, dtype,
-      manual_axis_type=jax.sharding.ManualAxisType(
-          varying=jax.typeof(like).mat.varying
-      ),
   )
 
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import jax
 
-from pallas_kernels.ssd import _target
+from pallas_kernels import _target
 from pallas_kernels.ssd import ops_tpu
 from pallas_kernels.ssd import ops_triton
 from pallas_kernels.ssd import reference

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd import _target
+from pallas_kernels import _target
 from pallas_kernels.ssd import kernel_tpu
 from pallas_kernels.ssd import reference
 

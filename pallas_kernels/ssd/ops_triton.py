@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ssd import _target
+from pallas_kernels import _target
 from pallas_kernels.ssd import kernel
 from pallas_kernels.ssd import reference
 

@@ -1,4 +1,4 @@
-"""The device the SSD ops compile for: an abstract one (AOT) or the default.
+"""The device the kernels compile for: an abstract one (AOT) or the default (shared by the kernel packages).
 
 Under `jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=...))`
 the abstract device names the target, so that a CPU host can lower (and

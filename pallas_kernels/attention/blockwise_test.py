@@ -5,13 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from n3jax.nn import _attention
-from n3jax.nn._blockwise_attention import blockwise_attention
-
-
-def _dense(q, k, v, seg):
-  pos = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
-  return _attention.dot_product_attention(q, k, v, _attention.attention_mask(seg, seg, pos, pos))
+from pallas_kernels.attention.blockwise import blockwise_attention
+from pallas_kernels.attention.reference import attention_reference as _dense
 
 
 def _inputs(b, t, n, kvh, h, dtype, seed=0):

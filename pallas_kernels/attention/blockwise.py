@@ -1,7 +1,8 @@
 """Causal, segment-masked GQA attention in blocks: memory O(T * block), never the [T, T] scores.
 
-The training-time twin of `_attention.dot_product_attention` (same inputs, same f32 softmax), written as
-FlashAttention-2 in XLA (Dao 2023; online softmax: Milakov & Gimelshein 2018) with its own VJP:
+The "xla" backend of `ops.attention`, the blockwise twin of `reference.attention_reference` (same inputs,
+same f32 softmax): FlashAttention-2 in XLA (Dao 2023; online softmax: Milakov & Gimelshein 2018) with its
+own VJP:
 
   forward   for each query block i: for each key block j <= i (causal): s = q_i k_j^T / sqrt(H) in f32,
             running max m and sum l, acc += exp(s - m) v_j  ->  o_i = acc / l, lse_i = m + log l
@@ -151,8 +152,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
                         block: int = 512) -> jax.Array:
   """q [B,T,N,H], k/v [B,T,K,H] (N % K == 0), segment_ids [B,T] int -> [B,T,N,H] in v.dtype.
 
-  Causal self-attention within segments, equal to `dot_product_attention(q, k, v, attention_mask(seg,
-  seg, pos, pos))` up to f32 summation order. `block`: queries and keys per block (the live score block
+  Causal self-attention within segments, equal to `reference.attention_reference(q, k, v, segment_ids)`
+  up to f32 summation order. `block`: queries and keys per block (the live score block
   is [B, K, G, block, block] f32); sequences shorter than it use one block of their (8-rounded) length.
   """
   b, t, n, h = q.shape
