@@ -167,8 +167,12 @@ def _init_boxed(cfg: ModelConfig, key: jax.Array) -> Params:
   return params
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init(cfg: ModelConfig, key: jax.Array) -> Params:
-  """Random params (plain nested dicts of arrays). Use under `jax.eval_shape` for big presets."""
+  """Random params (plain nested dicts of arrays). Use under `jax.eval_shape` for big presets.
+
+  Jitted: run op by op, flax's init of the tiny MoE preset took 21 s on a CPU core, compiled 10 s.
+  """
   return nn.unbox(_init_boxed(cfg, key))
 
 
