@@ -24,22 +24,14 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _vma
 from pallas_kernels.attention import kernel
 from pallas_kernels import _target
+from pallas_kernels import _triton_tiles
 
 _F32 = jnp.float32
-_MIN_TILE = 16  # Triton dot operands need every dimension >= 16.
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
-  """Static tiling of the Triton attention kernels (each block a power of 2 >= 16).
+  """Static tiling of the Triton attention kernels (each block a power of 2 >= 16: `_triton_tiles`).
 
   Attributes:
     block_q, block_k: query / key rows per step of the forward kernel.
@@ -57,13 +49,8 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-      size = getattr(self, name)
-      if not _is_pow2(size) or size < _MIN_TILE:
-        raise ValueError(f"{name}={size} must be a power of 2 >= {_MIN_TILE}")
-    for name in ("num_warps", "num_warps_bwd", "num_stages"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    _triton_tiles.check_block_sizes(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"),
+                                    ("num_warps", "num_warps_bwd", "num_stages"))
 
   @classmethod
   def for_device(cls, device: Optional[Any] = None) -> "BlockSizes":
@@ -193,13 +180,13 @@ def attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   blocks = block_sizes or BlockSizes.for_device()
   t, h = q.shape[1], q.shape[3]
   # Blocks no longer than the (power-of-2 rounded) sequence, so that short sequences pad little.
-  fit = lambda size: min(size, max(_next_pow2(t), _MIN_TILE))
+  fit = lambda size: min(size, _triton_tiles.tile(t))
   cfg = _Config(block_q=fit(blocks.block_q), block_k=fit(blocks.block_k), block_q_bwd=fit(blocks.block_q_bwd),
                 block_k_bwd=fit(blocks.block_k_bwd), scale=h ** -0.5, interpret=interpret,
                 num_warps=blocks.num_warps, num_warps_bwd=blocks.num_warps_bwd, num_stages=blocks.num_stages)
   multiple = max(cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd)   # powers of 2: their lcm
   padded_t = -(-t // multiple) * multiple
-  padded_h = max(_next_pow2(h), _MIN_TILE)
+  padded_h = _triton_tiles.tile(h)
   prep = lambda x: _pad(_pad(x, 1, padded_t), 3, padded_h)
   seg = _pad(segment_ids.astype(jnp.int32), 1, padded_t, -1)
   # One varying set for every operand (no-op outside shard_map; see `_vma`).

@@ -37,15 +37,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _target
+from pallas_kernels import _triton_tiles
 from pallas_kernels.ssd import kernel
 from pallas_kernels.ssd import reference
 
 _F32 = jnp.float32
-_MIN_TILE = 16  # Triton dot operands need every dimension >= 16.
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,11 +66,8 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    if not _is_pow2(self.block_p) or self.block_p < _MIN_TILE:
-      raise ValueError(f"{self.block_p=} must be a power of 2 >= {_MIN_TILE}")
-    for name in ("heads_per_block", "num_warps", "num_warps_bwd", "num_stages"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    _triton_tiles.check_block_sizes(self, ("block_p",),
+                                    ("heads_per_block", "num_warps", "num_warps_bwd", "num_stages"))
 
   @classmethod
   def for_device(cls, device: Optional[jax.Device] = None) -> "BlockSizes":
@@ -369,18 +362,14 @@ _ssd_core.defvjp(_core_fwd, _core_bwd)
 
 def check_chunk_size(chunk_size: int) -> Optional[str]:
   """None if the Triton kernels take `chunk_size`, else why not."""
-  if _is_pow2(chunk_size) and chunk_size >= _MIN_TILE:
+  if _triton_tiles.is_tile(chunk_size):
     return None
-  return f"backend='triton' needs a power-of-2 {chunk_size=} >= {_MIN_TILE}"
+  return f"backend='triton' needs a power-of-2 {chunk_size=} >= {_triton_tiles.MIN_TILE}"
 
 
 # Entry point (called by ops.ssd after argument checks).
 
 _pad_dim = reference._pad_dim  # pylint: disable=protected-access
-
-
-def _tile(n: int) -> int:
-  return max(_MIN_TILE, pl.next_power_of_2(n))
 
 
 def ssd_triton(
@@ -392,7 +381,7 @@ def ssd_triton(
   ngroups, dstate = B.shape[2:]
   chunk = int(chunk_size)
   padded_t = -(-seqlen // chunk) * chunk
-  padded_p, padded_q = _tile(headdim), _tile(dstate)
+  padded_p, padded_q = _triton_tiles.tile(headdim), _triton_tiles.tile(dstate)
   heads = math.gcd(block_sizes.heads_per_block, nheads // ngroups)
   # bf16/f16 inputs: products on those operands (f32 accumulation), like mamba.
   x_dtype = jnp.dtype(x.dtype)
