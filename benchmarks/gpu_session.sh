@@ -33,6 +33,7 @@ log="$out/$part.log"
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
         "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" \
+        "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" \
         "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)
       "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" ;;

@@ -2,16 +2,16 @@
 
 Grouped matmul at the ../shared/bench/ANCHORS.md shape (128 experts, 16384 tokens x top-6 = 98304 rows,
 K=2688, N=1856, bf16, random routing) and the Nemotron 3 Nano / Super expert up and down shapes, for:
-our kernel (``pallas_kernels.moe.gmm``), ``jax.lax.ragged_dot``, tokamax's ``ragged_dot`` if importable and
+our kernels (``pallas_kernels.moe.gmm``: Pallas Triton; ``gmm_mgpu``: Pallas Mosaic GPU, wgmma + TMA), ``jax.lax.ragged_dot``, tokamax's ``ragged_dot`` if importable and
 ``torch._grouped_mm`` if torch with CUDA is importable; forward, and forward+backward (the product plus
 d_lhs and d_weights: 3x the forward FLOPs; JAX side via ``value_and_grad`` of ``out.float().sum()``, so the
 forward is not dead code). Then the whole routed-expert layer (sort, up gmm, squared ReLU, down gmm,
-un-sort, weighted combine) with ``moe_dispatch(backend="pallas")``, ``backend="ragged_dot"``, and the same
+un-sort, weighted combine) with ``moe_dispatch(backend="pallas" | "pallas_mgpu" | "ragged_dot")``, and the same
 layer written with ``torch._grouped_mm``. One JSON line per measurement (median over warm calls, ms), then
 a markdown table.
 
   python benchmarks/moe.py                          # GPU, all shapes
-  python benchmarks/moe.py --shapes=anchor_nano_up --sweep   # tile sweep of our kernel (tuning)
+  python benchmarks/moe.py --shapes=anchor_nano_up --sweep   # tile sweep of our kernels (tuning)
   python benchmarks/moe.py --tiny --interpret       # CPU smoke run, numbers meaningless
 
 Absolute times drift between machines: compare ratios from one run. XLA's default ragged_dot on GPU
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.moe import gmm as gmm_lib
+from pallas_kernels.moe import gmm_mgpu
 from pallas_kernels.moe import ops
 
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes only (CPU smoke run).")
@@ -72,6 +73,12 @@ LAYER_SHAPES = {"nano_layer": _NANO, "super_layer": _SUPER}
 TINY_GMM_SHAPES = {"tiny_gmm": GmmShape(8, 100, 48, 40)}
 TINY_LAYER_SHAPES = {"tiny_layer": LayerShape(num_tokens=64, num_experts=8, top_k=2, d_in=32, d_hidden=48)}
 SWEEP_TILES = gmm_lib.HOPPER_CANDIDATE_TILES  # (block_m, block_n, block_k, num_warps, num_stages)
+# Mosaic GPU tiles to sweep: (block_m, block_n, block_k, max_concurrent_steps, grid_block_n). Shared memory:
+# stages x (block_m + block_n) x block_k x 2 B + the block_m x block_n epilogue, within 227 KB.
+MGPU_SWEEP_TILES = (
+    (128, 128, 64, 4, 1), (128, 128, 64, 5, 1), (128, 256, 64, 3, 1), (64, 256, 64, 4, 1),
+    (128, 128, 64, 4, 4), (128, 128, 128, 2, 1), (64, 128, 64, 6, 1), (256, 128, 64, 3, 1),
+)
 
 _ROWS: list[dict] = []
 
@@ -105,6 +112,7 @@ def _group_sizes(num_groups: int, rows: int, seed: int = 0) -> np.ndarray:
 def _gmm_impls(interpret: bool) -> dict[str, Callable]:
   impls = {
       "pallas_gmm": functools.partial(gmm_lib.gmm, interpret=interpret),
+      "pallas_mgpu_gmm": functools.partial(gmm_mgpu.gmm, interpret=interpret or None),
       "xla_ragged_dot": jax.lax.ragged_dot,
   }
   try:
@@ -158,6 +166,13 @@ def _bench_gmm(shape_name: str, shape: GmmShape, interpret: bool) -> None:
                              block_sizes=gmm_lib.BlockSizes(gmm=tiles, gmm_t=tiles, tgmm=tiles))
       _time_jax_gmm("pallas_gmm", fn, shape_name, shape, lhs, rhs, group_sizes, want, tiles=[bm, bn, bk, warps,
                                                                                               stages])
+    for bm, bn, bk, steps, snake in MGPU_SWEEP_TILES:
+      tiles = gmm_mgpu.TileSizes(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
+                                 grid_block_n=snake)
+      fn = functools.partial(gmm_mgpu.gmm, interpret=interpret or None,
+                             block_sizes=gmm_mgpu.BlockSizes(gmm=tiles, gmm_t=tiles, tgmm=tiles))
+      _time_jax_gmm("pallas_mgpu_gmm", fn, shape_name, shape, lhs, rhs, group_sizes, want,
+                    tiles=[bm, bn, bk, steps, snake])
   torch, why = _torch_cuda()
   if torch is None:
     _emit(what="skip", shape=shape_name, impl="torch_grouped_mm", reason=why)
@@ -194,7 +209,7 @@ def _bench_layer(shape_name: str, shape: LayerShape) -> None:
   flops = 2 * 2 * rows * shape.d_in * shape.d_hidden  # two grouped matmuls
   args = _layer_inputs(shape)
   want = None
-  for backend in ("pallas", "ragged_dot"):
+  for backend in ("pallas", "pallas_mgpu", "ragged_dot"):
     fn = functools.partial(ops.moe_dispatch, activation="relu2", backend=backend)
     row = dict(what="moe_layer", shape=shape_name, impl=f"moe_dispatch[{backend}]")
     try:
@@ -271,7 +286,7 @@ def main(argv):
   interpret = _INTERPRET.value
   _emit(what="device", jax=jax.__version__, devices=[str(d) for d in jax.devices()],
         device_kind=jax.devices()[0].device_kind, interpret=interpret,
-        block_sizes=repr(gmm_lib.block_sizes_for()))
+        block_sizes=repr(gmm_lib.block_sizes_for()), mgpu_block_sizes=repr(gmm_mgpu.block_sizes_for()))
   gmm_shapes = TINY_GMM_SHAPES if _TINY.value else GMM_SHAPES
   layer_shapes = TINY_LAYER_SHAPES if _TINY.value else LAYER_SHAPES
   if _SHAPES.value:

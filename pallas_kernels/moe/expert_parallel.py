@@ -382,7 +382,7 @@ def expert_parallel_moe(
   # Pallas interpret mode (CPU) lowers the kernel body to dynamic_slices whose
   # grid indices are not typed as varying over the mesh, which
   # check_vma=True rejects (jax 0.12); the compiled kernel has no such body.
-  check_vma = not (backend == "pallas" and on_cpu)
+  check_vma = not (backend in ("pallas", "pallas_mgpu") and on_cpu)
 
   extra = {}
   if capacity_factor is not None:

@@ -3,8 +3,9 @@
 The model calls ``moe_dispatch`` for its routed experts. Implementations live
 in ``BACKENDS`` (name -> function, all sharing ``moe_dispatch``'s signature
 minus ``backend``): "ragged_dot" (sort + ``jax.lax.ragged_dot``),
-"pallas" (the same sort, with the Pallas grouped matmul of ``gmm.py``) and
-"dense" (one-hot oracle). "auto" (the default, ``resolve_backend``) is "pallas"
+"pallas" (the same sort, with the Pallas grouped matmul of ``gmm.py``),
+"pallas_mgpu" (the same sort, with the Hopper Mosaic GPU kernels of
+``gmm_mgpu.py``: wgmma + TMA, bf16/f16 only) and "dense" (one-hot oracle). "auto" (the default, ``resolve_backend``) is "pallas"
 when compiling for a GPU or TPU and "ragged_dot" on CPU: XLA's GPU compiler
 expands ``ragged_dot`` into a dense product over every group (at the Nemotron 3
 Nano expert shape, 49152 x 2688 rows x 128 experts, 33.8 GB of temporaries for
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.moe import _gmm_common as common
 from pallas_kernels.moe import gmm as gmm_lib
+from pallas_kernels.moe import gmm_mgpu
 from pallas_kernels.moe import reference
 from pallas_kernels.moe.reference import GroupedMatmul, combine, expert_mlp, sorted_dispatch
 
@@ -51,6 +53,8 @@ GROUPED_MATMULS: dict[str, GroupedMatmul] = {
     # Pallas kernels: Triton on GPU, Mosaic on TPU (gmm_tpu.py); on CPU the
     # Triton kernel in interpret mode (slow, exact).
     "pallas": gmm_lib.gmm,
+    # Hopper: wgmma + TMA (Mosaic GPU); on CPU its interpreter.
+    "pallas_mgpu": gmm_mgpu.gmm,
 }
 
 
@@ -88,11 +92,31 @@ def moe_dispatch_pallas(
   )
 
 
+def moe_dispatch_pallas_mgpu(
+    tokens: Array,
+    router_weights: Array,
+    expert_ids: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    activation: str = "relu2",
+    preferred_element_type: jax.typing.DTypeLike = jnp.float32,
+) -> tuple[Array, Array]:
+  """``sorted_dispatch`` on the Hopper grouped matmul (``gmm_mgpu.gmm``; bf16 / f16 tokens and weights)."""
+  return sorted_dispatch(
+      tokens, router_weights, expert_ids, w_up, w_down,
+      activation=activation, preferred_element_type=preferred_element_type,
+      grouped_matmul=gmm_mgpu.gmm,
+  )
+
+
 BACKENDS: dict[str, MoeBackend] = {
     # Dropless sort + jax.lax.ragged_dot (what "auto" picks on CPU).
     "ragged_dot": reference.moe_dispatch_ragged_dot,
     # Dropless sort + the Pallas grouped matmul (gmm.py).
     "pallas": moe_dispatch_pallas,
+    # Dropless sort + the Hopper Mosaic GPU grouped matmul (gmm_mgpu.py).
+    "pallas_mgpu": moe_dispatch_pallas_mgpu,
     # One-hot dense oracle (every expert on every token); tests/debug only.
     "dense": reference.moe_dispatch_dense,
 }
