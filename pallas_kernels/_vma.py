@@ -33,3 +33,14 @@ def out_struct(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, like: Array)
           varying=jax.typeof(like).mat.varying
       ),
   )
+
+
+def vary_like(x: Array, like: Array) -> Array:
+  """``x`` cast to vary over ``like``'s mesh axes too (shard_map; a no-op outside it).
+
+  For kernel entry points that drop the ``manual_axis_type`` of their output
+  type (Mosaic GPU's ``plgpu.kernel``, jax 0.11 / 0.12): their outputs come
+  back typed as equal on every shard.
+  """
+  missing = jax.typeof(like).mat.varying - jax.typeof(x).mat.varying
+  return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x

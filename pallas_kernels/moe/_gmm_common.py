@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._vma import match_vma, out_struct  # pylint: disable=unused-import (used as common.*)
+from pallas_kernels._vma import match_vma, out_struct, vary_like  # pylint: disable=unused-import (used as common.*)
 
 Array = jax.Array
 DTypeLike = jax.typing.DTypeLike

@@ -44,7 +44,9 @@ Einsum letters: M rows, K contraction, N output width, E groups (experts).
 Status: verified in Pallas' Mosaic GPU interpreter on CPU (``gmm_mgpu_test.py``:
 outputs and both gradients vs ``ragged_dot``, empty / single-row / ragged
 groups, edges, race detection) and lowered to Mosaic GPU for an abstract H100
-at the Nemotron 3 Nano expert shape. Compiled GPU runs, tile tuning and the
+at the Nemotron 3 Nano expert shape, alone and per shard inside ``shard_map``
+(expert parallelism; the interpreter itself does not run under a multi-device
+``shard_map``, jax 0.12: its shared-memory model is per process). Compiled GPU runs, tile tuning and the
 benchmark against ``torch._grouped_mm`` (``benchmarks/moe.py``) are owed; until
 then ``moe_backend="pallas"`` (Triton) stays the GPU default and this kernel is
 ``moe_backend="pallas_mgpu"``.
@@ -421,9 +423,10 @@ def _pad_rows(x: Array, rows: int) -> Array:
 
 
 def _kernel(body, out_shape, out_dtype, like, interpret):
-  return plgpu.kernel(
+  """The persistent Mosaic GPU kernel (one program per SM); its output varies over ``like``'s mesh axes."""
+  call = plgpu.kernel(
       body,
-      out_type=common.out_struct(out_shape, out_dtype, like),
+      out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=(_num_sms(interpret),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
@@ -431,6 +434,7 @@ def _kernel(body, out_shape, out_dtype, like, interpret):
       ),
       interpret=interpret or None,
   )
+  return lambda *args: common.vary_like(call(*args), like)
 
 
 def _gmm_call(

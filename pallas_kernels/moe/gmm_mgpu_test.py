@@ -248,6 +248,25 @@ class GmmMgpuStaticTest(parameterized.TestCase):
       ).as_text()
     self.assertEqual(text.count("@mosaic_gpu_v2("), 3)  # gmm, gmm_t, tgmm
 
+    # Expert parallelism: the kernels lower per shard inside shard_map (check_vma on).
+    mesh2 = jax.sharding.AbstractMesh((2,), ("x",), abstract_device=device)
+    spec = jax.sharding.PartitionSpec
+
+    @functools.partial(jax.shard_map, mesh=mesh2,
+                       in_specs=(spec("x"), spec(), spec("x")), out_specs=spec())
+    def sharded_loss(lhs, rhs, group_sizes):  # per shard: [1, M, K], [E, K, N], [1, E]
+      return jax.lax.psum(loss(lhs[0], rhs, group_sizes[0]), "x")
+
+    def on_mesh2(shape, dtype, *axes):
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh2, spec(*axes)))
+
+    with jax.sharding.use_abstract_mesh(mesh2):
+      text = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1))).trace(
+          on_mesh2((2, 1024, 256), jnp.bfloat16, "x"), on_mesh2((8, 256, 384), jnp.bfloat16),
+          on_mesh2((2, 8), jnp.int32, "x"),
+      ).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertEqual(text.count("@mosaic_gpu_v2("), 3)
+
     too_big = gmm_mgpu.TileSizes(block_m=256, block_n=256, block_k=128,
                                  max_concurrent_steps=4)
     with jax.sharding.use_abstract_mesh(mesh), self.assertRaisesRegex(
