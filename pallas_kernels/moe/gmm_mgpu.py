@@ -11,7 +11,10 @@ groups give zero weight gradients), for bf16 / f16 operands:
 Why a second GPU kernel: jax 0.12 deprecates the Pallas Triton backend of
 ``gmm.py`` in favour of Mosaic GPU, and Mosaic GPU reaches Hopper's tensor
 cores through ``wgmma`` with operands staged by the TMA engine in swizzled
-shared memory, several K steps in flight (``emit_pipeline``).
+shared memory, several K steps in flight (``emit_pipeline``), and lets a
+producer warpgroup feed two consumer warpgroups (``num_compute_wgs=2``, the
+Hopper default: ``emit_pipeline_warp_specialized``, as in jax's Hopper
+matmul).
 
 Kernel scheme (gmm, gmm_t). A persistent grid (one program per SM) walks
 (visit, N tile) pairs in a planar snake. A visit is ``block_m`` rows of ONE
@@ -78,9 +81,19 @@ _CPU_INTERPRET_SMS = 4  # programs of the persistent grid in the CPU interpreter
 class TileSizes:
   """Tile shape and pipeline depth of one kernel (static).
 
-  gmm / gmm_t: ``block_m`` rows x ``block_n`` output columns per tile,
-  ``block_k`` contraction per pipeline step. tgmm: ``block_k`` x ``block_n``
-  output tile of ``out[g]``, ``block_m`` rows contracted per step.
+  gmm / gmm_t: ``block_m`` rows x ``block_n`` output columns per compute
+  warpgroup, ``block_k`` contraction per pipeline step. tgmm: ``block_k`` x
+  ``block_n`` output tile of ``out[g]``, ``block_m`` rows contracted per step
+  (one warpgroup).
+
+  ``num_compute_wgs=2`` (gmm / gmm_t; tgmm ignores it) is the warp-specialized form of
+  jax's Hopper matmul: a producer warpgroup issues the TMA loads and two
+  consumer warpgroups each multiply the shared lhs tile by their half of a
+  ``block_m`` x 2 ``block_n`` output tile, so loads, ``wgmma`` and the
+  epilogue of one warpgroup overlap the other's. Shared memory per program:
+  stages x (block_m + block_n x compute warpgroups) x block_k x 2 B for the
+  operands + compute warpgroups x block_m x ``epi_n`` x the output's bytes
+  for the epilogue (Hopper: 227 KB).
   """
 
   block_m: int = 128
@@ -88,6 +101,8 @@ class TileSizes:
   block_k: int = 64  # 64 bf16 = 128 bytes: one 128-byte swizzle row
   max_concurrent_steps: int = 4  # pipeline stages (TMA loads in flight)
   grid_block_n: int = 1  # planar-snake width of the persistent tile walk
+  num_compute_wgs: int = 1  # 1: one warpgroup, no producer; 2: warp-specialized
+  epi_n: int = 64  # output columns per epilogue store (shared-memory staging)
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
@@ -102,6 +117,14 @@ class TileSizes:
       raise ValueError(
           f"{self.max_concurrent_steps=} and {self.grid_block_n=} must be >= 1."
       )
+    if self.num_compute_wgs not in (1, 2):
+      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    if self.num_compute_wgs == 2 and self.max_concurrent_steps < 2:
+      raise ValueError("A warp-specialized pipeline needs max_concurrent_steps >= 2.")
+    if self.epi_n < 8 or self.epi_n & (self.epi_n - 1) or self.epi_n > self.block_n:
+      raise ValueError(
+          f"epi_n={self.epi_n} must be a power of two in [8, block_n={self.block_n}]."
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,11 +136,20 @@ class BlockSizes:
   tgmm: TileSizes = TileSizes()  # d_rhs: block_k x block_n of out[g]
 
 
-# Per device kind. untuned: GPU tuning owed -- the Hopper values are the
-# shapes of jax's Hopper matmul examples (128-row tiles, 64-wide bf16 K steps,
-# 4 stages: 4 x (128 + 128) x 64 x 2 B = 128 KB of the 227 KB shared memory),
-# not measured picks (next: ``benchmarks/moe.py --sweep --kernel=mgpu``).
-_HOPPER_UNTUNED = BlockSizes()
+# Per device kind. untuned: GPU tuning owed -- the Hopper values follow jax's
+# Hopper matmul example (warp-specialized, 128 x 256 output per program, 64-wide
+# bf16 K steps; 3 stages so that an f32 output's epilogue fits: 3 x (128 + 256)
+# x 64 x 2 B + 2 x 128 x 64 x 4 B = 208 KB of the 227 KB shared memory), not
+# measured picks (next: ``benchmarks/moe.py --sweep``, which times
+# ``MGPU_SWEEP_TILES``).
+_HOPPER_GMM = TileSizes(block_m=128, block_n=128, block_k=64,
+                        max_concurrent_steps=3, num_compute_wgs=2)
+_HOPPER_UNTUNED = BlockSizes(
+    gmm=_HOPPER_GMM,
+    gmm_t=_HOPPER_GMM,
+    # out[g] tiles of 128 x 128, 64 rows contracted per step.
+    tgmm=TileSizes(block_m=64, block_n=128, block_k=128, max_concurrent_steps=4),
+)
 _BLOCK_SIZES_BY_DEVICE_KIND: dict[str, BlockSizes] = {
     "NVIDIA H100 80GB HBM3": _HOPPER_UNTUNED,  # untuned: GPU tuning owed
     "NVIDIA H200": _HOPPER_UNTUNED,  # untuned: GPU tuning owed
@@ -241,44 +273,53 @@ def _visits(
 
 
 def _store_rows(
-    acc: Array, out_gmem, tile_row, offset, rows, col_slice, *, block_m: int
+    acc: Array, o_smem, out_gmem, tile_row, offset, rows, col0, *, n_dim: int
 ):
-  """out_gmem[tile_row + offset + i, col_slice] = acc[offset + i] for i < rows, by TMA.
+  """out_gmem[tile_row + offset + i, col0 + j] = acc[offset + i, j] for i < rows, by TMA.
 
-  A TMA box is static and ``rows`` (<= block_m) is data: one store for a
-  full tile, else one store of 2**i rows per set bit of ``rows`` (the row
-  ladder), from untiled shared memory (any row offset).
+  ``acc`` [block_m, block_n] goes out in column chunks of ``o_smem``'s width
+  (untiled shared memory: any row offset); chunks past ``n_dim`` are
+  skipped. A TMA box is static and ``rows`` (<= block_m) is data: one store
+  per chunk for a full tile, else one store of 2**i rows per set bit of
+  ``rows`` (the row ladder). Returns with the stores in flight; the next use
+  of ``o_smem`` waits for them.
   """
+  block_m, block_n = acc.shape
+  epi_n = o_smem.shape[1]
+  for c in range(block_n // epi_n):
+    cols = pl.ds(col0 + c * epi_n, epi_n)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem free again
 
-  @functools.partial(
-      pl.run_scoped, o_smem=plgpu.SMEM(acc.shape, out_gmem.dtype)
-  )
-  def _(o_smem):
-    o_smem[...] = acc.astype(out_gmem.dtype)
-    plgpu.commit_smem()
+    @pl.when(col0 + c * epi_n < n_dim)
+    def _chunk(c=c, cols=cols):
+      o_smem[...] = acc[:, c * epi_n:(c + 1) * epi_n].astype(o_smem.dtype)
+      plgpu.commit_smem()
 
-    @pl.when(rows == block_m)
-    def _full():
-      plgpu.copy_smem_to_gmem(
-          o_smem, out_gmem.at[pl.ds(tile_row, block_m), col_slice]
-      )
+      @pl.when(rows == block_m)
+      def _full():
+        plgpu.copy_smem_to_gmem(
+            o_smem, out_gmem.at[pl.ds(tile_row, block_m), cols]
+        )
 
-    @pl.when(rows < block_m)
-    def _ladder():
-      start = offset
-      for bit in reversed(range(int(math.log2(block_m)))):
-        size = 1 << bit
+      @pl.when(rows < block_m)
+      def _ladder():
+        start = offset
+        for bit in reversed(range(int(math.log2(block_m)))):
+          size = 1 << bit
 
-        @pl.when(rows & size != 0)
-        def _(start=start, size=size):
-          plgpu.copy_smem_to_gmem(
-              o_smem.at[pl.ds(start, size)],
-              out_gmem.at[pl.ds(tile_row + start, size), col_slice],
-          )
+          @pl.when(rows & size != 0)
+          def _(start=start, size=size):
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(start, size)],
+                out_gmem.at[pl.ds(tile_row + start, size), cols],
+            )
 
-        start = start + (rows & size)
+          start = start + (rows & size)
 
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+def _rhs_block(tiles: TileSizes, width: int, transpose_rhs: bool):
+  """Shape of one pipeline step's rhs tile: [width, K step] of rhs[g] = [N, K] (gmm_t), else [K step, width]."""
+  return (width, tiles.block_k) if transpose_rhs else (tiles.block_k, width)
 
 
 def _gmm_body(
@@ -286,56 +327,149 @@ def _gmm_body(
     out_gmem,
     *, num_visits, num_groups, k_dim, n_dim, tiles, transpose_rhs,
 ):
-  """Persistent program: every (visit, N tile) pair of this SM."""
+  """Persistent program (one warpgroup): every (visit, N tile) pair of this SM."""
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   grid_n = pl.cdiv(n_dim, bn)
   dtype = lhs_gmem.dtype
+  rhs_block = _rhs_block(tiles, bn, transpose_rhs)
 
-  @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
-  def _tile(loop_info: plgpu.NDLoopInfo):
-    visit, n_tile = plgpu.planar_snake(
-        loop_info.index[0], (num_visits, grid_n), 1, tiles.grid_block_n
-    )
-    g, rows = gid_gmem[visit], rows_gmem[visit]
-    tile_row = pl.multiple_of(tile_row_gmem[visit], _ROW_ALIGN)
-    col_slice = pl.ds(n_tile * bn, bn)
+  def mma(acc_ref):
+    def step(_, x_smem, w_smem):
+      plgpu.wgmma(acc_ref, x_smem, w_smem.transpose((1, 0)) if transpose_rhs else w_smem)
+    return step
 
-    @pl.when(g >= 0)
-    def _visit():
-      def acc_scope(acc_ref):
-        @pl.when(g < num_groups)  # the pseudo group E keeps the zero accumulator
-        def _():
-          plgpu.emit_pipeline(
-              lambda _, x_smem, w_smem: plgpu.wgmma(
-                  acc_ref, x_smem,
-                  w_smem.transpose((1, 0)) if transpose_rhs else w_smem,
-              ),
-              grid=(pl.cdiv(k_dim, bk),),
-              in_specs=[
-                  plgpu.BlockSpec(
-                      (bm, bk), lambda k: (0, k),
-                      transforms=_smem_transforms(bk, dtype), delay_release=1,
-                  ),
-                  plgpu.BlockSpec(  # rhs[g] is [N, K] for gmm_t: x @ w.T
-                      (bn, bk) if transpose_rhs else (bk, bn),
-                      (lambda k: (n_tile, k)) if transpose_rhs
-                      else (lambda k: (k, n_tile)),
-                      transforms=_smem_transforms(
-                          bk if transpose_rhs else bn, dtype
-                      ),
-                      delay_release=1,
-                  ),
-              ],
-              max_concurrent_steps=tiles.max_concurrent_steps,
-          )(lhs_gmem.at[pl.ds(tile_row, bm)], rhs_gmem.at[g])
-
-        return acc_ref[...]
-
-      acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn), jnp.float32))
-      _store_rows(
-          acc, out_gmem, tile_row, offset_gmem[visit], rows, col_slice,
-          block_m=bm,
+  @functools.partial(
+      pl.run_scoped, o_smem=plgpu.SMEM((bm, tiles.epi_n), out_gmem.dtype)
+  )
+  def _scope(o_smem):
+    @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+    def _tile(loop_info: plgpu.NDLoopInfo):
+      visit, n_tile = plgpu.planar_snake(
+          loop_info.index[0], (num_visits, grid_n), 1, tiles.grid_block_n
       )
+      g, rows = gid_gmem[visit], rows_gmem[visit]
+      tile_row = pl.multiple_of(tile_row_gmem[visit], _ROW_ALIGN)
+
+      @pl.when(g >= 0)
+      def _visit():
+        def acc_scope(acc_ref):
+          @pl.when(g < num_groups)  # the pseudo group E keeps the zero accumulator
+          def _():
+            plgpu.emit_pipeline(
+                mma(acc_ref),
+                grid=(pl.cdiv(k_dim, bk),),
+                in_specs=[
+                    plgpu.BlockSpec(
+                        (bm, bk), lambda k: (0, k),
+                        transforms=_smem_transforms(bk, dtype), delay_release=1,
+                    ),
+                    plgpu.BlockSpec(
+                        rhs_block,
+                        (lambda k: (n_tile, k)) if transpose_rhs else (lambda k: (k, n_tile)),
+                        transforms=_smem_transforms(rhs_block[1], dtype),
+                        delay_release=1,
+                    ),
+                ],
+                max_concurrent_steps=tiles.max_concurrent_steps,
+            )(lhs_gmem.at[pl.ds(tile_row, bm)], rhs_gmem.at[g])
+
+          return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn), jnp.float32))
+        _store_rows(acc, o_smem, out_gmem, tile_row, offset_gmem[visit], rows,
+                    n_tile * bn, n_dim=n_dim)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _gmm_ws_body(
+    gid_gmem, tile_row_gmem, offset_gmem, rows_gmem, lhs_gmem, rhs_gmem,
+    out_gmem,
+    *, num_visits, num_groups, k_dim, n_dim, tiles, transpose_rhs,
+):
+  """Persistent warp-specialized program: warpgroups 0, 1 compute, 2 loads.
+
+  Each (visit, N tile) is ``block_m`` x 2 ``block_n``: the producer streams
+  the lhs tile and the 2 ``block_n``-wide rhs tile, each consumer multiplies
+  the lhs tile by its half and stores its own columns.
+  """
+  bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+  cta_n = 2 * bn
+  grid_n = pl.cdiv(n_dim, cta_n)
+  dtype = lhs_gmem.dtype
+  rhs_block = _rhs_block(tiles, cta_n, transpose_rhs)
+
+  def pipeline(body, compute_context, n_tile=0):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(pl.cdiv(k_dim, bk),),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((bm, bk), lambda k: (0, k),
+                            transforms=_smem_transforms(bk, dtype)),
+            plgpu.BlockSpec(  # this tile's 2 block_n output columns of rhs[g]
+                rhs_block,
+                (lambda k: (n_tile, k)) if transpose_rhs else (lambda k: (k, n_tile)),
+                transforms=_smem_transforms(rhs_block[1], dtype),
+            ),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=tiles.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocations=pipeline(ignore, ignore).get_allocations(
+          lhs_gmem.at[pl.ds(0, bm)], rhs_gmem.at[0]
+      ),
+      o_smem=plgpu.SMEM((2, bm, tiles.epi_n), out_gmem.dtype),
+      collective_axes="wg",
+  )
+  def _scope(allocations, o_smem):
+    wg = lax.axis_index("wg")
+
+    @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+    def _tile(loop_info: plgpu.NDLoopInfo):
+      visit, n_tile = plgpu.planar_snake(
+          loop_info.index[0], (num_visits, grid_n), 1, tiles.grid_block_n
+      )
+      g, rows = gid_gmem[visit], rows_gmem[visit]
+      tile_row = pl.multiple_of(tile_row_gmem[visit], _ROW_ALIGN)
+      col0 = n_tile * cta_n + wg * bn  # this consumer's first output column
+
+      def store(acc):
+        _store_rows(acc, o_smem.at[wg], out_gmem, tile_row, offset_gmem[visit],
+                    rows, col0, n_dim=n_dim)
+
+      @pl.when((g >= 0) & (g < num_groups))
+      def _compute():
+        def compute_context(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            store(acc_ref[...])
+
+        def step(_, x_smem, w_smem, acc_ref):
+          half = pl.ds(wg * bn, bn)
+          w = w_smem.at[half].transpose((1, 0)) if transpose_rhs else w_smem.at[:, half]
+          plgpu.wgmma(acc_ref, x_smem, w)
+          plgpu.wgmma_wait(0)  # the step's buffers go back to the producer
+          return acc_ref
+
+        pipeline(step, compute_context, n_tile)(
+            lhs_gmem.at[pl.ds(tile_row, bm)], rhs_gmem.at[g],
+            allocations=allocations,
+        )
+
+      @pl.when((g == num_groups) & (wg < 2))
+      def _zero_fill():  # rows past sum(group_sizes)
+        store(jnp.zeros((bm, bn), jnp.float32))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _tgmm_body(
@@ -422,13 +556,15 @@ def _pad_rows(x: Array, rows: int) -> Array:
   return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-def _kernel(body, out_shape, out_dtype, like, interpret):
+def _kernel(body, out_shape, out_dtype, like, interpret, num_threads=None):
   """The persistent Mosaic GPU kernel (one program per SM); its output varies over ``like``'s mesh axes."""
   call = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=(_num_sms(interpret),),
       grid_names=("sm",),
+      num_threads=num_threads,
+      thread_name=None if num_threads is None else "wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
@@ -450,13 +586,15 @@ def _gmm_call(
   _check_operands(lhs, rhs)
   visits = _visits(group_sizes, num_rows, tiles.block_m)
   padded = max(num_rows, tiles.block_m)
+  warp_specialized = tiles.num_compute_wgs == 2
   body = functools.partial(
-      _gmm_body, num_visits=visits[0].shape[0], num_groups=num_groups,
-      k_dim=k_dim,
+      _gmm_ws_body if warp_specialized else _gmm_body,
+      num_visits=visits[0].shape[0], num_groups=num_groups, k_dim=k_dim,
       n_dim=n_dim, tiles=tiles, transpose_rhs=transpose_rhs,
   )
   out = _kernel(
-      body, (padded, n_dim), out_dtype, lhs, interpret
+      body, (padded, n_dim), out_dtype, lhs, interpret,
+      num_threads=3 if warp_specialized else None,
   )(*visits, _pad_rows(lhs, padded), rhs)
   return out[:num_rows]
 

@@ -26,6 +26,10 @@ from pallas_kernels.moe.gmm_test import _assert_close, _dense_reference, _moe_in
 _H100 = "NVIDIA H100 80GB HBM3"
 _TILE = gmm_mgpu.TileSizes(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
 _SMALL_BLOCKS = gmm_mgpu.BlockSizes(gmm=_TILE, gmm_t=_TILE, tgmm=_TILE)
+# Warp-specialized forward and d_lhs (64 x 128 output per program), narrower epilogue chunks.
+_WS_TILE = gmm_mgpu.TileSizes(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+                              num_compute_wgs=2, epi_n=32)
+_WS_BLOCKS = gmm_mgpu.BlockSizes(gmm=_WS_TILE, gmm_t=_WS_TILE, tgmm=_TILE)
 
 M, K, N, E = 150, 80, 72, 6  # M, K, N not multiples of the 64-wide tiles
 GROUP_PATTERNS = {  # name -> [E] group sizes, sum <= M
@@ -62,14 +66,18 @@ class GmmMgpuTest(parameterized.TestCase):
           " covers CPU"
       )
 
-  def _gmm(self, **kwargs):
+  def _gmm(self, block_sizes=_SMALL_BLOCKS, **kwargs):
     return functools.partial(
-        gmm_mgpu.gmm, block_sizes=_SMALL_BLOCKS, interpret=self.INTERPRET or None,
+        gmm_mgpu.gmm, block_sizes=block_sizes, interpret=self.INTERPRET or None,
         **kwargs,
     )
 
-  @parameterized.parameters(jnp.bfloat16, jnp.float16)
-  def test_forward_and_grads_match_ragged_dot_and_dense(self, dtype):
+  @parameterized.named_parameters(
+      ("bf16", jnp.bfloat16, _SMALL_BLOCKS),
+      ("bf16_warp_specialized", jnp.bfloat16, _WS_BLOCKS),
+      ("f16_warp_specialized", jnp.float16, _WS_BLOCKS),
+  )
+  def test_forward_and_grads_match_ragged_dot_and_dense(self, dtype, blocks):
     lhs, rhs, cotangent = _inputs(dtype)
     traces = []
 
@@ -81,7 +89,7 @@ class GmmMgpuTest(parameterized.TestCase):
         return out, vjp(cotangent.astype(out.dtype))
       return run
 
-    run_ours = vjp_of(self._gmm())
+    run_ours = vjp_of(self._gmm(blocks))
     run_ragged = vjp_of(jax.lax.ragged_dot)
     run_dense = vjp_of(lambda a, b, gs: _dense_reference(a, b, gs, a.dtype))
     patterns = GROUP_PATTERNS if dtype == jnp.bfloat16 else {
@@ -112,10 +120,11 @@ class GmmMgpuTest(parameterized.TestCase):
     lhs, rhs, dy = _inputs(jnp.bfloat16, seed=1)
     sizes = GROUP_PATTERNS["off_grid_starts"]
     group_sizes = jnp.asarray(sizes, jnp.int32)
-    out = self._gmm(preferred_element_type=jnp.float32)(lhs, rhs, group_sizes)
-    self.assertEqual(out.dtype, jnp.float32)
-    _assert_close(out, _dense_reference(lhs, rhs, group_sizes, jnp.float32),
-                  jnp.float32)
+    for blocks in (_SMALL_BLOCKS, _WS_BLOCKS):
+      out = self._gmm(blocks, preferred_element_type=jnp.float32)(lhs, rhs, group_sizes)
+      self.assertEqual(out.dtype, jnp.float32)
+      _assert_close(out, _dense_reference(lhs, rhs, group_sizes, jnp.float32),
+                    jnp.float32)
     dy = dy.astype(jnp.bfloat16)
     got = gmm_mgpu.tgmm(lhs, dy, group_sizes, preferred_element_type=jnp.float32,
                         block_sizes=_SMALL_BLOCKS, interpret=self.INTERPRET or None)
@@ -153,13 +162,13 @@ class GmmMgpuInterpretTest(GmmMgpuTest):
   INTERPRET = True
 
   def test_no_shared_memory_races(self):
-    """The interpreter's race detector sees every TMA copy, barrier and wgmma of one step."""
+    """The interpreter's race detector sees every TMA copy, barrier and wgmma (warp-specialized gmm, tgmm)."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
     from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
     lhs, rhs, cotangent = _inputs(jnp.bfloat16, seed=3)
     group_sizes = jnp.asarray(GROUP_PATTERNS["off_grid_starts"], jnp.int32)
     params = plgpu.InterpretGPUParams(detect_races=True)
-    fn = functools.partial(gmm_mgpu.gmm, block_sizes=_SMALL_BLOCKS, interpret=params)
+    fn = functools.partial(gmm_mgpu.gmm, block_sizes=_WS_BLOCKS, interpret=params)
     out, vjp = jax.vjp(lambda a, b: fn(a, b, group_sizes), lhs, rhs)
     jax.block_until_ready((out, vjp(cotangent.astype(out.dtype))))
     self.assertFalse(interpret_pallas_call.get_races().races_found)
@@ -184,6 +193,9 @@ class GmmMgpuStaticTest(parameterized.TestCase):
       (dict(block_k=32), "block_k=32 must be a power of two >= 64"),
       (dict(block_n=512), "block_n=512 must be <= 256"),
       (dict(max_concurrent_steps=0), "max_concurrent_steps=0"),
+      (dict(num_compute_wgs=3), "num_compute_wgs=3 must be 1 or 2"),
+      (dict(num_compute_wgs=2, max_concurrent_steps=1), "warp-specialized.*>= 2"),
+      (dict(epi_n=256), r"epi_n=256 must be a power of two in \[8, block_n=128\]"),
   )
   def test_tile_sizes_validated(self, kwargs, match):
     with self.assertRaisesRegex(ValueError, match):
@@ -228,6 +240,9 @@ class GmmMgpuStaticTest(parameterized.TestCase):
   def test_lowers_to_mosaic_gpu_for_h100(self):
     """Forward + backward at the Nemotron 3 Nano expert shape lower to 3 Mosaic GPU kernels for an H100.
 
+    With the Hopper defaults (warp-specialized forward and d_lhs) and with one
+    warpgroup, bf16 and f32 outputs.
+
     Mosaic GPU's lowering runs its layout inference and its shared-memory
     budget check (a tiling over 227 KB is refused here); no GPU is needed.
     """
@@ -242,11 +257,17 @@ class GmmMgpuStaticTest(parameterized.TestCase):
     args = (jax.ShapeDtypeStruct((49152, 2688), jnp.bfloat16),
             jax.ShapeDtypeStruct((128, 2688, 1856), jnp.bfloat16),
             jax.ShapeDtypeStruct((128,), jnp.int32))
-    with jax.sharding.use_abstract_mesh(mesh):
-      text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
-          lowering_platforms=("cuda",)
-      ).as_text()
-    self.assertEqual(text.count("@mosaic_gpu_v2("), 3)  # gmm, gmm_t, tgmm
+    one_wg = gmm_mgpu.BlockSizes()
+    self.assertEqual(gmm_mgpu.block_sizes_for(_H100).gmm.num_compute_wgs, 2)
+    for blocks, out_dtype in ((None, jnp.bfloat16), (None, jnp.float32), (one_wg, jnp.float32)):
+      def loss_with(lhs, rhs, group_sizes, blocks=blocks, out_dtype=out_dtype):
+        return gmm_mgpu.gmm(lhs, rhs, group_sizes, block_sizes=blocks,
+                            preferred_element_type=out_dtype).astype(jnp.float32).sum()
+      with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss_with, argnums=(0, 1))).trace(*args).lower(
+            lowering_platforms=("cuda",)
+        ).as_text()
+      self.assertEqual(text.count("@mosaic_gpu_v2("), 3)  # gmm, gmm_t, tgmm
 
     # Expert parallelism: the kernels lower per shard inside shard_map (check_vma on).
     mesh2 = jax.sharding.AbstractMesh((2,), ("x",), abstract_device=device)
