@@ -73,11 +73,13 @@ LAYER_SHAPES = {"nano_layer": _NANO, "super_layer": _SUPER}
 TINY_GMM_SHAPES = {"tiny_gmm": GmmShape(8, 100, 48, 40)}
 TINY_LAYER_SHAPES = {"tiny_layer": LayerShape(num_tokens=64, num_experts=8, top_k=2, d_in=32, d_hidden=48)}
 SWEEP_TILES = gmm_lib.HOPPER_CANDIDATE_TILES  # (block_m, block_n, block_k, num_warps, num_stages)
-# Mosaic GPU tiles to sweep: (block_m, block_n, block_k, max_concurrent_steps, grid_block_n). Shared memory:
-# stages x (block_m + block_n) x block_k x 2 B + the block_m x block_n epilogue, within 227 KB.
+# Mosaic GPU tiles to sweep: (block_m, block_n, block_k, max_concurrent_steps, grid_block_n, num_compute_wgs).
+# Shared memory: stages x (block_m + block_n x wgs) x block_k x 2 B + wgs x block_m x 64 x out bytes, <= 227 KB
+# (each lowers for an H100 with an f32 output).
 MGPU_SWEEP_TILES = (
-    (128, 128, 64, 4, 1), (128, 128, 64, 5, 1), (128, 256, 64, 3, 1), (64, 256, 64, 4, 1),
-    (128, 128, 64, 4, 4), (128, 128, 128, 2, 1), (64, 128, 64, 6, 1), (256, 128, 64, 3, 1),
+    (128, 128, 64, 3, 1, 2), (128, 128, 64, 3, 4, 2), (128, 128, 64, 3, 8, 2), (128, 64, 64, 5, 1, 2),
+    (128, 128, 64, 4, 1, 1), (128, 128, 64, 5, 1, 1), (128, 256, 64, 3, 1, 1), (64, 256, 64, 4, 1, 1),
+    (128, 128, 64, 4, 4, 1), (256, 128, 64, 3, 1, 1),
 )
 
 _ROWS: list[dict] = []
@@ -166,13 +168,13 @@ def _bench_gmm(shape_name: str, shape: GmmShape, interpret: bool) -> None:
                              block_sizes=gmm_lib.BlockSizes(gmm=tiles, gmm_t=tiles, tgmm=tiles))
       _time_jax_gmm("pallas_gmm", fn, shape_name, shape, lhs, rhs, group_sizes, want, tiles=[bm, bn, bk, warps,
                                                                                               stages])
-    for bm, bn, bk, steps, snake in MGPU_SWEEP_TILES:
+    for bm, bn, bk, steps, snake, wgs in MGPU_SWEEP_TILES:
       tiles = gmm_mgpu.TileSizes(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
-                                 grid_block_n=snake)
+                                 grid_block_n=snake, num_compute_wgs=wgs)
       fn = functools.partial(gmm_mgpu.gmm, interpret=interpret or None,
-                             block_sizes=gmm_mgpu.BlockSizes(gmm=tiles, gmm_t=tiles, tgmm=tiles))
+                             block_sizes=gmm_mgpu.BlockSizes(gmm=tiles, gmm_t=tiles))
       _time_jax_gmm("pallas_mgpu_gmm", fn, shape_name, shape, lhs, rhs, group_sizes, want,
-                    tiles=[bm, bn, bk, steps, snake])
+                    tiles=[bm, bn, bk, steps, snake, wgs])
   torch, why = _torch_cuda()
   if torch is None:
     _emit(what="skip", shape=shape_name, impl="torch_grouped_mm", reason=why)
