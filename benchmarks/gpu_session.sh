@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py vs jnp reference and mamba_ssm (ANCHORS shapes + Nano/Super)
 #   bash benchmarks/gpu_session.sh attention  # benchmarks/attention.py vs XLA, cuDNN and torch SDPA
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
+#   bash benchmarks/gpu_session.sh moe_sweep  # tile sweep of the Triton and Mosaic GPU grouped matmuls (anchor shape)
 #   bash benchmarks/gpu_session.sh train      # benchmarks/train_step.py vs anchor_hf_train.py (reduced-depth Nano)
 #   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B shape)
 #   bash benchmarks/gpu_session.sh quant      # benchmarks/quant.py: bf16 vs fp8 (native) vs nvfp4 (emulated)
@@ -16,7 +17,7 @@
 # The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: kernels | ssd | attention | moe | train | generate | quant}"
+part="${1:?part: kernels | ssd | attention | moe | moe_sweep | train | generate | quant}"
 out="${OUT:-/tmp/n3jax_gpu}"
 mkdir -p "$out"
 anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
@@ -41,6 +42,8 @@ log="$out/$part.log"
       "$py" benchmarks/attention.py ;;
     moe)  # times torch._grouped_mm itself, in the same process
       "$py" benchmarks/moe.py ;;
+    moe_sweep)  # forward of every candidate tile, next to torch._grouped_mm
+      "$py" benchmarks/moe.py --shapes=anchor_nano_up --sweep --skip_layer ;;
     train)
       "$py" benchmarks/train_step.py
       [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
