@@ -6,6 +6,9 @@ Backends:
 
   "triton"     Pallas Triton flash-attention kernels for NVIDIA GPUs (`ops_triton.py` + `kernel.py`);
                `BlockSizes` is its tiling. Nothing of size [T, T] is stored.
+  "mosaic_gpu" Pallas Mosaic GPU flash-attention kernels for Hopper (`ops_mgpu.py` + `kernel_mgpu.py`:
+               wgmma on TMA-staged shared-memory tiles; bf16 / f16); `MgpuBlockSizes`. Pallas Mosaic GPU
+               is the GPU backend JAX keeps as it deprecates Pallas Triton.
   "mosaic_tpu" JAX's Pallas splash-attention kernels for TPUs (`ops_tpu.py`); `TpuBlockSizes`.
   "xla"        `blockwise.blockwise_attention`: the same FlashAttention-2 algorithm written in XLA
                (loops of einsums, own VJP); memory O(T * block) on any platform.
@@ -13,9 +16,9 @@ Backends:
   "auto"       "triton" on GPUs, "mosaic_tpu" on TPUs, "xla" elsewhere, by the target platform (the
                abstract mesh's device when one is set, as for AOT lowering on a CPU host).
 
-Verified on CPU hosts (`ops_test.py`): both kernel paths match the reference in Pallas interpret mode,
-outputs and gradients, and lower for an abstract H100 (Triton IR) and TPU v5e (Mosaic); the Triton
-kernels compile for an H100 without one (`tests/test_aot.py`). Owed: running them on a GPU and a TPU, and
+Verified on CPU hosts (`ops_test.py`): the three kernel paths match the reference in their Pallas
+interpreters, outputs and gradients, and lower for an abstract H100 (Triton IR, Mosaic GPU) and TPU v5e
+(Mosaic); the Triton kernels compile for an H100 without one (`tests/test_aot.py`). Owed: running them on a GPU and a TPU, and
 tuning `BlockSizes` / `TpuBlockSizes` (`benchmarks/attention.py`).
 """
 
@@ -24,17 +27,20 @@ from typing import Optional
 import jax
 
 from pallas_kernels.attention import blockwise
+from pallas_kernels.attention import ops_mgpu
 from pallas_kernels.attention import ops_tpu
 from pallas_kernels.attention import ops_triton
 from pallas_kernels.attention import reference
+from pallas_kernels.attention.ops_mgpu import MgpuBlockSizes
 from pallas_kernels.attention.ops_tpu import TpuBlockSizes
 from pallas_kernels.attention.ops_triton import BlockSizes
 from pallas_kernels import _target
 
-__all__ = ["BACKENDS", "BlockSizes", "TpuBlockSizes", "attention"]
+__all__ = ["BACKENDS", "BlockSizes", "MgpuBlockSizes", "TpuBlockSizes", "attention"]
 
-BACKENDS = ("auto", "triton", "mosaic_tpu", "xla", "reference")
-_KERNEL_PLATFORMS = {"triton": ("gpu", "NVIDIA GPUs"), "mosaic_tpu": ("tpu", "TPUs")}
+BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "xla", "reference")
+_KERNEL_PLATFORMS = {"triton": ("gpu", "NVIDIA GPUs"), "mosaic_gpu": ("gpu", "NVIDIA Hopper GPUs"),
+                     "mosaic_tpu": ("tpu", "TPUs")}
 _AUTO = {"gpu": "triton", "tpu": "mosaic_tpu"}
 
 
@@ -50,11 +56,12 @@ def _resolve(backend: str, interpret: bool) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, backend: str = "auto",
-              block_sizes: Optional[BlockSizes | TpuBlockSizes] = None, xla_block: int = 512,
+              block_sizes: Optional[BlockSizes | MgpuBlockSizes | TpuBlockSizes] = None, xla_block: int = 512,
               interpret: bool = False) -> jax.Array:
   """q [B,T,N,H], k/v [B,T,K,H] (N % K == 0), segment_ids [B,T] int (>= 0) -> [B,T,N,H] in v.dtype.
 
-  `block_sizes` tiles a kernel backend (`BlockSizes`: "triton", `TpuBlockSizes`: "mosaic_tpu"),
+  `block_sizes` tiles a kernel backend (`BlockSizes`: "triton", `MgpuBlockSizes`: "mosaic_gpu",
+  `TpuBlockSizes`: "mosaic_tpu"),
   `xla_block` the "xla" one; `interpret` runs the kernels in the Pallas interpreter (on any platform).
   """
   b, t, n, h = q.shape
@@ -65,11 +72,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
   backend = _resolve(backend, interpret)
-  tiling = {"triton": BlockSizes, "mosaic_tpu": TpuBlockSizes}.get(backend)
+  tiling = {"triton": BlockSizes, "mosaic_gpu": MgpuBlockSizes, "mosaic_tpu": TpuBlockSizes}.get(backend)
   if block_sizes is not None and not isinstance(block_sizes, tiling or ()):
     raise ValueError(f"block_sizes {type(block_sizes).__name__} do not tile the {backend!r} backend")
   if backend == "triton":
     return ops_triton.attention_triton(q, k, v, segment_ids, block_sizes=block_sizes, interpret=interpret)
+  if backend == "mosaic_gpu":
+    return ops_mgpu.attention_mgpu(q, k, v, segment_ids, block_sizes=block_sizes, interpret=interpret)
   if backend == "mosaic_tpu":
     return ops_tpu.attention_splash(q, k, v, segment_ids, block_sizes=block_sizes, interpret=interpret)
   if backend == "xla":

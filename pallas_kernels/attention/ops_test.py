@@ -49,6 +49,16 @@ def test_tpu_kernel_matches_reference(shape, dtype):
                            interpret=jax.default_backend() != "tpu")
 
 
+def test_mosaic_gpu_matches_reference():
+  """The Hopper kernels (bf16 only), in JAX's Mosaic GPU interpreter off Hopper: (B, T, N, K, H) with T not
+  a multiple of the 64-row blocks (several query and key blocks, padded), G = 4 query heads on one kv head
+  (the dk/dv program's loop over heads), H = 40 padded to 64, and 128-wide dk/dv key blocks over 64-wide
+  query steps (the first query block of a key block off the diagonal)."""
+  on_hopper = jax.default_backend() == "gpu" and "H100" in jax.devices()[0].device_kind.upper()
+  _check_against_reference("mosaic_gpu", (1, 150, 4, 1, 40), ops.MgpuBlockSizes(block_k_bwd=128), jnp.bfloat16,
+                           interpret=not on_hopper)
+
+
 def _check_against_reference(backend, shape, blocks, dtype, *, interpret):
   q, k, v, seg, g = _inputs(*shape, dtype)
   out_tol, grad_tol = _TOL[dtype]
@@ -87,6 +97,7 @@ def test_auto_backend_off_gpu_is_the_xla_blockwise_path():
     (dict(backend="cudnn"), "Unknown backend"),
     (dict(backend="xla", block_sizes=ops.BlockSizes()), "do not tile the 'xla' backend"),
     (dict(backend="mosaic_tpu", block_sizes=ops.BlockSizes()), "do not tile the 'mosaic_tpu' backend"),
+    (dict(backend="mosaic_gpu"), "bf16 or f16"),
     (dict(q_heads=3), "N % K == 0"),
     (dict(seg_len=5), "segment_ids"),
     (dict(k_dtype=jnp.bfloat16), "share a dtype"),
@@ -100,7 +111,7 @@ def test_bad_arguments(kwargs, match):
     ops.attention(q, k, v, seg, interpret=True, **kwargs)
 
 
-@pytest.mark.parametrize("backend,platform", [("triton", "gpu"), ("mosaic_tpu", "tpu")])
+@pytest.mark.parametrize("backend,platform", [("triton", "gpu"), ("mosaic_gpu", "gpu"), ("mosaic_tpu", "tpu")])
 def test_kernels_need_their_hardware_or_the_interpreter(backend, platform):
   if jax.default_backend() == platform:
     pytest.skip(f"only meaningful without a {platform}")
@@ -110,7 +121,9 @@ def test_kernels_need_their_hardware_or_the_interpreter(backend, platform):
 
 
 @pytest.mark.parametrize("tiling,field,value", [(ops.BlockSizes, "block_q", 8), (ops.BlockSizes, "block_k_bwd", 48),
-                                                 (ops.BlockSizes, "num_warps", 0), (ops.TpuBlockSizes, "block", 192)])
+                                                 (ops.BlockSizes, "num_warps", 0), (ops.TpuBlockSizes, "block", 192),
+                                                 (ops.MgpuBlockSizes, "block_q", 32),
+                                                 (ops.MgpuBlockSizes, "max_concurrent_steps", 0)])
 def test_bad_block_sizes(tiling, field, value):
   with pytest.raises(ValueError, match=field):
     tiling(**{field: value})
@@ -136,6 +149,24 @@ def test_lowers_to_triton_for_an_abstract_gpu(t, n, kvh, with_auto):
   assert text.count("__gpu$xla.gpu.triton") == 3
   for name in ("flash_attention_fwd", "flash_attention_dkdv", "flash_attention_dq"):
     assert f'name = "{name}"' in text
+
+
+@pytest.mark.parametrize("t,n,kvh,h", [(4096, 32, 2, 128), (200, 12, 4, 40)])
+def test_lowers_to_mosaic_gpu_for_an_abstract_h100(t, n, kvh, h):
+  """backend="mosaic_gpu": forward, dk/dv and dq lower to 3 Mosaic GPU kernels (layout inference and the
+  shared-memory budget included) at the Nemotron 3 Super / Nano attention shape and an odd one."""
+  try:
+    mesh = _abstract_mesh(*_H100)
+  except (ImportError, AttributeError, TypeError) as e:
+    pytest.skip(f"jax private AbstractDevice API changed: {e!r}")
+  sds = jax.ShapeDtypeStruct
+  args = (sds((1, t, n, h), jnp.bfloat16), sds((1, t, kvh, h), jnp.bfloat16), sds((1, t, kvh, h), jnp.bfloat16),
+          sds((1, t), jnp.int32))
+  loss = lambda q, k, v, s: ops.attention(q, k, v, s, backend="mosaic_gpu").astype(jnp.float32).sum()
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("@mosaic_gpu_v2(") == 3
+  assert "triton" not in text
 
 
 def test_lowers_to_mosaic_for_an_abstract_tpu():
