@@ -1,10 +1,11 @@
-"""GPU benchmark of the Pallas Triton flash-attention kernel vs XLA, cuDNN and torch SDPA.
+"""GPU benchmark of our Pallas flash-attention kernels (Triton, Mosaic GPU) vs XLA, cuDNN and torch SDPA.
 
 Causal GQA self-attention at the Nemotron attention shapes (head dim 128), bf16, forward and
 forward+backward (value_and_grad of the f32 sum w.r.t. q, k, v), one JSON line per measurement (median
 ms over warm calls, model TFLOP/s of the causal half) and a table of ratios to torch. Columns:
 
   triton     `pallas_kernels.attention.attention(backend="triton")`, with packed-document segment ids
+  mosaic_gpu `attention(backend="mosaic_gpu")` (Hopper, wgmma + TMA), segment ids; skipped off Hopper
   xla        the blockwise XLA backend (FlashAttention-2 as loops of einsums), segment ids
   reference  the materialised [T, T] scores (skipped where they would not fit: --max_dense_gb)
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`: no segment ids
@@ -115,6 +116,8 @@ def main(argv):
         "triton": lambda: _time(attn("triton", interpret=_INTERPRET.value), (q, k, v)),
         "xla": lambda: _time(attn("xla"), (q, k, v)),
     }
+    if _INTERPRET.value or "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind:
+      runs["mosaic_gpu"] = lambda: _time(attn("mosaic_gpu", interpret=_INTERPRET.value), (q, k, v))
     b, t, n = shape[:3]
     if b * n * t * t * 4 / 1e9 <= _MAX_DENSE_GB.value:
       runs["reference"] = lambda: _time(attn("reference"), (q, k, v))
