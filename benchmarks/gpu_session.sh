@@ -2,7 +2,7 @@
 # The GPU checks n3jax owes, in parts that each fit one 10-minute device call. Results go to $OUT/<part>.log
 # (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
 #
-#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD, MoE gmm, attention), ~5 min
+#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD; MoE gmm and attention, Triton + Mosaic GPU), ~5 min
 #   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py vs jnp reference and mamba_ssm (ANCHORS shapes + Nano/Super)
 #   bash benchmarks/gpu_session.sh attention  # benchmarks/attention.py vs XLA, cuDNN and torch SDPA
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)

@@ -1,9 +1,26 @@
-"""Test setup: 8 fake CPU devices for the sharding tests. Runs before any JAX backend starts."""
+"""Test setup: 8 fake CPU devices for the sharding tests, and one compilation cache for the whole run.
+Runs before any JAX backend starts (pytest collects tests/ first, so this applies to every test path).
 
+The cache: many tests compile the same program (the tiny presets' forward, train step and decode step)
+through different `jax.jit` wrappers, which jit's in-memory cache does not share; JAX's persistent cache,
+keyed by the compiled program, does. It lives in a fresh temporary directory (removed at exit), so a run
+never reuses another run's executables; subprocesses the tests start (the train CLI) inherit it. Measured:
+tests/test_train.py + tests/test_models.py 397 s -> 343 s on a 2-core CPU host.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="n3jax-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import runpy  # noqa: E402
 import sys  # noqa: E402

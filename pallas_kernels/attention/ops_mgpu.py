@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _target
 from pallas_kernels import _vma
+from pallas_kernels.attention import _flash
 from pallas_kernels.attention import kernel_mgpu
 
 _F32 = jnp.float32
@@ -120,7 +121,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
   kvh = k.shape[2]
   blocks = cfg.blocks
   tr = _transforms(q.dtype)
-  delta = jnp.einsum("BTNH,BTNH->BNT", o.astype(_F32), do.astype(_F32))      # [B, N, T]
+  delta = _flash.row_delta(o, do)                                              # [B, N, T] f32
   common = dict(groups=n // kvh, scale=cfg.scale, max_concurrent_steps=blocks.max_concurrent_steps,
                 transforms=tr)
 
@@ -142,32 +143,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
   return _vma.vary_like(dq, q), _vma.vary_like(dk, q), _vma.vary_like(dv, q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg: _Config, q, k, v, seg):
-  return _forward(cfg, q, k, v, seg)[0]
-
-
-def _core_fwd(cfg, q, k, v, seg):
-  o, lse = _forward(cfg, q, k, v, seg)
-  return o, (q, k, v, seg, o, lse)
-
-
-def _core_bwd(cfg, residuals, do):
-  q, k, v, seg, o, lse = residuals
-  dq, dk, dv = _backward(cfg, q, k, v, seg, o, lse, do.astype(o.dtype))
-  return dq, dk, dv, None
-
-
-_core.defvjp(_core_fwd, _core_bwd)
-
-
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+_core = _flash.differentiable(_forward, _backward)
 
 
 def attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -179,12 +155,7 @@ def attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   blocks = block_sizes or MgpuBlockSizes.for_device()
   t, h = q.shape[1], q.shape[3]
   multiple = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)   # powers of 2
-  padded_t = -(-t // multiple) * multiple
-  padded_h = -(-h // _HEAD_ALIGN) * _HEAD_ALIGN
   cfg = _Config(blocks=blocks, scale=h ** -0.5,
                 interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None))
-  prep = lambda x: _pad(_pad(x, 1, padded_t), 3, padded_h)
-  seg = _pad(segment_ids.astype(jnp.int32), 1, padded_t, -1)
-  q, k, v, seg = _vma.match_vma(prep(q), prep(k), prep(v), seg)
-  o = _core(cfg, q, k, v, seg)
-  return o[:, :t, :, :h]
+  return _flash.run_padded(_core, cfg, q, k, v, segment_ids, padded_t=-(-t // multiple) * multiple,
+                           padded_h=-(-h // _HEAD_ALIGN) * _HEAD_ALIGN)

@@ -4,7 +4,8 @@ Pipeline (kernel bodies in `kernel.py`):
 
   jnp     pad T to a multiple of the blocks (padding is segment -1: it sees only itself, and no real
           query sees it, being later than every real key) and H to a power of 2 >= 16 with zeros (the
-          scores do not change; the scale is the real H's). Differentiated by JAX around the core.
+          scores do not change; the scale is the real H's). Differentiated by JAX around the core
+          (`_flash.py`, shared with the Mosaic GPU path).
   Pallas  forward   grid (B, N, T/bq)   o [B,T,N,H], lse [B,N,T] f32
 Backward (saves q, k, v, o and lse; no [T, T] tensor is ever stored):
   jnp     delta = rowsum(do * o) [B,N,T] f32
@@ -22,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _vma
+from pallas_kernels.attention import _flash
 from pallas_kernels.attention import kernel
 from pallas_kernels import _target
 from pallas_kernels import _triton_tiles
@@ -111,7 +113,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
   kvh = k.shape[2]
   groups = n // kvh
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-  delta = jnp.einsum("BTNH,BTNH->BNT", o.astype(_F32), do.astype(_F32))      # [B, N, T]
+  delta = _flash.row_delta(o, do)                                              # [B, N, T] f32
   seg_spec = pl.BlockSpec((None, t), lambda b, h, i: (b, 0))
 
   # dk, dv: one program per (batch, kv head, key block), over the kv head's G query heads.
@@ -146,32 +148,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg: _Config, q, k, v, seg):
-  return _forward(cfg, q, k, v, seg)[0]
-
-
-def _core_fwd(cfg, q, k, v, seg):
-  o, lse = _forward(cfg, q, k, v, seg)
-  return o, (q, k, v, seg, o, lse)
-
-
-def _core_bwd(cfg, residuals, do):
-  q, k, v, seg, o, lse = residuals
-  dq, dk, dv = _backward(cfg, q, k, v, seg, o, lse, do.astype(o.dtype))
-  return dq, dk, dv, None
-
-
-_core.defvjp(_core_fwd, _core_bwd)
-
-
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+_core = _flash.differentiable(_forward, _backward)
 
 
 def attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -185,11 +162,5 @@ def attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
                 block_k_bwd=fit(blocks.block_k_bwd), scale=h ** -0.5, interpret=interpret,
                 num_warps=blocks.num_warps, num_warps_bwd=blocks.num_warps_bwd, num_stages=blocks.num_stages)
   multiple = max(cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd)   # powers of 2: their lcm
-  padded_t = -(-t // multiple) * multiple
-  padded_h = _triton_tiles.tile(h)
-  prep = lambda x: _pad(_pad(x, 1, padded_t), 3, padded_h)
-  seg = _pad(segment_ids.astype(jnp.int32), 1, padded_t, -1)
-  # One varying set for every operand (no-op outside shard_map; see `_vma`).
-  q, k, v, seg = _vma.match_vma(prep(q), prep(k), prep(v), seg)
-  o = _core(cfg, q, k, v, seg)
-  return o[:, :t, :, :h]
+  return _flash.run_padded(_core, cfg, q, k, v, segment_ids, padded_t=-(-t // multiple) * multiple,
+                           padded_h=_triton_tiles.tile(h))

@@ -53,6 +53,22 @@ def validate_tgmm(lhs: Array, dy: Array, group_sizes: Array) -> None:
     )
 
 
+def group_bounds(
+    group_sizes: Array, num_rows: int, *, with_tail: bool = False
+) -> tuple[Array, Array]:
+  """First and end row of each group, clipped to [0, num_rows]: [E] each.
+
+  with_tail: one more, [E + 1], the pseudo group of the rows past
+  sum(group_sizes), [sum, num_rows) (the kernels zero-fill it).
+  """
+  ends = jnp.clip(jnp.cumsum(group_sizes.astype(jnp.int32)), 0, num_rows)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  if with_tail:
+    starts = jnp.concatenate([starts, ends[-1:]])
+    ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+  return starts, ends
+
+
 def out_dtype(lhs: Array, preferred_element_type: DTypeLike | None):
   return jnp.dtype(
       lhs.dtype if preferred_element_type is None else preferred_element_type

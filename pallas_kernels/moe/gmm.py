@@ -180,13 +180,6 @@ def _dot_precision(dtype: DTypeLike) -> jax.lax.Precision | None:
 # ----------------------------------------------------------------------------
 
 
-def _group_bounds(group_sizes: Array, num_rows: int) -> tuple[Array, Array]:
-  """[E] row start and end of each group, clipped to [0, num_rows]."""
-  ends = jnp.clip(jnp.cumsum(group_sizes.astype(jnp.int32)), 0, num_rows)
-  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-  return starts, ends
-
-
 def _visit_metadata(
     group_sizes: Array, num_rows: int, block_m: int
 ) -> tuple[Array, Array, Array, Array]:
@@ -196,9 +189,7 @@ def _visit_metadata(
   marks an unused visit. V = cdiv(num_rows, block_m) + E.
   """
   num_groups = group_sizes.shape[0]
-  starts, ends = _group_bounds(group_sizes, num_rows)
-  lo = jnp.concatenate([starts, ends[-1:]])  # [E + 1]
-  hi = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])  # [E + 1]
+  lo, hi = common.group_bounds(group_sizes, num_rows, with_tail=True)  # [E + 1]
   first_tile = lo // block_m
   num_tiles = jnp.where(hi > lo, (hi + block_m - 1) // block_m - first_tile, 0)
   max_visits = pl.cdiv(num_rows, block_m) + num_groups
@@ -356,7 +347,7 @@ def _tgmm_call(
   num_groups = group_sizes.shape[0]
   if num_rows == 0 or k_dim == 0 or n_dim == 0:
     return jnp.zeros((num_groups, k_dim, n_dim), out_dtype)
-  lo, hi = _group_bounds(group_sizes, num_rows)
+  lo, hi = common.group_bounds(group_sizes, num_rows)
   kernel = functools.partial(
       _tgmm_kernel, k_dim=k_dim, n_dim=n_dim, block_m=tiles.block_m,
       block_n=tiles.block_n, block_k=tiles.block_k,

@@ -217,12 +217,6 @@ def _smem_transforms(minor: int, dtype: DTypeLike) -> tuple:
 _ROW_ALIGN = 8  # rows of one shared-memory tile: TMA loads start on a multiple
 
 
-def _group_bounds(group_sizes: Array, num_rows: int) -> tuple[Array, Array]:
-  """[E] first row and end row of each group, clipped to [0, num_rows]."""
-  ends = jnp.clip(jnp.cumsum(group_sizes.astype(jnp.int32)), 0, num_rows)
-  return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends
-
-
 def max_visits(num_rows: int, num_groups: int, block_m: int) -> int:
   """Static bound on the visits of ``num_rows`` rows in ``num_groups`` groups + the tail.
 
@@ -243,9 +237,7 @@ def _visits(
   V = ``max_visits``.
   """
   num_groups = group_sizes.shape[0]
-  starts, ends = _group_bounds(group_sizes, num_rows)
-  lo = jnp.concatenate([starts, ends[-1:]])  # [E + 1]
-  hi = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])  # [E + 1]
+  lo, hi = common.group_bounds(group_sizes, num_rows, with_tail=True)  # [E + 1]
   tile0 = lo - lo % _ROW_ALIGN  # [E + 1]
   num_tiles = jnp.where(hi > lo, (hi - tile0 + block_m - 1) // block_m, 0)
   num_visits = max_visits(num_rows, num_groups, block_m)
@@ -610,7 +602,7 @@ def _tgmm_call(
   if num_rows == 0 or k_dim == 0 or n_dim == 0:
     return jnp.zeros((num_groups, k_dim, n_dim), out_dtype)
   _check_operands(lhs, dy)
-  lo, hi = _group_bounds(group_sizes, num_rows)
+  lo, hi = common.group_bounds(group_sizes, num_rows)
   padded = max(num_rows, tiles.block_m)
   body = functools.partial(
       _tgmm_body, num_groups=num_groups, num_rows=padded, k_dim=k_dim,
