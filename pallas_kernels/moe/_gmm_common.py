@@ -4,6 +4,7 @@ Private: import ``gmm.gmm`` / ``gmm.tgmm``. This module imports only jax.
 """
 
 import functools
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from pallas_kernels._vma import match_vma, out_struct, vary_like  # pylint: disa
 
 Array = jax.Array
 DTypeLike = jax.typing.DTypeLike
+T = TypeVar("T")
 
 
 def validate_gmm(lhs: Array, rhs: Array, group_sizes: Array) -> None:
@@ -85,6 +87,13 @@ def abstract_device_kind() -> str | None:
   """device_kind of the current abstract mesh's device, if set."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return None if device is None else device.device_kind
+
+
+def for_device_kind(table: dict[str, T], default: T, device_kind: str | None) -> T:
+  """``table[device_kind]``, else ``default``; device_kind None: the abstract mesh's device (AOT), else the first local one."""
+  if device_kind is None:
+    device_kind = abstract_device_kind() or jax.devices()[0].device_kind
+  return table.get(device_kind, default)
 
 
 def differentiable_gmm(gmm_call, tgmm_call):

@@ -159,9 +159,7 @@ _DEFAULT_BLOCK_SIZES = BlockSizes()  # untuned: GPU tuning owed.
 
 def block_sizes_for(device_kind: str | None = None) -> BlockSizes:
   """Block sizes for a device kind (default: the abstract mesh's device, AOT, else the first local one)."""
-  if device_kind is None:
-    device_kind = common.abstract_device_kind() or jax.devices()[0].device_kind
-  return _BLOCK_SIZES_BY_DEVICE_KIND.get(device_kind, _DEFAULT_BLOCK_SIZES)
+  return common.for_device_kind(_BLOCK_SIZES_BY_DEVICE_KIND, _DEFAULT_BLOCK_SIZES, device_kind)
 
 
 def _resolve_interpret(interpret: Interpret | None) -> Interpret:

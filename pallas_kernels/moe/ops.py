@@ -16,6 +16,7 @@ building blocks shared with ``expert_parallel.py``.
 This module imports only jax/numpy (it is part of ``pallas_kernels``).
 """
 
+import functools
 from typing import Protocol
 
 import jax
@@ -70,44 +71,20 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
   return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "ragged_dot"
 
 
-def moe_dispatch_pallas(
-    tokens: Array,
-    router_weights: Array,
-    expert_ids: Array,
-    w_up: Array,
-    w_down: Array,
-    *,
-    activation: str = "relu2",
-    preferred_element_type: jax.typing.DTypeLike = jnp.float32,
-) -> tuple[Array, Array]:
-  """``sorted_dispatch`` on the Pallas grouped matmul (``gmm.gmm``).
-
-  Compiled Triton on GPU, Mosaic on TPU; Pallas interpret mode on CPU (exact,
-  slow).
-  """
-  return sorted_dispatch(
-      tokens, router_weights, expert_ids, w_up, w_down,
-      activation=activation, preferred_element_type=preferred_element_type,
-      grouped_matmul=gmm_lib.gmm,
-  )
+def _sorted_dispatch_on(grouped_matmul: GroupedMatmul, doc: str) -> MoeBackend:
+  """``sorted_dispatch`` with ``grouped_matmul`` fixed: a ``BACKENDS`` entry."""
+  fn = functools.partial(sorted_dispatch, grouped_matmul=grouped_matmul)
+  fn.__doc__ = doc
+  return fn
 
 
-def moe_dispatch_pallas_mgpu(
-    tokens: Array,
-    router_weights: Array,
-    expert_ids: Array,
-    w_up: Array,
-    w_down: Array,
-    *,
-    activation: str = "relu2",
-    preferred_element_type: jax.typing.DTypeLike = jnp.float32,
-) -> tuple[Array, Array]:
-  """``sorted_dispatch`` on the Hopper grouped matmul (``gmm_mgpu.gmm``; bf16 / f16 tokens and weights)."""
-  return sorted_dispatch(
-      tokens, router_weights, expert_ids, w_up, w_down,
-      activation=activation, preferred_element_type=preferred_element_type,
-      grouped_matmul=gmm_mgpu.gmm,
-  )
+moe_dispatch_pallas = _sorted_dispatch_on(
+    gmm_lib.gmm,
+    """``sorted_dispatch`` on the Pallas grouped matmul (``gmm.gmm``): compiled Triton on GPU, Mosaic on TPU;
+    Pallas interpret mode on CPU (exact, slow).""")
+moe_dispatch_pallas_mgpu = _sorted_dispatch_on(
+    gmm_mgpu.gmm,
+    """``sorted_dispatch`` on the Hopper grouped matmul (``gmm_mgpu.gmm``; bf16 / f16 tokens and weights).""")
 
 
 BACKENDS: dict[str, MoeBackend] = {
