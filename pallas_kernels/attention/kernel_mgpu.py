@@ -8,11 +8,11 @@ or queries, output gradients and their row statistics, with their segment ids) s
 `plgpu.emit_pipeline`: TMA copies into swizzled shared memory, several steps ahead of the `wgmma`s.
 
   forward  (b, query head n, query block i)   over key blocks j up to the diagonal:
-             s = q k_j^T (wgmma, f32), masked; online max m and sum l; acc += p v_j (p in registers as the
-             wgmma's A operand);  o = acc / l,  lse = m + log l
+             s = q k_j^T (wgmma, f32), masked; online max m and sum l; acc += p v_j (p staged in shared
+             memory as the wgmma's A operand, `_staged`);  o = acc / l,  lse = m + log l
   dk, dv   (b, kv head, key block j)   over the kv head's G query heads g, then query blocks i from the
-           diagonal on, in transposed form so that every product has its A operand in shared memory or
-           registers:  s^T = k_j q_i^T;  p^T = exp(s^T - lse_i);  dv += p^T do_i;  dp^T = v_j do_i^T;
+           diagonal on, in transposed form so that every product's A operand is a row-major tile in
+           shared memory (no transpose of a register tile):  s^T = k_j q_i^T;  p^T = exp(s^T - lse_i);  dv += p^T do_i;  dp^T = v_j do_i^T;
            ds^T = p^T (dp^T - delta_i) scale;  dk += ds^T q_i     (delta = rowsum(do * o), in jnp)
   dq       (b, query head n, query block i)   over key blocks j up to the diagonal:
              p = exp(q k_j^T - lse);  ds = p (do v_j^T - delta) scale;  dq += ds k_j
@@ -52,7 +52,7 @@ def _visible(seg_rows, seg_cols, row0, col0, shape, *, rows_are_queries: bool):
 
 
 def _matmul(a, b, shape):
-  """a @ b into a fresh f32 accumulator [shape] (a: smem ref or registers, b: smem ref)."""
+  """a @ b into a fresh f32 accumulator [shape] (a, b: shared-memory refs, possibly transposed views)."""
 
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
