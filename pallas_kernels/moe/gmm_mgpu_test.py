@@ -21,6 +21,7 @@ import numpy as np
 from pallas_kernels.moe import gmm_mgpu
 from pallas_kernels.moe import ops
 from pallas_kernels.moe import reference
+from pallas_kernels.moe import gmm_test
 from pallas_kernels.moe.gmm_test import _assert_close, _dense_reference, _moe_inputs
 
 _H100 = "NVIDIA H100 80GB HBM3"
@@ -42,11 +43,7 @@ GROUP_PATTERNS = {  # name -> [E] group sizes, sum <= M
 
 
 def _inputs(dtype, seed=0):
-  rng = np.random.default_rng(seed)
-  lhs = jnp.asarray(rng.standard_normal((M, K)), dtype)
-  rhs = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype)
-  cotangent = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
-  return lhs, rhs, cotangent
+  return gmm_test._inputs(dtype, seed, shape=(M, K, N, E))  # pylint: disable=protected-access
 
 
 def _on_hopper() -> bool:

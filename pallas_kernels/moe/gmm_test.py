@@ -49,11 +49,12 @@ GROUP_PATTERNS = {  # name -> [E] group sizes, sum <= M
 }
 
 
-def _inputs(dtype, seed=0):
+def _inputs(dtype, seed=0, shape=(M, K, N, E)):
+  m, k, n, e = shape
   rng = np.random.default_rng(seed)
-  lhs = jnp.asarray(rng.standard_normal((M, K)), dtype)
-  rhs = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype)
-  cotangent = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+  lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  rhs = jnp.asarray(rng.standard_normal((e, k, n)) / np.sqrt(k), dtype)
+  cotangent = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
   return lhs, rhs, cotangent
 
 
