@@ -38,8 +38,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _target
 from pallas_kernels import _triton_tiles
+from pallas_kernels.ssd import _chunked
 from pallas_kernels.ssd import kernel
-from pallas_kernels.ssd import reference
 
 _F32 = jnp.float32
 
@@ -293,26 +293,9 @@ def _chunk_scan_bwd(cfg, x, dtp, cum, b, c, d, h_in, dstates, dy, seg, carry):
 # custom_vjp core on padded, chunk-aligned inputs.
 
 
-def _chunk_cumsum(cfg, a):
-  """[B,M,T] -> cum_l = sum of a over the chunk up to l, [B,M,T]."""
-  bsz, nheads, seqlen = a.shape
-  a = a.reshape(bsz, nheads, seqlen // cfg.chunk, cfg.chunk)
-  return jnp.cumsum(a, axis=-1).reshape(bsz, nheads, seqlen)
-
-
-def _carry_decay(cfg, cum, carry):
-  """g [B,M,C]: decay of the state carried over each chunk (0 if cut)."""
-  bsz, nheads, seqlen = cum.shape
-  nchunks = seqlen // cfg.chunk
-  g = jnp.exp(cum.reshape(bsz, nheads, nchunks, cfg.chunk)[..., -1])
-  if cfg.has_docs:
-    g = g * carry.reshape(bsz, 1, nchunks, cfg.chunk)[..., -1]
-  return g
-
-
 def _states_in(cfg, x, dtp, cum, b, h0, seg, carry):
   """Forward steps 2 + 3: (g, h_in, final)."""
-  g = _carry_decay(cfg, cum, carry)
+  g = _chunked.carry_decay(cfg.chunk, cum, carry)
   states = _chunk_state(cfg, x, dtp, cum, b, seg, mode="state")
   h_in, final = _state_passing(cfg, states, g, h0)
   return g, h_in, final
@@ -325,7 +308,7 @@ def _ssd_core(cfg, x, dtp, a, b, c, d, h0, seg, carry):
 
 
 def _core_fwd(cfg, x, dtp, a, b, c, d, h0, seg, carry):
-  cum = _chunk_cumsum(cfg, a)  # [B,M,T]
+  cum = _chunked.chunk_cumsum(cfg.chunk, a)  # [B,M,T]
   _, h_in, final = _states_in(cfg, x, dtp, cum, b, h0, seg, carry)
   y = _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry)
   return (y, final), (x, dtp, cum, b, c, d, h0, seg, carry)
@@ -343,16 +326,10 @@ def _core_bwd(cfg, residuals, cotangents):
   dx, ddt, da, dskip, db, dc = _chunk_scan_bwd(
       cfg, x, dtp, cum, b, c, d, h_in, dstates, dy, seg, carry
   )
-  bsz, nheads, seqlen = cum.shape
-  nchunks = seqlen // cfg.chunk
-  # g_c = exp(sum of a over chunk c) (x carry): da_i += dg_c g_c for all i in c.
-  da = da.reshape(bsz, nheads, nchunks, cfg.chunk) + (dg * g)[..., None]
-  da = da.reshape(cum.shape)
-  # [B,T,M/H,Q] partial sums over H heads -> [B,T,J,Q].
-  group_sum = lambda v: v.reshape(bsz, seqlen, cfg.ngroups, -1,
-                                  v.shape[-1]).sum(axis=3)
+  da = _chunked.add_carry_term(cfg.chunk, da, dg, g)
   return (
-      dx, ddt, da, group_sum(db).astype(b.dtype), group_sum(dc).astype(c.dtype),
+      dx, ddt, da, _chunked.group_sum(db, cfg.ngroups).astype(b.dtype),
+      _chunked.group_sum(dc, cfg.ngroups).astype(c.dtype),
       dskip.sum(axis=(0, 2)).astype(d.dtype), dh0, None, None,
   )
 
@@ -369,9 +346,6 @@ def check_chunk_size(chunk_size: int) -> Optional[str]:
 
 # Entry point (called by ops.ssd after argument checks).
 
-_pad_dim = reference._pad_dim  # pylint: disable=protected-access
-
-
 def ssd_triton(
     x, dt, A, B, C, D, dt_bias, *, initial_state, doc_ids, chunk_size,
     dt_softplus, dt_min, dt_max, block_sizes: BlockSizes, interpret: Any,
@@ -380,7 +354,6 @@ def ssd_triton(
   bsz, seqlen, nheads, headdim = x.shape
   ngroups, dstate = B.shape[2:]
   chunk = int(chunk_size)
-  padded_t = -(-seqlen // chunk) * chunk
   padded_p, padded_q = _triton_tiles.tile(headdim), _triton_tiles.tile(dstate)
   heads = math.gcd(block_sizes.heads_per_block, nheads // ngroups)
   # bf16/f16 inputs: products on those operands (f32 accumulation), like mamba.
@@ -399,29 +372,10 @@ def ssd_triton(
       num_stages=block_sizes.num_stages,
   )
 
-  # Prologue (jnp, differentiated by JAX). Padding after dt processing:
-  # dt = 0 (decay 1) and x = B = C = 0 change neither y nor the final state.
-  dtp = reference._process_dt(  # pylint: disable=protected-access
-      dt, dt_bias, dt_softplus, dt_min, dt_max
-  )  # [B,T,M] f32
-  dtp = jnp.moveaxis(_pad_dim(dtp, 1, padded_t), 1, 2)  # [B,M,T]
-  a = dtp * A.astype(_F32)[None, :, None]  # [B,M,T]
-  xp = _pad_dim(_pad_dim(x, 1, padded_t), 3, padded_p)  # [B,T,M,P]
-  pad_bc = lambda v: _pad_dim(_pad_dim(v, 1, padded_t), 3, padded_q)
-  bp, cp = (pad_bc(v).astype(cfg.mm_dtype) for v in (B, C))  # [B,T,J,Q]
-  d = jnp.zeros((nheads,), _F32) if D is None else D.astype(_F32)
-  if initial_state is None:
-    h0 = jnp.zeros((bsz, nheads, padded_p, padded_q), _F32)
-  else:
-    h0 = _pad_dim(_pad_dim(initial_state.astype(_F32), 2, padded_p), 3,
-                  padded_q)
-  seg = carry = None
-  if doc_ids is not None:
-    segc, carry = reference._chunked_segments(  # pylint: disable=protected-access
-        doc_ids, bsz, seqlen, chunk
-    )  # [B,C,L] each
-    seg = segc.reshape(bsz, padded_t)
-    carry = carry.astype(_F32).reshape(bsz, padded_t)
-
-  y, final = _ssd_core(cfg, xp, dtp, a, bp, cp, d, h0, seg, carry)
+  p = _chunked.prologue(
+      x, dt, A, B, C, D, dt_bias, initial_state=initial_state, doc_ids=doc_ids, chunk=chunk,
+      padded_p=padded_p, padded_q=padded_q, mm_dtype=mm_dtype, dt_softplus=dt_softplus,
+      dt_min=dt_min, dt_max=dt_max,
+  )
+  y, final = _ssd_core(cfg, *p)
   return y[:, :seqlen, :, :headdim], final[:, :, :headdim, :dstate]

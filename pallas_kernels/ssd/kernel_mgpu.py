@@ -1,0 +1,380 @@
+"""Pallas Mosaic GPU (Hopper: wgmma + TMA) kernel bodies of the chunked Mamba-2 SSD scan.
+
+Kernel bodies only; `ops_mgpu.py` owns shapes, grids, padding and the `custom_vjp`. The math and
+notation are those of `kernel.py` (the Triton kernels) and `reference.py`: per (batch b, chunk c, head m),
+chunk positions l, s in [0, L):
+
+  cum_l     = sum_{i <= l} a_i,  a = dt A                     chunk-local cumsum
+  W_ls      = [s <= l][doc_l == doc_s] exp(cum_l - cum_s)     decay mask
+  S         = C B^T                                           [L, L]
+  y_l       = sum_s (S o W)_ls dt_s x_s + e_l C_l . h_in + D x_l
+  e_l       = exp(cum_l) [doc_l == doc of the previous chunk's last token]   (carry)
+  w_s       = W_{L-1,s}                                       (decay to the chunk end)
+  state     = sum_s w_s dt_s x_s B_s^T                        chunk-end state [P, Q]
+  h_in[c+1] = g_c h_in[c] + state[c],  g_c = e_{L-1}(c)       state passing
+
+What changes from the Triton kernels is how a program reaches the tensor cores: each program is one
+warpgroup; its tiles (x, B, C, states) are loaded once by TMA into swizzled shared memory, every product
+is a `wgmma` on shared-memory operands (transposed views where the math needs A^T or B^T), and operands
+the kernel computes (decay-scaled x or scores) are staged back into shared memory in the input dtype
+(`_mgpu.stage`), as mamba_ssm feeds bf16 operands to its products. Accumulation is f32.
+
+Refs (ops_mgpu.py lays them out; T, P, Q padded; `cp = c * P`):
+  x, dy, y, dx   [B, T, M, P]   input dtype (bf16 / f16)
+  b, c           [B, T, J, Q]   input dtype; head m reads group m // (M / J)
+  dt, cum        [B, M, T]      f32 (processed dt; chunk-local cumsum of dt A)
+  seg, carry     [B, T]         int32 document index / f32 carry mask (only with documents)
+  d              [M]            f32
+  states, h_in   [B, M, C P, Q] f32 or the input dtype (chunk c's [P, Q] tile at rows cp)
+  g              [B, M, C]      f32 carry decay of each chunk
+
+Backward: the gradients of the chunk scan are split over two programs per (b, c, m), because their
+operands do not fit one program's shared memory (227 KB on an H100) at L = 128, P = 64, Q = 128:
+  `scan_bwd_dbc_kernel`   dB, dC (per head, summed over a group's heads in jnp) and the per-token
+                          terms de_l e_l, dw_s w_s of the decay gradient;
+  `scan_bwd_dx_kernel`    dx, d dt, the D-skip terms and da, the gradient of a = dt A, summed directly
+                          over the pairs that a_i separates (see `kernel.chunk_scan_bwd_kernel`):
+    da_i = sum_{l >= i, s < i} (dS o S)_ls + sum_{l >= i} de_l e_l + sum_{s < i} dw_s w_s.
+  The first sum is a row sum of T = U (dS o S) with U_il = [l >= i], masked to s < i: one wgmma with an
+  exact 0/1 operand. dS o S is fed as two bf16/f16 terms (hi + lo, ~16 significant bits), so the sum
+  keeps nearly f32 accuracy. The other two are row sums of masked [L, L] tiles in f32 (no scan).
+"""
+
+import functools
+
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels import _mgpu
+
+_F32 = jnp.float32
+_NEG = -1e30  # exp(_NEG) == 0: masked decay entries, never inf * 0
+
+
+def _vec(src, smem, barrier, layout):
+  """A [L] vector loaded by TMA into `smem`, then into registers as one value per row or column."""
+  _mgpu.load(src, smem, barrier)
+  return plgpu.load(smem, layout=layout)
+
+
+def _decay(cum_r, cum_c, seg_r, seg_c, shape):
+  """W [L, S] = [s <= l][same doc] exp(cum_l - cum_s); exactly 0 elsewhere. Also returns the mask."""
+  mask = _mgpu.iota(shape, 1) <= _mgpu.iota(shape, 0)
+  if seg_r is not None:
+    mask = mask & (_mgpu.rows(seg_r, shape) == _mgpu.cols(seg_c, shape))
+  diff = _mgpu.rows(cum_r, shape) - _mgpu.cols(cum_c, shape)
+  return jnp.exp(jnp.where(mask, diff, _NEG))
+
+
+def _chunk_end(cum_ref, seg_ref, b, m, t_last):
+  """(cum, doc) of the chunk's last token: scalars read from global memory."""
+  return cum_ref[b, m, t_last], (None if seg_ref is None else seg_ref[b, t_last])
+
+
+def _to_end(cum, seg, cum_last, seg_last):
+  """w_s = W_{L-1, s}: decay from token s to the chunk end, 0 across documents (<= 1)."""
+  w = jnp.exp(cum_last - cum)
+  return w if seg is None else jnp.where(seg == seg_last, w, 0.0)
+
+
+def _from_start(cum, carry):
+  """e_l: decay of the incoming state at l, 0 where a document cut it."""
+  e = jnp.exp(cum)
+  return e if carry is None else e * carry
+
+
+def _split(rest, has_docs, num_outs):
+  """(docs refs or Nones, outputs, scratch) of a kernel's trailing refs."""
+  docs = rest[:2] if has_docs else (None, None)
+  rest = rest[2:] if has_docs else rest
+  return docs, rest[:num_outs], rest[num_outs:]
+
+
+def chunk_state_kernel(lhs_ref, dt_ref, cum_ref, rhs_ref, *rest, mode, has_docs, group_size):
+  """out[p, q] = sum_l lhs[l, p] coef_l rhs[l, q] for one (b, c, m): grid ("b", "c", "m").
+
+  mode "state" (forward): lhs = x, rhs = B, coef_s = w_s dt_s -> the chunk-end state.
+  mode "dout" (backward of the carried-state term): lhs = dy, rhs = C, coef_l = e_l -> d h_in.
+  The coefficient scales lhs in registers; the scaled tile is staged in shared memory and fed to the
+  wgmma as its transposed A operand ([P, L] view of the [L, P] tile).
+  """
+  (seg_ref, carry_ref), (out_ref,), scratch = _split(rest, has_docs, 1)
+  lhs_smem, rhs_smem, cum_smem, dt_smem, doc_smem, out_smem, barriers = scratch
+  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
+  chunk, headdim = lhs_smem.shape
+  t0 = c * chunk
+  tokens = pl.ds(t0, chunk)
+  plgpu.copy_gmem_to_smem(lhs_ref.at[b, tokens, m], lhs_smem, barriers.at[0])
+  plgpu.copy_gmem_to_smem(rhs_ref.at[b, tokens, lax.div(m, group_size)], rhs_smem, barriers.at[1])
+  cum = _vec(cum_ref.at[b, m, tokens], cum_smem, barriers.at[2], _mgpu.ROWS)
+  if mode == "state":
+    dt = _vec(dt_ref.at[b, m, tokens], dt_smem, barriers.at[3], _mgpu.ROWS)
+    seg = None
+    if has_docs:
+      seg = _vec(seg_ref.at[b, tokens], doc_smem, barriers.at[4], _mgpu.ROWS)
+    cum_last, seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
+    coef = _to_end(cum, seg, cum_last, seg_last) * dt
+  elif mode == "dout":
+    carry = None
+    if has_docs:
+      carry = _vec(carry_ref.at[b, tokens], doc_smem, barriers.at[4], _mgpu.ROWS)
+    coef = _from_start(cum, carry)
+  else:
+    raise ValueError(f"Unknown {mode=}")
+  plgpu.barrier_wait(barriers.at[0])
+  plgpu.barrier_wait(barriers.at[1])
+  tile = (chunk, headdim)
+  _mgpu.stage(lhs_smem[...].astype(_F32) * _mgpu.rows(coef, tile), lhs_smem)
+  state = _mgpu.matmul(lhs_smem.transpose((1, 0)), rhs_smem, out_smem.shape)  # [P, Q]
+  _mgpu.store(out_smem, state, out_ref.at[b, m, pl.ds(c * headdim, headdim)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _write_slots(values_and_dsts, slot_smems, step):
+  """Stores of one pipeline step through double-buffered shared memory (slot `step % 2`).
+
+  Waits until the stores of two steps back have read their slot; the previous step's may still run.
+  (Written by hand rather than as `emit_pipeline` out_specs: JAX's Mosaic GPU interpreter does not
+  take those predicated copies, jax 0.12.)
+  """
+  slot = lax.rem(step, 2)
+  plgpu.wait_smem_to_gmem(len(slot_smems), wait_read_only=True)
+  for (value, dst), smem in zip(values_and_dsts, slot_smems):
+    _mgpu.stage(value, smem.at[slot])
+  for (_, dst), smem in zip(values_and_dsts, slot_smems):
+    plgpu.copy_smem_to_gmem(smem.at[slot], dst)
+
+
+def state_passing_kernel(states_ref, g_ref, h0_ref, *rest, nchunks, max_concurrent_steps):
+  """Forward state passing for one (b, m): grid ("b", "m"); h stays in registers.
+
+  h_in[c] = the state entering chunk c (written in each dtype of the `h_in` outputs); final = h_in[C].
+  rest: h_in refs (one or two dtypes), final_ref, h_smem (f32 [P, Q]), one [2, P, Q] slot buffer per
+  h_in output, barrier.
+  """
+  num_outs = (len(rest) - 2) // 2
+  h_in_refs, (final_ref, h_smem), slot_smems, (barrier,) = (
+      rest[:num_outs], rest[num_outs:num_outs + 2], rest[num_outs + 2:-1], rest[-1:])
+  b, m = lax.axis_index("b"), lax.axis_index("m")
+  headdim, dstate = h_smem.shape
+  _mgpu.load(h0_ref.at[b, m], h_smem, barrier.at[0])
+  h0 = plgpu.load(h_smem, layout=plgpu.Layout.WGMMA)
+
+  def step(idx, state_smem, h):
+    (c,) = idx
+    rows = pl.ds(c * headdim, headdim)
+    _write_slots([(h, r.at[b, m, rows]) for r in h_in_refs], slot_smems, c)
+    return g_ref[b, m, c] * h + state_smem[...]
+
+  final = plgpu.emit_pipeline(
+      step, grid=(nchunks,),
+      in_specs=[plgpu.BlockSpec((headdim, dstate), lambda c: (c, 0))],
+      max_concurrent_steps=max_concurrent_steps, init_carry=h0,
+  )(states_ref.at[b, m])
+  _mgpu.store(h_smem, final, final_ref.at[b, m])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def state_passing_bwd_kernel(dh_out_ref, g_ref, h_in_ref, dfinal_ref, dstates_ref, dg_ref, dh0_ref,
+                             grad_smem, dstate_slots, dg_slots, barrier, *, nchunks, max_concurrent_steps):
+  """Reverse state passing for one (b, m). G_c = dL/dh_in[c] = dh_out[c] + g_c G_{c+1}, G_C = dfinal.
+
+  Writes dstates[c] = G_{c+1} (in dstates' dtype: the products of the backward chunk scan read it),
+  dg rows [B, M, C P]: sum_q G_{c+1} h_in[c] (summed over p to dg_c in jnp), and dh0 = G_0.
+  """
+  b, m = lax.axis_index("b"), lax.axis_index("m")
+  headdim, dstate = grad_smem.shape
+  _mgpu.load(dfinal_ref.at[b, m], grad_smem, barrier.at[0])
+  dfinal = plgpu.load(grad_smem, layout=plgpu.Layout.WGMMA)
+
+  def step(idx, dh_out_smem, h_in_smem, grad):
+    (i,) = idx
+    c = nchunks - 1 - i
+    rows = pl.ds(c * headdim, headdim)
+    dg = jnp.sum(grad * h_in_smem[...], axis=1)
+    _write_slots([(grad, dstates_ref.at[b, m, rows]), (dg, dg_ref.at[b, m, rows])],
+                 (dstate_slots, dg_slots), i)
+    return dh_out_smem[...] + g_ref[b, m, c] * grad
+
+  tile = plgpu.BlockSpec((headdim, dstate), lambda i: (nchunks - 1 - i, 0))
+  dh0 = plgpu.emit_pipeline(
+      step, grid=(nchunks,), in_specs=[tile, tile],
+      max_concurrent_steps=max_concurrent_steps, init_carry=dfinal,
+  )(dh_out_ref.at[b, m], h_in_ref.at[b, m])
+  _mgpu.store(grad_smem, dh0, dh0_ref.at[b, m])
+  plgpu.wait_smem_to_gmem(0)
+
+
+class _Chunk:
+  """The per-(b, c, m) vectors every chunk-scan program loads, in the layouts it uses them in."""
+
+  def __init__(self, dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, first, *, b, c, m, chunk):
+    """Loads with barriers first .. first + 3; vec_smems: dt, cum ([L] f32), seg ([L] int32), carry."""
+    dt_smem, cum_smem, seg_smem, carry_smem = vec_smems
+    t0 = c * chunk
+    tokens = pl.ds(t0, chunk)
+    self.cum_r = _vec(cum_ref.at[b, m, tokens], cum_smem, barriers.at[first], _mgpu.ROWS)
+    self.cum_c = plgpu.load(cum_smem, layout=_mgpu.COLS)
+    self.dt_r = _vec(dt_ref.at[b, m, tokens], dt_smem, barriers.at[first + 1], _mgpu.ROWS)
+    self.dt_c = plgpu.load(dt_smem, layout=_mgpu.COLS)
+    self.seg_r = self.seg_c = self.carry_r = None
+    if seg_ref is not None:
+      self.seg_r = _vec(seg_ref.at[b, tokens], seg_smem, barriers.at[first + 2], _mgpu.ROWS)
+      self.seg_c = plgpu.load(seg_smem, layout=_mgpu.COLS)
+      self.carry_r = _vec(carry_ref.at[b, tokens], carry_smem, barriers.at[first + 3], _mgpu.ROWS)
+    self.cum_last, self.seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
+    self.square = (chunk, chunk)
+
+  def decay(self):
+    return _decay(self.cum_r, self.cum_c, self.seg_r, self.seg_c, self.square)
+
+  def to_end(self):  # w, one value per row
+    return _to_end(self.cum_r, self.seg_r, self.cum_last, self.seg_last)
+
+  def from_start(self):  # e, one value per row
+    return _from_start(self.cum_r, self.carry_r)
+
+
+def _load_tiles(pairs, barriers):
+  """TMA copies of (src, smem) pairs, all in flight at once, then waited for."""
+  for i, (src, smem) in enumerate(pairs):
+    plgpu.copy_gmem_to_smem(src, smem, barriers.at[i])
+  for i in range(len(pairs)):
+    plgpu.barrier_wait(barriers.at[i])
+
+
+def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *rest, has_docs, group_size):
+  """y of one (b, c, m): grid ("b", "c", "m").
+
+  y = (S o W o dt_s) x  +  e o (C h_in^T)  +  D x; the scores are staged in shared memory as the
+  A operand of the second product, h_in (input dtype) is read as the transposed B operand.
+  """
+  (seg_ref, carry_ref), (y_ref,), scratch = _split(rest, has_docs, 1)
+  x_smem, b_smem, c_smem, h_smem, s_smem, *vec_smems, barriers = scratch
+  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
+  chunk, headdim = x_smem.shape
+  tokens = pl.ds(c * chunk, chunk)
+  j = lax.div(m, group_size)
+  _load_tiles([(x_ref.at[b, tokens, m], x_smem), (b_ref.at[b, tokens, j], b_smem),
+               (c_ref.at[b, tokens, j], c_smem),
+               (h_ref.at[b, m, pl.ds(c * headdim, headdim)], h_smem)], barriers)
+  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 4, b=b, c=c, m=m,
+             chunk=chunk)
+  tile = (chunk, headdim)
+  cb = _mgpu.matmul(c_smem, b_smem.transpose((1, 0)), v.square)                 # S [L, S]
+  scores = cb * v.decay() * _mgpu.cols(v.dt_c, v.square)
+  y = _mgpu.matmul(_mgpu.stage(scores, s_smem), x_smem, tile)                   # intra-chunk
+  y += _mgpu.rows(v.from_start(), tile) * _mgpu.matmul(c_smem, h_smem.transpose((1, 0)), tile)
+  y += d_ref[m] * x_smem[...].astype(_F32)
+  _mgpu.store(x_smem, y, y_ref.at[b, tokens, m])                              # x is no longer read
+  plgpu.wait_smem_to_gmem(0)
+
+
+def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref, dy_ref, *rest,
+                        has_docs, group_size):
+  """dB, dC (this head's part) and the decay terms dw_s w_s, de_l e_l of one (b, c, m).
+
+  With xs = dt x, dP = dy xs^T, dS = dP o W:
+    dB = dS^T C + w o (xs dstate)      dC = dS B + e o (dy h_in)
+    dw_w = rowsum((xs dstate) o B) w   de_e = rowsum((dy h_in) o C) e
+  dB, dC are written through a [L, 64] f32 staging tile, 64 columns at a time.
+  """
+  (seg_ref, carry_ref), outs, scratch = _split(rest, has_docs, 4)
+  db_ref, dc_ref, dw_ref, de_ref = outs
+  x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, ds_smem, out_smem, vout_smem, *vec_smems, barriers = scratch
+  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
+  chunk, headdim = x_smem.shape
+  dstate = b_smem.shape[1]
+  tokens = pl.ds(c * chunk, chunk)
+  j = lax.div(m, group_size)
+  states = pl.ds(c * headdim, headdim)
+  _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
+               (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
+               (h_ref.at[b, m, states], h_smem), (dstate_ref.at[b, m, states], dst_smem)], barriers)
+  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 6, b=b, c=c, m=m,
+             chunk=chunk)
+  rows_q = (chunk, dstate)
+  xs_smem = _mgpu.stage(x_smem[...].astype(_F32) * _mgpu.rows(v.dt_r, (chunk, headdim)), x_smem)
+  dp = _mgpu.matmul(dy_smem, xs_smem.transpose((1, 0)), v.square)               # dP [L, S]
+  _mgpu.stage(dp * v.decay(), ds_smem)                                          # dS
+  w, e = v.to_end(), v.from_start()
+
+  def write(value, dst):  # [L, Q] f32 in 64-column pieces through out_smem
+    for q0 in range(0, dstate, _mgpu.ALIGN):
+      plgpu.wait_smem_to_gmem(0)  # out_smem free again
+      _mgpu.store(out_smem, value[:, q0:q0 + _mgpu.ALIGN], dst.at[:, pl.ds(q0, _mgpu.ALIGN)])
+
+  xs_dstate = _mgpu.matmul(xs_smem, dst_smem, rows_q)                            # [L, Q]
+  write(_mgpu.matmul(ds_smem.transpose((1, 0)), c_smem, rows_q) + _mgpu.rows(w, rows_q) * xs_dstate,
+        db_ref.at[b, tokens, m])
+  dw_w = jnp.sum(xs_dstate * b_smem[...].astype(_F32), axis=1) * w
+  dy_h = _mgpu.matmul(dy_smem, h_smem, rows_q)                                   # [L, Q]
+  write(_mgpu.matmul(ds_smem, b_smem, rows_q) + _mgpu.rows(e, rows_q) * dy_h, dc_ref.at[b, tokens, m])
+  de_e = jnp.sum(dy_h * c_smem[...].astype(_F32), axis=1) * e
+  dw_smem, de_smem = vout_smem.at[0], vout_smem.at[1]
+  _mgpu.store(dw_smem, dw_w, dw_ref.at[b, m, tokens])
+  _mgpu.store(de_smem, de_e, de_ref.at[b, m, tokens])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, dy_ref, dw_ref, de_ref,
+                       *rest, has_docs, group_size):
+  """dx, d dt, the D-skip terms and da of one (b, c, m).
+
+    dxs = (S o W)^T dy + w o (B dstate^T)     dx = dt o dxs + D dy
+    ddt = rowsum(dxs o x)                      dskip = rowsum(dy o x)   (summed to dD in jnp)
+    da  = rowsum([s < i] o (U (dS o S)))  + rowsum([l >= i] o de_e_l) + rowsum([s < i] o dw_w_s)
+  with U_il = [l >= i] and dS o S fed as hi + lo terms in the input dtype (module docstring).
+  """
+  (seg_ref, carry_ref), outs, scratch = _split(rest, has_docs, 4)
+  dx_ref, ddt_ref, dskip_ref, da_ref = outs
+  (x_smem, dy_smem, b_smem, c_smem, dst_smem, sq_smem, hi_smem, lo_smem, vout_smem, dw_smem, de_smem,
+   *vec_smems, barriers) = scratch
+  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
+  chunk, headdim = x_smem.shape
+  tokens = pl.ds(c * chunk, chunk)
+  j = lax.div(m, group_size)
+  _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
+               (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
+               (dstate_ref.at[b, m, pl.ds(c * headdim, headdim)], dst_smem)], barriers)
+  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m,
+             chunk=chunk)
+  dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[9], _mgpu.COLS)
+  de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[10], _mgpu.COLS)
+  tile, square = (chunk, headdim), v.square
+  x = x_smem[...].astype(_F32)
+  dy = dy_smem[...].astype(_F32)
+  xs_smem = _mgpu.stage(x * _mgpu.rows(v.dt_r, tile), x_smem)
+
+  # da: the pairs term from dS o S, staged as hi + lo.
+  cb = _mgpu.matmul(c_smem, b_smem.transpose((1, 0)), square)                   # S [L, S]
+  decay = v.decay()
+  dp = _mgpu.matmul(dy_smem, xs_smem.transpose((1, 0)), square)                 # dP [L, S]
+  pairs = dp * decay * cb                                                       # dS o S
+  hi = pairs.astype(hi_smem.dtype)
+  _mgpu.stage(hi, hi_smem)
+  _mgpu.stage(pairs - hi.astype(_F32), lo_smem)
+  rows_i, cols_j = _mgpu.iota(square, 0), _mgpu.iota(square, 1)
+  _mgpu.stage(jnp.where(cols_j >= rows_i, 1.0, 0.0), sq_smem)                   # U_il = [l >= i]
+  suffix = _mgpu.matmul(sq_smem, hi_smem, square) + _mgpu.matmul(sq_smem, lo_smem, square)
+  before = cols_j < rows_i
+  da = jnp.sum(jnp.where(before, suffix + _mgpu.cols(dw_w, square), 0.0)
+               + jnp.where(before, 0.0, _mgpu.cols(de_e, square)), axis=1)
+
+  # dx, d dt, dskip.
+  _mgpu.stage(cb * decay, sq_smem)                                              # S o W (U is consumed)
+  dxs = _mgpu.matmul(sq_smem.transpose((1, 0)), dy_smem, tile)                  # (S o W)^T dy
+  dxs += _mgpu.rows(v.to_end(), tile) * _mgpu.matmul(b_smem, dst_smem.transpose((1, 0)), tile)
+  ddt = jnp.sum(dxs * x, axis=1)
+  dskip = jnp.sum(dy * x, axis=1)
+  _mgpu.store(x_smem, dxs * _mgpu.rows(v.dt_r, tile) + d_ref[m] * dy, dx_ref.at[b, tokens, m])
+  for k, (value, dst) in enumerate(((ddt, ddt_ref), (dskip, dskip_ref), (da, da_ref))):
+    _mgpu.store(vout_smem.at[k], value, dst.at[b, m, tokens])
+  plgpu.wait_smem_to_gmem(0)
+
+
+# Named partials used by `ops_mgpu.py`.
+chunk_state_fwd = functools.partial(chunk_state_kernel, mode="state")
+chunk_state_dout = functools.partial(chunk_state_kernel, mode="dout")

@@ -1,0 +1,278 @@
+"""Mosaic GPU path of `ops.ssd` (Hopper): tiling, kernel calls and the custom VJP.
+
+Pallas Mosaic GPU is the GPU backend JAX keeps as it deprecates Pallas Triton (jax 0.12); on Hopper it
+reaches the tensor cores through `wgmma` on tiles that the TMA engine stages in swizzled shared memory.
+Kernel bodies: `kernel_mgpu.py`. The pipeline is the Triton path's (`ops_triton.py`, with the jnp of
+`_chunked.py`), one warpgroup per program:
+
+  jnp     dt = clip(softplus(dt + dt_bias)); a = dt A; pad T to the chunk, P and Q to multiples of 64
+          (one 128-byte swizzle row of bf16); document masks; cum = chunk-local cumsum of a.
+  kernel  chunk_state     grid (B, C, M)   chunk-end states          [B, M, C P, Q] f32
+  kernel  state_passing   grid (B, M)      loop over chunks -> h_in  [B, M, C P, Q] (input dtype), final
+  kernel  chunk_scan_fwd  grid (B, C, M)   y = (S o W o dt) x + e o (C h_in^T) + D x
+Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
+  kernel  chunk_state ("dout")   grid (B, C, M)   dL/dh_in from y
+  kernel  state_passing_bwd      grid (B, M)      reverse loop -> dstates (input dtype), dg, dh0
+  kernel  scan_bwd_dbc           grid (B, C, M)   dB, dC per head; the per-token decay terms
+  kernel  scan_bwd_dx            grid (B, C, M)   dx, d dt, D-skip terms, da
+  jnp     dB / dC summed over a group's heads, dD, the carry-decay term of da; dt / A / dt_bias
+          gradients by autodiff of the prologue.
+
+The states are laid out [B, M, C P, Q] (chunk c's tile at rows c P), so that a (b, m) program's chunks
+form one 2-D array for the TMA engine. bf16 / f16 only (wgmma would run f32 as TF32; f32 runs on the
+Triton or reference paths). chunk_size a multiple of 64 (the wgmma M of a warpgroup); the programs'
+shared memory fits an H100's 227 KB up to L = 128 with P = 64, Q = 128 (the Nemotron mixer shape), and
+lowering refuses larger ones. Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
+outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs, tuning
+(several heads per program sharing C B^T, two warpgroups, the causal half of the [L, L] products) and
+the comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels import _mgpu
+from pallas_kernels import _target
+from pallas_kernels import _vma
+from pallas_kernels.ssd import _chunked
+from pallas_kernels.ssd import kernel_mgpu
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MgpuBlockSizes:
+  """Static tiling of the Mosaic GPU SSD kernels.
+
+  The chunk kernels' tiles are fixed by the problem (one head's [L, P], [L, Q] and [P, Q] tiles per
+  program, P and Q padded to multiples of 64); what is left to tune is the state-passing pipeline.
+
+  Attributes:
+    max_concurrent_steps: pipeline stages (TMA loads in flight) of the state-passing loops.
+  """
+
+  max_concurrent_steps: int = 2
+
+  def __post_init__(self):
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
+
+  @classmethod
+  def for_device(cls, device: Optional[Any] = None) -> "MgpuBlockSizes":
+    """Defaults by `device.device_kind` (default: the target device)."""
+    return _target.lookup(_DEFAULTS, cls(), device)
+
+
+# Untuned: not yet swept on a GPU with benchmarks/ssd.py.
+_DEFAULTS: tuple[tuple[str, MgpuBlockSizes], ...] = (
+    ("h200", MgpuBlockSizes(max_concurrent_steps=2)),
+    ("h100", MgpuBlockSizes(max_concurrent_steps=2)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static (hashable) configuration of one padded problem."""
+
+  chunk: int
+  ngroups: int  # J
+  group_size: int  # heads per B/C group
+  has_docs: bool
+  max_concurrent_steps: int
+  interpret: Any
+
+
+def _vec(chunk, dtype=_F32):
+  return plgpu.SMEM((chunk,), dtype)
+
+
+def _chunk_vecs(chunk):
+  """Shared memory of `kernel_mgpu._Chunk`: dt, cum, seg, carry."""
+  return (_vec(chunk), _vec(chunk), _vec(chunk, jnp.int32), _vec(chunk))
+
+
+def _slots(shape, dtype):
+  """Two shared-memory buffers of one output tile (`kernel_mgpu._write_slots`)."""
+  if jnp.dtype(dtype) == _F32 or len(shape) == 1:
+    return plgpu.SMEM((2, *shape), dtype)
+  return plgpu.SMEM((2, *shape), dtype, transforms=_mgpu.transforms(dtype))
+
+
+def _docs(cfg, seg, carry):
+  return [seg, carry] if cfg.has_docs else []
+
+
+def _run(cfg, body, out_type, grid, names, scratch, *args):
+  outs = _mgpu.kernel(body, out_type, grid, names, scratch, cfg.interpret)(*args)
+  return jax.tree.map(lambda o: _vma.vary_like(o, args[0]), outs)
+
+
+def _chunk_state(cfg, lhs, dtp, cum, rhs, seg, carry, *, mode):
+  """[B, M, C P, Q] f32: sum_l lhs[l, p] coef_l rhs[l, q] per chunk and head."""
+  bsz, seqlen, nheads, headdim = lhs.shape
+  dstate = rhs.shape[-1]
+  chunk, nchunks = cfg.chunk, seqlen // cfg.chunk
+  body = functools.partial(kernel_mgpu.chunk_state_kernel, mode=mode, has_docs=cfg.has_docs,
+                           group_size=cfg.group_size)
+  scratch = (_mgpu.swizzled((chunk, headdim), lhs.dtype), _mgpu.swizzled((chunk, dstate), rhs.dtype),
+             _vec(chunk), _vec(chunk), _vec(chunk, jnp.int32 if mode == "state" else _F32),
+             plgpu.SMEM((headdim, dstate), _F32), plgpu.Barrier(num_barriers=5))
+  out = jax.ShapeDtypeStruct((bsz, nheads, nchunks * headdim, dstate), _F32)
+  return _run(cfg, body, out, (bsz, nchunks, nheads), ("b", "c", "m"), scratch,
+              lhs, dtp, cum, rhs, *_docs(cfg, seg, carry))
+
+
+def _state_passing(cfg, states, g, h0, dtypes):
+  """(h_in [B, M, C P, Q] in each of `dtypes`..., final [B, M, P, Q] f32)."""
+  bsz, nheads, _, dstate = states.shape
+  headdim = h0.shape[2]
+  body = functools.partial(kernel_mgpu.state_passing_kernel, nchunks=g.shape[-1],
+                           max_concurrent_steps=cfg.max_concurrent_steps)
+  out = [jax.ShapeDtypeStruct(states.shape, dtype) for dtype in dtypes]
+  out.append(jax.ShapeDtypeStruct(h0.shape, _F32))
+  scratch = (plgpu.SMEM((headdim, dstate), _F32),
+             *(_slots((headdim, dstate), dtype) for dtype in dtypes), plgpu.Barrier(num_barriers=1))
+  return _run(cfg, body, tuple(out), (bsz, nheads), ("b", "m"), scratch, states, g, h0)
+
+
+def _state_passing_bwd(cfg, dh_out, g, h_in, dfinal, dstate_dtype):
+  """dstates [B, M, C P, Q] (dstate_dtype), dg [B, M, C] f32, dh0 [B, M, P, Q] f32."""
+  bsz, nheads, rows, dstate = dh_out.shape
+  headdim, nchunks = dfinal.shape[2], g.shape[-1]
+  body = functools.partial(kernel_mgpu.state_passing_bwd_kernel, nchunks=nchunks,
+                           max_concurrent_steps=cfg.max_concurrent_steps)
+  out = (jax.ShapeDtypeStruct(dh_out.shape, dstate_dtype), jax.ShapeDtypeStruct((bsz, nheads, rows), _F32),
+         jax.ShapeDtypeStruct(dfinal.shape, _F32))
+  scratch = (plgpu.SMEM((headdim, dstate), _F32), _slots((headdim, dstate), dstate_dtype),
+             _slots((headdim,), _F32), plgpu.Barrier(num_barriers=1))
+  dstates, dg_rows, dh0 = _run(cfg, body, out, (bsz, nheads), ("b", "m"), scratch, dh_out, g, h_in, dfinal)
+  return dstates, dg_rows.reshape(bsz, nheads, nchunks, headdim).sum(axis=-1), dh0
+
+
+def _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry):
+  bsz, seqlen, nheads, headdim = x.shape
+  chunk, dstate = cfg.chunk, b.shape[-1]
+  body = functools.partial(kernel_mgpu.chunk_scan_fwd_kernel, has_docs=cfg.has_docs,
+                           group_size=cfg.group_size)
+  scratch = (_mgpu.swizzled((chunk, headdim), x.dtype), _mgpu.swizzled((chunk, dstate), b.dtype),
+             _mgpu.swizzled((chunk, dstate), b.dtype), _mgpu.swizzled((headdim, dstate), h_in.dtype),
+             _mgpu.swizzled((chunk, chunk), x.dtype), *_chunk_vecs(chunk), plgpu.Barrier(num_barriers=8))
+  return _run(cfg, body, jax.ShapeDtypeStruct(x.shape, x.dtype), (bsz, seqlen // chunk, nheads),
+              ("b", "c", "m"), scratch, x, dtp, cum, b, c, d, h_in, *_docs(cfg, seg, carry))
+
+
+def _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry):
+  """db, dc [B, T, M, Q] f32 (per head), dw_w, de_e [B, M, T] f32."""
+  bsz, seqlen, nheads, headdim = x.shape
+  chunk, dstate = cfg.chunk, b.shape[-1]
+  body = functools.partial(kernel_mgpu.scan_bwd_dbc_kernel, has_docs=cfg.has_docs,
+                           group_size=cfg.group_size)
+  tokens = _mgpu.swizzled((chunk, headdim), x.dtype)
+  group = _mgpu.swizzled((chunk, dstate), b.dtype)
+  state = _mgpu.swizzled((headdim, dstate), b.dtype)
+  scratch = (tokens, tokens, group, group, state, state, _mgpu.swizzled((chunk, chunk), x.dtype),
+             plgpu.SMEM((chunk, _mgpu.ALIGN), _F32), plgpu.SMEM((2, chunk), _F32), *_chunk_vecs(chunk),
+             plgpu.Barrier(num_barriers=10))
+  per_head = jax.ShapeDtypeStruct((bsz, seqlen, nheads, dstate), _F32)
+  vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
+  return _run(cfg, body, (per_head, per_head, vec, vec), (bsz, seqlen // chunk, nheads), ("b", "c", "m"),
+              scratch, x, dtp, cum, b, c, h_in, dstates, dy, *_docs(cfg, seg, carry))
+
+
+def _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry):
+  """dx [B, T, M, P], ddt, dskip, da [B, M, T] f32."""
+  bsz, seqlen, nheads, headdim = x.shape
+  chunk, dstate = cfg.chunk, b.shape[-1]
+  body = functools.partial(kernel_mgpu.scan_bwd_dx_kernel, has_docs=cfg.has_docs,
+                           group_size=cfg.group_size)
+  tokens = _mgpu.swizzled((chunk, headdim), x.dtype)
+  group = _mgpu.swizzled((chunk, dstate), b.dtype)
+  square = _mgpu.swizzled((chunk, chunk), x.dtype)
+  scratch = (tokens, tokens, group, group, _mgpu.swizzled((headdim, dstate), b.dtype), square, square,
+             square, plgpu.SMEM((3, chunk), _F32), _vec(chunk), _vec(chunk), *_chunk_vecs(chunk),
+             plgpu.Barrier(num_barriers=11))
+  vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
+  return _run(cfg, body, (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec, vec),
+              (bsz, seqlen // chunk, nheads), ("b", "c", "m"), scratch,
+              x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, *_docs(cfg, seg, carry))
+
+
+def _states_in(cfg, x, dtp, cum, b, h0, seg, carry, dtypes):
+  """Forward chunk states and their passing: (g, *h_in in `dtypes`, final)."""
+  g = _chunked.carry_decay(cfg.chunk, cum, carry)
+  states = _chunk_state(cfg, x, dtp, cum, b, seg, carry, mode="state")
+  return (g, *_state_passing(cfg, states, g, h0, dtypes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd_core(cfg, x, dtp, a, b, c, d, h0, seg, carry):
+  """(y [B,T,M,P] x.dtype, final [B,M,P,Q] f32) on padded inputs; a = dt A."""
+  return _core_fwd(cfg, x, dtp, a, b, c, d, h0, seg, carry)[0]
+
+
+def _core_fwd(cfg, x, dtp, a, b, c, d, h0, seg, carry):
+  cum = _chunked.chunk_cumsum(cfg.chunk, a)  # [B,M,T]
+  _, h_in, final = _states_in(cfg, x, dtp, cum, b, h0, seg, carry, (x.dtype,))
+  y = _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry)
+  return (y, final), (x, dtp, cum, b, c, d, h0, seg, carry)
+
+
+def _core_bwd(cfg, residuals, cotangents):
+  x, dtp, cum, b, c, d, h0, seg, carry = residuals
+  dy, dfinal = cotangents
+  dy = dy.astype(x.dtype)
+  g, h_in32, h_in, _ = _states_in(cfg, x, dtp, cum, b, h0, seg, carry, (_F32, x.dtype))
+  dh_out = _chunk_state(cfg, dy, dtp, cum, c, seg, carry, mode="dout")
+  dstates, dg, dh0 = _state_passing_bwd(cfg, dh_out, g, h_in32, dfinal.astype(_F32), x.dtype)
+  db, dc, dw_w, de_e = _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry)
+  dx, ddt, dskip, da = _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry)
+  da = _chunked.add_carry_term(cfg.chunk, da, dg, g)
+  return (
+      dx, ddt, da, _chunked.group_sum(db, cfg.ngroups).astype(b.dtype),
+      _chunked.group_sum(dc, cfg.ngroups).astype(c.dtype),
+      dskip.sum(axis=(0, 2)).astype(d.dtype), dh0, None, None,
+  )
+
+
+_ssd_core.defvjp(_core_fwd, _core_bwd)
+
+
+def check_chunk_size(chunk_size: int) -> Optional[str]:
+  """None if the Mosaic GPU kernels take `chunk_size`, else why not."""
+  if chunk_size >= _mgpu.ALIGN and chunk_size % _mgpu.ALIGN == 0:
+    return None
+  return f"backend='mosaic_gpu' needs a {chunk_size=} that is a multiple of {_mgpu.ALIGN}"
+
+
+def check_dtype(dtype) -> Optional[str]:
+  """None if the Mosaic GPU kernels take inputs of `dtype`, else why not."""
+  if jnp.dtype(dtype) in _mgpu.OPERAND_DTYPES:
+    return None
+  return (f"backend='mosaic_gpu' takes bf16 or f16 x (wgmma would run {jnp.dtype(dtype).name} as TF32); "
+          "use backend='triton' or 'reference' for float32")
+
+
+def ssd_mgpu(
+    x, dt, A, B, C, D, dt_bias, *, initial_state, doc_ids, chunk_size, dt_softplus, dt_min, dt_max,
+    block_sizes: MgpuBlockSizes, interpret: Any,
+):
+  """`ops.ssd` on the Mosaic GPU kernels; arguments already checked (`check_*` included)."""
+  _, seqlen, nheads, headdim = x.shape
+  ngroups, dstate = B.shape[2:]
+  align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
+  cfg = _Config(
+      chunk=int(chunk_size), ngroups=ngroups, group_size=nheads // ngroups, has_docs=doc_ids is not None,
+      max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
+  )
+  p = _chunked.prologue(
+      x, dt, A, B, C, D, dt_bias, initial_state=initial_state, doc_ids=doc_ids, chunk=cfg.chunk,
+      padded_p=align(headdim), padded_q=align(dstate), mm_dtype=x.dtype, dt_softplus=dt_softplus,
+      dt_min=dt_min, dt_max=dt_max,
+  )
+  y, final = _ssd_core(cfg, *p)
+  return y[:, :seqlen, :, :headdim], final[:, :, :headdim, :dstate]
