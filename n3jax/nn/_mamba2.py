@@ -36,8 +36,10 @@ from pallas_kernels.ssd import reference as ssd_ref
 # "pallas": the Pallas kernels (forward and backward): Triton on GPU, Mosaic on TPU, the reference on CPU. The
 # default stays "reference" until the compiled kernel tests have run on a GPU / TPU (pallas_kernels/ssd/ops_test.py,
 # owed; on CPU the kernels are checked in interpret mode and by lowering for abstract H100 / TPU targets).
+# "pallas_mgpu": the Mosaic GPU kernels for Hopper (wgmma + TMA; bf16 / f16 compute dtype, GPU only).
 SSD_BACKENDS = {"reference": ssd_ref.ssd_reference,
-                "pallas": functools.partial(ssd_ops.ssd, backend="auto")}
+                "pallas": functools.partial(ssd_ops.ssd, backend="auto"),
+                "pallas_mgpu": functools.partial(ssd_ops.ssd, backend="mosaic_gpu")}
 
 
 def _ssd(cfg: ModelConfig):

@@ -11,6 +11,6 @@ Mosaic compilation with libtpu (no TPU). Owed: runs on a real TPU and GPU, and
 tuning of both.
 """
 
-from pallas_kernels.ssd.ops import BlockSizes, TpuBlockSizes, ssd
+from pallas_kernels.ssd.ops import BlockSizes, MgpuBlockSizes, TpuBlockSizes, ssd
 
-__all__ = ["BlockSizes", "TpuBlockSizes", "ssd"]
+__all__ = ["BlockSizes", "MgpuBlockSizes", "TpuBlockSizes", "ssd"]

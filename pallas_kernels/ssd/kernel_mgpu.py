@@ -208,22 +208,31 @@ def state_passing_bwd_kernel(dh_out_ref, g_ref, h_in_ref, dfinal_ref, dstates_re
 
 
 class _Chunk:
-  """The per-(b, c, m) vectors every chunk-scan program loads, in the layouts it uses them in."""
+  """The per-(b, c, m) vectors every chunk-scan program loads, in the layouts it uses them in.
+
+  A vector used both per row and per column is loaded twice, into two shared-memory buffers: Mosaic
+  GPU's layout inference gives each buffer's loads one layout (jax 0.12).
+  """
+
+  NUM_VECS = 7  # dt, cum (rows, cols), seg (rows, cols), carry
 
   def __init__(self, dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, first, *, b, c, m, chunk):
-    """Loads with barriers first .. first + 3; vec_smems: dt, cum ([L] f32), seg ([L] int32), carry."""
-    dt_smem, cum_smem, seg_smem, carry_smem = vec_smems
+    """Loads into vec_smems (dt, dt, cum, cum: [L] f32; seg, seg: [L] int32; carry) with barriers
+    first .. first + 6."""
     t0 = c * chunk
     tokens = pl.ds(t0, chunk)
-    self.cum_r = _vec(cum_ref.at[b, m, tokens], cum_smem, barriers.at[first], _mgpu.ROWS)
-    self.cum_c = plgpu.load(cum_smem, layout=_mgpu.COLS)
-    self.dt_r = _vec(dt_ref.at[b, m, tokens], dt_smem, barriers.at[first + 1], _mgpu.ROWS)
-    self.dt_c = plgpu.load(dt_smem, layout=_mgpu.COLS)
-    self.seg_r = self.seg_c = self.carry_r = None
+    srcs = [dt_ref.at[b, m, tokens]] * 2 + [cum_ref.at[b, m, tokens]] * 2
     if seg_ref is not None:
-      self.seg_r = _vec(seg_ref.at[b, tokens], seg_smem, barriers.at[first + 2], _mgpu.ROWS)
-      self.seg_c = plgpu.load(seg_smem, layout=_mgpu.COLS)
-      self.carry_r = _vec(carry_ref.at[b, tokens], carry_smem, barriers.at[first + 3], _mgpu.ROWS)
+      srcs += [seg_ref.at[b, tokens]] * 2 + [carry_ref.at[b, tokens]]
+    for i, src in enumerate(srcs):
+      plgpu.copy_gmem_to_smem(src, vec_smems[i], barriers.at[first + i])
+    layouts = (_mgpu.ROWS, _mgpu.COLS) * 3 + (_mgpu.ROWS,)
+    loaded = []
+    for i, layout in enumerate(layouts[:len(srcs)]):
+      plgpu.barrier_wait(barriers.at[first + i])
+      loaded.append(plgpu.load(vec_smems[i], layout=layout))
+    loaded += [None] * (len(layouts) - len(loaded))
+    self.dt_r, self.dt_c, self.cum_r, self.cum_c, self.seg_r, self.seg_c, self.carry_r = loaded
     self.cum_last, self.seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
     self.square = (chunk, chunk)
 
@@ -341,8 +350,8 @@ def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, 
                (dstate_ref.at[b, m, pl.ds(c * headdim, headdim)], dst_smem)], barriers)
   v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m,
              chunk=chunk)
-  dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[9], _mgpu.COLS)
-  de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[10], _mgpu.COLS)
+  dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[5 + _Chunk.NUM_VECS], _mgpu.COLS)
+  de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[6 + _Chunk.NUM_VECS], _mgpu.COLS)
   tile, square = (chunk, headdim), v.square
   x = x_smem[...].astype(_F32)
   dy = dy_smem[...].astype(_F32)

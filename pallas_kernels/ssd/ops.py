@@ -6,6 +6,10 @@ that module's docstring for `doc_ids` / `initial_state`) plus `block_sizes`,
 
   "triton"      Pallas Triton kernels for NVIDIA GPUs (ops_triton.py +
                 kernel.py); `BlockSizes` is its tiling.
+  "mosaic_gpu"  Pallas Mosaic GPU kernels for Hopper (ops_mgpu.py +
+                kernel_mgpu.py): wgmma on TMA-staged tiles, bf16 / f16
+                inputs, chunk a multiple of 64; `MgpuBlockSizes`. Not yet
+                picked by "auto" (no GPU has run it).
   "mosaic_tpu"  Pallas Mosaic TPU kernels (ops_tpu.py + kernel_tpu.py): one
                 fused kernel per direction that walks the chunks sequentially
                 with the state in VMEM; `TpuBlockSizes` is its tiling.
@@ -35,17 +39,22 @@ from typing import Any, Optional
 import jax
 
 from pallas_kernels import _target
+from pallas_kernels.ssd import ops_mgpu
 from pallas_kernels.ssd import ops_tpu
 from pallas_kernels.ssd import ops_triton
 from pallas_kernels.ssd import reference
 
 BlockSizes = ops_triton.BlockSizes
 TpuBlockSizes = ops_tpu.TpuBlockSizes
+MgpuBlockSizes = ops_mgpu.MgpuBlockSizes
 
-_BACKENDS = ("auto", "triton", "mosaic_tpu", "reference")
+_BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "reference")
+_BLOCK_SIZES = {"triton": BlockSizes, "mosaic_gpu": MgpuBlockSizes, "mosaic_tpu": TpuBlockSizes}
+_ENTRIES = {"triton": ops_triton.ssd_triton, "mosaic_gpu": ops_mgpu.ssd_mgpu,
+            "mosaic_tpu": ops_tpu.ssd_mosaic_tpu}
 
 
-def _resolve_backend(backend: str, interpret, chunk_size: int) -> str:
+def _resolve_backend(backend: str, interpret, chunk_size: int, dtype) -> str:
   """The backend to run; the target platform is `_target.platform()`."""
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown {backend=}; expected one of {_BACKENDS}")
@@ -70,6 +79,19 @@ def _resolve_backend(backend: str, interpret, chunk_size: int) -> str:
     if not interpret and platform != "gpu":
       raise ValueError(
           "backend='triton' compiles for a GPU, but the target platform is "
+          f"{platform!r}; pass interpret=True to run it on CPU, or lower "
+          "under jax.sharding.use_abstract_mesh with a GPU AbstractDevice"
+      )
+  if backend == "mosaic_gpu":
+    problem = ops_mgpu.check_chunk_size(chunk_size) or ops_mgpu.check_dtype(dtype)
+    if problem:
+      raise ValueError(problem)
+    if tpu_interpreter:
+      raise ValueError(f"backend='mosaic_gpu' takes interpret=True/False or plgpu.InterpretGPUParams, "
+                       f"not TPU {interpret=}")
+    if not interpret and platform != "gpu":
+      raise ValueError(
+          "backend='mosaic_gpu' compiles for a GPU, but the target platform is "
           f"{platform!r}; pass interpret=True to run it on CPU, or lower "
           "under jax.sharding.use_abstract_mesh with a GPU AbstractDevice"
       )
@@ -100,7 +122,7 @@ def ssd(
     dt_softplus: bool = True,
     dt_min: float = 0.0,
     dt_max: float = float("inf"),
-    block_sizes: Optional[BlockSizes | TpuBlockSizes] = None,
+    block_sizes: Optional[BlockSizes | MgpuBlockSizes | TpuBlockSizes] = None,
     backend: str = "auto",
     interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -115,9 +137,12 @@ def ssd(
   Args:
     x, dt, A, B, C, D, dt_bias, initial_state, doc_ids, chunk_size,
       dt_softplus, dt_min, dt_max: as in `reference.ssd_reference`.
-    block_sizes: Kernel tiling: `BlockSizes` for "triton", `TpuBlockSizes`
-      for "mosaic_tpu"; default `.for_device()` of the one in use.
+    block_sizes: Kernel tiling: `BlockSizes` for "triton", `MgpuBlockSizes`
+      for "mosaic_gpu", `TpuBlockSizes` for "mosaic_tpu"; default
+      `.for_device()` of the one in use.
     backend: "triton" (Pallas Triton kernels; chunk_size a power of 2 >= 16),
+      "mosaic_gpu" (Pallas Mosaic GPU kernels for Hopper; bf16 / f16 x,
+      chunk_size a multiple of 64),
       "mosaic_tpu" (Pallas Mosaic TPU kernels; chunk_size a multiple of 128,
       of 8 in interpret mode), "reference" (the jnp `ssd_reference`), or
       "auto": "mosaic_tpu" when the target platform is TPU (or `interpret`
@@ -131,7 +156,9 @@ def ssd(
     interpret: Run the Pallas kernels in interpret mode on CPU: True (the
       generic Pallas interpreter, both kernel sets), or a
       `jax.experimental.pallas.tpu.InterpretParams` (the TPU simulator:
-      NaN-filled uninitialized VMEM, bounds checks; "mosaic_tpu" only).
+      NaN-filled uninitialized VMEM, bounds checks; "mosaic_tpu" only), or
+      a `plgpu.InterpretGPUParams` (Mosaic GPU interpreter options, e.g.
+      race detection; "mosaic_gpu" only).
 
   Returns:
     y: [B, T, M, P] in x.dtype.
@@ -149,21 +176,17 @@ def ssd(
       dt_min=dt_min,
       dt_max=dt_max,
   )
-  backend = _resolve_backend(backend, interpret, chunk_size)
+  backend = _resolve_backend(backend, interpret, chunk_size, x.dtype)
   if backend == "reference":
     return reference.ssd_reference(x, dt, A, B, C, D, dt_bias, **kw)
-  sizes_type = TpuBlockSizes if backend == "mosaic_tpu" else BlockSizes
+  sizes_type = _BLOCK_SIZES[backend]
   if block_sizes is not None and not isinstance(block_sizes, sizes_type):
     raise TypeError(
         f"backend={backend!r} takes block_sizes of type {sizes_type.__name__},"
         f" got {block_sizes!r}"
     )
   block_sizes = block_sizes or sizes_type.for_device()
-  entry = (
-      ops_tpu.ssd_mosaic_tpu if backend == "mosaic_tpu"
-      else ops_triton.ssd_triton
-  )
-  return entry(
+  return _ENTRIES[backend](
       x, dt, A, B, C, D, dt_bias, **kw, block_sizes=block_sizes,
       interpret=interpret,
   )

@@ -20,9 +20,10 @@ Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
 
 The states are laid out [B, M, C P, Q] (chunk c's tile at rows c P), so that a (b, m) program's chunks
 form one 2-D array for the TMA engine. bf16 / f16 only (wgmma would run f32 as TF32; f32 runs on the
-Triton or reference paths). chunk_size a multiple of 64 (the wgmma M of a warpgroup); the programs'
-shared memory fits an H100's 227 KB up to L = 128 with P = 64, Q = 128 (the Nemotron mixer shape), and
-lowering refuses larger ones. Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
+Triton or reference paths). chunk_size a multiple of 64 (the wgmma M of a warpgroup), run as chunks of
+128 or 64 (`kernel_chunk`). The programs' shared memory fits an H100's 227 KB at L = 128 with P = 64 and
+Q up to 128 (every Nemotron mixer: P = 64, Q = 128); lowering refuses larger tiles (P = 128) with
+"Mosaic GPU kernel exceeds available shared memory". Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
 outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs, tuning
 (several heads per program sharing C B^T, two warpgroups, the causal half of the [L, L] products) and
 the comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`).
@@ -92,8 +93,8 @@ def _vec(chunk, dtype=_F32):
 
 
 def _chunk_vecs(chunk):
-  """Shared memory of `kernel_mgpu._Chunk`: dt, cum, seg, carry."""
-  return (_vec(chunk), _vec(chunk), _vec(chunk, jnp.int32), _vec(chunk))
+  """Shared memory of `kernel_mgpu._Chunk`: dt and cum twice, seg twice, carry."""
+  return (_vec(chunk),) * 4 + (_vec(chunk, jnp.int32),) * 2 + (_vec(chunk),)
 
 
 def _slots(shape, dtype):
@@ -161,7 +162,7 @@ def _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry):
                            group_size=cfg.group_size)
   scratch = (_mgpu.swizzled((chunk, headdim), x.dtype), _mgpu.swizzled((chunk, dstate), b.dtype),
              _mgpu.swizzled((chunk, dstate), b.dtype), _mgpu.swizzled((headdim, dstate), h_in.dtype),
-             _mgpu.swizzled((chunk, chunk), x.dtype), *_chunk_vecs(chunk), plgpu.Barrier(num_barriers=8))
+             _mgpu.swizzled((chunk, chunk), x.dtype), *_chunk_vecs(chunk), plgpu.Barrier(num_barriers=4 + kernel_mgpu._Chunk.NUM_VECS))
   return _run(cfg, body, jax.ShapeDtypeStruct(x.shape, x.dtype), (bsz, seqlen // chunk, nheads),
               ("b", "c", "m"), scratch, x, dtp, cum, b, c, d, h_in, *_docs(cfg, seg, carry))
 
@@ -177,7 +178,7 @@ def _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry):
   state = _mgpu.swizzled((headdim, dstate), b.dtype)
   scratch = (tokens, tokens, group, group, state, state, _mgpu.swizzled((chunk, chunk), x.dtype),
              plgpu.SMEM((chunk, _mgpu.ALIGN), _F32), plgpu.SMEM((2, chunk), _F32), *_chunk_vecs(chunk),
-             plgpu.Barrier(num_barriers=10))
+             plgpu.Barrier(num_barriers=6 + kernel_mgpu._Chunk.NUM_VECS))
   per_head = jax.ShapeDtypeStruct((bsz, seqlen, nheads, dstate), _F32)
   vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
   return _run(cfg, body, (per_head, per_head, vec, vec), (bsz, seqlen // chunk, nheads), ("b", "c", "m"),
@@ -195,7 +196,7 @@ def _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry)
   square = _mgpu.swizzled((chunk, chunk), x.dtype)
   scratch = (tokens, tokens, group, group, _mgpu.swizzled((headdim, dstate), b.dtype), square, square,
              square, plgpu.SMEM((3, chunk), _F32), _vec(chunk), _vec(chunk), *_chunk_vecs(chunk),
-             plgpu.Barrier(num_barriers=11))
+             plgpu.Barrier(num_barriers=7 + kernel_mgpu._Chunk.NUM_VECS))
   vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
   return _run(cfg, body, (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec, vec),
               (bsz, seqlen // chunk, nheads), ("b", "c", "m"), scratch,
@@ -249,6 +250,16 @@ def check_chunk_size(chunk_size: int) -> Optional[str]:
   return f"backend='mosaic_gpu' needs a {chunk_size=} that is a multiple of {_mgpu.ALIGN}"
 
 
+def kernel_chunk(chunk_size: int) -> int:
+  """The chunk the kernels run: 128 where `chunk_size` is a multiple of 128, else 64.
+
+  Chunking only re-associates the recurrence (y and the states are the same sums in another order), so a
+  model configured with 256-token chunks (Nemotron Nano 2) runs 128-token ones: at L = 256 the
+  programs' [L, L] tiles would not fit in an H100's shared memory.
+  """
+  return 2 * _mgpu.ALIGN if chunk_size % (2 * _mgpu.ALIGN) == 0 else _mgpu.ALIGN
+
+
 def check_dtype(dtype) -> Optional[str]:
   """None if the Mosaic GPU kernels take inputs of `dtype`, else why not."""
   if jnp.dtype(dtype) in _mgpu.OPERAND_DTYPES:
@@ -266,7 +277,7 @@ def ssd_mgpu(
   ngroups, dstate = B.shape[2:]
   align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
   cfg = _Config(
-      chunk=int(chunk_size), ngroups=ngroups, group_size=nheads // ngroups, has_docs=doc_ids is not None,
+      chunk=kernel_chunk(chunk_size), ngroups=ngroups, group_size=nheads // ngroups, has_docs=doc_ids is not None,
       max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
   )
   p = _chunked.prologue(
