@@ -2,8 +2,8 @@
 # The GPU checks n3jax owes, in parts that each fit one 10-minute device call. Results go to $OUT/<part>.log
 # (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
 #
-#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD; MoE gmm and attention, Triton + Mosaic GPU), ~5 min
-#   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py vs jnp reference and mamba_ssm (ANCHORS shapes + Nano/Super)
+#   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD, MoE gmm and attention; Triton + Mosaic GPU), ~5 min
+#   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py: Triton + Mosaic GPU kernels vs jnp reference and mamba_ssm (ANCHORS + Nano/Super)
 #   bash benchmarks/gpu_session.sh attention  # benchmarks/attention.py vs XLA, cuDNN and torch SDPA
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
 #   bash benchmarks/gpu_session.sh moe_sweep  # tile sweep of the Triton and Mosaic GPU grouped matmuls (anchor shape)
@@ -34,7 +34,7 @@ log="$out/$part.log"
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
         "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" \
-        "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" \
+        "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" "pallas_kernels/ssd/ops_mgpu_test.py::SsdMosaicGpuTest" \
         "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)
       "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" ;;

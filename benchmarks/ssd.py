@@ -1,4 +1,7 @@
-"""GPU benchmark of the Pallas SSD kernel vs the jnp reference and mamba_ssm.
+"""GPU benchmark of the Pallas SSD kernels vs the jnp reference and mamba_ssm.
+
+Ours: the Triton kernels (`backend="triton"`) and, on Hopper, the Mosaic GPU
+kernels (`backend="mosaic_gpu"`: wgmma + TMA), each timed in the same run.
 
 For the shapes of ../shared/bench/ANCHORS.md plus the Nemotron 3 Nano / Super
 mixer shapes at 8k tokens, prints one JSON line per measurement (median over
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from pallas_kernels.ssd import ops
 from pallas_kernels.ssd import reference
 
-_TINY = flags.DEFINE_bool("tiny", False, "One tiny shape (chunk 16) only.")
+_TINY = flags.DEFINE_bool("tiny", False, "One tiny shape (chunk 64) only.")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Run our kernels in Pallas interpret mode (CPU)."
 )
@@ -41,6 +44,10 @@ _SHAPES = flags.DEFINE_list(
 )
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls first.")
+_BACKENDS = flags.DEFINE_list(
+    "backends", None,
+    "Our backends to time (default: triton, plus mosaic_gpu on Hopper).",
+)
 _SKIP_REFERENCE = flags.DEFINE_bool(
     "skip_reference", False, "Do not time the jnp reference."
 )
@@ -54,8 +61,8 @@ SHAPES = {
     "super_b1": (1, 8192, 128, 64, 128, 8),
     "super_b2": (2, 8192, 128, 64, 128, 8),
 }
-TINY_SHAPES = {"tiny": (1, 64, 4, 16, 16, 2)}
-_CHUNK, _TINY_CHUNK = 128, 16
+TINY_SHAPES = {"tiny": (1, 128, 4, 16, 16, 2)}
+_CHUNK, _TINY_CHUNK = 128, 64
 
 
 def _emit(**kw):
@@ -184,15 +191,20 @@ def main(argv):
   if _SHAPES.value:
     shapes = {k: v for k, v in shapes.items() if k in _SHAPES.value}
   mamba = _load_mamba()
-  ours_fn = lambda *a, **kw: ops.ssd(
-      *a, **kw, backend="triton", interpret=interpret
-  )
+  backends = _BACKENDS.value or _default_backends(interpret)
+  ours_fn = lambda backend: (lambda *a, **kw: ops.ssd(
+      *a, **kw, backend=backend, interpret=interpret
+  ))
   rows = []
   for name, shape in shapes.items():
     inputs = _jax_inputs(shape)
-    ours = _measure(
-        "ours_pallas", name, shape, lambda: _time_jax(ours_fn, inputs, chunk)
-    )
+    ours = {
+        backend: _measure(
+            f"ours_{backend}", name, shape,
+            lambda: _time_jax(ours_fn(backend), inputs, chunk),  # pylint: disable=cell-var-from-loop
+        )
+        for backend in backends
+    }
     ref = None
     if not _SKIP_REFERENCE.value:
       ref = _measure(
@@ -212,20 +224,30 @@ def main(argv):
       )
     rows.append((name, shape, ours, ref, theirs))
 
-  header = (
-      "shape", "ours fwd", "ours f+b", "ref fwd", "ref f+b", "mamba fwd",
-      "mamba f+b", "ours/mamba fwd", "ours/mamba f+b", "ours/ref fwd",
-      "ours/ref f+b",
-  )
+  header = ["shape"]
+  for backend in backends:
+    header += [f"{backend} fwd", f"{backend} f+b"]
+  header += ["ref fwd", "ref f+b", "mamba fwd", "mamba f+b"]
+  for backend in backends:
+    header += [f"{backend}/mamba fwd", f"{backend}/mamba f+b",
+               f"{backend}/ref fwd", f"{backend}/ref f+b"]
   print("\n" + " | ".join(header))
   fmt = lambda r, k: f"{r[k]:.3f}" if r else "-"
   for name, shape, ours, ref, theirs in rows:
     cells = [f"{name} {shape}"]
-    for r in (ours, ref, theirs):
+    for r in (*ours.values(), ref, theirs):
       cells += [fmt(r, "fwd_ms"), fmt(r, "fwd_bwd_ms")]
-    for den in (theirs, ref):
-      cells += [_ratio(ours, den, "fwd_ms"), _ratio(ours, den, "fwd_bwd_ms")]
+    for r in ours.values():
+      for den in (theirs, ref):
+        cells += [_ratio(r, den, "fwd_ms"), _ratio(r, den, "fwd_bwd_ms")]
     print(" | ".join(cells))
+
+
+def _default_backends(interpret: bool) -> list[str]:
+  """triton everywhere; mosaic_gpu where it can run (a Hopper GPU, or interpreted)."""
+  kind = jax.devices()[0].device_kind
+  hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
+  return ["triton"] + (["mosaic_gpu"] if hopper or interpret else [])
 
 
 if __name__ == "__main__":
