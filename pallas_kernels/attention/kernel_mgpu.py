@@ -25,21 +25,18 @@ is -1e30 (finite: exp2(m - m_new) never sees (-inf) - (-inf)) and its probabilit
 
 import math
 
-import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels import _mgpu
+
 _F32 = jnp.float32
 _NEG = -1e30
 _LOG2E = math.log2(math.e)
-_ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
-_COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-
-
-def _iota(shape, dim):
-  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+_ROWS, _COLS, _iota = _mgpu.ROWS, _mgpu.COLS, _mgpu.iota
+_matmul, _staged, _load_rows, _store = _mgpu.matmul, _mgpu.stage, _mgpu.load, _mgpu.store
 
 
 def _visible(seg_rows, seg_cols, row0, col0, shape, *, rows_are_queries: bool):
@@ -51,47 +48,14 @@ def _visible(seg_rows, seg_cols, row0, col0, shape, *, rows_are_queries: bool):
   return causal & same
 
 
-def _matmul(a, b, shape):
-  """a @ b into a fresh f32 accumulator [shape] (a, b: shared-memory refs, possibly transposed views)."""
-
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-
-  return pl.run_scoped(body, plgpu.ACC(shape, _F32))
-
-
 def _accumulate(acc, a, b):
   """acc + a @ b: the product into a fresh accumulator, added in registers.
 
   (Accumulating into ``acc`` itself, ``pl.run_state`` over ``plgpu.ACC.init(acc)``, saves a register
-  tile but has no rule in JAX's Mosaic GPU interpreter, jax 0.12.)
+  tile but has no rule in JAX's Mosaic GPU interpreter, jax 0.12.) P and dS reach the wgmma through
+  shared memory (`_mgpu.stage`); FlashAttention-3 keeps P in registers, a tuning step to measure.
   """
   return acc + _matmul(a, b, acc.shape)
-
-
-def _staged(value, smem):
-  """``value`` written to the shared-memory tile ``smem`` (in its dtype) for a wgmma to read.
-
-  The probabilities and score gradients go through shared memory rather than straight from registers
-  (FlashAttention-3 keeps P in registers): JAX's Mosaic GPU interpreter, which the CPU tests run, takes
-  wgmma operands from shared memory only (jax 0.12). A tuning follow-up once a GPU can measure it.
-  """
-  smem[...] = value.astype(smem.dtype)
-  plgpu.commit_smem()  # ordinary stores -> visible to the tensor cores' async proxy
-  return smem
-
-
-def _load_rows(src, smem, barrier):
-  """TMA copy of one tile into shared memory, waited for."""
-  plgpu.copy_gmem_to_smem(src, smem, barrier)
-  plgpu.barrier_wait(barrier)
-
-
-def _store(smem, value, dst):
-  smem[...] = value.astype(smem.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(smem, dst)
 
 
 def forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, segq_smem, lse_smem, p_smem, barriers, *,

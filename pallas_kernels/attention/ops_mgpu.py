@@ -26,14 +26,15 @@ import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels import _mgpu
 from pallas_kernels import _target
 from pallas_kernels import _vma
 from pallas_kernels.attention import _flash
 from pallas_kernels.attention import kernel_mgpu
 
 _F32 = jnp.float32
-_OPERAND_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_HEAD_ALIGN = 64
+_OPERAND_DTYPES = _mgpu.OPERAND_DTYPES
+_HEAD_ALIGN = _mgpu.ALIGN
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,18 +86,7 @@ class _Config:
   interpret: Any
 
 
-def _transforms(dtype) -> tuple:
-  """Tiling + 128-byte swizzle of a shared-memory tile whose minor dimension is a multiple of 64 (16-bit)."""
-  itemsize = jnp.dtype(dtype).itemsize
-  return (plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128))
-
-
-def _kernel(body, out_type, grid, names, scratch, interpret):
-  return plgpu.kernel(
-      body, out_type=out_type, grid=grid, grid_names=names, scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret,
-  )
+_transforms, _kernel = _mgpu.transforms, _mgpu.kernel
 
 
 def _forward(cfg: _Config, q, k, v, seg):
@@ -156,6 +146,6 @@ def attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   t, h = q.shape[1], q.shape[3]
   multiple = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)   # powers of 2
   cfg = _Config(blocks=blocks, scale=h ** -0.5,
-                interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None))
+                interpret=_mgpu.interpret_params(interpret))
   return _flash.run_padded(_core, cfg, q, k, v, segment_ids, padded_t=-(-t // multiple) * multiple,
                            padded_h=-(-h // _HEAD_ALIGN) * _HEAD_ALIGN)

@@ -7,6 +7,7 @@ uses the bf16 tolerance of `ops_test._TOL`. `SsdMosaicGpuStaticTest` needs no ke
 lowering for an abstract H100 (Mosaic GPU's layout inference and its shared-memory budget check).
 """
 
+import dataclasses
 import functools
 
 from absl.testing import absltest
@@ -49,16 +50,17 @@ class SsdMosaicGpuTest(parameterized.TestCase):
     ops_test.SsdTest._assert_matches(self, got, want, jnp.bfloat16)  # pylint: disable=protected-access
 
   @parameterized.named_parameters(
-      ("plain", False, False, jnp.bfloat16),
-      ("state_docs", True, True, jnp.bfloat16),
-      ("docs_only_f16", False, True, jnp.float16),
+      ("plain", 1, False, False, jnp.bfloat16),
+      ("batch2_state_docs", 2, True, True, jnp.bfloat16),
+      ("docs_only_f16", 1, False, True, jnp.float16),
   )
-  def test_outputs_and_grads_match_reference(self, use_state, use_docs, dtype):
-    inputs = _bf16(ops_test._inputs(_ODD, jnp.float32), dtype)  # pylint: disable=protected-access
+  def test_outputs_and_grads_match_reference(self, batch, use_state, use_docs, dtype):
+    shape = dataclasses.replace(_ODD, batch=batch)
+    inputs = _bf16(ops_test._inputs(shape, jnp.float32), dtype)  # pylint: disable=protected-access
     if not use_state:
       inputs["initial_state"] = jnp.zeros_like(inputs["initial_state"])
     # Documents of 4 x the base pattern: boundaries on and off the 64-token chunk edges.
-    docs = ops_test._doc_ids(1, _ODD.seqlen, 4) if use_docs else None  # pylint: disable=protected-access
+    docs = ops_test._doc_ids(batch, shape.seqlen, 4) if use_docs else None  # pylint: disable=protected-access
     self._check(inputs, dtype, chunk_size=64, doc_ids=docs)
 
   def test_chunk_128_strong_decay_no_skip_one_group(self):
