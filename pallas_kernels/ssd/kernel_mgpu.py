@@ -254,30 +254,68 @@ def _load_tiles(pairs, barriers):
     plgpu.barrier_wait(barriers.at[i])
 
 
-def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *rest, has_docs, group_size):
-  """y of one (b, c, m): grid ("b", "c", "m").
+def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *rest, has_docs, group_size,
+                          heads, max_concurrent_steps):
+  """y of `heads` heads of one B/C group in one chunk: grid ("b", "c", "hb"), head block hb.
 
-  y = (S o W o dt_s) x  +  e o (C h_in^T)  +  D x; the scores are staged in shared memory as the
-  A operand of the second product, h_in (input dtype) is read as the transposed B operand.
+  S = C B^T is computed once per program and kept in shared memory (f32); the heads then stream
+  through `emit_pipeline` (their x, h_in, dt and cum tiles loaded by TMA one head ahead):
+    y = (S o W o dt_s) x  +  e o (C h_in^T)  +  D x
+  with the scores staged in shared memory as the A operand of the second product and h_in (input
+  dtype) read as the transposed B operand. y leaves through one staging tile, its TMA store overlapping
+  the next head's products.
   """
   (seg_ref, carry_ref), (y_ref,), scratch = _split(rest, has_docs, 1)
-  x_smem, b_smem, c_smem, h_smem, s_smem, *vec_smems, barriers = scratch
-  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
-  chunk, headdim = x_smem.shape
-  tokens = pl.ds(c * chunk, chunk)
-  j = lax.div(m, group_size)
-  _load_tiles([(x_ref.at[b, tokens, m], x_smem), (b_ref.at[b, tokens, j], b_smem),
-               (c_ref.at[b, tokens, j], c_smem),
-               (h_ref.at[b, m, pl.ds(c * headdim, headdim)], h_smem)], barriers)
-  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 4, b=b, c=c, m=m,
-             chunk=chunk)
-  tile = (chunk, headdim)
-  cb = _mgpu.matmul(c_smem, b_smem.transpose((1, 0)), v.square)                 # S [L, S]
-  scores = cb * v.decay() * _mgpu.cols(v.dt_c, v.square)
-  y = _mgpu.matmul(_mgpu.stage(scores, s_smem), x_smem, tile)                   # intra-chunk
-  y += _mgpu.rows(v.from_start(), tile) * _mgpu.matmul(c_smem, h_smem.transpose((1, 0)), tile)
-  y += d_ref[m] * x_smem[...].astype(_F32)
-  _mgpu.store(x_smem, y, y_ref.at[b, tokens, m])                              # x is no longer read
+  c_smem, cb_smem, s_smem, y_smem, seg_r_smem, seg_c_smem, carry_smem, barriers = scratch
+  b, c, hb = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("hb")
+  chunk = cb_smem.shape[0]
+  headdim = y_smem.shape[1]
+  dstate = c_smem.shape[1]
+  t0 = c * chunk
+  tokens = pl.ds(t0, chunk)
+  head0 = hb * heads
+  j = lax.div(head0, group_size)
+  square, tile = (chunk, chunk), (chunk, headdim)
+  plgpu.copy_gmem_to_smem(c_ref.at[b, tokens, j], c_smem, barriers.at[0])
+  seg_r = seg_c = carry = seg_last = None
+  if has_docs:
+    seg_r = _vec(seg_ref.at[b, tokens], seg_r_smem, barriers.at[1], _mgpu.ROWS)
+    seg_c = _vec(seg_ref.at[b, tokens], seg_c_smem, barriers.at[2], _mgpu.COLS)
+    carry = _vec(carry_ref.at[b, tokens], carry_smem, barriers.at[3], _mgpu.ROWS)
+  plgpu.barrier_wait(barriers.at[0])
+
+  @functools.partial(pl.run_scoped, b_smem=_mgpu.swizzled((chunk, dstate), c_smem.dtype))
+  def _(b_smem):  # B's tile only lives while S is computed
+    _mgpu.load(b_ref.at[b, tokens, j], b_smem, barriers.at[4])
+    cb_smem[...] = _mgpu.matmul(c_smem, b_smem.transpose((1, 0)), square)        # S [L, S] f32
+
+  def step(idx, x_smem, h_smem, dt_smem, cum_r_smem, cum_c_smem):
+    (h,) = idx
+    m = head0 + h
+    dt_c = plgpu.load(dt_smem, layout=_mgpu.COLS)
+    cum_r = plgpu.load(cum_r_smem, layout=_mgpu.ROWS)
+    cum_c = plgpu.load(cum_c_smem, layout=_mgpu.COLS)
+    cb = plgpu.load(cb_smem, layout=plgpu.Layout.WGMMA)
+    scores = cb * _decay(cum_r, cum_c, seg_r, seg_c, square) * _mgpu.cols(dt_c, square)
+    y = _mgpu.matmul(_mgpu.stage(scores, s_smem), x_smem, tile)                 # intra-chunk
+    y += _mgpu.rows(_from_start(cum_r, carry), tile) * _mgpu.matmul(c_smem, h_smem.transpose((1, 0)), tile)
+    y += d_ref[m] * x_smem[...].astype(_F32)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous head's y has left y_smem
+    _mgpu.store(y_smem, y, y_ref.at[b, tokens, m])
+
+  per_head = lambda h: (h, 0)
+  vec_spec = plgpu.BlockSpec((None, chunk), per_head)
+  heads_slice = pl.ds(head0, heads)
+  plgpu.emit_pipeline(
+      step, grid=(heads,),
+      in_specs=[
+          plgpu.BlockSpec((chunk, None, headdim), lambda h: (0, h, 0), transforms=_mgpu.transforms(y_smem.dtype)),
+          plgpu.BlockSpec((None, headdim, dstate), lambda h: (h, 0, 0), transforms=_mgpu.transforms(c_smem.dtype)),
+          vec_spec, vec_spec, vec_spec,
+      ],
+      max_concurrent_steps=max_concurrent_steps,
+  )(x_ref.at[b, tokens, heads_slice], h_ref.at[b, heads_slice, pl.ds(c * headdim, headdim)],
+    dt_ref.at[b, heads_slice, tokens], cum_ref.at[b, heads_slice, tokens], cum_ref.at[b, heads_slice, tokens])
   plgpu.wait_smem_to_gmem(0)
 
 

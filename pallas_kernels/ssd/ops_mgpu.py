@@ -9,7 +9,8 @@ Kernel bodies: `kernel_mgpu.py`. The pipeline is the Triton path's (`ops_triton.
           (one 128-byte swizzle row of bf16); document masks; cum = chunk-local cumsum of a.
   kernel  chunk_state     grid (B, C, M)   chunk-end states          [B, M, C P, Q] f32
   kernel  state_passing   grid (B, M)      loop over chunks -> h_in  [B, M, C P, Q] (input dtype), final
-  kernel  chunk_scan_fwd  grid (B, C, M)   y = (S o W o dt) x + e o (C h_in^T) + D x
+  kernel  chunk_scan_fwd  grid (B, C, M/H) y = (S o W o dt) x + e o (C h_in^T) + D x, H heads of a
+                                           group per program sharing S = C B^T
 Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
   kernel  chunk_state ("dout")   grid (B, C, M)   dL/dh_in from y
   kernel  state_passing_bwd      grid (B, M)      reverse loop -> dstates (input dtype), dg, dh0
@@ -31,6 +32,7 @@ the comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`).
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -50,16 +52,22 @@ _F32 = jnp.float32
 class MgpuBlockSizes:
   """Static tiling of the Mosaic GPU SSD kernels.
 
-  The chunk kernels' tiles are fixed by the problem (one head's [L, P], [L, Q] and [P, Q] tiles per
-  program, P and Q padded to multiples of 64); what is left to tune is the state-passing pipeline.
+  The chunk kernels' tiles are fixed by the problem (one head's [L, P], [L, Q] and [P, Q] tiles, P and
+  Q padded to multiples of 64).
 
   Attributes:
-    max_concurrent_steps: pipeline stages (TMA loads in flight) of the state-passing loops.
+    heads_per_block: heads of one B/C group per forward chunk-scan program, which computes C B^T once
+      for them and streams their tiles through a pipeline; clamped to gcd(heads_per_block, M / J).
+    max_concurrent_steps: pipeline stages (TMA loads in flight) of the state-passing loops and of the
+      forward chunk scan's loop over heads.
   """
 
+  heads_per_block: int = 8
   max_concurrent_steps: int = 2
 
   def __post_init__(self):
+    if self.heads_per_block < 1:
+      raise ValueError(f"heads_per_block={self.heads_per_block} must be >= 1.")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
 
@@ -83,6 +91,7 @@ class _Config:
   chunk: int
   ngroups: int  # J
   group_size: int  # heads per B/C group
+  heads: int  # heads per forward chunk-scan program; divides group_size
   has_docs: bool
   max_concurrent_steps: int
   interpret: Any
@@ -157,14 +166,14 @@ def _state_passing_bwd(cfg, dh_out, g, h_in, dfinal, dstate_dtype):
 
 def _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry):
   bsz, seqlen, nheads, headdim = x.shape
-  chunk, dstate = cfg.chunk, b.shape[-1]
+  chunk, dstate, heads = cfg.chunk, b.shape[-1], cfg.heads
   body = functools.partial(kernel_mgpu.chunk_scan_fwd_kernel, has_docs=cfg.has_docs,
-                           group_size=cfg.group_size)
-  scratch = (_mgpu.swizzled((chunk, headdim), x.dtype), _mgpu.swizzled((chunk, dstate), b.dtype),
-             _mgpu.swizzled((chunk, dstate), b.dtype), _mgpu.swizzled((headdim, dstate), h_in.dtype),
-             _mgpu.swizzled((chunk, chunk), x.dtype), *_chunk_vecs(chunk), plgpu.Barrier(num_barriers=4 + kernel_mgpu._Chunk.NUM_VECS))
-  return _run(cfg, body, jax.ShapeDtypeStruct(x.shape, x.dtype), (bsz, seqlen // chunk, nheads),
-              ("b", "c", "m"), scratch, x, dtp, cum, b, c, d, h_in, *_docs(cfg, seg, carry))
+                           group_size=cfg.group_size, heads=heads, max_concurrent_steps=cfg.max_concurrent_steps)
+  scratch = (_mgpu.swizzled((chunk, dstate), b.dtype), plgpu.SMEM((chunk, chunk), _F32),
+             _mgpu.swizzled((chunk, chunk), x.dtype), _mgpu.swizzled((chunk, headdim), x.dtype),
+             _vec(chunk, jnp.int32), _vec(chunk, jnp.int32), _vec(chunk), plgpu.Barrier(num_barriers=5))
+  return _run(cfg, body, jax.ShapeDtypeStruct(x.shape, x.dtype), (bsz, seqlen // chunk, nheads // heads),
+              ("b", "c", "hb"), scratch, x, dtp, cum, b, c, d, h_in, *_docs(cfg, seg, carry))
 
 
 def _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry):
@@ -277,7 +286,8 @@ def ssd_mgpu(
   ngroups, dstate = B.shape[2:]
   align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
   cfg = _Config(
-      chunk=kernel_chunk(chunk_size), ngroups=ngroups, group_size=nheads // ngroups, has_docs=doc_ids is not None,
+      chunk=kernel_chunk(chunk_size), ngroups=ngroups, group_size=nheads // ngroups,
+      heads=math.gcd(block_sizes.heads_per_block, nheads // ngroups), has_docs=doc_ids is not None,
       max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
   )
   p = _chunked.prologue(
