@@ -3,7 +3,8 @@
 # (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
 #
 #   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD, MoE gmm and attention; Triton + Mosaic GPU), ~5 min
-#   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py: Triton + Mosaic GPU kernels vs jnp reference and mamba_ssm (ANCHORS + Nano/Super)
+#   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py: Triton + Mosaic GPU kernels vs jnp reference and mamba_ssm (ANCHORS + Nano/Super);
+#                                             ssd_memory_bound.py: decode update + conv1d bandwidth
 #   bash benchmarks/gpu_session.sh attention  # benchmarks/attention.py vs XLA, cuDNN and torch SDPA
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
 #   bash benchmarks/gpu_session.sh moe_sweep  # tile sweep of the Triton and Mosaic GPU grouped matmuls (anchor shape)
@@ -37,7 +38,8 @@ log="$out/$part.log"
         "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" "pallas_kernels/ssd/ops_mgpu_test.py::SsdMosaicGpuTest" \
         "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)
-      "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" ;;
+      "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}"
+      "$py" benchmarks/ssd_memory_bound.py ;;
     attention)
       "$py" benchmarks/attention.py ;;
     moe)  # times torch._grouped_mm itself, in the same process
