@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _vma
 from pallas_kernels.ssd import reference
 
 _F32 = jnp.float32
@@ -58,7 +59,12 @@ def prologue(x, dt, A, B, C, D, dt_bias, *, initial_state, doc_ids, chunk, padde
     )  # [B,C,L] each
     seg = segc.reshape(bsz, padded_t)
     carry = carry.astype(_F32).reshape(bsz, padded_t)
-  return Padded(xp, dtp, a, bp, cp, d, h0, seg, carry)
+  # Inside shard_map (check_vma): one varying set for every operand, so that the custom_vjp's
+  # cotangents are typed like its primals; the replicated ones (D; A and dt_bias through a) are cast
+  # here, outside it, where JAX's transpose of the cast sums their cotangents over the shards.
+  present = [v for v in (xp, dtp, a, bp, cp, d, h0, seg, carry) if v is not None]
+  matched = iter(_vma.match_vma(*present))
+  return Padded(*(None if v is None else next(matched) for v in (xp, dtp, a, bp, cp, d, h0, seg, carry)))
 
 
 def chunk_cumsum(chunk: int, a: jax.Array) -> jax.Array:

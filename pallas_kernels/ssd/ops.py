@@ -54,7 +54,7 @@ _ENTRIES = {"triton": ops_triton.ssd_triton, "mosaic_gpu": ops_mgpu.ssd_mgpu,
             "mosaic_tpu": ops_tpu.ssd_mosaic_tpu}
 
 
-def _resolve_backend(backend: str, interpret, chunk_size: int, dtype) -> str:
+def _resolve_backend(backend: str, interpret, chunk_size: int, dtype=None) -> str:
   """The backend to run; the target platform is `_target.platform()`."""
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown {backend=}; expected one of {_BACKENDS}")
@@ -83,7 +83,7 @@ def _resolve_backend(backend: str, interpret, chunk_size: int, dtype) -> str:
           "under jax.sharding.use_abstract_mesh with a GPU AbstractDevice"
       )
   if backend == "mosaic_gpu":
-    problem = ops_mgpu.check_chunk_size(chunk_size) or ops_mgpu.check_dtype(dtype)
+    problem = ops_mgpu.check_chunk_size(chunk_size) or (dtype is not None and ops_mgpu.check_dtype(dtype))
     if problem:
       raise ValueError(problem)
     if tpu_interpreter:

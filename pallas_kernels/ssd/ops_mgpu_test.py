@@ -134,6 +134,35 @@ class SsdMosaicGpuStaticTest(parameterized.TestCase):
     self.assertEqual(text.count("@mosaic_gpu_v2("), 9)
     self.assertNotIn("triton", text)
 
+  def test_lowers_per_shard_inside_shard_map(self):
+    """Under a mesh the model runs the scan per batch shard (`n3jax.sharding.per_shard`): the 9 kernels
+    lower inside `shard_map` (check_vma on: outputs are typed as varying like their operands)."""
+    try:
+      device = ops_test._abstract_mesh(*ops_test._H100).abstract_device  # pylint: disable=protected-access
+    except (ImportError, AttributeError, TypeError) as e:
+      self.skipTest(f"jax private AbstractDevice API changed: {e!r}")
+    mesh = jax.sharding.AbstractMesh((2,), ("x",), abstract_device=device)
+    spec = jax.sharding.PartitionSpec
+    args = ops_test._nano_args(with_docs=True)  # pylint: disable=protected-access
+    rows = spec("x")
+    in_specs = {k: spec() if k in ("A", "D", "dt_bias") else rows for k in args}
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(in_specs,), out_specs=spec())
+    def loss(a):
+      y, h = ops.ssd(**a, chunk_size=128, backend="mosaic_gpu")
+      return jax.lax.psum(y.astype(jnp.float32).sum() + h.sum(), "x")
+
+    def on_mesh(v, s):
+      shape = (2 * v.shape[0],) + v.shape[1:] if s == rows else v.shape
+      return jax.ShapeDtypeStruct(shape, v.dtype, sharding=jax.NamedSharding(mesh, s))
+
+    args = {k: on_mesh(v, in_specs[k]) for k, v in args.items()}
+    diff = {k: v for k, v in args.items() if k != "doc_ids"}
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.jit(jax.value_and_grad(lambda d, docs: loss({**d, "doc_ids": docs}))).trace(
+          diff, args["doc_ids"]).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertEqual(text.count("@mosaic_gpu_v2("), 9)
+
   def test_tiles_over_the_shared_memory_budget_are_refused(self):
     """P = 128 needs more than an H100's 227 KB in the backward programs: lowering says so."""
     try:

@@ -534,12 +534,17 @@ class SsdApiTest(parameterized.TestCase):
         resolve("mosaic_tpu", False, 64)
       with self.assertRaisesRegex(ValueError, "target platform is 'tpu'"):
         resolve("triton", False, 128)
+      with self.assertRaisesRegex(ValueError, "target platform is 'tpu'"):
+        resolve("mosaic_gpu", False, 128, jnp.bfloat16)
       self.assertEqual(
           ops.TpuBlockSizes.for_device(), dict(ops_tpu._DEFAULTS)["tpu v5 lite"]
       )
     with jax.sharding.use_abstract_mesh(gpu):
       self.assertEqual(resolve("auto", False, 128), "triton")
       self.assertEqual(resolve("triton", False, 64), "triton")
+      self.assertEqual(resolve("mosaic_gpu", False, 256, jnp.bfloat16), "mosaic_gpu")
+      with self.assertRaisesRegex(ValueError, "TF32"):
+        resolve("mosaic_gpu", False, 128, jnp.float32)
       with self.assertRaisesRegex(ValueError, "target platform is 'gpu'"):
         resolve("mosaic_tpu", False, 128)
       self.assertEqual(
