@@ -188,6 +188,28 @@ def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-3)
 
 
+def test_mosaic_gpu_ssd_kernel_inside_the_model(monkeypatch):
+  """`ssd_backend="pallas_mgpu"` (the Hopper kernels, here in JAX's Mosaic GPU interpreter) in a bf16
+  model with 64-token chunks and packed documents: the reference's loss and gradients within bf16 error."""
+  from n3jax.nn import _mamba2
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from pallas_kernels.ssd import ops as ssd_ops
+  monkeypatch.setitem(_mamba2.SSD_BACKENDS, "pallas_mgpu",
+                      functools.partial(ssd_ops.ssd, backend="mosaic_gpu", interpret=plgpu.InterpretGPUParams()))
+  cfg = PRESETS["tiny-dense"].replace(blocks="M", chunk_size=64, dtype="bfloat16")
+  params = models.init(cfg, jax.random.key(0))
+  tokens = _tokens(cfg, batch=1, seq=70)
+  segments = jnp.asarray([[1] * 30 + [2] * 40], jnp.int32)
+  want_loss, want_grad = jax.jit(jax.value_and_grad(functools.partial(_loss_packed, cfg)))(params, tokens, segments)
+  got_loss, got_grad = jax.jit(jax.value_and_grad(functools.partial(_loss_packed, cfg.replace(
+      ssd_backend="pallas_mgpu"))))(params, tokens, segments)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=2e-3)
+  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(got_grad), jax.tree.leaves(got_grad),
+                        jax.tree.leaves(want_grad)):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, atol=3e-2 * np.abs(w).max() + 1e-6, err_msg=jax.tree_util.keystr(path[0]))
+
+
 def test_mtp_expert_counts_feed_the_bias_update():
   from n3jax import _moe_balance
   cfg, params = PRESETS["tiny-latent-moe"], _params("tiny-latent-moe")
