@@ -25,9 +25,20 @@ Triton or reference paths). chunk_size a multiple of 64 (the wgmma M of a warpgr
 128 or 64 (`kernel_chunk`). The programs' shared memory fits an H100's 227 KB at L = 128 with P = 64 and
 Q up to 128 (every Nemotron mixer: P = 64, Q = 128); lowering refuses larger tiles (P = 128) with
 "Mosaic GPU kernel exceeds available shared memory". Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
-outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs, tuning
-(several heads per program sharing C B^T, two warpgroups, the causal half of the [L, L] products) and
-the comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`).
+outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs and the
+comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`), then tuning. What to look
+at first, by estimate (Nano mixer, batch 2 x 8192, bf16; HBM at ~3 TB/s):
+  * the backward writes dB and dC per head ([B, T, M, Q] f32, 2 x 0.54 GB) and sums them over a group's
+    heads in jnp (reading them again): ~0.7 ms of traffic, against mamba_ssm's 4.7 ms forward+backward.
+    mamba_ssm sums the heads inside its programs, on [64, 64]-ish output tiles; the same here needs
+    output tiles of [L, 64] (one warpgroup cannot hold two [128, 128] f32 accumulators) or two
+    warpgroups per program;
+  * one warpgroup holds [128, 128] f32 tiles (128 registers per thread each): S, W and dP at once
+    spill. Two consumer warpgroups of 64 rows each, or 64-row halves of L, are the alternatives;
+  * the causal half of every [L, L] product is zero (W is lower-triangular): 64-row blocks would skip
+    a quarter of those products;
+  * the decay gradient's U (dS o S) product runs as hi + lo (2 x 2 L^3 flops per head); hi alone is
+    within the bf16 tolerance if that product shows up in a profile.
 """
 
 import dataclasses
