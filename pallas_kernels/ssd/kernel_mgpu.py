@@ -51,6 +51,7 @@ from pallas_kernels import _mgpu
 
 _F32 = jnp.float32
 _NEG = -1e30  # exp(_NEG) == 0: masked decay entries, never inf * 0
+_ROW_BLOCK = 64  # rows of L per wgmma (a warpgroup's M)
 
 
 def _vec(src, smem, barrier, layout):
@@ -59,9 +60,9 @@ def _vec(src, smem, barrier, layout):
   return plgpu.load(smem, layout=layout)
 
 
-def _decay(cum_r, cum_c, seg_r, seg_c, shape):
-  """W [L, S] = [s <= l][same doc] exp(cum_l - cum_s); exactly 0 elsewhere. Also returns the mask."""
-  mask = _mgpu.iota(shape, 1) <= _mgpu.iota(shape, 0)
+def _decay(cum_r, cum_c, seg_r, seg_c, shape, row0=0):
+  """W [L, S] = [s <= l][same doc] exp(cum_l - cum_s); exactly 0 elsewhere (rows from l = row0)."""
+  mask = _mgpu.iota(shape, 1) <= row0 + _mgpu.iota(shape, 0)
   if seg_r is not None:
     mask = mask & (_mgpu.rows(seg_r, shape) == _mgpu.cols(seg_c, shape))
   diff = _mgpu.rows(cum_r, shape) - _mgpu.cols(cum_c, shape)
@@ -262,8 +263,10 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   through `emit_pipeline` (their x, h_in, dt and cum tiles loaded by TMA one head ahead):
     y = (S o W o dt_s) x  +  e o (C h_in^T)  +  D x
   with the scores staged in shared memory as the A operand of the second product and h_in (input
-  dtype) read as the transposed B operand. y leaves through one staging tile, its TMA store overlapping
-  the next head's products.
+  dtype) read as the transposed B operand. Each head runs in 64-row blocks of the chunk: block r needs
+  only the first 64 (r + 1) columns of S (W is lower-triangular), which skips a quarter of the [L, L]
+  work at L = 128 and keeps the f32 tiles at [64, <= L] (<= 64 registers per thread each). y leaves
+  through one staging tile, its TMA store overlapping the next head's products.
   """
   (seg_ref, carry_ref), (y_ref,), scratch = _split(rest, has_docs, 1)
   c_smem, cb_smem, s_smem, y_smem, seg_r_smem, seg_c_smem, carry_smem, barriers = scratch
@@ -277,11 +280,11 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   j = lax.div(head0, group_size)
   square, tile = (chunk, chunk), (chunk, headdim)
   plgpu.copy_gmem_to_smem(c_ref.at[b, tokens, j], c_smem, barriers.at[0])
-  seg_r = seg_c = carry = seg_last = None
   if has_docs:
-    seg_r = _vec(seg_ref.at[b, tokens], seg_r_smem, barriers.at[1], _mgpu.ROWS)
-    seg_c = _vec(seg_ref.at[b, tokens], seg_c_smem, barriers.at[2], _mgpu.COLS)
-    carry = _vec(carry_ref.at[b, tokens], carry_smem, barriers.at[3], _mgpu.ROWS)
+    for i, (src, smem) in enumerate(((seg_ref, seg_r_smem), (seg_ref, seg_c_smem), (carry_ref, carry_smem))):
+      _mgpu.load(src.at[b, tokens], smem, barriers.at[1 + i])
+  else:
+    seg_r_smem = seg_c_smem = carry_smem = None
   plgpu.barrier_wait(barriers.at[0])
 
   @functools.partial(pl.run_scoped, b_smem=_mgpu.swizzled((chunk, dstate), c_smem.dtype))
@@ -292,16 +295,24 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   def step(idx, x_smem, h_smem, dt_smem, cum_r_smem, cum_c_smem):
     (h,) = idx
     m = head0 + h
-    dt_c = plgpu.load(dt_smem, layout=_mgpu.COLS)
-    cum_r = plgpu.load(cum_r_smem, layout=_mgpu.ROWS)
-    cum_c = plgpu.load(cum_c_smem, layout=_mgpu.COLS)
-    cb = plgpu.load(cb_smem, layout=plgpu.Layout.WGMMA)
-    scores = cb * _decay(cum_r, cum_c, seg_r, seg_c, square) * _mgpu.cols(dt_c, square)
-    y = _mgpu.matmul(_mgpu.stage(scores, s_smem), x_smem, tile)                 # intra-chunk
-    y += _mgpu.rows(_from_start(cum_r, carry), tile) * _mgpu.matmul(c_smem, h_smem.transpose((1, 0)), tile)
-    y += d_ref[m] * x_smem[...].astype(_F32)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous head's y has left y_smem
-    _mgpu.store(y_smem, y, y_ref.at[b, tokens, m])
+    for r in range(chunk // _ROW_BLOCK):  # 64-row blocks: only the S columns at or left of the diagonal
+      rows, cols = pl.ds(r * _ROW_BLOCK, _ROW_BLOCK), pl.ds(0, (r + 1) * _ROW_BLOCK)
+      block = (_ROW_BLOCK, (r + 1) * _ROW_BLOCK)
+      cum_r = plgpu.load(cum_r_smem.at[rows], layout=_mgpu.ROWS)
+      seg = (None, None) if seg_r_smem is None else (plgpu.load(seg_r_smem.at[rows], layout=_mgpu.ROWS),
+                                                     plgpu.load(seg_c_smem.at[cols], layout=_mgpu.COLS))
+      decay = _decay(cum_r, plgpu.load(cum_c_smem.at[cols], layout=_mgpu.COLS), *seg, block,
+                     row0=r * _ROW_BLOCK)
+      scores = (plgpu.load(cb_smem.at[rows, cols], layout=plgpu.Layout.WGMMA) * decay
+                * _mgpu.cols(plgpu.load(dt_smem.at[cols], layout=_mgpu.COLS), block))
+      y = _mgpu.matmul(_mgpu.stage(scores, s_smem.at[rows, cols]), x_smem.at[cols], (_ROW_BLOCK, headdim))
+      carry = None if carry_smem is None else plgpu.load(carry_smem.at[rows], layout=_mgpu.ROWS)
+      y += (_mgpu.rows(_from_start(cum_r, carry), (_ROW_BLOCK, headdim))
+            * _mgpu.matmul(c_smem.at[rows], h_smem.transpose((1, 0)), (_ROW_BLOCK, headdim)))
+      y += d_ref[m] * x_smem.at[rows][...].astype(_F32)
+      _mgpu.stage(y, y_smem.at[rows])
+    plgpu.copy_smem_to_gmem(y_smem, y_ref.at[b, tokens, m])
 
   per_head = lambda h: (h, 0)
   vec_spec = plgpu.BlockSpec((None, chunk), per_head)
