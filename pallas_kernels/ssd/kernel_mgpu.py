@@ -60,13 +60,18 @@ def _vec(src, smem, barrier, layout):
   return plgpu.load(smem, layout=layout)
 
 
-def _decay(cum_r, cum_c, seg_r, seg_c, shape, row0=0):
-  """W [L, S] = [s <= l][same doc] exp(cum_l - cum_s); exactly 0 elsewhere (rows from l = row0)."""
-  mask = _mgpu.iota(shape, 1) <= row0 + _mgpu.iota(shape, 0)
+def _decay(cum_r, cum_c, seg_r, seg_c, shape, row0=0, col0=0, transposed=False):
+  """A [R, S] tile of W (rows l from row0, columns s from col0) or, `transposed`, of W^T (rows s, columns l).
+
+  W_ls = [s <= l][same doc] exp(cum_l - cum_s), exactly 0 elsewhere; the vectors hold the tile's rows'
+  and columns' values.
+  """
+  rows, cols = row0 + _mgpu.iota(shape, 0), col0 + _mgpu.iota(shape, 1)
+  mask = (rows <= cols) if transposed else (cols <= rows)
   if seg_r is not None:
     mask = mask & (_mgpu.rows(seg_r, shape) == _mgpu.cols(seg_c, shape))
   diff = _mgpu.rows(cum_r, shape) - _mgpu.cols(cum_c, shape)
-  return jnp.exp(jnp.where(mask, diff, _NEG))
+  return jnp.exp(jnp.where(mask, -diff if transposed else diff, _NEG))
 
 
 def _chunk_end(cum_ref, seg_ref, b, m, t_last):
@@ -209,7 +214,8 @@ def state_passing_bwd_kernel(dh_out_ref, g_ref, h_in_ref, dfinal_ref, dstates_re
 
 
 class _Chunk:
-  """The per-(b, c, m) vectors every chunk-scan program loads, in the layouts it uses them in.
+  """The per-(b, c, m) vectors of a chunk-scan program, loaded into shared memory by TMA; slices of them
+  come into registers on demand, one value per row or per column of a tile.
 
   A vector used both per row and per column is loaded twice, into two shared-memory buffers: Mosaic
   GPU's layout inference gives each buffer's loads one layout (jax 0.12).
@@ -227,24 +233,38 @@ class _Chunk:
       srcs += [seg_ref.at[b, tokens]] * 2 + [carry_ref.at[b, tokens]]
     for i, src in enumerate(srcs):
       plgpu.copy_gmem_to_smem(src, vec_smems[i], barriers.at[first + i])
-    layouts = (_mgpu.ROWS, _mgpu.COLS) * 3 + (_mgpu.ROWS,)
-    loaded = []
-    for i, layout in enumerate(layouts[:len(srcs)]):
+    for i in range(len(srcs)):
       plgpu.barrier_wait(barriers.at[first + i])
-      loaded.append(plgpu.load(vec_smems[i], layout=layout))
-    loaded += [None] * (len(layouts) - len(loaded))
-    self.dt_r, self.dt_c, self.cum_r, self.cum_c, self.seg_r, self.seg_c, self.carry_r = loaded
+    smems = list(vec_smems[:len(srcs)]) + [None] * (self.NUM_VECS - len(srcs))
+    self._dt, self._dt_c, self._cum, self._cum_c, self._seg, self._seg_c, self._carry = smems
     self.cum_last, self.seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
-    self.square = (chunk, chunk)
+    self.chunk = chunk
 
-  def decay(self):
-    return _decay(self.cum_r, self.cum_c, self.seg_r, self.seg_c, self.square)
+  @staticmethod
+  def _load(smem, start, size, layout):
+    return None if smem is None else plgpu.load(smem.at[pl.ds(start, size)], layout=layout)
 
-  def to_end(self):  # w, one value per row
-    return _to_end(self.cum_r, self.seg_r, self.cum_last, self.seg_last)
+  def dt(self, start, size):  # per row
+    return self._load(self._dt, start, size, _mgpu.ROWS)
 
-  def from_start(self):  # e, one value per row
-    return _from_start(self.cum_r, self.carry_r)
+  def dt_cols(self, start, size):
+    return self._load(self._dt_c, start, size, _mgpu.COLS)
+
+  def decay(self, row0, num_rows, col0, num_cols, transposed=False):
+    """W's tile (rows l from row0, columns s from col0), or W^T's (rows s, columns l)."""
+    return _decay(self._load(self._cum, row0, num_rows, _mgpu.ROWS),
+                  self._load(self._cum_c, col0, num_cols, _mgpu.COLS),
+                  self._load(self._seg, row0, num_rows, _mgpu.ROWS),
+                  self._load(self._seg_c, col0, num_cols, _mgpu.COLS),
+                  (num_rows, num_cols), row0, col0, transposed)
+
+  def to_end(self, start, size):  # w, per row
+    return _to_end(self._load(self._cum, start, size, _mgpu.ROWS),
+                   self._load(self._seg, start, size, _mgpu.ROWS), self.cum_last, self.seg_last)
+
+  def from_start(self, start, size):  # e, per row
+    return _from_start(self._load(self._cum, start, size, _mgpu.ROWS),
+                       self._load(self._carry, start, size, _mgpu.ROWS))
 
 
 def _load_tiles(pairs, barriers):
@@ -330,6 +350,11 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   plgpu.wait_smem_to_gmem(0)
 
 
+def _row_blocks(chunk):
+  """(r, first row) of the 64-row blocks of a chunk."""
+  return [(r, r * _ROW_BLOCK) for r in range(chunk // _ROW_BLOCK)]
+
+
 def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref, dy_ref, *rest,
                         has_docs, group_size):
   """dB, dC (this head's part) and the decay terms dw_s w_s, de_l e_l of one (b, c, m).
@@ -337,99 +362,149 @@ def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref,
   With xs = dt x, dP = dy xs^T, dS = dP o W:
     dB = dS^T C + w o (xs dstate)      dC = dS B + e o (dy h_in)
     dw_w = rowsum((xs dstate) o B) w   de_e = rowsum((dy h_in) o C) e
-  dB, dC are written through a [L, 64] f32 staging tile, 64 columns at a time.
+  in 64-row blocks of the outputs. dB's block r (tokens s) needs dS^T's rows s and its columns l >= 64 r,
+  computed directly as xs_s dy_l^T o W^T; dC's block r (tokens l) needs dS's columns s < 64 (r + 1).
+  Each such tile is staged in a buffer of its own width ([64, L - 64 r] for dS^T, reused as
+  [64, 64 (r + 1)] for dS), so every operand is a prefix or a row range of a shared-memory tile.
   """
   (seg_ref, carry_ref), outs, scratch = _split(rest, has_docs, 4)
   db_ref, dc_ref, dw_ref, de_ref = outs
-  x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, ds_smem, out_smem, vout_smem, *vec_smems, barriers = scratch
+  x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, *scratch = scratch
   b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
   chunk, headdim = x_smem.shape
   dstate = b_smem.shape[1]
-  tokens = pl.ds(c * chunk, chunk)
+  blocks = _row_blocks(chunk)
+  tiles, (out_smem, vout_smem), vec_smems, barriers = (
+      scratch[:len(blocks)], scratch[len(blocks):len(blocks) + 2], scratch[len(blocks) + 2:-1], scratch[-1])
+  t0 = c * chunk
+  tokens = pl.ds(t0, chunk)
   j = lax.div(m, group_size)
   states = pl.ds(c * headdim, headdim)
   _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
                (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
                (h_ref.at[b, m, states], h_smem), (dstate_ref.at[b, m, states], dst_smem)], barriers)
-  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 6, b=b, c=c, m=m,
-             chunk=chunk)
-  rows_q = (chunk, dstate)
-  xs_smem = _mgpu.stage(x_smem[...].astype(_F32) * _mgpu.rows(v.dt_r, (chunk, headdim)), x_smem)
-  dp = _mgpu.matmul(dy_smem, xs_smem.transpose((1, 0)), v.square)               # dP [L, S]
-  _mgpu.stage(dp * v.decay(), ds_smem)                                          # dS
-  w, e = v.to_end(), v.from_start()
+  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 6, b=b, c=c, m=m, chunk=chunk)
+  rb = _ROW_BLOCK
+  for _, r0 in blocks:  # x -> xs = dt x, in place
+    rows = pl.ds(r0, rb)
+    _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), (rb, headdim)), x_smem.at[rows])
+  xs_smem = x_smem
 
-  def write(value, dst):  # [L, Q] f32 in 64-column pieces through out_smem
-    for q0 in range(0, dstate, _mgpu.ALIGN):
-      plgpu.wait_smem_to_gmem(0)  # out_smem free again
-      _mgpu.store(out_smem, value[:, q0:q0 + _mgpu.ALIGN], dst.at[:, pl.ds(q0, _mgpu.ALIGN)])
+  def write(value, dst):  # [64, Q] f32 through out_smem
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem free again
+    _mgpu.store(out_smem, value, dst)
 
-  xs_dstate = _mgpu.matmul(xs_smem, dst_smem, rows_q)                            # [L, Q]
-  write(_mgpu.matmul(ds_smem.transpose((1, 0)), c_smem, rows_q) + _mgpu.rows(w, rows_q) * xs_dstate,
-        db_ref.at[b, tokens, m])
-  dw_w = jnp.sum(xs_dstate * b_smem[...].astype(_F32), axis=1) * w
-  dy_h = _mgpu.matmul(dy_smem, h_smem, rows_q)                                   # [L, Q]
-  write(_mgpu.matmul(ds_smem, b_smem, rows_q) + _mgpu.rows(e, rows_q) * dy_h, dc_ref.at[b, tokens, m])
-  de_e = jnp.sum(dy_h * c_smem[...].astype(_F32), axis=1) * e
-  dw_smem, de_smem = vout_smem.at[0], vout_smem.at[1]
-  _mgpu.store(dw_smem, dw_w, dw_ref.at[b, m, tokens])
-  _mgpu.store(de_smem, de_e, de_ref.at[b, m, tokens])
+  block_q = (rb, dstate)
+  for r, r0 in blocks:  # dB: tokens s of block r, l >= r0
+    rows, width = pl.ds(r0, rb), chunk - r0
+    later = pl.ds(r0, width)
+    dp_t = _mgpu.matmul(xs_smem.at[rows], dy_smem.at[later].transpose((1, 0)), (rb, width))   # dP^T
+    ds_t = _mgpu.stage(dp_t * v.decay(r0, rb, r0, width, transposed=True), tiles[r])
+    w = v.to_end(r0, rb)
+    xs_dstate = _mgpu.matmul(xs_smem.at[rows], dst_smem, block_q)
+    write(_mgpu.matmul(ds_t, c_smem.at[later], block_q) + _mgpu.rows(w, block_q) * xs_dstate,
+          db_ref.at[b, pl.ds(t0 + r0, rb), m])
+    _mgpu.stage(jnp.sum(xs_dstate * b_smem.at[rows][...].astype(_F32), axis=1) * w, vout_smem.at[0, rows])
+  for r, r0 in blocks:  # dC: tokens l of block r, s < r0 + 64
+    rows, width = pl.ds(r0, rb), r0 + rb
+    earlier = pl.ds(0, width)
+    dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))   # dP
+    ds = _mgpu.stage(dp * v.decay(r0, rb, 0, width), tiles[len(blocks) - 1 - r])
+    e = v.from_start(r0, rb)
+    dy_h = _mgpu.matmul(dy_smem.at[rows], h_smem, block_q)
+    write(_mgpu.matmul(ds, b_smem.at[earlier], block_q) + _mgpu.rows(e, block_q) * dy_h,
+          dc_ref.at[b, pl.ds(t0 + r0, rb), m])
+    _mgpu.stage(jnp.sum(dy_h * c_smem.at[rows][...].astype(_F32), axis=1) * e, vout_smem.at[1, rows])
+  plgpu.copy_smem_to_gmem(vout_smem.at[0], dw_ref.at[b, m, tokens])
+  plgpu.copy_smem_to_gmem(vout_smem.at[1], de_ref.at[b, m, tokens])
   plgpu.wait_smem_to_gmem(0)
 
 
 def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, dy_ref, dw_ref, de_ref,
                        *rest, has_docs, group_size):
-  """dx, d dt, the D-skip terms and da of one (b, c, m).
+  """dx, d dt, the D-skip terms and da of one (b, c, m), in 64-row blocks.
 
     dxs = (S o W)^T dy + w o (B dstate^T)     dx = dt o dxs + D dy
     ddt = rowsum(dxs o x)                      dskip = rowsum(dy o x)   (summed to dD in jnp)
-    da  = rowsum([s < i] o (U (dS o S)))  + rowsum([l >= i] o de_e_l) + rowsum([s < i] o dw_w_s)
+    da_i = rowsum_{s < i}(T_is) + sum_{l >= i} de_e_l + sum_{s < i} dw_w_s,   T = U (dS o S)
   with U_il = [l >= i] and dS o S fed as hi + lo terms in the input dtype (module docstring).
+  Phase 1 (dx, ddt, dskip): block r of tokens s takes (S o W)^T's rows s and columns l >= 64 r, computed
+  directly as B_s C_l^T o W^T. Phase 2 (da): dS o S is staged block by block (rows l, columns
+  s < 64 (r + 1): the only entries the U product reads), then block r of da takes U's rows i and
+  columns l >= 64 r. Each phase's buffers are scoped, so the two share shared memory.
   """
   (seg_ref, carry_ref), outs, scratch = _split(rest, has_docs, 4)
   dx_ref, ddt_ref, dskip_ref, da_ref = outs
-  (x_smem, dy_smem, b_smem, c_smem, dst_smem, sq_smem, hi_smem, lo_smem, vout_smem, dw_smem, de_smem,
-   *vec_smems, barriers) = scratch
+  (x_smem, dy_smem, b_smem, c_smem, dst_smem, vout_smem, dw_smem, de_smem, *vec_smems, barriers) = scratch
   b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
   chunk, headdim = x_smem.shape
-  tokens = pl.ds(c * chunk, chunk)
+  dtype = x_smem.dtype
+  blocks = _row_blocks(chunk)
+  rb = _ROW_BLOCK
+  t0 = c * chunk
+  tokens = pl.ds(t0, chunk)
   j = lax.div(m, group_size)
   _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
                (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
                (dstate_ref.at[b, m, pl.ds(c * headdim, headdim)], dst_smem)], barriers)
-  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m,
-             chunk=chunk)
+  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m, chunk=chunk)
   dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[5 + _Chunk.NUM_VECS], _mgpu.COLS)
   de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[6 + _Chunk.NUM_VECS], _mgpu.COLS)
-  tile, square = (chunk, headdim), v.square
-  x = x_smem[...].astype(_F32)
-  dy = dy_smem[...].astype(_F32)
-  xs_smem = _mgpu.stage(x * _mgpu.rows(v.dt_r, tile), x_smem)
+  block_p = (rb, headdim)
 
-  # da: the pairs term from dS o S, staged as hi + lo.
-  cb = _mgpu.matmul(c_smem, b_smem.transpose((1, 0)), square)                   # S [L, S]
-  decay = v.decay()
-  dp = _mgpu.matmul(dy_smem, xs_smem.transpose((1, 0)), square)                 # dP [L, S]
-  pairs = dp * decay * cb                                                       # dS o S
-  hi = pairs.astype(hi_smem.dtype)
-  _mgpu.stage(hi, hi_smem)
-  _mgpu.stage(pairs - hi.astype(_F32), lo_smem)
-  rows_i, cols_j = _mgpu.iota(square, 0), _mgpu.iota(square, 1)
-  _mgpu.stage(jnp.where(cols_j >= rows_i, 1.0, 0.0), sq_smem)                   # U_il = [l >= i]
-  suffix = _mgpu.matmul(sq_smem, hi_smem, square) + _mgpu.matmul(sq_smem, lo_smem, square)
-  before = cols_j < rows_i
-  da = jnp.sum(jnp.where(before, suffix + _mgpu.cols(dw_w, square), 0.0)
-               + jnp.where(before, 0.0, _mgpu.cols(de_e, square)), axis=1)
+  @functools.partial(pl.run_scoped, sw_t_smem=_mgpu.swizzled((rb, chunk), dtype),
+                     dx_smem=_mgpu.swizzled((rb, headdim), dtype))
+  def _(sw_t_smem, dx_smem):  # phase 1: dx, ddt, dskip
+    for _, r0 in blocks:
+      rows, width = pl.ds(r0, rb), chunk - r0
+      later = pl.ds(r0, width)
+      s_t = _mgpu.matmul(b_smem.at[rows], c_smem.at[later].transpose((1, 0)), (rb, width))   # S^T
+      sw_t = _mgpu.stage(s_t * v.decay(r0, rb, r0, width, transposed=True), sw_t_smem.at[:, pl.ds(0, width)])
+      dxs = _mgpu.matmul(sw_t, dy_smem.at[later], block_p)                                  # (S o W)^T dy
+      dxs += (_mgpu.rows(v.to_end(r0, rb), block_p)
+              * _mgpu.matmul(b_smem.at[rows], dst_smem.transpose((1, 0)), block_p))
+      x = x_smem.at[rows][...].astype(_F32)
+      dy = dy_smem.at[rows][...].astype(_F32)
+      _mgpu.stage(jnp.sum(dxs * x, axis=1), vout_smem.at[0, rows])
+      _mgpu.stage(jnp.sum(dy * x, axis=1), vout_smem.at[1, rows])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dx_smem free again
+      _mgpu.store(dx_smem, dxs * _mgpu.rows(v.dt(r0, rb), block_p) + d_ref[m] * dy,
+                  dx_ref.at[b, pl.ds(t0 + r0, rb), m])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the scope's memory is reused
 
-  # dx, d dt, dskip.
-  _mgpu.stage(cb * decay, sq_smem)                                              # S o W (U is consumed)
-  dxs = _mgpu.matmul(sq_smem.transpose((1, 0)), dy_smem, tile)                  # (S o W)^T dy
-  dxs += _mgpu.rows(v.to_end(), tile) * _mgpu.matmul(b_smem, dst_smem.transpose((1, 0)), tile)
-  ddt = jnp.sum(dxs * x, axis=1)
-  dskip = jnp.sum(dy * x, axis=1)
-  _mgpu.store(x_smem, dxs * _mgpu.rows(v.dt_r, tile) + d_ref[m] * dy, dx_ref.at[b, tokens, m])
-  for k, (value, dst) in enumerate(((ddt, ddt_ref), (dskip, dskip_ref), (da, da_ref))):
-    _mgpu.store(vout_smem.at[k], value, dst.at[b, m, tokens])
+  @functools.partial(pl.run_scoped, xs_smem=_mgpu.swizzled((chunk, headdim), dtype),
+                     hi_smem=_mgpu.swizzled((chunk, chunk), dtype), lo_smem=_mgpu.swizzled((chunk, chunk), dtype),
+                     u_smem=_mgpu.swizzled((rb, chunk), dtype))
+  def _(xs_smem, hi_smem, lo_smem, u_smem):  # phase 2: da
+    for _, r0 in blocks:
+      rows = pl.ds(r0, rb)
+      _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), block_p), xs_smem.at[rows])
+    for _, r0 in blocks:  # dS o S, rows l of block r, columns s < r0 + 64
+      rows, width = pl.ds(r0, rb), r0 + rb
+      earlier = pl.ds(0, width)
+      s_blk = _mgpu.matmul(c_smem.at[rows], b_smem.at[earlier].transpose((1, 0)), (rb, width))        # S
+      dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))         # dP
+      pairs = dp * v.decay(r0, rb, 0, width) * s_blk
+      hi = pairs.astype(dtype)
+      _mgpu.stage(hi, hi_smem.at[rows, earlier])
+      _mgpu.stage(pairs - hi.astype(_F32), lo_smem.at[rows, earlier])
+    square = (rb, chunk)
+    _mgpu.stage(jnp.where(_mgpu.iota(square, 1) >= _mgpu.iota(square, 0), 1.0, 0.0), u_smem)  # U, shifted
+    for _, r0 in blocks:  # da_i, i in block r: U's columns l >= r0, dS o S's columns s < r0 + 64
+      rows, width = pl.ds(r0, rb), r0 + rb
+      later, earlier = pl.ds(r0, chunk - r0), pl.ds(0, width)
+      u = u_smem.at[:, pl.ds(0, chunk - r0)]
+      suffix = (_mgpu.matmul(u, hi_smem.at[later, earlier], (rb, width))
+                + _mgpu.matmul(u, lo_smem.at[later, earlier], (rb, width)))
+      i_rows = r0 + _mgpu.iota((rb, width), 0)
+      pairs = jnp.sum(jnp.where(_mgpu.iota((rb, width), 1) < i_rows, suffix, 0.0), axis=1)
+      i_all = r0 + _mgpu.iota(square, 0)
+      ends = jnp.sum(jnp.where(_mgpu.iota(square, 1) < i_all, _mgpu.cols(dw_w, square),
+                               _mgpu.cols(de_e, square)), axis=1)
+      _mgpu.stage(pairs + ends, vout_smem.at[2, rows])
+
+  for k, dst in enumerate((ddt_ref, dskip_ref, da_ref)):
+    plgpu.copy_smem_to_gmem(vout_smem.at[k], dst.at[b, m, tokens])
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -196,8 +196,10 @@ def _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry):
   tokens = _mgpu.swizzled((chunk, headdim), x.dtype)
   group = _mgpu.swizzled((chunk, dstate), b.dtype)
   state = _mgpu.swizzled((headdim, dstate), b.dtype)
-  scratch = (tokens, tokens, group, group, state, state, _mgpu.swizzled((chunk, chunk), x.dtype),
-             plgpu.SMEM((chunk, _mgpu.ALIGN), _F32), plgpu.SMEM((2, chunk), _F32), *_chunk_vecs(chunk),
+  rb = kernel_mgpu._ROW_BLOCK  # pylint: disable=protected-access
+  tiles = tuple(_mgpu.swizzled((rb, chunk - r0), x.dtype) for r0 in range(0, chunk, rb))
+  scratch = (tokens, tokens, group, group, state, state, *tiles, plgpu.SMEM((rb, dstate), _F32),
+             plgpu.SMEM((2, chunk), _F32), *_chunk_vecs(chunk),
              plgpu.Barrier(num_barriers=6 + kernel_mgpu._Chunk.NUM_VECS))
   per_head = jax.ShapeDtypeStruct((bsz, seqlen, nheads, dstate), _F32)
   vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
@@ -213,9 +215,8 @@ def _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry)
                            group_size=cfg.group_size)
   tokens = _mgpu.swizzled((chunk, headdim), x.dtype)
   group = _mgpu.swizzled((chunk, dstate), b.dtype)
-  square = _mgpu.swizzled((chunk, chunk), x.dtype)
-  scratch = (tokens, tokens, group, group, _mgpu.swizzled((headdim, dstate), b.dtype), square, square,
-             square, plgpu.SMEM((3, chunk), _F32), _vec(chunk), _vec(chunk), *_chunk_vecs(chunk),
+  scratch = (tokens, tokens, group, group, _mgpu.swizzled((headdim, dstate), b.dtype),
+             plgpu.SMEM((3, chunk), _F32), _vec(chunk), _vec(chunk), *_chunk_vecs(chunk),
              plgpu.Barrier(num_barriers=7 + kernel_mgpu._Chunk.NUM_VECS))
   vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
   return _run(cfg, body, (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec, vec),
