@@ -223,9 +223,16 @@ class _Chunk:
 
   NUM_VECS = 7  # dt, cum (rows, cols), seg (rows, cols), carry
 
-  def __init__(self, dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, first, *, b, c, m, chunk):
-    """Loads into vec_smems (dt, dt, cum, cum: [L] f32; seg, seg: [L] int32; carry) with barriers
-    first .. first + 6."""
+  def __init__(self, smems, cum_last, seg_last):
+    """smems: dt, dt (for columns), cum, cum (for columns), seg, seg (for columns), carry ([L] shared-memory
+    vectors; the seg and carry ones None without documents, the unused ones may be None)."""
+    self._dt, self._dt_c, self._cum, self._cum_c, self._seg, self._seg_c, self._carry = smems
+    self.cum_last, self.seg_last = cum_last, seg_last
+
+  @classmethod
+  def load(cls, dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, first, *, b, c, m, chunk):
+    """Loads one head's vectors into vec_smems (dt, dt, cum, cum: [L] f32; seg, seg: [L] int32; carry)
+    with barriers first .. first + 6."""
     t0 = c * chunk
     tokens = pl.ds(t0, chunk)
     srcs = [dt_ref.at[b, m, tokens]] * 2 + [cum_ref.at[b, m, tokens]] * 2
@@ -235,10 +242,8 @@ class _Chunk:
       plgpu.copy_gmem_to_smem(src, vec_smems[i], barriers.at[first + i])
     for i in range(len(srcs)):
       plgpu.barrier_wait(barriers.at[first + i])
-    smems = list(vec_smems[:len(srcs)]) + [None] * (self.NUM_VECS - len(srcs))
-    self._dt, self._dt_c, self._cum, self._cum_c, self._seg, self._seg_c, self._carry = smems
-    self.cum_last, self.seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
-    self.chunk = chunk
+    smems = list(vec_smems[:len(srcs)]) + [None] * (cls.NUM_VECS - len(srcs))
+    return cls(smems, *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
 
   @staticmethod
   def _load(smem, start, size, layout):
@@ -356,67 +361,103 @@ def _row_blocks(chunk):
 
 
 def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref, dy_ref, *rest,
-                        has_docs, group_size):
-  """dB, dC (this head's part) and the decay terms dw_s w_s, de_l e_l of one (b, c, m).
+                        has_docs, group_size, heads, max_concurrent_steps):
+  """dB, dC of `heads` heads of one group, summed over them, on 64 columns of Q; grid ("b", "c", "hb", "qb").
 
-  With xs = dt x, dP = dy xs^T, dS = dP o W:
+  With xs = dt x, dP = dy xs^T, dS = dP o W, per head:
     dB = dS^T C + w o (xs dstate)      dC = dS B + e o (dy h_in)
-    dw_w = rowsum((xs dstate) o B) w   de_e = rowsum((dy h_in) o C) e
-  in 64-row blocks of the outputs. dB's block r (tokens s) needs dS^T's rows s and its columns l >= 64 r,
-  computed directly as xs_s dy_l^T o W^T; dC's block r (tokens l) needs dS's columns s < 64 (r + 1).
-  Each such tile is staged in a buffer of its own width ([64, L - 64 r] for dS^T, reused as
-  [64, 64 (r + 1)] for dS), so every operand is a prefix or a row range of a shared-memory tile.
+    dw_w = rowsum((xs dstate) o B) w   de_e = rowsum((dy h_in) o C) e    (partial over these Q columns)
+  The heads stream through `emit_pipeline` (x, dy and their h_in / dstate columns, dt and cum, one head
+  ahead) and their dB, dC add up in two f32 [L, 64] accumulators in shared memory, written once per
+  program: the output is per head block, not per head. Each head works in 64-row blocks: dB's block r
+  (tokens s) needs dS^T's rows s and columns l >= 64 r, computed directly as xs_s dy_l^T o W^T; dC's
+  block r (tokens l) needs dS's columns s < 64 (r + 1). Each such tile is staged in a buffer of its own
+  width ([64, L - 64 r] for dS^T, reused as [64, 64 (r + 1)] for dS), so that every operand is a prefix
+  or a row range of a shared-memory tile. (dS is computed once per column block of Q.)
   """
   (seg_ref, carry_ref), outs, scratch = _split(rest, has_docs, 4)
   db_ref, dc_ref, dw_ref, de_ref = outs
-  x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, *scratch = scratch
-  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
-  chunk, headdim = x_smem.shape
-  dstate = b_smem.shape[1]
+  b_smem, c_smem, *scratch = scratch
+  chunk, q_cols = b_smem.shape
   blocks = _row_blocks(chunk)
-  tiles, (out_smem, vout_smem), vec_smems, barriers = (
-      scratch[:len(blocks)], scratch[len(blocks):len(blocks) + 2], scratch[len(blocks) + 2:-1], scratch[-1])
+  tiles = scratch[:len(blocks)]
+  acc_db, acc_dc, vout_slots, seg_r_smem, seg_c_smem, carry_smem, barriers = scratch[len(blocks):]
+  b, c, hb, qb = (lax.axis_index(name) for name in ("b", "c", "hb", "qb"))
   t0 = c * chunk
   tokens = pl.ds(t0, chunk)
-  j = lax.div(m, group_size)
-  states = pl.ds(c * headdim, headdim)
-  _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
-               (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
-               (h_ref.at[b, m, states], h_smem), (dstate_ref.at[b, m, states], dst_smem)], barriers)
-  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 6, b=b, c=c, m=m, chunk=chunk)
+  head0 = hb * heads
+  j = lax.div(head0, group_size)
+  cols_q = pl.ds(qb * q_cols, q_cols)
   rb = _ROW_BLOCK
-  for _, r0 in blocks:  # x -> xs = dt x, in place
-    rows = pl.ds(r0, rb)
-    _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), (rb, headdim)), x_smem.at[rows])
-  xs_smem = x_smem
+  plgpu.copy_gmem_to_smem(b_ref.at[b, tokens, j, cols_q], b_smem, barriers.at[0])
+  plgpu.copy_gmem_to_smem(c_ref.at[b, tokens, j, cols_q], c_smem, barriers.at[1])
+  if has_docs:
+    for i, (src, smem) in enumerate(((seg_ref, seg_r_smem), (seg_ref, seg_c_smem), (carry_ref, carry_smem))):
+      _mgpu.load(src.at[b, tokens], smem, barriers.at[2 + i])
+  else:
+    seg_r_smem = seg_c_smem = carry_smem = None
+  plgpu.barrier_wait(barriers.at[0])
+  plgpu.barrier_wait(barriers.at[1])
+  zeros = plgpu.layout_cast(jnp.zeros((chunk, q_cols), _F32), plgpu.Layout.WGMMA)
+  _mgpu.stage(zeros, acc_db)
+  _mgpu.stage(zeros, acc_dc)
 
-  def write(value, dst):  # [64, Q] f32 through out_smem
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem free again
-    _mgpu.store(out_smem, value, dst)
+  def add(acc, rows, value):
+    acc.at[rows][...] = acc.at[rows][...] + value
 
-  block_q = (rb, dstate)
-  for r, r0 in blocks:  # dB: tokens s of block r, l >= r0
-    rows, width = pl.ds(r0, rb), chunk - r0
-    later = pl.ds(r0, width)
-    dp_t = _mgpu.matmul(xs_smem.at[rows], dy_smem.at[later].transpose((1, 0)), (rb, width))   # dP^T
-    ds_t = _mgpu.stage(dp_t * v.decay(r0, rb, r0, width, transposed=True), tiles[r])
-    w = v.to_end(r0, rb)
-    xs_dstate = _mgpu.matmul(xs_smem.at[rows], dst_smem, block_q)
-    write(_mgpu.matmul(ds_t, c_smem.at[later], block_q) + _mgpu.rows(w, block_q) * xs_dstate,
-          db_ref.at[b, pl.ds(t0 + r0, rb), m])
-    _mgpu.stage(jnp.sum(xs_dstate * b_smem.at[rows][...].astype(_F32), axis=1) * w, vout_smem.at[0, rows])
-  for r, r0 in blocks:  # dC: tokens l of block r, s < r0 + 64
-    rows, width = pl.ds(r0, rb), r0 + rb
-    earlier = pl.ds(0, width)
-    dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))   # dP
-    ds = _mgpu.stage(dp * v.decay(r0, rb, 0, width), tiles[len(blocks) - 1 - r])
-    e = v.from_start(r0, rb)
-    dy_h = _mgpu.matmul(dy_smem.at[rows], h_smem, block_q)
-    write(_mgpu.matmul(ds, b_smem.at[earlier], block_q) + _mgpu.rows(e, block_q) * dy_h,
-          dc_ref.at[b, pl.ds(t0 + r0, rb), m])
-    _mgpu.stage(jnp.sum(dy_h * c_smem.at[rows][...].astype(_F32), axis=1) * e, vout_smem.at[1, rows])
-  plgpu.copy_smem_to_gmem(vout_smem.at[0], dw_ref.at[b, m, tokens])
-  plgpu.copy_smem_to_gmem(vout_smem.at[1], de_ref.at[b, m, tokens])
+  def step(idx, x_smem, dy_smem, h_smem, dst_smem, dt_smem, cum_smem, cum_c_smem):
+    (h,) = idx
+    m = head0 + h
+    headdim = x_smem.shape[1]
+    v = _Chunk((dt_smem, None, cum_smem, cum_c_smem, seg_r_smem, seg_c_smem, carry_smem),
+               *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
+    for _, r0 in blocks:  # x -> xs = dt x, in place (the pipeline refills this slot after the step)
+      rows = pl.ds(r0, rb)
+      _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), (rb, headdim)), x_smem.at[rows])
+    xs_smem = x_smem
+    block_q = (rb, q_cols)
+    slot = lax.rem(h, 2)
+    plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # this slot's stores of two heads back are done
+    for r, r0 in blocks:  # dB: tokens s of block r, l >= r0
+      rows, width = pl.ds(r0, rb), chunk - r0
+      later = pl.ds(r0, width)
+      dp_t = _mgpu.matmul(xs_smem.at[rows], dy_smem.at[later].transpose((1, 0)), (rb, width))   # dP^T
+      ds_t = _mgpu.stage(dp_t * v.decay(r0, rb, r0, width, transposed=True), tiles[r])
+      w = v.to_end(r0, rb)
+      xs_dstate = _mgpu.matmul(xs_smem.at[rows], dst_smem, block_q)
+      add(acc_db, rows, _mgpu.matmul(ds_t, c_smem.at[later], block_q) + _mgpu.rows(w, block_q) * xs_dstate)
+      _mgpu.stage(jnp.sum(xs_dstate * b_smem.at[rows][...].astype(_F32), axis=1) * w,
+                  vout_slots.at[slot, 0, rows])
+    for r, r0 in blocks:  # dC: tokens l of block r, s < r0 + 64
+      rows, width = pl.ds(r0, rb), r0 + rb
+      earlier = pl.ds(0, width)
+      dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))   # dP
+      ds = _mgpu.stage(dp * v.decay(r0, rb, 0, width), tiles[len(blocks) - 1 - r])
+      e = v.from_start(r0, rb)
+      dy_h = _mgpu.matmul(dy_smem.at[rows], h_smem, block_q)
+      add(acc_dc, rows, _mgpu.matmul(ds, b_smem.at[earlier], block_q) + _mgpu.rows(e, block_q) * dy_h)
+      _mgpu.stage(jnp.sum(dy_h * c_smem.at[rows][...].astype(_F32), axis=1) * e,
+                  vout_slots.at[slot, 1, rows])
+    plgpu.copy_smem_to_gmem(vout_slots.at[slot, 0], dw_ref.at[qb, b, m, tokens])
+    plgpu.copy_smem_to_gmem(vout_slots.at[slot, 1], de_ref.at[qb, b, m, tokens])
+
+  heads_slice = pl.ds(head0, heads)
+  x_tile = plgpu.BlockSpec((chunk, None, dy_ref.shape[-1]), lambda h: (0, h, 0),
+                           transforms=_mgpu.transforms(dy_ref.dtype))
+  state_tile = plgpu.BlockSpec((None, dy_ref.shape[-1], q_cols), lambda h: (h, 0, 0),
+                               transforms=_mgpu.transforms(dy_ref.dtype))
+  vec_spec = plgpu.BlockSpec((None, chunk), lambda h: (h, 0))
+  headdim = dy_ref.shape[-1]
+  states = (b, heads_slice, pl.ds(c * headdim, headdim), cols_q)
+  plgpu.emit_pipeline(
+      step, grid=(heads,),
+      in_specs=[x_tile, x_tile, state_tile, state_tile, vec_spec, vec_spec, vec_spec],
+      max_concurrent_steps=max_concurrent_steps,
+  )(x_ref.at[b, tokens, heads_slice], dy_ref.at[b, tokens, heads_slice], h_ref.at[states],
+    dstate_ref.at[states], dt_ref.at[b, heads_slice, tokens], cum_ref.at[b, heads_slice, tokens],
+    cum_ref.at[b, heads_slice, tokens])
+  plgpu.copy_smem_to_gmem(acc_db, db_ref.at[b, tokens, hb, cols_q])
+  plgpu.copy_smem_to_gmem(acc_dc, dc_ref.at[b, tokens, hb, cols_q])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -447,7 +488,7 @@ def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, 
   _load_tiles([(x_ref.at[b, tokens, m], x_smem), (dy_ref.at[b, tokens, m], dy_smem),
                (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
                (dstate_ref.at[b, m, pl.ds(c * headdim, headdim)], dst_smem)], barriers)
-  v = _Chunk(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m, chunk=chunk)
+  v = _Chunk.load(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m, chunk=chunk)
   dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[5 + _Chunk.NUM_VECS], _mgpu.COLS)
   de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[6 + _Chunk.NUM_VECS], _mgpu.COLS)
   block_p = (rb, headdim)

@@ -14,7 +14,8 @@ Kernel bodies: `kernel_mgpu.py`. The pipeline is the Triton path's (`ops_triton.
 Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
   kernel  chunk_state ("dout")   grid (B, C, M)   dL/dh_in from y
   kernel  state_passing_bwd      grid (B, M)      reverse loop -> dstates (input dtype), dg, dh0
-  kernel  scan_bwd_dbc           grid (B, C, M)   dB, dC per head; the per-token decay terms
+  kernel  scan_bwd_dbc           grid (B, C, M/H, Q/64)   dB, dC summed over H heads of a group in
+                                 shared memory; the per-token decay terms
   kernel  scan_bwd_dx            grid (B, C, M)   dx, d dt, D-skip terms, da
   jnp     dB / dC summed over a group's heads, dD, the carry-decay term of da; dt / A / dt_bias
           gradients by autodiff of the prologue.
@@ -28,15 +29,14 @@ Q up to 128 (every Nemotron mixer: P = 64, Q = 128); lowering refuses larger til
 outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs and the
 comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`), then tuning. What to look
 at first, by estimate (Nano mixer, batch 2 x 8192, bf16; HBM at ~3 TB/s):
-  * the backward writes dB and dC per head ([B, T, M, Q] f32, 2 x 0.54 GB) and sums them over a group's
-    heads in jnp (reading them again): ~0.7 ms of traffic, against mamba_ssm's 4.7 ms forward+backward.
-    mamba_ssm sums the heads inside its programs, on [64, 64]-ish output tiles; the same here needs
-    output tiles of [L, 64] (one warpgroup cannot hold two [128, 128] f32 accumulators) or two
-    warpgroups per program;
-  * one warpgroup holds [128, 128] f32 tiles (128 registers per thread each): S, W and dP at once
-    spill. Two consumer warpgroups of 64 rows each, or 64-row halves of L, are the alternatives;
-  * the causal half of every [L, L] product is zero (W is lower-triangular): 64-row blocks would skip
-    a quarter of those products;
+  * the chunk states: [B, M, C P, Q] f32 written by chunk_state and read by state_passing (2 x 0.27 GB),
+    plus h_in (0.13 GB in bf16); mamba_ssm moves the same;
+  * dB and dC leave scan_bwd_dbc per block of H heads (H = 8: 0.13 GB each), not per head (1.07 GB for
+    the two): the kernel sums the group's heads in shared memory, at the price of computing dS once per
+    64 columns of Q (twice at Q = 128);
+  * every program is one warpgroup working in 64-row blocks of the chunk ([64, <= L] f32 tiles, <= 64
+    registers per thread each), which also skips the zero quarter of the causal [L, L] products; two
+    consumer warpgroups (as `gmm_mgpu`) are the next step if the profile shows the tensor cores idle;
   * the decay gradient's U (dS o S) product runs as hi + lo (2 x 2 L^3 flops per head); hi alone is
     within the bf16 tolerance if that product shows up in a profile.
 """
@@ -188,23 +188,25 @@ def _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry):
 
 
 def _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry):
-  """db, dc [B, T, M, Q] f32 (per head), dw_w, de_e [B, M, T] f32."""
-  bsz, seqlen, nheads, headdim = x.shape
-  chunk, dstate = cfg.chunk, b.shape[-1]
-  body = functools.partial(kernel_mgpu.scan_bwd_dbc_kernel, has_docs=cfg.has_docs,
-                           group_size=cfg.group_size)
-  tokens = _mgpu.swizzled((chunk, headdim), x.dtype)
-  group = _mgpu.swizzled((chunk, dstate), b.dtype)
-  state = _mgpu.swizzled((headdim, dstate), b.dtype)
+  """db, dc [B, T, M / H, Q] f32 (summed over the H heads of a program), dw_w, de_e [B, M, T] f32."""
+  bsz, seqlen, nheads, _ = x.shape
+  chunk, dstate, heads = cfg.chunk, b.shape[-1], cfg.heads
+  q_cols = _mgpu.ALIGN
+  body = functools.partial(kernel_mgpu.scan_bwd_dbc_kernel, has_docs=cfg.has_docs, group_size=cfg.group_size,
+                           heads=heads, max_concurrent_steps=cfg.max_concurrent_steps)
   rb = kernel_mgpu._ROW_BLOCK  # pylint: disable=protected-access
+  group = _mgpu.swizzled((chunk, q_cols), b.dtype)
   tiles = tuple(_mgpu.swizzled((rb, chunk - r0), x.dtype) for r0 in range(0, chunk, rb))
-  scratch = (tokens, tokens, group, group, state, state, *tiles, plgpu.SMEM((rb, dstate), _F32),
-             plgpu.SMEM((2, chunk), _F32), *_chunk_vecs(chunk),
-             plgpu.Barrier(num_barriers=6 + kernel_mgpu._Chunk.NUM_VECS))
-  per_head = jax.ShapeDtypeStruct((bsz, seqlen, nheads, dstate), _F32)
-  vec = jax.ShapeDtypeStruct(dtp.shape, _F32)
-  return _run(cfg, body, (per_head, per_head, vec, vec), (bsz, seqlen // chunk, nheads), ("b", "c", "m"),
-              scratch, x, dtp, cum, b, c, h_in, dstates, dy, *_docs(cfg, seg, carry))
+  scratch = (group, group, *tiles, plgpu.SMEM((chunk, q_cols), _F32), plgpu.SMEM((chunk, q_cols), _F32),
+             plgpu.SMEM((2, 2, chunk), _F32), _vec(chunk, jnp.int32), _vec(chunk, jnp.int32), _vec(chunk),
+             plgpu.Barrier(num_barriers=5))
+  summed = jax.ShapeDtypeStruct((bsz, seqlen, nheads // heads, dstate), _F32)
+  partial = jax.ShapeDtypeStruct((dstate // q_cols,) + dtp.shape, _F32)
+  db, dc, dw_w, de_e = _run(
+      cfg, body, (summed, summed, partial, partial),
+      (bsz, seqlen // chunk, nheads // heads, dstate // q_cols), ("b", "c", "hb", "qb"), scratch,
+      x, dtp, cum, b, c, h_in, dstates, dy, *_docs(cfg, seg, carry))
+  return db, dc, dw_w.sum(axis=0), de_e.sum(axis=0)
 
 
 def _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry):
