@@ -31,7 +31,7 @@ comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`), the
 at first, by estimate (Nano mixer, batch 2 x 8192, bf16; HBM at ~3 TB/s):
   * the chunk states: [B, M, C P, Q] f32 written by chunk_state and read by state_passing (2 x 0.27 GB),
     plus h_in (0.13 GB in bf16); mamba_ssm moves the same;
-  * dB and dC leave scan_bwd_dbc per block of H heads (H = 8: 0.13 GB each), not per head (1.07 GB for
+  * dB and dC leave scan_bwd_dbc per block of H heads (H = 8: 0.07 GB each), not per head (1.07 GB for
     the two): the kernel sums the group's heads in shared memory, at the price of computing dS once per
     64 columns of Q (twice at Q = 128);
   * every program is one warpgroup working in 64-row blocks of the chunk ([64, <= L] f32 tiles, <= 64
