@@ -154,45 +154,50 @@ def _write_slots(values_and_dsts, slot_smems, step):
 
 
 def state_passing_kernel(states_ref, g_ref, h0_ref, *rest, nchunks, max_concurrent_steps):
-  """Forward state passing for one (b, m): grid ("b", "m"); h stays in registers.
+  """Forward state passing for one (b, m) and one block of Q columns: grid ("b", "m", "q").
 
   h_in[c] = the state entering chunk c (written in each dtype of the `h_in` outputs); final = h_in[C].
-  rest: h_in refs (one or two dtypes), final_ref, h_smem (f32 [P, Q]), one [2, P, Q] slot buffer per
+  The recurrence is elementwise, so the [P, Q] state splits into column blocks: more programs to
+  cover the SMs when B x M is small (one 64k-token row: 64 heads). h stays in registers.
+  rest: h_in refs (one or two dtypes), final_ref, h_smem (f32 [P, Qb]), one [2, P, Qb] slot buffer per
   h_in output, barrier.
   """
   num_outs = (len(rest) - 2) // 2
   h_in_refs, (final_ref, h_smem), slot_smems, (barrier,) = (
       rest[:num_outs], rest[num_outs:num_outs + 2], rest[num_outs + 2:-1], rest[-1:])
-  b, m = lax.axis_index("b"), lax.axis_index("m")
-  headdim, dstate = h_smem.shape
-  _mgpu.load(h0_ref.at[b, m], h_smem, barrier.at[0])
+  b, m, q = lax.axis_index("b"), lax.axis_index("m"), lax.axis_index("q")
+  headdim, q_cols = h_smem.shape
+  cols = pl.ds(q * q_cols, q_cols)
+  _mgpu.load(h0_ref.at[b, m, :, cols], h_smem, barrier.at[0])
   h0 = plgpu.load(h_smem, layout=plgpu.Layout.WGMMA)
 
   def step(idx, state_smem, h):
     (c,) = idx
     rows = pl.ds(c * headdim, headdim)
-    _write_slots([(h, r.at[b, m, rows]) for r in h_in_refs], slot_smems, c)
+    _write_slots([(h, r.at[b, m, rows, cols]) for r in h_in_refs], slot_smems, c)
     return g_ref[b, m, c] * h + state_smem[...]
 
   final = plgpu.emit_pipeline(
       step, grid=(nchunks,),
-      in_specs=[plgpu.BlockSpec((headdim, dstate), lambda c: (c, 0))],
+      in_specs=[plgpu.BlockSpec((headdim, q_cols), lambda c: (c, 0))],
       max_concurrent_steps=max_concurrent_steps, init_carry=h0,
-  )(states_ref.at[b, m])
-  _mgpu.store(h_smem, final, final_ref.at[b, m])
+  )(states_ref.at[b, m, :, cols])
+  _mgpu.store(h_smem, final, final_ref.at[b, m, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
 def state_passing_bwd_kernel(dh_out_ref, g_ref, h_in_ref, dfinal_ref, dstates_ref, dg_ref, dh0_ref,
                              grad_smem, dstate_slots, dg_slots, barrier, *, nchunks, max_concurrent_steps):
-  """Reverse state passing for one (b, m). G_c = dL/dh_in[c] = dh_out[c] + g_c G_{c+1}, G_C = dfinal.
+  """Reverse state passing for one (b, m) and one block of Q columns: grid ("b", "m", "q").
 
-  Writes dstates[c] = G_{c+1} (in dstates' dtype: the products of the backward chunk scan read it),
-  dg rows [B, M, C P]: sum_q G_{c+1} h_in[c] (summed over p to dg_c in jnp), and dh0 = G_0.
+  G_c = dL/dh_in[c] = dh_out[c] + g_c G_{c+1}, G_C = dfinal. Writes dstates[c] = G_{c+1} (in dstates'
+  dtype: the products of the backward chunk scan read it), dg rows [B, M, Q / Qb, C P]: sum over these
+  columns of G_{c+1} h_in[c] (summed over p and the column blocks to dg_c in jnp), and dh0 = G_0.
   """
-  b, m = lax.axis_index("b"), lax.axis_index("m")
-  headdim, dstate = grad_smem.shape
-  _mgpu.load(dfinal_ref.at[b, m], grad_smem, barrier.at[0])
+  b, m, q = lax.axis_index("b"), lax.axis_index("m"), lax.axis_index("q")
+  headdim, q_cols = grad_smem.shape
+  cols = pl.ds(q * q_cols, q_cols)
+  _mgpu.load(dfinal_ref.at[b, m, :, cols], grad_smem, barrier.at[0])
   dfinal = plgpu.load(grad_smem, layout=plgpu.Layout.WGMMA)
 
   def step(idx, dh_out_smem, h_in_smem, grad):
@@ -200,16 +205,16 @@ def state_passing_bwd_kernel(dh_out_ref, g_ref, h_in_ref, dfinal_ref, dstates_re
     c = nchunks - 1 - i
     rows = pl.ds(c * headdim, headdim)
     dg = jnp.sum(grad * h_in_smem[...], axis=1)
-    _write_slots([(grad, dstates_ref.at[b, m, rows]), (dg, dg_ref.at[b, m, rows])],
+    _write_slots([(grad, dstates_ref.at[b, m, rows, cols]), (dg, dg_ref.at[b, m, q, rows])],
                  (dstate_slots, dg_slots), i)
     return dh_out_smem[...] + g_ref[b, m, c] * grad
 
-  tile = plgpu.BlockSpec((headdim, dstate), lambda i: (nchunks - 1 - i, 0))
+  tile = plgpu.BlockSpec((headdim, q_cols), lambda i: (nchunks - 1 - i, 0))
   dh0 = plgpu.emit_pipeline(
       step, grid=(nchunks,), in_specs=[tile, tile],
       max_concurrent_steps=max_concurrent_steps, init_carry=dfinal,
-  )(dh_out_ref.at[b, m], h_in_ref.at[b, m])
-  _mgpu.store(grad_smem, dh0, dh0_ref.at[b, m])
+  )(dh_out_ref.at[b, m, :, cols], h_in_ref.at[b, m, :, cols])
+  _mgpu.store(grad_smem, dh0, dh0_ref.at[b, m, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -8,12 +8,12 @@ Kernel bodies: `kernel_mgpu.py`. The pipeline is the Triton path's (`ops_triton.
   jnp     dt = clip(softplus(dt + dt_bias)); a = dt A; pad T to the chunk, P and Q to multiples of 64
           (one 128-byte swizzle row of bf16); document masks; cum = chunk-local cumsum of a.
   kernel  chunk_state     grid (B, C, M)   chunk-end states          [B, M, C P, Q] f32
-  kernel  state_passing   grid (B, M)      loop over chunks -> h_in  [B, M, C P, Q] (input dtype), final
+  kernel  state_passing   grid (B, M, Q/Qb) loop over chunks -> h_in [B, M, C P, Q] (input dtype), final
   kernel  chunk_scan_fwd  grid (B, C, M/H) y = (S o W o dt) x + e o (C h_in^T) + D x, H heads of a
                                            group per program sharing S = C B^T
 Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
   kernel  chunk_state ("dout")   grid (B, C, M)   dL/dh_in from y
-  kernel  state_passing_bwd      grid (B, M)      reverse loop -> dstates (input dtype), dg, dh0
+  kernel  state_passing_bwd      grid (B, M, Q/Qb) reverse loop -> dstates (input dtype), dg, dh0
   kernel  scan_bwd_dbc           grid (B, C, M/H, Q/64)   dB, dC summed over H heads of a group in
                                  shared memory; the per-token decay terms
   kernel  scan_bwd_dx            grid (B, C, M)   dx, d dt, D-skip terms, da
@@ -67,18 +67,24 @@ class MgpuBlockSizes:
   Q padded to multiples of 64).
 
   Attributes:
-    heads_per_block: heads of one B/C group per forward chunk-scan program, which computes C B^T once
-      for them and streams their tiles through a pipeline; clamped to gcd(heads_per_block, M / J).
+    heads_per_block: heads of one B/C group per forward chunk-scan program (which computes C B^T once
+      for them) and per dB / dC program (which sums their gradients); their tiles stream through a
+      pipeline. Clamped to gcd(heads_per_block, M / J).
+    state_cols: Q columns of the state per state-passing program (the recurrence is elementwise): at
+      32, a 64k-token row of 64 heads runs 256 programs rather than 64.
     max_concurrent_steps: pipeline stages (TMA loads in flight) of the state-passing loops and of the
       forward chunk scan's loop over heads.
   """
 
   heads_per_block: int = 8
+  state_cols: int = 32
   max_concurrent_steps: int = 2
 
   def __post_init__(self):
     if self.heads_per_block < 1:
       raise ValueError(f"heads_per_block={self.heads_per_block} must be >= 1.")
+    if self.state_cols not in (8, 16, 32, 64):
+      raise ValueError(f"state_cols={self.state_cols} must be 8, 16, 32 or 64.")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
 
@@ -102,7 +108,8 @@ class _Config:
   chunk: int
   ngroups: int  # J
   group_size: int  # heads per B/C group
-  heads: int  # heads per forward chunk-scan program; divides group_size
+  heads: int  # heads per chunk-scan program (forward, dB / dC); divides group_size
+  state_cols: int  # Q columns per state-passing program; divides the padded Q
   has_docs: bool
   max_concurrent_steps: int
   interpret: Any
@@ -118,8 +125,9 @@ def _chunk_vecs(chunk):
 
 
 def _slots(shape, dtype):
-  """Two shared-memory buffers of one output tile (`kernel_mgpu._write_slots`)."""
-  if jnp.dtype(dtype) == _F32 or len(shape) == 1:
+  """Two shared-memory buffers of one output tile (`kernel_mgpu._write_slots`); 16-bit tiles of 64
+  columns are swizzled (TMA stores read any layout; the swizzle avoids bank conflicts)."""
+  if jnp.dtype(dtype) == _F32 or len(shape) == 1 or shape[-1] % _mgpu.ALIGN:
     return plgpu.SMEM((2, *shape), dtype)
   return plgpu.SMEM((2, *shape), dtype, transforms=_mgpu.transforms(dtype))
 
@@ -151,28 +159,30 @@ def _chunk_state(cfg, lhs, dtp, cum, rhs, seg, carry, *, mode):
 def _state_passing(cfg, states, g, h0, dtypes):
   """(h_in [B, M, C P, Q] in each of `dtypes`..., final [B, M, P, Q] f32)."""
   bsz, nheads, _, dstate = states.shape
-  headdim = h0.shape[2]
+  headdim, q_cols = h0.shape[2], cfg.state_cols
   body = functools.partial(kernel_mgpu.state_passing_kernel, nchunks=g.shape[-1],
                            max_concurrent_steps=cfg.max_concurrent_steps)
   out = [jax.ShapeDtypeStruct(states.shape, dtype) for dtype in dtypes]
   out.append(jax.ShapeDtypeStruct(h0.shape, _F32))
-  scratch = (plgpu.SMEM((headdim, dstate), _F32),
-             *(_slots((headdim, dstate), dtype) for dtype in dtypes), plgpu.Barrier(num_barriers=1))
-  return _run(cfg, body, tuple(out), (bsz, nheads), ("b", "m"), scratch, states, g, h0)
+  scratch = (plgpu.SMEM((headdim, q_cols), _F32),
+             *(_slots((headdim, q_cols), dtype) for dtype in dtypes), plgpu.Barrier(num_barriers=1))
+  return _run(cfg, body, tuple(out), (bsz, nheads, dstate // q_cols), ("b", "m", "q"), scratch, states, g, h0)
 
 
 def _state_passing_bwd(cfg, dh_out, g, h_in, dfinal, dstate_dtype):
   """dstates [B, M, C P, Q] (dstate_dtype), dg [B, M, C] f32, dh0 [B, M, P, Q] f32."""
   bsz, nheads, rows, dstate = dh_out.shape
-  headdim, nchunks = dfinal.shape[2], g.shape[-1]
+  headdim, nchunks, q_cols = dfinal.shape[2], g.shape[-1], cfg.state_cols
   body = functools.partial(kernel_mgpu.state_passing_bwd_kernel, nchunks=nchunks,
                            max_concurrent_steps=cfg.max_concurrent_steps)
-  out = (jax.ShapeDtypeStruct(dh_out.shape, dstate_dtype), jax.ShapeDtypeStruct((bsz, nheads, rows), _F32),
+  nq = dstate // q_cols
+  out = (jax.ShapeDtypeStruct(dh_out.shape, dstate_dtype), jax.ShapeDtypeStruct((bsz, nheads, nq, rows), _F32),
          jax.ShapeDtypeStruct(dfinal.shape, _F32))
-  scratch = (plgpu.SMEM((headdim, dstate), _F32), _slots((headdim, dstate), dstate_dtype),
+  scratch = (plgpu.SMEM((headdim, q_cols), _F32), _slots((headdim, q_cols), dstate_dtype),
              _slots((headdim,), _F32), plgpu.Barrier(num_barriers=1))
-  dstates, dg_rows, dh0 = _run(cfg, body, out, (bsz, nheads), ("b", "m"), scratch, dh_out, g, h_in, dfinal)
-  return dstates, dg_rows.reshape(bsz, nheads, nchunks, headdim).sum(axis=-1), dh0
+  dstates, dg_rows, dh0 = _run(cfg, body, out, (bsz, nheads, nq), ("b", "m", "q"), scratch,
+                               dh_out, g, h_in, dfinal)
+  return dstates, dg_rows.reshape(bsz, nheads, nq, nchunks, headdim).sum(axis=(2, 4)), dh0
 
 
 def _chunk_scan_fwd(cfg, x, dtp, cum, b, c, d, h_in, seg, carry):
@@ -301,7 +311,8 @@ def ssd_mgpu(
   align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
   cfg = _Config(
       chunk=kernel_chunk(chunk_size), ngroups=ngroups, group_size=nheads // ngroups,
-      heads=math.gcd(block_sizes.heads_per_block, nheads // ngroups), has_docs=doc_ids is not None,
+      heads=math.gcd(block_sizes.heads_per_block, nheads // ngroups),
+      state_cols=math.gcd(block_sizes.state_cols, align(dstate)), has_docs=doc_ids is not None,
       max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
   )
   p = _chunked.prologue(

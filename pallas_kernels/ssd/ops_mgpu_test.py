@@ -115,6 +115,10 @@ class SsdMosaicGpuStaticTest(parameterized.TestCase):
       self._ssd(interpret=True, block_sizes=ops.BlockSizes())
     with self.assertRaisesRegex(ValueError, r"max_concurrent_steps=0"):
       ops.MgpuBlockSizes(max_concurrent_steps=0)
+    with self.assertRaisesRegex(ValueError, r"state_cols=48"):
+      ops.MgpuBlockSizes(state_cols=48)
+    with self.assertRaisesRegex(ValueError, r"heads_per_block=0"):
+      ops.MgpuBlockSizes(heads_per_block=0)
 
   def test_auto_never_picks_it_yet(self):
     with jax.sharding.use_abstract_mesh(ops_test._abstract_mesh(*ops_test._H100)):  # pylint: disable=protected-access
