@@ -98,43 +98,56 @@ def _split(rest, has_docs, num_outs):
   return docs, rest[:num_outs], rest[num_outs:]
 
 
-def chunk_state_kernel(lhs_ref, dt_ref, cum_ref, rhs_ref, *rest, mode, has_docs, group_size):
-  """out[p, q] = sum_l lhs[l, p] coef_l rhs[l, q] for one (b, c, m): grid ("b", "c", "m").
+def chunk_state_kernel(lhs_ref, dt_ref, cum_ref, rhs_ref, *rest, mode, has_docs, group_size, heads,
+                       max_concurrent_steps):
+  """out[p, q] = sum_l lhs[l, p] coef_l rhs[l, q] for `heads` heads of one group in one chunk:
+  grid ("b", "c", "hb").
 
   mode "state" (forward): lhs = x, rhs = B, coef_s = w_s dt_s -> the chunk-end state.
   mode "dout" (backward of the carried-state term): lhs = dy, rhs = C, coef_l = e_l -> d h_in.
-  The coefficient scales lhs in registers; the scaled tile is staged in shared memory and fed to the
-  wgmma as its transposed A operand ([P, L] view of the [L, P] tile).
+  The group's rhs tile is loaded once; the heads' lhs tiles and vectors stream through `emit_pipeline`.
+  The coefficient scales lhs in registers; the scaled tile is staged back in place and fed to the
+  wgmma as its transposed A operand ([P, L] view of the [L, P] tile). Outputs leave through two
+  staging tiles, each TMA store overlapping the next head's work.
   """
   (seg_ref, carry_ref), (out_ref,), scratch = _split(rest, has_docs, 1)
-  lhs_smem, rhs_smem, cum_smem, dt_smem, doc_smem, out_smem, barriers = scratch
-  b, c, m = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("m")
-  chunk, headdim = lhs_smem.shape
+  rhs_smem, doc_smem, out_slots, barriers = scratch
+  b, c, hb = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("hb")
+  chunk = rhs_smem.shape[0]
+  headdim = out_slots.shape[1]
   t0 = c * chunk
   tokens = pl.ds(t0, chunk)
-  plgpu.copy_gmem_to_smem(lhs_ref.at[b, tokens, m], lhs_smem, barriers.at[0])
-  plgpu.copy_gmem_to_smem(rhs_ref.at[b, tokens, lax.div(m, group_size)], rhs_smem, barriers.at[1])
-  cum = _vec(cum_ref.at[b, m, tokens], cum_smem, barriers.at[2], _mgpu.ROWS)
-  if mode == "state":
-    dt = _vec(dt_ref.at[b, m, tokens], dt_smem, barriers.at[3], _mgpu.ROWS)
-    seg = None
-    if has_docs:
-      seg = _vec(seg_ref.at[b, tokens], doc_smem, barriers.at[4], _mgpu.ROWS)
-    cum_last, seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
-    coef = _to_end(cum, seg, cum_last, seg_last) * dt
-  elif mode == "dout":
-    carry = None
-    if has_docs:
-      carry = _vec(carry_ref.at[b, tokens], doc_smem, barriers.at[4], _mgpu.ROWS)
-    coef = _from_start(cum, carry)
-  else:
-    raise ValueError(f"Unknown {mode=}")
+  head0 = hb * heads
+  plgpu.copy_gmem_to_smem(rhs_ref.at[b, tokens, lax.div(head0, group_size)], rhs_smem, barriers.at[0])
+  doc = None
+  if has_docs:  # seg for "state", carry for "dout"
+    doc = _vec((seg_ref if mode == "state" else carry_ref).at[b, tokens], doc_smem, barriers.at[1], _mgpu.ROWS)
   plgpu.barrier_wait(barriers.at[0])
-  plgpu.barrier_wait(barriers.at[1])
   tile = (chunk, headdim)
-  _mgpu.stage(lhs_smem[...].astype(_F32) * _mgpu.rows(coef, tile), lhs_smem)
-  state = _mgpu.matmul(lhs_smem.transpose((1, 0)), rhs_smem, out_smem.shape)  # [P, Q]
-  _mgpu.store(out_smem, state, out_ref.at[b, m, pl.ds(c * headdim, headdim)])
+
+  def step(idx, lhs_smem, cum_smem, dt_smem):
+    (h,) = idx
+    m = head0 + h
+    cum = plgpu.load(cum_smem, layout=_mgpu.ROWS)
+    if mode == "state":
+      cum_last, seg_last = _chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1)
+      coef = _to_end(cum, doc, cum_last, seg_last) * plgpu.load(dt_smem, layout=_mgpu.ROWS)
+    elif mode == "dout":
+      coef = _from_start(cum, doc)
+    else:
+      raise ValueError(f"Unknown {mode=}")
+    _mgpu.stage(lhs_smem[...].astype(_F32) * _mgpu.rows(coef, tile), lhs_smem)
+    state = _mgpu.matmul(lhs_smem.transpose((1, 0)), rhs_smem, out_slots.shape[1:])  # [P, Q]
+    _write_slots([(state, out_ref.at[b, m, pl.ds(c * headdim, headdim)])], (out_slots,), h)
+
+  heads_slice = pl.ds(head0, heads)
+  vec_spec = plgpu.BlockSpec((None, chunk), lambda h: (h, 0))
+  plgpu.emit_pipeline(
+      step, grid=(heads,),
+      in_specs=[plgpu.BlockSpec((chunk, None, headdim), lambda h: (0, h, 0),
+                                transforms=_mgpu.transforms(lhs_ref.dtype)), vec_spec, vec_spec],
+      max_concurrent_steps=max_concurrent_steps,
+  )(lhs_ref.at[b, tokens, heads_slice], cum_ref.at[b, heads_slice, tokens], dt_ref.at[b, heads_slice, tokens])
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -7,12 +7,12 @@ Kernel bodies: `kernel_mgpu.py`. The pipeline is the Triton path's (`ops_triton.
 
   jnp     dt = clip(softplus(dt + dt_bias)); a = dt A; pad T to the chunk, P and Q to multiples of 64
           (one 128-byte swizzle row of bf16); document masks; cum = chunk-local cumsum of a.
-  kernel  chunk_state     grid (B, C, M)   chunk-end states          [B, M, C P, Q] f32
+  kernel  chunk_state     grid (B, C, M/H) chunk-end states          [B, M, C P, Q] f32
   kernel  state_passing   grid (B, M, Q/Qb) loop over chunks -> h_in [B, M, C P, Q] (input dtype), final
   kernel  chunk_scan_fwd  grid (B, C, M/H) y = (S o W o dt) x + e o (C h_in^T) + D x, H heads of a
                                            group per program sharing S = C B^T
 Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
-  kernel  chunk_state ("dout")   grid (B, C, M)   dL/dh_in from y
+  kernel  chunk_state ("dout")   grid (B, C, M/H) dL/dh_in from y
   kernel  state_passing_bwd      grid (B, M, Q/Qb) reverse loop -> dstates (input dtype), dg, dh0
   kernel  scan_bwd_dbc           grid (B, C, M/H, Q/64)   dB, dC summed over H heads of a group in
                                  shared memory; the per-token decay terms
@@ -67,9 +67,9 @@ class MgpuBlockSizes:
   Q padded to multiples of 64).
 
   Attributes:
-    heads_per_block: heads of one B/C group per forward chunk-scan program (which computes C B^T once
-      for them) and per dB / dC program (which sums their gradients); their tiles stream through a
-      pipeline. Clamped to gcd(heads_per_block, M / J).
+    heads_per_block: heads of one B/C group per chunk-state program (which loads the group's B or C
+      once), forward chunk-scan program (which computes C B^T once for them) and dB / dC program (which
+      sums their gradients); their tiles stream through a pipeline. Clamped to gcd(heads_per_block, M / J).
     state_cols: Q columns of the state per state-passing program (the recurrence is elementwise): at
       32, a 64k-token row of 64 heads runs 256 programs rather than 64.
     max_concurrent_steps: pipeline stages (TMA loads in flight) of the state-passing loops and of the
@@ -145,14 +145,13 @@ def _chunk_state(cfg, lhs, dtp, cum, rhs, seg, carry, *, mode):
   """[B, M, C P, Q] f32: sum_l lhs[l, p] coef_l rhs[l, q] per chunk and head."""
   bsz, seqlen, nheads, headdim = lhs.shape
   dstate = rhs.shape[-1]
-  chunk, nchunks = cfg.chunk, seqlen // cfg.chunk
+  chunk, nchunks, heads = cfg.chunk, seqlen // cfg.chunk, cfg.heads
   body = functools.partial(kernel_mgpu.chunk_state_kernel, mode=mode, has_docs=cfg.has_docs,
-                           group_size=cfg.group_size)
-  scratch = (_mgpu.swizzled((chunk, headdim), lhs.dtype), _mgpu.swizzled((chunk, dstate), rhs.dtype),
-             _vec(chunk), _vec(chunk), _vec(chunk, jnp.int32 if mode == "state" else _F32),
-             plgpu.SMEM((headdim, dstate), _F32), plgpu.Barrier(num_barriers=5))
+                           group_size=cfg.group_size, heads=heads, max_concurrent_steps=cfg.max_concurrent_steps)
+  scratch = (_mgpu.swizzled((chunk, dstate), rhs.dtype), _vec(chunk, jnp.int32 if mode == "state" else _F32),
+             _slots((headdim, dstate), _F32), plgpu.Barrier(num_barriers=2))
   out = jax.ShapeDtypeStruct((bsz, nheads, nchunks * headdim, dstate), _F32)
-  return _run(cfg, body, out, (bsz, nchunks, nheads), ("b", "c", "m"), scratch,
+  return _run(cfg, body, out, (bsz, nchunks, nheads // heads), ("b", "c", "hb"), scratch,
               lhs, dtp, cum, rhs, *_docs(cfg, seg, carry))
 
 
