@@ -14,10 +14,17 @@ chunk positions l, s in [0, L):
   h_in[c+1] = g_c h_in[c] + state[c],  g_c = e_{L-1}(c)       state passing
 
 What changes from the Triton kernels is how a program reaches the tensor cores: each program is one
-warpgroup; its tiles (x, B, C, states) are loaded once by TMA into swizzled shared memory, every product
-is a `wgmma` on shared-memory operands (transposed views where the math needs A^T or B^T), and operands
-the kernel computes (decay-scaled x or scores) are staged back into shared memory in the input dtype
-(`_mgpu.stage`), as mamba_ssm feeds bf16 operands to its products. Accumulation is f32.
+warpgroup; its tiles (x, B, C, states) are loaded by TMA into swizzled shared memory, every product is
+a `wgmma` on shared-memory operands (transposed views where the math needs A^T or B^T), and operands the
+kernel computes (decay-scaled x or scores) are staged back into shared memory in the input dtype
+(`_mgpu.stage`), as mamba_ssm feeds bf16 operands to its products. Accumulation is f32. Three habits
+run through the kernels:
+  * heads of one B/C group share a program where they share work (the group's B / C tile, C B^T, the
+    sum of their dB / dC); their own tiles stream through `emit_pipeline`, one head ahead;
+  * [L, L] work runs in 64-row blocks of the chunk (a warpgroup's wgmma M): f32 tiles of [64, <= L]
+    (<= 64 registers per thread each), and only the blocks left of the diagonal, where W is nonzero;
+  * a transposed tile the math needs ((S o W)^T, dS^T) is computed directly (B C^T o W^T, xs dy^T o W^T)
+    and staged at its own width, so that every operand is a row range or a column prefix of a tile.
 
 Refs (ops_mgpu.py lays them out; T, P, Q padded; `cp = c * P`):
   x, dy, y, dx   [B, T, M, P]   input dtype (bf16 / f16)
@@ -28,16 +35,16 @@ Refs (ops_mgpu.py lays them out; T, P, Q padded; `cp = c * P`):
   states, h_in   [B, M, C P, Q] f32 or the input dtype (chunk c's [P, Q] tile at rows cp)
   g              [B, M, C]      f32 carry decay of each chunk
 
-Backward: the gradients of the chunk scan are split over two programs per (b, c, m), because their
-operands do not fit one program's shared memory (227 KB on an H100) at L = 128, P = 64, Q = 128:
-  `scan_bwd_dbc_kernel`   dB, dC (per head, summed over a group's heads in jnp) and the per-token
-                          terms de_l e_l, dw_s w_s of the decay gradient;
+Backward: the gradients of the chunk scan are split over two kernels, because their operands do not
+fit one program's shared memory (227 KB on an H100) at L = 128, P = 64, Q = 128:
+  `scan_bwd_dbc_kernel`   dB, dC summed over a program's heads, and the per-token terms de_l e_l,
+                          dw_s w_s of the decay gradient;
   `scan_bwd_dx_kernel`    dx, d dt, the D-skip terms and da, the gradient of a = dt A, summed directly
                           over the pairs that a_i separates (see `kernel.chunk_scan_bwd_kernel`):
     da_i = sum_{l >= i, s < i} (dS o S)_ls + sum_{l >= i} de_l e_l + sum_{s < i} dw_s w_s.
   The first sum is a row sum of T = U (dS o S) with U_il = [l >= i], masked to s < i: one wgmma with an
   exact 0/1 operand. dS o S is fed as two bf16/f16 terms (hi + lo, ~16 significant bits), so the sum
-  keeps nearly f32 accuracy. The other two are row sums of masked [L, L] tiles in f32 (no scan).
+  keeps nearly f32 accuracy. The other two are row sums of masked [64, L] tiles in f32 (no scan).
 """
 
 import functools
