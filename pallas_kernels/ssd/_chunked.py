@@ -91,6 +91,18 @@ def add_carry_term(chunk: int, da: jax.Array, dg: jax.Array, g: jax.Array) -> ja
   return da.reshape(bsz, nheads, seqlen)
 
 
+def core_cotangents(chunk, ngroups, *, dx, ddt, da, dg, g, db, dc, dskip, dh0, b, c, d):
+  """The custom_vjp cores' cotangents of (x, dtp, a, b, c, d, h0, seg, carry) from their kernels' outputs.
+
+  da gets the carry decay's term; db / dc [B, T, K, Q] (partial sums over the heads of K head blocks)
+  are summed over each group's blocks; dskip [B, M, T] (rowsum(dy o x)) over batch and tokens to dD.
+  """
+  return (
+      dx, ddt, add_carry_term(chunk, da, dg, g), group_sum(db, ngroups).astype(b.dtype),
+      group_sum(dc, ngroups).astype(c.dtype), dskip.sum(axis=(0, 2)).astype(d.dtype), dh0, None, None,
+  )
+
+
 def group_sum(v: jax.Array, ngroups: int) -> jax.Array:
   """[B, T, K, Q] partial sums over the heads of K head blocks -> [B, T, J, Q] (K = J x heads per group)."""
   bsz, seqlen = v.shape[:2]

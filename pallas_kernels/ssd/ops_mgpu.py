@@ -264,12 +264,8 @@ def _core_bwd(cfg, residuals, cotangents):
   dstates, dg, dh0 = _state_passing_bwd(cfg, dh_out, g, h_in32, dfinal.astype(_F32), x.dtype)
   db, dc, dw_w, de_e = _scan_bwd_dbc(cfg, x, dtp, cum, b, c, h_in, dstates, dy, seg, carry)
   dx, ddt, dskip, da = _scan_bwd_dx(cfg, x, dtp, cum, b, c, d, dstates, dy, dw_w, de_e, seg, carry)
-  da = _chunked.add_carry_term(cfg.chunk, da, dg, g)
-  return (
-      dx, ddt, da, _chunked.group_sum(db, cfg.ngroups).astype(b.dtype),
-      _chunked.group_sum(dc, cfg.ngroups).astype(c.dtype),
-      dskip.sum(axis=(0, 2)).astype(d.dtype), dh0, None, None,
-  )
+  return _chunked.core_cotangents(cfg.chunk, cfg.ngroups, dx=dx, ddt=ddt, da=da, dg=dg, g=g, db=db, dc=dc,
+                                  dskip=dskip, dh0=dh0, b=b, c=c, d=d)
 
 
 _ssd_core.defvjp(_core_fwd, _core_bwd)

@@ -326,12 +326,8 @@ def _core_bwd(cfg, residuals, cotangents):
   dx, ddt, da, dskip, db, dc = _chunk_scan_bwd(
       cfg, x, dtp, cum, b, c, d, h_in, dstates, dy, seg, carry
   )
-  da = _chunked.add_carry_term(cfg.chunk, da, dg, g)
-  return (
-      dx, ddt, da, _chunked.group_sum(db, cfg.ngroups).astype(b.dtype),
-      _chunked.group_sum(dc, cfg.ngroups).astype(c.dtype),
-      dskip.sum(axis=(0, 2)).astype(d.dtype), dh0, None, None,
-  )
+  return _chunked.core_cotangents(cfg.chunk, cfg.ngroups, dx=dx, ddt=ddt, da=da, dg=dg, g=g, db=db, dc=dc,
+                                  dskip=dskip, dh0=dh0, b=b, c=c, d=d)
 
 
 _ssd_core.defvjp(_core_fwd, _core_bwd)
