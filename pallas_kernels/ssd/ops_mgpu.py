@@ -23,9 +23,9 @@ Backward (chunk_state and state_passing recomputed, as in state-spaces/mamba):
 The states are laid out [B, M, C P, Q] (chunk c's tile at rows c P), so that a (b, m) program's chunks
 form one 2-D array for the TMA engine. bf16 / f16 only (wgmma would run f32 as TF32; f32 runs on the
 Triton or reference paths). chunk_size a multiple of 64 (the wgmma M of a warpgroup), run as chunks of
-128 or 64 (`kernel_chunk`). The programs' shared memory fits an H100's 227 KB at L = 128 with P = 64 and
-Q up to 128 (every Nemotron mixer: P = 64, Q = 128); lowering refuses larger tiles (P = 128) with
-"Mosaic GPU kernel exceeds available shared memory". Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
+128 or 64 (`kernel_chunk`): the programs' shared memory fits an H100's 227 KB at L = 128 up to P = 64,
+Q = 128 (every Nemotron mixer), at L = 64 up to P x Q = 128 x 128 or 64 x 256; larger heads or states
+are refused with a ValueError. Verified in JAX's Mosaic GPU interpreter on CPU against the reference,
 outputs and gradients, and lowered for an abstract H100 (`ops_mgpu_test.py`). Owed: runs and the
 comparison with mamba_ssm's Triton kernels on an H100 (`benchmarks/ssd.py`), then tuning. What to look
 at first, by estimate (Nano mixer, batch 2 x 8192, bf16; HBM at ~3 TB/s):
@@ -278,14 +278,30 @@ def check_chunk_size(chunk_size: int) -> Optional[str]:
   return f"backend='mosaic_gpu' needs a {chunk_size=} that is a multiple of {_mgpu.ALIGN}"
 
 
-def kernel_chunk(chunk_size: int) -> int:
-  """The chunk the kernels run: 128 where `chunk_size` is a multiple of 128, else 64.
+def _fits(chunk: int, padded_p: int, padded_q: int) -> bool:
+  """Whether every program's shared memory fits an H100's 227 KB (measured by lowering: 128-token chunks
+  up to P x Q = 64 x 128; 64-token chunks up to 128 x 128 and 64 x 256)."""
+  if chunk == 2 * _mgpu.ALIGN:
+    return padded_p <= 64 and padded_q <= 128
+  return padded_p <= 128 and padded_q <= 256 and padded_p * padded_q <= 128 * 128
+
+
+def kernel_chunk(chunk_size: int, headdim: int = 64, dstate: int = 128) -> int:
+  """The chunk the kernels run: 128 where `chunk_size` is a multiple of 128 and the tiles fit, else 64.
 
   Chunking only re-associates the recurrence (y and the states are the same sums in another order), so a
-  model configured with 256-token chunks (Nemotron Nano 2) runs 128-token ones: at L = 256 the
-  programs' [L, L] tiles would not fit in an H100's shared memory.
+  model configured with 256-token chunks (Nemotron Nano 2) runs 128-token ones, and head or state sizes
+  too large for 128-token programs (P = 128, Q = 256) run 64-token ones: the [L, L], [L, P] and [L, Q]
+  tiles of one program must fit in an H100's shared memory. Raises ValueError where no chunk fits.
   """
-  return 2 * _mgpu.ALIGN if chunk_size % (2 * _mgpu.ALIGN) == 0 else _mgpu.ALIGN
+  align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
+  padded_p, padded_q = align(headdim), align(dstate)
+  for chunk in (2 * _mgpu.ALIGN, _mgpu.ALIGN):
+    if chunk_size % chunk == 0 and _fits(chunk, padded_p, padded_q):
+      return chunk
+  raise ValueError(
+      f"backend='mosaic_gpu' takes head_dim x state up to 128 x 128 or 64 x 256 (one program's shared memory "
+      f"on an H100), got P={headdim}, Q={dstate}; use backend='triton' or 'reference'")
 
 
 def check_dtype(dtype) -> Optional[str]:
@@ -305,7 +321,7 @@ def ssd_mgpu(
   ngroups, dstate = B.shape[2:]
   align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
   cfg = _Config(
-      chunk=kernel_chunk(chunk_size), ngroups=ngroups, group_size=nheads // ngroups,
+      chunk=kernel_chunk(chunk_size, headdim, dstate), ngroups=ngroups, group_size=nheads // ngroups,
       heads=math.gcd(block_sizes.heads_per_block, nheads // ngroups),
       state_cols=math.gcd(block_sizes.state_cols, align(dstate)), has_docs=doc_ids is not None,
       max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
