@@ -108,7 +108,7 @@ class _Config:
   chunk: int
   ngroups: int  # J
   group_size: int  # heads per B/C group
-  heads: int  # heads per chunk-scan program (forward, dB / dC); divides group_size
+  heads: int  # heads per chunk-state, forward chunk-scan and dB / dC program; divides group_size
   state_cols: int  # Q columns per state-passing program; divides the padded Q
   has_docs: bool
   max_concurrent_steps: int
