@@ -50,9 +50,8 @@ class SsdMosaicGpuTest(parameterized.TestCase):
     ops_test.SsdTest._assert_matches(self, got, want, jnp.bfloat16)  # pylint: disable=protected-access
 
   @parameterized.named_parameters(
-      ("plain", 1, False, False, jnp.bfloat16),
+      ("plain_f16", 1, False, False, jnp.float16),
       ("batch2_state_docs", 2, True, True, jnp.bfloat16),
-      ("docs_only_f16", 1, False, True, jnp.float16),
   )
   def test_outputs_and_grads_match_reference(self, batch, use_state, use_docs, dtype):
     shape = dataclasses.replace(_ODD, batch=batch)
