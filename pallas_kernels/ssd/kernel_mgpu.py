@@ -98,6 +98,18 @@ def _from_start(cum, carry):
   return e if carry is None else e * carry
 
 
+def _load_docs(seg_ref, carry_ref, smems, barriers, first, *, b, tokens):
+  """The chunk's document vectors (seg, seg again for column loads, carry) loaded by TMA into `smems`
+  with barriers first .. first + 2 and returned; Nones without documents."""
+  if seg_ref is None:
+    return (None, None, None)
+  for i, (src, smem) in enumerate(zip((seg_ref, seg_ref, carry_ref), smems)):
+    plgpu.copy_gmem_to_smem(src.at[b, tokens], smem, barriers.at[first + i])
+  for i in range(3):
+    plgpu.barrier_wait(barriers.at[first + i])
+  return tuple(smems)
+
+
 def _split(rest, has_docs, num_outs):
   """(docs refs or Nones, outputs, scratch) of a kernel's trailing refs."""
   docs = rest[:2] if has_docs else (None, None)
@@ -246,29 +258,26 @@ class _Chunk:
   GPU's layout inference gives each buffer's loads one layout (jax 0.12).
   """
 
-  NUM_VECS = 7  # dt, cum (rows, cols), seg (rows, cols), carry
+  NUM_VECS = 6  # dt, cum (rows, cols), seg (rows, cols), carry
 
   def __init__(self, smems, cum_last, seg_last):
-    """smems: dt, dt (for columns), cum, cum (for columns), seg, seg (for columns), carry ([L] shared-memory
-    vectors; the seg and carry ones None without documents, the unused ones may be None)."""
-    self._dt, self._dt_c, self._cum, self._cum_c, self._seg, self._seg_c, self._carry = smems
+    """smems: dt, cum, cum (for columns), seg, seg (for columns), carry ([L] shared-memory vectors; the
+    document ones None without documents)."""
+    self._dt, self._cum, self._cum_c, self._seg, self._seg_c, self._carry = smems
     self.cum_last, self.seg_last = cum_last, seg_last
 
   @classmethod
   def load(cls, dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, first, *, b, c, m, chunk):
-    """Loads one head's vectors into vec_smems (dt, dt, cum, cum: [L] f32; seg, seg: [L] int32; carry)
-    with barriers first .. first + 6."""
+    """Loads one head's vectors into vec_smems (dt, cum, cum: [L] f32; seg, seg: [L] int32; carry [L]
+    f32) with barriers first .. first + 5."""
     t0 = c * chunk
     tokens = pl.ds(t0, chunk)
-    srcs = [dt_ref.at[b, m, tokens]] * 2 + [cum_ref.at[b, m, tokens]] * 2
-    if seg_ref is not None:
-      srcs += [seg_ref.at[b, tokens]] * 2 + [carry_ref.at[b, tokens]]
-    for i, src in enumerate(srcs):
-      plgpu.copy_gmem_to_smem(src, vec_smems[i], barriers.at[first + i])
-    for i in range(len(srcs)):
+    for i, src in enumerate((dt_ref, cum_ref, cum_ref)):
+      plgpu.copy_gmem_to_smem(src.at[b, m, tokens], vec_smems[i], barriers.at[first + i])
+    docs = _load_docs(seg_ref, carry_ref, vec_smems[3:], barriers, first + 3, b=b, tokens=tokens)
+    for i in range(3):
       plgpu.barrier_wait(barriers.at[first + i])
-    smems = list(vec_smems[:len(srcs)]) + [None] * (cls.NUM_VECS - len(srcs))
-    return cls(smems, *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
+    return cls((*vec_smems[:3], *docs), *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
 
   @staticmethod
   def _load(smem, start, size, layout):
@@ -276,9 +285,6 @@ class _Chunk:
 
   def dt(self, start, size):  # per row
     return self._load(self._dt, start, size, _mgpu.ROWS)
-
-  def dt_cols(self, start, size):
-    return self._load(self._dt_c, start, size, _mgpu.COLS)
 
   def decay(self, row0, num_rows, col0, num_cols, transposed=False):
     """W's tile (rows l from row0, columns s from col0), or W^T's (rows s, columns l)."""
@@ -328,13 +334,9 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   tokens = pl.ds(t0, chunk)
   head0 = hb * heads
   j = lax.div(head0, group_size)
-  square, tile = (chunk, chunk), (chunk, headdim)
+  square = (chunk, chunk)
   plgpu.copy_gmem_to_smem(c_ref.at[b, tokens, j], c_smem, barriers.at[0])
-  if has_docs:
-    for i, (src, smem) in enumerate(((seg_ref, seg_r_smem), (seg_ref, seg_c_smem), (carry_ref, carry_smem))):
-      _mgpu.load(src.at[b, tokens], smem, barriers.at[1 + i])
-  else:
-    seg_r_smem = seg_c_smem = carry_smem = None
+  docs = _load_docs(seg_ref, carry_ref, (seg_r_smem, seg_c_smem, carry_smem), barriers, 1, b=b, tokens=tokens)
   plgpu.barrier_wait(barriers.at[0])
 
   @functools.partial(pl.run_scoped, b_smem=_mgpu.swizzled((chunk, dstate), c_smem.dtype))
@@ -345,21 +347,17 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   def step(idx, x_smem, h_smem, dt_smem, cum_r_smem, cum_c_smem):
     (h,) = idx
     m = head0 + h
+    # dt is read per column here (through its own buffer); w, the chunk-end decay, is not needed.
+    v = _Chunk((None, cum_r_smem, cum_c_smem, *docs), None, None)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous head's y has left y_smem
-    for r in range(chunk // _ROW_BLOCK):  # 64-row blocks: only the S columns at or left of the diagonal
-      rows, cols = pl.ds(r * _ROW_BLOCK, _ROW_BLOCK), pl.ds(0, (r + 1) * _ROW_BLOCK)
-      block = (_ROW_BLOCK, (r + 1) * _ROW_BLOCK)
-      cum_r = plgpu.load(cum_r_smem.at[rows], layout=_mgpu.ROWS)
-      seg = (None, None) if seg_r_smem is None else (plgpu.load(seg_r_smem.at[rows], layout=_mgpu.ROWS),
-                                                     plgpu.load(seg_c_smem.at[cols], layout=_mgpu.COLS))
-      decay = _decay(cum_r, plgpu.load(cum_c_smem.at[cols], layout=_mgpu.COLS), *seg, block,
-                     row0=r * _ROW_BLOCK)
-      scores = (plgpu.load(cb_smem.at[rows, cols], layout=plgpu.Layout.WGMMA) * decay
+    for _, r0 in _row_blocks(chunk):  # 64-row blocks: only the S columns at or left of the diagonal
+      rows, cols = pl.ds(r0, _ROW_BLOCK), pl.ds(0, r0 + _ROW_BLOCK)
+      block, tile = (_ROW_BLOCK, r0 + _ROW_BLOCK), (_ROW_BLOCK, headdim)
+      scores = (plgpu.load(cb_smem.at[rows, cols], layout=plgpu.Layout.WGMMA) * v.decay(r0, _ROW_BLOCK, 0, block[1])
                 * _mgpu.cols(plgpu.load(dt_smem.at[cols], layout=_mgpu.COLS), block))
-      y = _mgpu.matmul(_mgpu.stage(scores, s_smem.at[rows, cols]), x_smem.at[cols], (_ROW_BLOCK, headdim))
-      carry = None if carry_smem is None else plgpu.load(carry_smem.at[rows], layout=_mgpu.ROWS)
-      y += (_mgpu.rows(_from_start(cum_r, carry), (_ROW_BLOCK, headdim))
-            * _mgpu.matmul(c_smem.at[rows], h_smem.transpose((1, 0)), (_ROW_BLOCK, headdim)))
+      y = _mgpu.matmul(_mgpu.stage(scores, s_smem.at[rows, cols]), x_smem.at[cols], tile)
+      y += (_mgpu.rows(v.from_start(r0, _ROW_BLOCK), tile)
+            * _mgpu.matmul(c_smem.at[rows], h_smem.transpose((1, 0)), tile))
       y += d_ref[m] * x_smem.at[rows][...].astype(_F32)
       _mgpu.stage(y, y_smem.at[rows])
     plgpu.copy_smem_to_gmem(y_smem, y_ref.at[b, tokens, m])
@@ -416,11 +414,7 @@ def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref,
   rb = _ROW_BLOCK
   plgpu.copy_gmem_to_smem(b_ref.at[b, tokens, j, cols_q], b_smem, barriers.at[0])
   plgpu.copy_gmem_to_smem(c_ref.at[b, tokens, j, cols_q], c_smem, barriers.at[1])
-  if has_docs:
-    for i, (src, smem) in enumerate(((seg_ref, seg_r_smem), (seg_ref, seg_c_smem), (carry_ref, carry_smem))):
-      _mgpu.load(src.at[b, tokens], smem, barriers.at[2 + i])
-  else:
-    seg_r_smem = seg_c_smem = carry_smem = None
+  docs = _load_docs(seg_ref, carry_ref, (seg_r_smem, seg_c_smem, carry_smem), barriers, 2, b=b, tokens=tokens)
   plgpu.barrier_wait(barriers.at[0])
   plgpu.barrier_wait(barriers.at[1])
   zeros = plgpu.layout_cast(jnp.zeros((chunk, q_cols), _F32), plgpu.Layout.WGMMA)
@@ -434,8 +428,7 @@ def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref,
     (h,) = idx
     m = head0 + h
     headdim = x_smem.shape[1]
-    v = _Chunk((dt_smem, None, cum_smem, cum_c_smem, seg_r_smem, seg_c_smem, carry_smem),
-               *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
+    v = _Chunk((dt_smem, cum_smem, cum_c_smem, *docs), *_chunk_end(cum_ref, seg_ref, b, m, t0 + chunk - 1))
     for _, r0 in blocks:  # x -> xs = dt x, in place (the pipeline refills this slot after the step)
       rows = pl.ds(r0, rb)
       _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), (rb, headdim)), x_smem.at[rows])

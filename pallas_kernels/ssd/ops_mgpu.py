@@ -120,8 +120,8 @@ def _vec(chunk, dtype=_F32):
 
 
 def _chunk_vecs(chunk):
-  """Shared memory of `kernel_mgpu._Chunk`: dt and cum twice, seg twice, carry."""
-  return (_vec(chunk),) * 4 + (_vec(chunk, jnp.int32),) * 2 + (_vec(chunk),)
+  """Shared memory of `kernel_mgpu._Chunk`: dt, cum twice, seg twice, carry."""
+  return (_vec(chunk),) * 3 + (_vec(chunk, jnp.int32),) * 2 + (_vec(chunk),)
 
 
 def _slots(shape, dtype):
