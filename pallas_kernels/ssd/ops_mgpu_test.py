@@ -41,9 +41,10 @@ class SsdMosaicGpuTest(parameterized.TestCase):
       self.skipTest("compiled backend='mosaic_gpu' needs a Hopper GPU; SsdMosaicGpuInterpretTest runs the "
                     "same tests on CPU")
 
-  def _check(self, inputs, dtype=jnp.bfloat16, **kw):
+  def _check(self, inputs, dtype=jnp.bfloat16, block_sizes=None, **kw):
     got = ops_test._outputs_and_grads(  # pylint: disable=protected-access
-        functools.partial(ops.ssd, backend="mosaic_gpu", interpret=self.INTERPRET), inputs, **kw)
+        functools.partial(ops.ssd, backend="mosaic_gpu", interpret=self.INTERPRET, block_sizes=block_sizes),
+        inputs, **kw)
     want = ops_test._outputs_and_grads(reference.ssd_reference, inputs, **kw)  # pylint: disable=protected-access
     self.assertEqual(got[0].dtype, dtype)
     self.assertEqual(got[1].dtype, jnp.float32)
@@ -70,12 +71,14 @@ class SsdMosaicGpuTest(parameterized.TestCase):
     self._check(inputs, chunk_size=128, doc_ids=ops_test._doc_ids(1, shape.seqlen, 8),  # pylint: disable=protected-access
                 dt_softplus=False, dt_min=0.01, dt_max=0.9)
 
-  def test_chunk_256_runs_as_128(self):
-    """Nano 2's chunk_size = 256 runs 128-token chunks: the same recurrence, re-associated."""
+  def test_chunk_256_runs_as_128_other_tiling(self):
+    """Nano 2's chunk_size = 256 runs 128-token chunks (the same recurrence, re-associated); one head per
+    program and 16-column state-passing blocks."""
     self.assertEqual(ops_mgpu.kernel_chunk(256), 128)
     self.assertEqual(ops_mgpu.kernel_chunk(192), 64)
-    shape = _Shape(batch=1, seqlen=130, nheads=2, headdim=64, dstate=64, ngroups=2)
-    self._check(_bf16(ops_test._inputs(shape, jnp.float32, seed=3)), chunk_size=256)  # pylint: disable=protected-access
+    shape = _Shape(batch=1, seqlen=130, nheads=2, headdim=64, dstate=64, ngroups=1)
+    self._check(_bf16(ops_test._inputs(shape, jnp.float32, seed=3)), chunk_size=256,  # pylint: disable=protected-access
+                block_sizes=ops.MgpuBlockSizes(heads_per_block=1, state_cols=16, max_concurrent_steps=1))
 
 
 class SsdMosaicGpuInterpretTest(SsdMosaicGpuTest):
