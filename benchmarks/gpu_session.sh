@@ -2,6 +2,8 @@
 # The GPU checks n3jax owes, in parts that each fit one 10-minute device call. Results go to $OUT/<part>.log
 # (the device tool copies $OUT back); commit them under benchmarks/results/ with machine and date.
 #
+#   bash benchmarks/gpu_session.sh first      # with 15 min of device time: the Mosaic GPU kernels compiled, then SSD
+#                                             and gmm at their anchor shape against mamba_ssm / torch (< 9 min)
 #   bash benchmarks/gpu_session.sh kernels    # compiled Pallas kernel tests (SSD, MoE gmm and attention; Triton + Mosaic GPU), ~5 min
 #   bash benchmarks/gpu_session.sh ssd        # benchmarks/ssd.py: Triton + Mosaic GPU kernels vs jnp reference and mamba_ssm (ANCHORS + Nano/Super);
 #                                             ssd_memory_bound.py: decode update + conv1d bandwidth
@@ -18,7 +20,7 @@
 # The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: kernels | ssd | attention | moe | moe_sweep | train | generate | quant}"
+part="${1:?part: first | kernels | ssd | attention | moe | moe_sweep | train | generate | quant}"
 out="${OUT:-/tmp/n3jax_gpu}"
 mkdir -p "$out"
 anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
@@ -31,6 +33,13 @@ log="$out/$part.log"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
   case "$part" in
+    first)  # each step time-boxed, so that the later ones still run
+      XLA_FLAGS= JAX_PLATFORMS= timeout 240 "$py" -m pytest -q -p no:cacheprovider -x \
+        "pallas_kernels/ssd/ops_mgpu_test.py::SsdMosaicGpuTest" "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" \
+        "pallas_kernels/attention/ops_test.py::test_mosaic_gpu_matches_reference" -rs
+      timeout 150 "$py" benchmarks/ssd.py --mamba_path="${MAMBA_PATH:-third_party/mamba}" \
+        --shapes=anchor1_nano_b2 --skip_reference --iters=10
+      timeout 120 "$py" benchmarks/moe.py --shapes=anchor_nano_up --skip_layer ;;
     kernels)
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \

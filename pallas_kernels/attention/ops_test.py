@@ -54,7 +54,8 @@ def test_mosaic_gpu_matches_reference():
   a multiple of the 64-row blocks (several query and key blocks, padded), G = 4 query heads on one kv head
   (the dk/dv program's loop over heads), H = 40 padded to 64, and 128-wide dk/dv key blocks over 64-wide
   query steps (the first query block of a key block off the diagonal)."""
-  on_hopper = jax.default_backend() == "gpu" and "H100" in jax.devices()[0].device_kind.upper()
+  kind = jax.devices()[0].device_kind.upper()
+  on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
   _check_against_reference("mosaic_gpu", (1, 150, 4, 1, 40), ops.MgpuBlockSizes(block_k_bwd=128), jnp.bfloat16,
                            interpret=not on_hopper)
 
