@@ -5,6 +5,7 @@ whole register tiles, and `wgmma` reads its operands from shared memory tiles st
 
   ROWS / COLS      layouts of a vector holding one value per row / per column of a wgmma tile, so that
                    `lax.broadcast_in_dim(v, shape, [0 | 1])` gives a tile in the wgmma layout.
+  aligned          a dimension padded to a multiple of 64 (ALIGN).
   iota             an int32 index tile in the wgmma layout (masks).
   matmul           a @ b (shared-memory refs, possibly transposed views) into a fresh f32 tile.
   stage            a register tile written to shared memory for a wgmma to read.
@@ -27,6 +28,11 @@ COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 OPERAND_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # 64 16-bit elements = one 128-byte swizzle row: the alignment of a tile's minor dimension.
 ALIGN = 64
+
+
+def aligned(n: int) -> int:
+  """`n` rounded up to a multiple of ALIGN (the padded size of a tile's minor dimension)."""
+  return -(-n // ALIGN) * ALIGN
 
 
 def iota(shape, dim):

@@ -34,7 +34,6 @@ from pallas_kernels.attention import kernel_mgpu
 
 _F32 = jnp.float32
 _OPERAND_DTYPES = _mgpu.OPERAND_DTYPES
-_HEAD_ALIGN = _mgpu.ALIGN
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,4 +147,4 @@ def attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   cfg = _Config(blocks=blocks, scale=h ** -0.5,
                 interpret=_mgpu.interpret_params(interpret))
   return _flash.run_padded(_core, cfg, q, k, v, segment_ids, padded_t=-(-t // multiple) * multiple,
-                           padded_h=-(-h // _HEAD_ALIGN) * _HEAD_ALIGN)
+                           padded_h=_mgpu.aligned(h))

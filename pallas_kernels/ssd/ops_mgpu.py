@@ -294,8 +294,7 @@ def kernel_chunk(chunk_size: int, headdim: int = 64, dstate: int = 128) -> int:
   too large for 128-token programs (P = 128, Q = 256) run 64-token ones: the [L, L], [L, P] and [L, Q]
   tiles of one program must fit in an H100's shared memory. Raises ValueError where no chunk fits.
   """
-  align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
-  padded_p, padded_q = align(headdim), align(dstate)
+  padded_p, padded_q = _mgpu.aligned(headdim), _mgpu.aligned(dstate)
   for chunk in (2 * _mgpu.ALIGN, _mgpu.ALIGN):
     if chunk_size % chunk == 0 and _fits(chunk, padded_p, padded_q):
       return chunk
@@ -319,16 +318,15 @@ def ssd_mgpu(
   """`ops.ssd` on the Mosaic GPU kernels; arguments already checked (`check_*` included)."""
   _, seqlen, nheads, headdim = x.shape
   ngroups, dstate = B.shape[2:]
-  align = lambda n: -(-n // _mgpu.ALIGN) * _mgpu.ALIGN
   cfg = _Config(
       chunk=kernel_chunk(chunk_size, headdim, dstate), ngroups=ngroups, group_size=nheads // ngroups,
       heads=math.gcd(block_sizes.heads_per_block, nheads // ngroups),
-      state_cols=math.gcd(block_sizes.state_cols, align(dstate)), has_docs=doc_ids is not None,
+      state_cols=math.gcd(block_sizes.state_cols, _mgpu.aligned(dstate)), has_docs=doc_ids is not None,
       max_concurrent_steps=block_sizes.max_concurrent_steps, interpret=_mgpu.interpret_params(interpret),
   )
   p = _chunked.prologue(
       x, dt, A, B, C, D, dt_bias, initial_state=initial_state, doc_ids=doc_ids, chunk=cfg.chunk,
-      padded_p=align(headdim), padded_q=align(dstate), mm_dtype=x.dtype, dt_softplus=dt_softplus,
+      padded_p=_mgpu.aligned(headdim), padded_q=_mgpu.aligned(dstate), mm_dtype=x.dtype, dt_softplus=dt_softplus,
       dt_min=dt_min, dt_max=dt_max,
   )
   y, final = _ssd_core(cfg, *p)
