@@ -18,6 +18,7 @@ ms over warm calls, model TFLOP/s of the causal half) and a table of ratios to t
 
 import json
 
+import _shapes
 import _timing
 from absl import app
 from absl import flags
@@ -34,14 +35,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls first.")
 _MAX_DENSE_GB = flags.DEFINE_float("max_dense_gb", 20.0, "Skip the reference above this many GB of scores.")
 _DOCS = flags.DEFINE_integer("docs", 4, "Packed documents per sequence (segment ids of ours).")
 
-# name: (batch, seq, query heads N, kv heads K, head dim H)
-SHAPES = {
-    "nano3_b2_4k": (2, 4096, 32, 2, 128),    # Nemotron 3 Nano / Super attention, the train_step.py batch
-    "nano3_b1_8k": (1, 8192, 32, 2, 128),
-    "super_b1_32k": (1, 32768, 32, 2, 128),  # long context
-    "h8b_b1_8k": (1, 8192, 32, 8, 128),      # Nemotron-H 8B
-}
-TINY_SHAPES = {"tiny": (1, 64, 4, 2, 16)}
+SHAPES, TINY_SHAPES = _shapes.ATTENTION, _shapes.ATTENTION_TINY
 
 
 def _emit(**kw):

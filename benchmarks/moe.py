@@ -19,11 +19,11 @@ materialises a dense intermediate and runs out of memory at fwd+bwd on the ancho
 errors are reported as rows, not raised.
 """
 
-import dataclasses
 import functools
 import json
 from typing import Callable
 
+import _shapes
 import _timing
 from absl import app
 from absl import flags
@@ -44,34 +44,9 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Also time our gmm forward over a sma
 _SKIP_LAYER = flags.DEFINE_bool("skip_layer", False, "Grouped matmuls only, not the MoE layer.")
 
 
-@dataclasses.dataclass(frozen=True)
-class GmmShape:
-  num_groups: int  # E
-  rows: int  # M = tokens x top-k
-  k: int
-  n: int
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerShape:
-  num_tokens: int  # T
-  num_experts: int  # E
-  top_k: int  # R
-  d_in: int  # D (LatentMoE: the latent width)
-  d_hidden: int  # F
-
-
-_NANO = LayerShape(num_tokens=16384, num_experts=128, top_k=6, d_in=2688, d_hidden=1856)
-_SUPER = LayerShape(num_tokens=16384, num_experts=512, top_k=22, d_in=1024, d_hidden=2688)
-GMM_SHAPES = {
-    "anchor_nano_up": GmmShape(128, 16384 * 6, 2688, 1856),  # = ANCHORS.md
-    "nano_down": GmmShape(128, 16384 * 6, 1856, 2688),
-    "super_up": GmmShape(512, 16384 * 22, 1024, 2688),
-    "super_down": GmmShape(512, 16384 * 22, 2688, 1024),
-}
-LAYER_SHAPES = {"nano_layer": _NANO, "super_layer": _SUPER}
-TINY_GMM_SHAPES = {"tiny_gmm": GmmShape(8, 100, 48, 40)}
-TINY_LAYER_SHAPES = {"tiny_layer": LayerShape(num_tokens=64, num_experts=8, top_k=2, d_in=32, d_hidden=48)}
+GmmShape, LayerShape = _shapes.GmmShape, _shapes.LayerShape
+GMM_SHAPES, LAYER_SHAPES = _shapes.GMM, _shapes.LAYER
+TINY_GMM_SHAPES, TINY_LAYER_SHAPES = _shapes.GMM_TINY, _shapes.LAYER_TINY
 SWEEP_TILES = gmm_lib.HOPPER_CANDIDATE_TILES  # (block_m, block_n, block_k, num_warps, num_stages)
 # Mosaic GPU tiles to sweep: (block_m, block_n, block_k, max_concurrent_steps, grid_block_n, num_compute_wgs).
 # Shared memory: stages x (block_m + block_n x wgs) x block_k x 2 B + wgs x block_m x 64 x out bytes, <= 227 KB

@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Callable, Optional
 
+import _shapes
 import _timing
 from absl import app
 from absl import flags
@@ -52,16 +53,7 @@ _SKIP_REFERENCE = flags.DEFINE_bool(
     "skip_reference", False, "Do not time the jnp reference."
 )
 
-# name: (batch, seq, heads M, head_dim P, state Q, groups J)
-SHAPES = {
-    "anchor1_nano_b2": (2, 8192, 64, 64, 128, 8),  # = Nemotron 3 Nano, batch 2
-    "anchor2": (1, 65536, 64, 64, 128, 8),
-    "anchor3": (8, 4096, 128, 64, 128, 8),
-    "nano_b1": (1, 8192, 64, 64, 128, 8),
-    "super_b1": (1, 8192, 128, 64, 128, 8),
-    "super_b2": (2, 8192, 128, 64, 128, 8),
-}
-TINY_SHAPES = {"tiny": (1, 128, 4, 16, 16, 2)}
+SHAPES, TINY_SHAPES = _shapes.SSD, _shapes.SSD_TINY
 _CHUNK, _TINY_CHUNK = 128, 64
 
 

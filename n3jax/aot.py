@@ -23,18 +23,31 @@ XLA's Triton collective kernels (the one-shot all-reduce, jax 0.12) abort the pr
 when compiled for 64 devices (a psum of f32[128] over 64 compile-only H100s does it), so collectives take
 the NCCL path. Both barely change the memory analysis.
 
+Mosaic GPU kernels (`pallas_kernels`' `*_mgpu` paths) are compiled to SASS by ptxas inside XLA's compile,
+so `mosaic_gpu_kernels(compile)` reads ptxas's report of each one: registers per thread, bytes spilled to
+local memory, and the shared memory Mosaic GPU allocates. A spill or a register count that caps occupancy
+shows here, before any GPU is lent (`benchmarks/kernel_resources.py`).
+
 What it does not give: speed. XLA does not autotune without a device (GEMMs keep its default choice,
 Triton kernels their given block sizes), and nothing runs; timings need the chip (`benchmarks/`).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import os
 import pathlib
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
-__all__ = ["GPU_TARGETS", "MemoryStats", "compiler_options", "devices", "memory"]
+__all__ = ["GPU_TARGETS", "KernelStats", "MemoryStats", "compiler_options", "devices", "memory",
+           "mosaic_gpu_kernels"]
 
 _TARGET_DIR = pathlib.Path(__file__).parent / "_targets"
 GPU_TARGETS = {"h100": "h100_sxm.txtpb"}  # name -> XLA GpuTargetConfigProto (text) in _targets/
@@ -100,3 +113,83 @@ def memory(compiled: jax.stages.Compiled) -> MemoryStats:
   gb = 1e9
   return MemoryStats(m.argument_size_in_bytes / gb, m.output_size_in_bytes / gb, m.alias_size_in_bytes / gb,
                      m.temp_size_in_bytes / gb)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStats:
+  """ptxas's report of one compiled Mosaic GPU kernel (the largest over its compilations, if several)."""
+  name: str
+  compilations: int        # how many kernels of this name the program compiled
+  registers: int           # per thread (255 at most)
+  spill_store_bytes: int   # registers spilled to local memory, per thread
+  spill_load_bytes: int
+  smem_bytes: int          # dynamic shared memory Mosaic GPU allocates (its scratch: tiles, barriers)
+
+  def report(self) -> str:
+    spills = (f"spills {self.spill_store_bytes} B stored / {self.spill_load_bytes} B loaded"
+              if self.spill_store_bytes or self.spill_load_bytes else "no spills")
+    return (f"{self.name:<28} x{self.compilations}  {self.registers:3d} registers  {spills:<34}  "
+            f"smem {self.smem_bytes / 1024:6.1f} KiB")
+
+
+_DUMP_ENV = ("MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_RESOURCES", "MOSAIC_GPU_DUMP_TO")
+
+
+@contextlib.contextmanager
+def _mosaic_gpu_dumps(path: str) -> Iterator[None]:
+  """Mosaic GPU writes ptxas's report and its resource use of every kernel it compiles under `path`; the
+  persistent compilation cache is off, so that every kernel is compiled (and reported) here."""
+  saved = {k: os.environ.get(k) for k in _DUMP_ENV}
+  cache = jax.config.jax_enable_compilation_cache
+  os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1", MOSAIC_GPU_DUMP_TO=path)
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _dump_name(path: pathlib.Path, suffix: str) -> str:
+  """`ssd_chunk_state_3.ptxas` -> `ssd_chunk_state` (Mosaic GPU numbers each kernel it dumps)."""
+  return re.sub(r"_\d+$", "", path.name.removesuffix(suffix))
+
+
+def _ptxas_figures(text: str) -> tuple[int, int, int]:
+  def figure(pattern):
+    m = re.search(pattern, text)
+    if m is None:
+      raise RuntimeError(f"ptxas's report has no {pattern!r}:\n{text}")
+    return int(m.group(1))
+  return (figure(r"Used (\d+) registers"), figure(r"(\d+) bytes spill stores"),
+          figure(r"(\d+) bytes spill loads"))
+
+
+def mosaic_gpu_kernels(compile_fn: Callable[[], Any]) -> list[KernelStats]:
+  """Runs `compile_fn` (which compiles a program for a GPU, e.g. for compile-only H100s from `devices`) and
+  returns ptxas's statistics of every Mosaic GPU kernel it compiled, by kernel name.
+
+  A program compiled earlier in this process may come from JAX's in-memory caches, with no kernel compiled
+  again: call this on a program first. Raises if no Mosaic GPU kernel was compiled.
+  """
+  with tempfile.TemporaryDirectory(prefix="n3jax_mgpu_") as tmp, _mosaic_gpu_dumps(tmp):
+    compile_fn()
+    dump = pathlib.Path(tmp)
+    ptxas = collections.defaultdict(list)
+    for f in sorted(dump.glob("*.ptxas")):
+      ptxas[_dump_name(f, ".ptxas")].append(_ptxas_figures(f.read_text(errors="replace")))
+    smem = collections.defaultdict(int)
+    for f in dump.glob("*.resources.txt"):
+      m = re.search(r"smem_scratch_bytes=(\d+)", f.read_text())
+      if m:
+        name = _dump_name(f, ".resources.txt")
+        smem[name] = max(smem[name], int(m.group(1)))
+  if not ptxas:
+    raise RuntimeError("No Mosaic GPU kernel was compiled: compile for a GPU target (aot.devices('h100', n)) "
+                       "a program that calls one, not one JAX has compiled before in this process")
+  return [KernelStats(name, len(runs), *(max(r[i] for r in runs) for i in range(3)), smem[name])
+          for name, runs in ptxas.items()]

@@ -99,9 +99,11 @@ def interpret_params(interpret: Any):
   return plgpu.InterpretGPUParams() if interpret is True else (interpret or None)
 
 
-def kernel(body, out_type, grid, names, scratch, interpret):
+def kernel(body, out_type, grid, names, scratch, interpret, *, name: str):
+  """`body` as a Warpgroup-semantics Mosaic GPU kernel called `name` (its name in profiles and in
+  Mosaic GPU's dumps, `n3jax.aot.mosaic_gpu_kernels`)."""
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names, scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret,
+      interpret=interpret, kernel_name=name,
   )

@@ -195,6 +195,28 @@ def test_flash_attention_compiles_for_h100():
 
 
 @needs_plugin
+def test_mosaic_gpu_kernels_compile_with_ptxas_figures():
+  """The Mosaic GPU grouped matmul's three kernels (forward, d_lhs, d_rhs) are compiled by ptxas for
+  sm_90a while XLA compiles for a compile-only H100, and `mosaic_gpu_kernels` reads their figures by
+  kernel name; a program compiled before (JAX's caches: no kernel compiled) is a clear error."""
+  from pallas_kernels.moe import gmm_mgpu  # pylint: disable=g-import-not-at-top
+
+  mesh = _h100_mesh()
+  args = _abstract(mesh, ((512, 256), jnp.bfloat16), ((4, 256, 128), jnp.bfloat16), ((4,), jnp.int32))
+  loss = lambda lhs, rhs, sizes: gmm_mgpu.gmm(lhs, rhs, sizes).astype(jnp.float32).sum()
+  fn = jax.value_and_grad(loss, argnums=(0, 1))
+  stats = {k.name: k for k in aot.mosaic_gpu_kernels(lambda: _compile(fn, args, mesh))}
+  assert sorted(stats) == ["gmm", "gmm_dlhs", "tgmm"]
+  for k in stats.values():
+    assert k.compilations == 1 and 0 < k.registers <= 255, k
+    assert k.spill_store_bytes >= 0 and k.spill_load_bytes >= 0, k
+    assert 0 < k.smem_bytes <= 227 * 1024, k
+    assert k.name in k.report()
+  with pytest.raises(RuntimeError, match="No Mosaic GPU kernel was compiled"):
+    aot.mosaic_gpu_kernels(lambda: _compile(fn, args, mesh))
+
+
+@needs_plugin
 @pytest.mark.parametrize("tiles", [None, *gmm_lib.HOPPER_CANDIDATE_TILES])
 def test_gmm_tiles_fit_h100_shared_memory(tiles):
   """The H100 default tiles and every sweep candidate compile (forward, gmm_t, tgmm) at the Nano expert

@@ -101,7 +101,7 @@ def _forward(cfg: _Config, q, k, v, seg):
              plgpu.SMEM((bq,), _F32), plgpu.SMEM((bq, blocks.block_k), q.dtype, transforms=tr),
              plgpu.Barrier(num_barriers=2))
   o, lse = _kernel(body, (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), _F32)),
-                   (b, n, t // bq), ("b", "n", "i"), scratch, cfg.interpret)(q, k, v, seg)
+                   (b, n, t // bq), ("b", "n", "i"), scratch, cfg.interpret, name="attention_fwd")(q, k, v, seg)
   return _vma.vary_like(o, q), _vma.vary_like(lse, q)
 
 
@@ -120,7 +120,8 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
              plgpu.SMEM((bk,), jnp.int32), plgpu.SMEM((bk, bq), q.dtype, transforms=tr),
              plgpu.SMEM((bk, bq), q.dtype, transforms=tr), plgpu.Barrier(num_barriers=3))
   dk, dv = _kernel(dkdv, (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-                   (b, kvh, t // bk), ("b", "k", "j"), scratch, cfg.interpret)(q, k, v, seg, do, lse, delta)
+                   (b, kvh, t // bk), ("b", "k", "j"), scratch, cfg.interpret,
+                   name="attention_bwd_dkdv")(q, k, v, seg, do, lse, delta)
 
   bq, bk = blocks.block_q, blocks.block_k
   dq_body = functools.partial(kernel_mgpu.dq_kernel, block_q=bq, block_k=bk, **common)
@@ -128,7 +129,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
              plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((bq,), _F32), plgpu.SMEM((bq,), _F32),
              plgpu.SMEM((bq, bk), q.dtype, transforms=tr), plgpu.Barrier(num_barriers=5))
   dq = _kernel(dq_body, jax.ShapeDtypeStruct(q.shape, q.dtype), (b, n, t // bq), ("b", "n", "i"), scratch,
-               cfg.interpret)(q, k, v, seg, do, lse, delta)
+               cfg.interpret, name="attention_bwd_dq")(q, k, v, seg, do, lse, delta)
   return _vma.vary_like(dq, q), _vma.vary_like(dk, q), _vma.vary_like(dv, q)
 
 

@@ -546,8 +546,9 @@ def _pad_rows(x: Array, rows: int) -> Array:
   return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-def _kernel(body, out_shape, out_dtype, like, interpret, num_threads=None):
-  """The persistent Mosaic GPU kernel (one program per SM); its output varies over ``like``'s mesh axes."""
+def _kernel(body, out_shape, out_dtype, like, interpret, name, num_threads=None):
+  """The persistent Mosaic GPU kernel ``name`` (one program per SM); its output varies over ``like``'s mesh
+  axes."""
   call = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -559,6 +560,7 @@ def _kernel(body, out_shape, out_dtype, like, interpret, num_threads=None):
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
       interpret=interpret or None,
+      kernel_name=name,
   )
   return lambda *args: common.vary_like(call(*args), like)
 
@@ -584,6 +586,7 @@ def _gmm_call(
   )
   out = _kernel(
       body, (padded, n_dim), out_dtype, lhs, interpret,
+      "gmm_dlhs" if transpose_rhs else "gmm",
       num_threads=3 if warp_specialized else None,
   )(*visits, _pad_rows(lhs, padded), rhs)
   return out[:num_rows]
@@ -607,7 +610,7 @@ def _tgmm_call(
       n_dim=n_dim, tiles=tiles,
   )
   return _kernel(
-      body, (num_groups, k_dim, n_dim), out_dtype, lhs, interpret
+      body, (num_groups, k_dim, n_dim), out_dtype, lhs, interpret, "tgmm"
   )(lo, hi, _pad_rows(lhs, padded), _pad_rows(dy, padded))
 
 

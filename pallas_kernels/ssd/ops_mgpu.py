@@ -137,7 +137,9 @@ def _docs(cfg, seg, carry):
 
 
 def _run(cfg, body, out_type, grid, names, scratch, *args):
-  outs = _mgpu.kernel(body, out_type, grid, names, scratch, cfg.interpret)(*args)
+  name = "ssd_" + body.func.__name__.removesuffix("_kernel")  # e.g. ssd_chunk_state, ssd_chunk_state_dout
+  name += "_dout" if body.keywords.get("mode") == "dout" else ""
+  outs = _mgpu.kernel(body, out_type, grid, names, scratch, cfg.interpret, name=name)(*args)
   return jax.tree.map(lambda o: _vma.vary_like(o, args[0]), outs)
 
 
