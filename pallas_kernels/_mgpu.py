@@ -7,7 +7,9 @@ whole register tiles, and `wgmma` reads its operands from shared memory tiles st
                    `lax.broadcast_in_dim(v, shape, [0 | 1])` gives a tile in the wgmma layout.
   aligned          a dimension padded to a multiple of 64 (ALIGN).
   iota             an int32 index tile in the wgmma layout (masks).
-  matmul           a @ b (shared-memory refs, possibly transposed views) into a fresh f32 tile.
+  matmul           a @ b (+ more products) (shared-memory refs, possibly transposed views) into a fresh
+                   f32 tile.
+  accumulate       acc + a @ b, in acc's own registers when compiled.
   stage            a register tile written to shared memory for a wgmma to read.
   load / store     one TMA copy gmem -> smem (waited for) / smem -> gmem (not waited for).
   transforms       the tiling + 128-byte swizzle of a 16-bit tile whose minor dimension is a multiple
@@ -49,14 +51,35 @@ def cols(v, shape):
   return lax.broadcast_in_dim(v, shape, [1])
 
 
-def matmul(a, b, shape):
-  """a @ b into a fresh f32 accumulator [shape] (a, b: shared-memory refs, possibly transposed views)."""
+def matmul(a, b, shape, *more):
+  """a @ b (+ a2 @ b2 + ...: `more` = a2, b2, ...) in one fresh f32 accumulator [shape] (a, b: shared-
+  memory refs, possibly transposed views). A sum of products is one accumulator, not one each: a live
+  [64, N] accumulator holds N / 2 registers per thread of the warpgroup (`n3jax.aot.mosaic_gpu_kernels`).
+  """
 
   def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
+    for lhs, rhs in zip((a, *more[::2]), (b, *more[1::2]), strict=True):
+      plgpu.wgmma(acc_ref, lhs, rhs)
     return acc_ref[...]
 
   return pl.run_scoped(body, plgpu.ACC(shape, F32))
+
+
+def accumulate(acc, a, b, *, in_place: bool):
+  """acc + a @ b for an f32 register tile `acc` (a, b: shared-memory refs).
+
+  in_place: the product accumulates into acc's own registers (`pl.run_state` over `plgpu.ACC.init`, as
+  JAX's Hopper attention kernel does), one [64, N] tile (N / 2 registers per thread) fewer than adding a
+  fresh product. JAX's Mosaic GPU interpreter has no rule for `run_state` (jax 0.11 / 0.12), so an
+  interpreted kernel passes False and adds a fresh product: the same sum, the terms added in another order.
+  """
+  if not in_place:
+    return acc + matmul(a, b, acc.shape)
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+
+  return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
 def stage(value, smem):

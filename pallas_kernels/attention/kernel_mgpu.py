@@ -48,18 +48,8 @@ def _visible(seg_rows, seg_cols, row0, col0, shape, *, rows_are_queries: bool):
   return causal & same
 
 
-def _accumulate(acc, a, b):
-  """acc + a @ b: the product into a fresh accumulator, added in registers.
-
-  (Accumulating into ``acc`` itself, ``pl.run_state`` over ``plgpu.ACC.init(acc)``, saves a register
-  tile but has no rule in JAX's Mosaic GPU interpreter, jax 0.12.) P and dS reach the wgmma through
-  shared memory (`_mgpu.stage`); FlashAttention-3 keeps P in registers, a tuning step to measure.
-  """
-  return acc + _matmul(a, b, acc.shape)
-
-
 def forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, segq_smem, lse_smem, p_smem, barriers, *,
-                   block_q, block_k, groups, scale, max_concurrent_steps, transforms):
+                   block_q, block_k, groups, scale, max_concurrent_steps, transforms, in_place):
   b, n, i = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("i")
   q0 = i * block_q
   kv_head = lax.div(n, groups)
@@ -82,7 +72,7 @@ def forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, segq_sm
     p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0])), 0.0)
     l = l * alpha + p.sum(axis=1)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-    acc = _accumulate(acc, _staged(p, p_smem), v_smem)                      # [bq, H]
+    acc = _mgpu.accumulate(acc, _staged(p, p_smem), v_smem, in_place=in_place)  # [bq, H]
     return acc, m_new, l
 
   init = (plgpu.layout_cast(jnp.zeros((block_q, h), _F32), plgpu.Layout.WGMMA),
@@ -102,7 +92,7 @@ def forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, segq_sm
 
 def dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
               q_smem, do_smem, segq_smem, lse_smem, delta_smem, ds_smem, barriers, *,
-              block_q, block_k, groups, scale, max_concurrent_steps, transforms):
+              block_q, block_k, groups, scale, max_concurrent_steps, transforms, in_place):
   b, n, i = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("i")
   q0 = i * block_q
   kv_head = lax.div(n, groups)
@@ -126,7 +116,7 @@ def dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
     p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(lse2, tile, [0])), 0.0)
     dp = _matmul(do_smem, v_smem.transpose((1, 0)), tile)
     ds = p * (dp - lax.broadcast_in_dim(delta, tile, [0])) * scale
-    return _accumulate(dq, _staged(ds, ds_smem), k_smem)                     # [bq, H]
+    return _mgpu.accumulate(dq, _staged(ds, ds_smem), k_smem, in_place=in_place)  # [bq, H]
 
   num_steps = lax.div(q0 + block_q + block_k - 1, block_k)
   kv_spec = plgpu.BlockSpec((block_k, h), lambda j: (j, 0), transforms=transforms)
@@ -142,7 +132,7 @@ def dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
 def dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 k_smem, v_smem, segk_smem, pt_smem, dst_smem, barriers, *,
-                block_q, block_k, groups, seq_len, scale, max_concurrent_steps, transforms):
+                block_q, block_k, groups, seq_len, scale, max_concurrent_steps, transforms, in_place):
   b, kv_head, j = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("j")
   k0 = j * block_k
   h = k_smem.shape[-1]
@@ -165,11 +155,11 @@ def dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref
       visible = _visible(seg_k, seg_q, k0, (first + i) * block_q, tile, rows_are_queries=False)
       lse2 = plgpu.load(lse_smem, layout=_COLS) * _LOG2E
       p_t = jnp.where(visible, jnp.exp2(s_t - lax.broadcast_in_dim(lse2, tile, [1])), 0.0)
-      dv = _accumulate(dv, _staged(p_t, pt_smem), do_smem)                       # [bk, H]
+      dv = _mgpu.accumulate(dv, _staged(p_t, pt_smem), do_smem, in_place=in_place)  # [bk, H]
       dp_t = _matmul(v_smem, do_smem.transpose((1, 0)), tile)
       delta = plgpu.load(delta_smem, layout=_COLS)
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1])) * scale
-      dk = _accumulate(dk, _staged(ds_t, dst_smem), q_smem)                      # [bk, H]
+      dk = _mgpu.accumulate(dk, _staged(ds_t, dst_smem), q_smem, in_place=in_place)  # [bk, H]
       return dk, dv
 
     row_spec = plgpu.BlockSpec((block_q, h), lambda i: (first + i, 0), transforms=transforms)

@@ -96,7 +96,8 @@ def _forward(cfg: _Config, q, k, v, seg):
   tr = _transforms(q.dtype)
   body = functools.partial(
       kernel_mgpu.forward_kernel, block_q=bq, block_k=blocks.block_k, groups=n // k.shape[2],
-      scale=cfg.scale, max_concurrent_steps=blocks.max_concurrent_steps, transforms=tr)
+      scale=cfg.scale, max_concurrent_steps=blocks.max_concurrent_steps, transforms=tr,
+      in_place=cfg.interpret is None)
   scratch = (plgpu.SMEM((bq, h), q.dtype, transforms=tr), plgpu.SMEM((bq,), jnp.int32),
              plgpu.SMEM((bq,), _F32), plgpu.SMEM((bq, blocks.block_k), q.dtype, transforms=tr),
              plgpu.Barrier(num_barriers=2))
@@ -112,7 +113,7 @@ def _backward(cfg: _Config, q, k, v, seg, o, lse, do):
   tr = _transforms(q.dtype)
   delta = _flash.row_delta(o, do)                                              # [B, N, T] f32
   common = dict(groups=n // kvh, scale=cfg.scale, max_concurrent_steps=blocks.max_concurrent_steps,
-                transforms=tr)
+                transforms=tr, in_place=cfg.interpret is None)
 
   bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
   dkdv = functools.partial(kernel_mgpu.dkdv_kernel, block_q=bq, block_k=bk, seq_len=t, **common)

@@ -21,8 +21,12 @@ kernel computes (decay-scaled x or scores) are staged back into shared memory in
 run through the kernels:
   * heads of one B/C group share a program where they share work (the group's B / C tile, C B^T, the
     sum of their dB / dC); their own tiles stream through `emit_pipeline`, one head ahead;
-  * [L, L] work runs in 64-row blocks of the chunk (a warpgroup's wgmma M): f32 tiles of [64, <= L]
-    (<= 64 registers per thread each), and only the blocks left of the diagonal, where W is nonzero;
+  * [L, L] work runs in 64-row blocks of the chunk (a warpgroup's wgmma M), and only left of the
+    diagonal, where W is nonzero. Its elementwise part (decay, masks, the scores' scaling) runs in
+    64-column pieces: [64, 64] f32 tiles, 32 registers per thread each, staged piece by piece into the
+    shared-memory operand of the block's product; only the diagonal piece is masked. Compiled for an
+    H100 (`benchmarks/kernel_resources.py`) no kernel spills more than 8 bytes per thread; with whole
+    [64, L] tiles the two backward scan kernels spilled 220 and 432;
   * a transposed tile the math needs ((S o W)^T, dS^T) is computed directly (B C^T o W^T, xs dy^T o W^T)
     and staged at its own width, so that every operand is a row range or a column prefix of a tile.
 
@@ -71,14 +75,20 @@ def _decay(cum_r, cum_c, seg_r, seg_c, shape, row0=0, col0=0, transposed=False):
   """A [R, S] tile of W (rows l from row0, columns s from col0) or, `transposed`, of W^T (rows s, columns l).
 
   W_ls = [s <= l][same doc] exp(cum_l - cum_s), exactly 0 elsewhere; the vectors hold the tile's rows'
-  and columns' values.
+  and columns' values. A tile wholly below W's diagonal (every s < l) needs no causal mask, and none is
+  computed: there cum_l - cum_s <= 0 (a = dt A <= 0).
   """
-  rows, cols = row0 + _mgpu.iota(shape, 0), col0 + _mgpu.iota(shape, 1)
-  mask = (rows <= cols) if transposed else (cols <= rows)
+  max_s, min_l = (row0 + shape[0] - 1, col0) if transposed else (col0 + shape[1] - 1, row0)
+  mask = None
+  if max_s >= min_l:  # the tile reaches the diagonal
+    rows, cols = row0 + _mgpu.iota(shape, 0), col0 + _mgpu.iota(shape, 1)
+    mask = (rows <= cols) if transposed else (cols <= rows)
   if seg_r is not None:
-    mask = mask & (_mgpu.rows(seg_r, shape) == _mgpu.cols(seg_c, shape))
+    same_doc = _mgpu.rows(seg_r, shape) == _mgpu.cols(seg_c, shape)
+    mask = same_doc if mask is None else mask & same_doc
   diff = _mgpu.rows(cum_r, shape) - _mgpu.cols(cum_c, shape)
-  return jnp.exp(jnp.where(mask, -diff if transposed else diff, _NEG))
+  diff = -diff if transposed else diff
+  return jnp.exp(diff) if mask is None else jnp.exp(jnp.where(mask, diff, _NEG))
 
 
 def _chunk_end(cum_ref, seg_ref, b, m, t_last):
@@ -321,8 +331,8 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
   with the scores staged in shared memory as the A operand of the second product and h_in (input
   dtype) read as the transposed B operand. Each head runs in 64-row blocks of the chunk: block r needs
   only the first 64 (r + 1) columns of S (W is lower-triangular), which skips a quarter of the [L, L]
-  work at L = 128 and keeps the f32 tiles at [64, <= L] (<= 64 registers per thread each). y leaves
-  through one staging tile, its TMA store overlapping the next head's products.
+  work at L = 128; its scores are scaled and staged in 64-column pieces. y leaves through one staging
+  tile, its TMA store overlapping the next head's products.
   """
   (seg_ref, carry_ref), (y_ref,), scratch = _split(rest, has_docs, 1)
   c_smem, cb_smem, s_smem, y_smem, seg_r_smem, seg_c_smem, carry_smem, barriers = scratch
@@ -350,13 +360,17 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
     # dt is read per column here (through its own buffer); w, the chunk-end decay, is not needed.
     v = _Chunk((None, cum_r_smem, cum_c_smem, *docs), None, None)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous head's y has left y_smem
+    rb = _ROW_BLOCK
     for _, r0 in _row_blocks(chunk):  # 64-row blocks: only the S columns at or left of the diagonal
-      rows, cols = pl.ds(r0, _ROW_BLOCK), pl.ds(0, r0 + _ROW_BLOCK)
-      block, tile = (_ROW_BLOCK, r0 + _ROW_BLOCK), (_ROW_BLOCK, headdim)
-      scores = (plgpu.load(cb_smem.at[rows, cols], layout=plgpu.Layout.WGMMA) * v.decay(r0, _ROW_BLOCK, 0, block[1])
-                * _mgpu.cols(plgpu.load(dt_smem.at[cols], layout=_mgpu.COLS), block))
-      y = _mgpu.matmul(_mgpu.stage(scores, s_smem.at[rows, cols]), x_smem.at[cols], tile)
-      y += (_mgpu.rows(v.from_start(r0, _ROW_BLOCK), tile)
+      rows, cols = pl.ds(r0, rb), pl.ds(0, r0 + rb)
+      tile = (rb, headdim)
+      for s0 in _pieces(0, r0 + rb):  # scores (S o W o dt_s), staged piece by piece
+        piece = pl.ds(s0, rb)
+        scores = (plgpu.load(cb_smem.at[rows, piece], layout=plgpu.Layout.WGMMA) * v.decay(r0, rb, s0, rb)
+                  * _mgpu.cols(plgpu.load(dt_smem.at[piece], layout=_mgpu.COLS), (rb, rb)))
+        _mgpu.stage(scores, s_smem.at[rows, piece])
+      y = _mgpu.matmul(s_smem.at[rows, cols], x_smem.at[cols], tile)
+      y += (_mgpu.rows(v.from_start(r0, rb), tile)
             * _mgpu.matmul(c_smem.at[rows], h_smem.transpose((1, 0)), tile))
       y += d_ref[m] * x_smem.at[rows][...].astype(_F32)
       _mgpu.stage(y, y_smem.at[rows])
@@ -381,6 +395,13 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h_ref, *r
 def _row_blocks(chunk):
   """(r, first row) of the 64-row blocks of a chunk."""
   return [(r, r * _ROW_BLOCK) for r in range(chunk // _ROW_BLOCK)]
+
+
+def _pieces(start, stop):
+  """First columns of the 64-column pieces of columns [start, stop). Elementwise work on a [64, <= L]
+  tile runs piece by piece ([64, 64] f32: 32 registers per thread), each staged into its columns of a
+  shared-memory operand; only the piece on W's diagonal is masked (`_decay`)."""
+  return range(start, stop, _ROW_BLOCK)
 
 
 def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref, dy_ref, *rest,
@@ -437,20 +458,24 @@ def scan_bwd_dbc_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, h_ref, dstate_ref,
     slot = lax.rem(h, 2)
     plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # this slot's stores of two heads back are done
     for r, r0 in blocks:  # dB: tokens s of block r, l >= r0
-      rows, width = pl.ds(r0, rb), chunk - r0
-      later = pl.ds(r0, width)
-      dp_t = _mgpu.matmul(xs_smem.at[rows], dy_smem.at[later].transpose((1, 0)), (rb, width))   # dP^T
-      ds_t = _mgpu.stage(dp_t * v.decay(r0, rb, r0, width, transposed=True), tiles[r])
+      rows, later = pl.ds(r0, rb), pl.ds(r0, chunk - r0)
+      for l0 in _pieces(r0, chunk):
+        piece = pl.ds(l0, rb)
+        dp_t = _mgpu.matmul(xs_smem.at[rows], dy_smem.at[piece].transpose((1, 0)), (rb, rb))      # dP^T
+        _mgpu.stage(dp_t * v.decay(r0, rb, l0, rb, transposed=True), tiles[r].at[:, pl.ds(l0 - r0, rb)])
+      ds_t = tiles[r]
       w = v.to_end(r0, rb)
       xs_dstate = _mgpu.matmul(xs_smem.at[rows], dst_smem, block_q)
       add(acc_db, rows, _mgpu.matmul(ds_t, c_smem.at[later], block_q) + _mgpu.rows(w, block_q) * xs_dstate)
       _mgpu.stage(jnp.sum(xs_dstate * b_smem.at[rows][...].astype(_F32), axis=1) * w,
                   vout_slots.at[slot, 0, rows])
     for r, r0 in blocks:  # dC: tokens l of block r, s < r0 + 64
-      rows, width = pl.ds(r0, rb), r0 + rb
-      earlier = pl.ds(0, width)
-      dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))   # dP
-      ds = _mgpu.stage(dp * v.decay(r0, rb, 0, width), tiles[len(blocks) - 1 - r])
+      rows, earlier = pl.ds(r0, rb), pl.ds(0, r0 + rb)
+      ds = tiles[len(blocks) - 1 - r]
+      for s0 in _pieces(0, r0 + rb):
+        piece = pl.ds(s0, rb)
+        dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[piece].transpose((1, 0)), (rb, rb))        # dP
+        _mgpu.stage(dp * v.decay(r0, rb, s0, rb), ds.at[:, piece])
       e = v.from_start(r0, rb)
       dy_h = _mgpu.matmul(dy_smem.at[rows], h_smem, block_q)
       add(acc_dc, rows, _mgpu.matmul(ds, b_smem.at[earlier], block_q) + _mgpu.rows(e, block_q) * dy_h)
@@ -507,8 +532,8 @@ def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, 
                (b_ref.at[b, tokens, j], b_smem), (c_ref.at[b, tokens, j], c_smem),
                (dstate_ref.at[b, m, pl.ds(c * headdim, headdim)], dst_smem)], barriers)
   v = _Chunk.load(dt_ref, cum_ref, seg_ref, carry_ref, vec_smems, barriers, 5, b=b, c=c, m=m, chunk=chunk)
-  dw_w = _vec(dw_ref.at[b, m, tokens], dw_smem, barriers.at[5 + _Chunk.NUM_VECS], _mgpu.COLS)
-  de_e = _vec(de_ref.at[b, m, tokens], de_smem, barriers.at[6 + _Chunk.NUM_VECS], _mgpu.COLS)
+  _mgpu.load(dw_ref.at[b, m, tokens], dw_smem, barriers.at[5 + _Chunk.NUM_VECS])
+  _mgpu.load(de_ref.at[b, m, tokens], de_smem, barriers.at[6 + _Chunk.NUM_VECS])
   block_p = (rb, headdim)
 
   @functools.partial(pl.run_scoped, sw_t_smem=_mgpu.swizzled((rb, chunk), dtype),
@@ -517,8 +542,11 @@ def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, 
     for _, r0 in blocks:
       rows, width = pl.ds(r0, rb), chunk - r0
       later = pl.ds(r0, width)
-      s_t = _mgpu.matmul(b_smem.at[rows], c_smem.at[later].transpose((1, 0)), (rb, width))   # S^T
-      sw_t = _mgpu.stage(s_t * v.decay(r0, rb, r0, width, transposed=True), sw_t_smem.at[:, pl.ds(0, width)])
+      for l0 in _pieces(r0, chunk):
+        piece = pl.ds(l0, rb)
+        s_t = _mgpu.matmul(b_smem.at[rows], c_smem.at[piece].transpose((1, 0)), (rb, rb))     # S^T
+        _mgpu.stage(s_t * v.decay(r0, rb, l0, rb, transposed=True), sw_t_smem.at[:, pl.ds(l0 - r0, rb)])
+      sw_t = sw_t_smem.at[:, pl.ds(0, width)]
       dxs = _mgpu.matmul(sw_t, dy_smem.at[later], block_p)                                  # (S o W)^T dy
       dxs += (_mgpu.rows(v.to_end(r0, rb), block_p)
               * _mgpu.matmul(b_smem.at[rows], dst_smem.transpose((1, 0)), block_p))
@@ -539,28 +567,34 @@ def scan_bwd_dx_kernel(x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, dstate_ref, 
       rows = pl.ds(r0, rb)
       _mgpu.stage(x_smem.at[rows][...].astype(_F32) * _mgpu.rows(v.dt(r0, rb), block_p), xs_smem.at[rows])
     for _, r0 in blocks:  # dS o S, rows l of block r, columns s < r0 + 64
-      rows, width = pl.ds(r0, rb), r0 + rb
-      earlier = pl.ds(0, width)
-      s_blk = _mgpu.matmul(c_smem.at[rows], b_smem.at[earlier].transpose((1, 0)), (rb, width))        # S
-      dp = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[earlier].transpose((1, 0)), (rb, width))         # dP
-      pairs = dp * v.decay(r0, rb, 0, width) * s_blk
-      hi = pairs.astype(dtype)
-      _mgpu.stage(hi, hi_smem.at[rows, earlier])
-      _mgpu.stage(pairs - hi.astype(_F32), lo_smem.at[rows, earlier])
+      rows = pl.ds(r0, rb)
+      for s0 in _pieces(0, r0 + rb):
+        piece = pl.ds(s0, rb)
+        s_w = (_mgpu.matmul(c_smem.at[rows], b_smem.at[piece].transpose((1, 0)), (rb, rb))        # S o W
+               * v.decay(r0, rb, s0, rb))
+        pairs = _mgpu.matmul(dy_smem.at[rows], xs_smem.at[piece].transpose((1, 0)), (rb, rb)) * s_w  # dP
+        hi = pairs.astype(dtype)
+        _mgpu.stage(hi, hi_smem.at[rows, piece])
+        _mgpu.stage(pairs - hi.astype(_F32), lo_smem.at[rows, piece])
     square = (rb, chunk)
     _mgpu.stage(jnp.where(_mgpu.iota(square, 1) >= _mgpu.iota(square, 0), 1.0, 0.0), u_smem)  # U, shifted
-    for _, r0 in blocks:  # da_i, i in block r: U's columns l >= r0, dS o S's columns s < r0 + 64
-      rows, width = pl.ds(r0, rb), r0 + rb
-      later, earlier = pl.ds(r0, chunk - r0), pl.ds(0, width)
-      u = u_smem.at[:, pl.ds(0, chunk - r0)]
-      suffix = (_mgpu.matmul(u, hi_smem.at[later, earlier], (rb, width))
-                + _mgpu.matmul(u, lo_smem.at[later, earlier], (rb, width)))
-      i_rows = r0 + _mgpu.iota((rb, width), 0)
-      pairs = jnp.sum(jnp.where(_mgpu.iota((rb, width), 1) < i_rows, suffix, 0.0), axis=1)
-      i_all = r0 + _mgpu.iota(square, 0)
-      ends = jnp.sum(jnp.where(_mgpu.iota(square, 1) < i_all, _mgpu.cols(dw_w, square),
-                               _mgpu.cols(de_e, square)), axis=1)
-      _mgpu.stage(pairs + ends, vout_smem.at[2, rows])
+    piece_shape = (rb, rb)
+    vec = lambda smem, piece: _mgpu.cols(plgpu.load(smem.at[piece], layout=_mgpu.COLS), piece_shape)
+    for _, r0 in blocks:  # da_i, i in block r, summed over 64-column pieces of s
+      rows, later = pl.ds(r0, rb), pl.ds(r0, chunk - r0)
+      u = u_smem.at[:, pl.ds(0, chunk - r0)]                  # U's columns l >= r0
+      total = None
+      for s0 in _pieces(0, chunk):
+        piece = pl.ds(s0, rb)
+        if s0 > r0:  # every s > i
+          term = vec(de_smem, piece)
+        else:
+          term = vec(dw_smem, piece) + _mgpu.matmul(u, hi_smem.at[later, piece], piece_shape,
+                                                    u, lo_smem.at[later, piece])
+          if s0 == r0:  # the diagonal piece: s < i there, where s = s0 + column and i = r0 + row
+            term = jnp.where(_mgpu.iota(piece_shape, 1) < _mgpu.iota(piece_shape, 0), term, vec(de_smem, piece))
+        total = term if total is None else total + term
+      _mgpu.stage(jnp.sum(total, axis=1), vout_smem.at[2, rows])
 
   for k, dst in enumerate((ddt_ref, dskip_ref, da_ref)):
     plgpu.copy_smem_to_gmem(vout_smem.at[k], dst.at[b, m, tokens])

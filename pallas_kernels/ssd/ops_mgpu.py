@@ -34,9 +34,12 @@ at first, by estimate (Nano mixer, batch 2 x 8192, bf16; HBM at ~3 TB/s):
   * dB and dC leave scan_bwd_dbc per block of H heads (H = 8: 0.07 GB each), not per head (1.07 GB for
     the two): the kernel sums the group's heads in shared memory, at the price of computing dS once per
     64 columns of Q (twice at Q = 128);
-  * every program is one warpgroup working in 64-row blocks of the chunk ([64, <= L] f32 tiles, <= 64
-    registers per thread each), which also skips the zero quarter of the causal [L, L] products; two
-    consumer warpgroups (as `gmm_mgpu`) are the next step if the profile shows the tensor cores idle;
+  * every program is one warpgroup working in 64-row blocks of the chunk (elementwise work in [64, 64]
+    pieces), which also skips the zero quarter of the causal [L, L] products; two consumer warpgroups
+    (as `gmm_mgpu`) are the next step if the profile shows the tensor cores idle;
+  * shared memory, not registers, limits the programs per SM: 131 to 226 KB for the chunk kernels
+    (`benchmarks/kernel_resources.py`) leave one program (4 warps) per SM, so latency is hidden only by
+    the TMA pipelines; state passing (48 KB) runs four;
   * the decay gradient's U (dS o S) product runs as hi + lo (2 x 2 L^3 flops per head); hi alone is
     within the bf16 tolerance if that product shows up in a profile.
 """
