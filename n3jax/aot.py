@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import os
 import pathlib
 import re
@@ -124,15 +125,30 @@ class KernelStats:
   spill_store_bytes: int   # registers spilled to local memory, per thread
   spill_load_bytes: int
   smem_bytes: int          # dynamic shared memory Mosaic GPU allocates (its scratch: tiles, barriers)
+  threads: int             # per program (128 per warpgroup)
+
+  @property
+  def programs_per_sm(self) -> int:
+    """Programs an H100 SM holds at once (occupancy), by its limits: 228 KB of shared memory (1 KB of it
+    reserved per program), 64K registers allocated per warp in units of 256, 64 warps, 32 programs."""
+    warps = -(-self.threads // 32)
+    by_smem = _H100_SMEM_PER_SM // (self.smem_bytes + _H100_SMEM_RESERVED)
+    regs_per_warp = -(-self.registers * 32 // 256) * 256
+    by_regs = (_H100_REGS_PER_SM // regs_per_warp) // warps
+    return min(by_smem, by_regs, _H100_WARPS_PER_SM // warps, 32)
 
   def report(self) -> str:
     spills = (f"spills {self.spill_store_bytes} B stored / {self.spill_load_bytes} B loaded"
               if self.spill_store_bytes or self.spill_load_bytes else "no spills")
-    return (f"{self.name:<28} x{self.compilations}  {self.registers:3d} registers  {spills:<34}  "
-            f"smem {self.smem_bytes / 1024:6.1f} KiB")
+    return (f"{self.name:<28} x{self.compilations}  {self.threads:3d} threads  {self.registers:3d} registers  "
+            f"{spills:<34}  smem {self.smem_bytes / 1024:6.1f} KiB  {self.programs_per_sm} per SM")
 
 
-_DUMP_ENV = ("MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_RESOURCES", "MOSAIC_GPU_DUMP_TO")
+_H100_SMEM_PER_SM, _H100_SMEM_RESERVED = 228 * 1024, 1024
+_H100_REGS_PER_SM, _H100_WARPS_PER_SM = 65536, 64
+
+
+_DUMP_ENV = ("MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_RESOURCES", "MOSAIC_GPU_DUMP_TO")
 
 
 @contextlib.contextmanager
@@ -141,7 +157,8 @@ def _mosaic_gpu_dumps(path: str) -> Iterator[None]:
   persistent compilation cache is off, so that every kernel is compiled (and reported) here."""
   saved = {k: os.environ.get(k) for k in _DUMP_ENV}
   cache = jax.config.jax_enable_compilation_cache
-  os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1", MOSAIC_GPU_DUMP_TO=path)
+  os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
+                    MOSAIC_GPU_DUMP_TO=path)
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     yield
@@ -181,7 +198,12 @@ def mosaic_gpu_kernels(compile_fn: Callable[[], Any]) -> list[KernelStats]:
     dump = pathlib.Path(tmp)
     ptxas = collections.defaultdict(list)
     for f in sorted(dump.glob("*.ptxas")):
-      ptxas[_dump_name(f, ".ptxas")].append(_ptxas_figures(f.read_text(errors="replace")))
+      ptx = f.with_suffix(".ptx").read_text(errors="replace")
+      threads = re.search(r"\.maxntid (\d+), (\d+), (\d+)", ptx)
+      if threads is None:
+        raise RuntimeError(f"{f.with_suffix('.ptx').name} declares no .maxntid")
+      ptxas[_dump_name(f, ".ptxas")].append(
+          (*_ptxas_figures(f.read_text(errors="replace")), math.prod(int(n) for n in threads.groups())))
     smem = collections.defaultdict(int)
     for f in dump.glob("*.resources.txt"):
       m = re.search(r"smem_scratch_bytes=(\d+)", f.read_text())
@@ -191,5 +213,5 @@ def mosaic_gpu_kernels(compile_fn: Callable[[], Any]) -> list[KernelStats]:
   if not ptxas:
     raise RuntimeError("No Mosaic GPU kernel was compiled: compile for a GPU target (aot.devices('h100', n)) "
                        "a program that calls one, not one JAX has compiled before in this process")
-  return [KernelStats(name, len(runs), *(max(r[i] for r in runs) for i in range(3)), smem[name])
-          for name, runs in ptxas.items()]
+  return [KernelStats(name, len(runs), *(max(r[i] for r in runs) for i in range(3)), smem[name],
+                      max(r[3] for r in runs)) for name, runs in ptxas.items()]

@@ -194,6 +194,16 @@ def test_flash_attention_compiles_for_h100():
     _compile(grad_of(ops.BlockSizes(block_q=512, block_k=512, num_stages=4)), args, mesh)
 
 
+def test_programs_per_sm_by_the_h100_limits():
+  kernel = lambda regs, smem_kb, threads=128: aot.KernelStats("k", 1, regs, 0, 0, smem_kb * 1024, threads)
+  assert kernel(64, 100).programs_per_sm == 2      # 228 KB of shared memory (+ 1 KB reserved each) per SM
+  assert kernel(64, 10).programs_per_sm == 8       # 64K registers: 4 warps x 32 threads x 64 per program
+  assert kernel(32, 10).programs_per_sm == 16      # 64 warps
+  assert kernel(255, 10).programs_per_sm == 2      # 255 -> 256 registers per thread
+  assert kernel(154, 176, threads=384).programs_per_sm == 1
+  assert kernel(32, 0, threads=32).programs_per_sm == 32   # at most 32 programs
+
+
 @needs_plugin
 def test_mosaic_gpu_kernels_compile_with_ptxas_figures():
   """The Mosaic GPU grouped matmul's three kernels (forward, d_lhs, d_rhs) are compiled by ptxas for
@@ -211,7 +221,9 @@ def test_mosaic_gpu_kernels_compile_with_ptxas_figures():
     assert k.compilations == 1 and 0 < k.registers <= 255, k
     assert k.spill_store_bytes >= 0 and k.spill_load_bytes >= 0, k
     assert 0 < k.smem_bytes <= 227 * 1024, k
-    assert k.name in k.report()
+    assert k.programs_per_sm >= 1 and k.name in k.report()
+  # Hopper defaults: forward and d_lhs warp-specialized (a TMA warpgroup and two wgmma ones), d_rhs one.
+  assert [stats[n].threads for n in ("gmm", "gmm_dlhs", "tgmm")] == [384, 384, 128]
   with pytest.raises(RuntimeError, match="No Mosaic GPU kernel was compiled"):
     aot.mosaic_gpu_kernels(lambda: _compile(fn, args, mesh))
 
