@@ -340,8 +340,10 @@ def compile_train_step(config, devices, compiler_options=None) -> jax.stages.Com
   mesh = sharding.make_mesh({k: int(v) for k, v in config.mesh.items()}, devices=devices)
   config = _accumulation(config, math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert")))
   keys = jax.random.split(jax.random.key(config.seed))
-  abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, keys[0]), tx, keys[1]))
-  shardings = _state_shardings(cfg, mesh, config.axis_rules, abstract, tx)
+  # The model is traced for the target devices, whose kernels (e.g. Mosaic GPU) may not trace for this host.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, keys[0]), tx, keys[1]))
+    shardings = _state_shardings(cfg, mesh, config.axis_rules, abstract, tx)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   rows = jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), np.int32,
                               sharding=sharding.batch_sharding(mesh))

@@ -271,6 +271,24 @@ def test_shipped_training_configs_fit_h100s(name, devices):
   assert peak < (0.75 * 85.0 if devices == 1 else 80.0)
 
 
+@needs_plugin
+def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
+  """The trainer's step with the Mosaic GPU SSD and grouped-matmul kernels (`ssd_backend="pallas_mgpu"`,
+  `moe_backend="pallas_mgpu"`) compiles for a compile-only H100: the model is traced for the target (its
+  init too), and ptxas compiles every kernel of the forward and the backward."""
+  from n3jax import trainer  # pylint: disable=g-import-not-at-top
+
+  c = trainer.default_config()
+  c.model_preset = "tiny-moe"
+  c.model_overrides.update(dtype="bfloat16", chunk_size=64, ssd_backend="pallas_mgpu", moe_backend="pallas_mgpu")
+  c.batch_size, c.data.seq_len = 2, 256
+  kernels = aot.mosaic_gpu_kernels(
+      lambda: trainer.compile_train_step(c, aot.devices("h100", 1), aot.compiler_options("h100")))
+  assert {k.name for k in kernels} == {
+      "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan_fwd", "ssd_chunk_state_dout",
+      "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
+
+
 _PLAN_ARGS = ("--preset=tiny-moe", "--mesh=data=1", "--seq=64", "--batch=2", "--compile_for=h100")
 
 
