@@ -2,6 +2,8 @@
 
   JAX_PLATFORMS=cpu python benchmarks/kernel_resources.py              # SSD, gmm and attention, fwd + bwd
   JAX_PLATFORMS=cpu python benchmarks/kernel_resources.py --families=ssd --ssd_shape=super_b1
+  JAX_PLATFORMS=cpu python benchmarks/kernel_resources.py --families=attention \
+      --attention_blocks=max_concurrent_steps=1     # another tiling: shared memory -> programs per SM
 
 Compiles each kernel family's forward and backward at a benchmark shape for a compile-only H100
 (`n3jax.aot`; needs `pip install -e '.[aot-gpu]'`) and prints, per kernel, ptxas's registers per thread,
@@ -11,6 +13,7 @@ and 255 registers (the most a thread may have) with one 128-thread warpgroup per
 two programs per SM at most. Timings are `benchmarks/ssd.py`, `moe.py` and `attention.py`, on the GPU.
 """
 
+import dataclasses
 import json
 import os
 
@@ -33,6 +36,18 @@ _GMM_SHAPE = flags.DEFINE_enum("gmm_shape", "anchor_nano_up", list(_shapes.GMM),
 _ATTENTION_SHAPE = flags.DEFINE_enum("attention_shape", "nano3_b1_8k", list(_shapes.ATTENTION),
                                      "benchmarks/attention.py shape.")
 _DOCS = flags.DEFINE_bool("docs", True, "SSD with document ids (packed sequences), as the trainer runs it.")
+_SSD_BLOCKS = flags.DEFINE_list("ssd_blocks", [], "Fields of the SSD's MgpuBlockSizes, as name=int (default: H100's).")
+_ATTENTION_BLOCKS = flags.DEFINE_list("attention_blocks", [], "Fields of attention's MgpuBlockSizes, as name=int.")
+
+
+def _blocks(cls, fields: list[str]):
+  """cls.for_device() (the H100 defaults under the compile-only mesh) with `fields` (name=int) replaced."""
+  if not fields:
+    return None
+  try:
+    return dataclasses.replace(cls(), **{k: int(v) for k, v in (f.split("=") for f in fields)})
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(f"{cls.__module__}.{cls.__name__}: bad fields {fields}: {e}") from e
 
 
 def _ssd(shape_name: str, docs: bool):
@@ -44,7 +59,7 @@ def _ssd(shape_name: str, docs: bool):
 
   def loss(x, dt, a, b, c, d, dt_bias, h0, *doc_ids):
     y, h = ssd_ops.ssd(x, dt, a, b, c, d, dt_bias, initial_state=h0, doc_ids=doc_ids[0] if docs else None,
-                       backend="mosaic_gpu")
+                       backend="mosaic_gpu", block_sizes=_blocks(ssd_ops.MgpuBlockSizes, _SSD_BLOCKS.value))
     return y.astype(f32).sum() + h.sum()
 
   return jax.value_and_grad(loss, argnums=tuple(range(8))), shapes
@@ -66,7 +81,8 @@ def _attention(shape_name: str):
             ((b, t), jnp.int32)]
 
   def loss(q, kk, v, seg):
-    return attention_ops.attention(q, kk, v, seg, backend="mosaic_gpu").astype(jnp.float32).sum()
+    blocks = _blocks(attention_ops.MgpuBlockSizes, _ATTENTION_BLOCKS.value)
+    return attention_ops.attention(q, kk, v, seg, backend="mosaic_gpu", block_sizes=blocks).astype(jnp.float32).sum()
 
   return jax.value_and_grad(loss, argnums=(0, 1, 2)), shapes
 
