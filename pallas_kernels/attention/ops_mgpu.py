@@ -45,7 +45,10 @@ class MgpuBlockSizes:
       wgmma M of a warpgroup is 64, and an f32 [block_q, block_k] score tile plus the [block_q, H]
       accumulator live in its registers).
     block_q_bwd, block_k_bwd: query rows per step / key rows per program of the dk/dv kernel.
-    max_concurrent_steps: pipeline stages (TMA loads in flight).
+    max_concurrent_steps: pipeline stages (shared-memory buffers of the streamed k/v or q/do tiles). At
+      head dim 128, 3 stages take 125 / 140 / 148 KB (forward / dq / dk-dv; one program per H100 SM),
+      2 stages 93 / 108 / 116 KB (two programs per SM for the forward and dq), by
+      `benchmarks/kernel_resources.py`; `benchmarks/attention.py` times both.
   """
 
   block_q: int = 64
