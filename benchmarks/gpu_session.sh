@@ -55,8 +55,9 @@ log="$out/$part.log"
       "$py" benchmarks/moe.py ;;
     moe_sweep)  # forward of every candidate tile, next to torch._grouped_mm
       "$py" benchmarks/moe.py --shapes=anchor_nano_up --sweep --skip_layer ;;
-    train)
+    train)  # the model's defaults, then with the Pallas kernels (SSD and gmm on Mosaic GPU, flash attention)
       "$py" benchmarks/train_step.py
+      "$py" benchmarks/train_step.py --ssd_backend=pallas_mgpu --moe_backend=pallas_mgpu --attention_impl=flash
       [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
         "$py" "$anchors/anchor_hf_train.py" ;;
     generate)

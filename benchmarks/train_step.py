@@ -12,6 +12,7 @@ a GPU): `jax.lax.ragged_dot` expands densely there and would need 368 GB of temp
     python benchmarks/train_step.py                  # the anchor shape (needs a GPU)
     python benchmarks/train_step.py --tiny           # tiny-moe, 2 x 128 tokens: checks the script on CPU
     python benchmarks/train_step.py --remat=full --scan_layers --batch=4
+    python benchmarks/train_step.py --ssd_backend=pallas_mgpu --moe_backend=pallas_mgpu --attention_impl=flash
 
 Prints one JSON line per measurement: compile time, median step time, tokens/s, model TFLOP/s
 (6 x active matmul params per token, the anchor's convention), MFU where the peak is known, and peak
@@ -47,6 +48,9 @@ _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable", "n
 _SCAN = flags.DEFINE_bool("scan_layers", False, "lax.scan over layers")
 _ACCUM = flags.DEFINE_integer("grad_accum", 1, "micro-batches per step")
 _MOE_BACKEND = flags.DEFINE_string("moe_backend", "auto", "pallas_kernels.moe backend")
+_SSD_BACKEND = flags.DEFINE_string("ssd_backend", "reference",
+                                   "Mamba-2 scan: reference | pallas (Triton on GPU) | pallas_mgpu (Hopper)")
+_ATTENTION = flags.DEFINE_string("attention_impl", "dense", "dense | blockwise | flash (Pallas Triton on GPU)")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
                                  "master params (and so gradients and AdamW moments): bf16 as the anchor")
 
@@ -64,7 +68,8 @@ def main(argv):
     preset, pattern, batch, seq, steps, warmup = (_PRESET.value, _PATTERN.value, _BATCH.value, _SEQ.value,
                                                   _STEPS.value, _WARMUP.value)
   overrides = dict(dtype="bfloat16", param_dtype=_PARAM_DTYPE.value, remat_policy=_REMAT.value,
-                   scan_layers=_SCAN.value, moe_backend=_MOE_BACKEND.value)
+                   scan_layers=_SCAN.value, moe_backend=_MOE_BACKEND.value, ssd_backend=_SSD_BACKEND.value,
+                   attention_impl=_ATTENTION.value)
   if pattern:
     overrides["blocks"] = pattern
   cfg = configs.PRESETS[preset].replace(**overrides)
@@ -74,8 +79,8 @@ def main(argv):
   device = jax.local_devices()[0]
   emit(what="setup", device=device.device_kind, platform=device.platform, jax=jax.__version__, preset=preset,
        pattern=cfg.pattern, batch=batch, seq=seq, param_dtype=cfg.param_dtype, remat=_REMAT.value,
-       scan_layers=_SCAN.value,
-       grad_accum=_ACCUM.value, params_m=configs.param_counts(cfg)["total"] / 1e6,
+       scan_layers=_SCAN.value, moe_backend=cfg.moe_backend, ssd_backend=cfg.ssd_backend,
+       attention_impl=cfg.attention_impl, grad_accum=_ACCUM.value, params_m=configs.param_counts(cfg)["total"] / 1e6,
        active_params_m=configs.param_counts(cfg)["active"] / 1e6)
 
   key = jax.random.key(0)

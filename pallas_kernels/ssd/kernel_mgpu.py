@@ -25,8 +25,8 @@ run through the kernels:
     diagonal, where W is nonzero. Its elementwise part (decay, masks, the scores' scaling) runs in
     64-column pieces: [64, 64] f32 tiles, 32 registers per thread each, staged piece by piece into the
     shared-memory operand of the block's product; only the diagonal piece is masked. Compiled for an
-    H100 (`benchmarks/kernel_resources.py`) no kernel spills more than 8 bytes per thread; with whole
-    [64, L] tiles the two backward scan kernels spilled 220 and 432;
+    H100 (`benchmarks/kernel_resources.py`), only scan_bwd_dx spills, 8 to 16 bytes per thread; with
+    whole [64, L] tiles scan_bwd_dbc spilled 220 bytes and scan_bwd_dx 432;
   * a transposed tile the math needs ((S o W)^T, dS^T) is computed directly (B C^T o W^T, xs dy^T o W^T)
     and staged at its own width, so that every operand is a row range or a column prefix of a tile.
 
