@@ -15,7 +15,9 @@ Targets:
   "h100"          NVIDIA H100 SXM 80 GB. Needs the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) and, on
                   a host without a GPU, `JAX_PLATFORMS=cpu` set before JAX starts (the plugin then registers
                   without probing for a GPU). The chip's description is XLA's own (`_targets/h100_sxm.txtpb`).
-  "tpu:<topology>"  a TPU topology as libtpu names it, e.g. "tpu:v5e=2x2", "tpu:v5p=2x2x1" (needs libtpu).
+  "tpu:<topology>"  a TPU slice as libtpu names it, e.g. "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2". Needs
+                  libtpu at the version that matches jax (`pip install 'n3jax[aot-tpu]'`); the Mosaic TPU
+                  compiler then compiles the Pallas TPU kernels (VMEM budget included).
 
 Pass `compiler_options(target)` to `.compile(...)`: XLA's CUB radix sort (argsort, as in MoE routing)
 needs a live GPU while compiling, so without one sorts compile to XLA's own sort kernel instead; and
@@ -63,7 +65,15 @@ def devices(target: str, count: int, *, hosts: int = 1) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
   if target.startswith("tpu:"):
-    topo = topologies.get_topology_desc(target[len("tpu:"):], platform="tpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to probe: one local host
+    try:
+      topo = topologies.get_topology_desc(target[len("tpu:"):], platform="tpu")
+    except Exception as e:  # no libtpu: RuntimeError / JaxRuntimeError, depending on the state
+      if "topology" in str(e).lower() and "invalid" in str(e).lower():
+        raise ValueError(f"AOT target {target!r}: {e}") from e
+      raise RuntimeError(
+          f"Compiling for {target!r} without the chip needs libtpu at jax's version (pip install "
+          f"'n3jax[aot-tpu]'); got {type(e).__name__}: {e}") from e
     if len(topo.devices) != count:
       raise ValueError(f"TPU topology {target!r} has {len(topo.devices)} devices, not {count}")
     return list(topo.devices)

@@ -1,8 +1,9 @@
-"""Compiling for an H100 on a host without one (`n3jax.aot`).
+"""Compiling for an H100 or a TPU slice on a host without one (`n3jax.aot`).
 
-The compile tests need the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) and skip without it; CI has
-no plugin and runs only the error checks. They compile (XLA's whole GPU pipeline, Triton kernels
-included) but run nothing: speed and numerics on the chip are `benchmarks/`' business.
+The compile tests need the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) or libtpu (`pip install
+'n3jax[aot-tpu]'`) and skip without them; CI has neither and runs only the error checks. They compile
+(XLA's whole pipeline for the chip, the Pallas kernels included: Triton and Mosaic GPU through ptxas,
+Mosaic TPU through its compiler) but run nothing: speed and numerics on the chip are `benchmarks/`' business.
 """
 
 import importlib.util
@@ -26,6 +27,8 @@ def _has_plugin() -> bool:
 
 _HAS_PLUGIN = _has_plugin()
 needs_plugin = pytest.mark.skipif(not _HAS_PLUGIN, reason="needs the CUDA PJRT plugin: pip install 'n3jax[aot-gpu]'")
+_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not _HAS_LIBTPU, reason="needs libtpu: pip install 'n3jax[aot-tpu]'")
 
 
 def test_unknown_target_is_a_clear_error():
@@ -303,3 +306,84 @@ def test_plan_cli_prints_xla_memory_beside_the_estimate(run_cli, capsys):
 def test_plan_cli_compile_without_the_plugin_says_what_to_install(run_cli):
   with pytest.raises(RuntimeError, match=r"n3jax\[aot-gpu\]"):
     run_cli("n3jax.plan", *_PLAN_ARGS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPU slices (libtpu)
+# ---------------------------------------------------------------------------------------------------
+_V5E = "tpu:v5e:2x2"
+
+
+@pytest.mark.skipif(_HAS_LIBTPU, reason="checks the error without libtpu")
+def test_without_libtpu_the_error_says_what_to_install():
+  with pytest.raises(RuntimeError, match=r"n3jax\[aot-tpu\]"):
+    aot.devices(_V5E, 4)
+
+
+@needs_libtpu
+def test_tpu_topologies():
+  assert [d.device_kind for d in aot.devices(_V5E, 4)] == ["TPU v5 lite"] * 4
+  with pytest.raises(ValueError, match="has 4 devices, not 8"):
+    aot.devices(_V5E, 8)
+  with pytest.raises(ValueError, match="v5litepod-4"):
+    aot.devices("tpu:v5litepod-4", 4)
+
+
+def _tpu_compile(fn, args, mesh):
+  with jax.set_mesh(mesh):
+    return jax.jit(fn).trace(*args).lower().compile()
+
+
+@needs_libtpu
+def test_tpu_kernels_compile_for_v5e():
+  """The Mosaic TPU kernels that `backend="auto"` picks on a TPU, forward and backward, compiled by the Mosaic
+  TPU compiler for a v5e (VMEM budget included): the SSD scan at the Nemotron 3 Nano mixer shape (documents
+  and an initial state), the grouped matmuls of the Nano MoE layer, and splash attention at the Nano
+  attention shape."""
+  from pallas_kernels.attention import ops as attention_ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.moe import ops as moe_ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.ssd import ops as ssd_ops  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.sharding.Mesh(aot.devices(_V5E, 4)[:1], ("x",))
+  b, t, m, p, j, q = 1, 4096, 64, 64, 8, 128
+  args = _abstract(mesh, ((b, t, m, p), jnp.bfloat16), ((b, t, m), jnp.float32), ((m,), jnp.float32),
+                   ((b, t, j, q), jnp.bfloat16), ((b, t, j, q), jnp.bfloat16), ((m,), jnp.float32),
+                   ((m,), jnp.float32), ((b, m, p, q), jnp.float32), ((b, t), jnp.int32))
+
+  def ssd_loss(x, dt, a, bb, c, d, dt_bias, h0, doc_ids):
+    y, h = ssd_ops.ssd(x, dt, a, bb, c, d, dt_bias, initial_state=h0, doc_ids=doc_ids)
+    return y.astype(jnp.float32).sum() + h.sum()
+
+  ssd = _tpu_compile(jax.value_and_grad(ssd_loss, argnums=tuple(range(8))), args, mesh)
+  assert ssd.as_text().count("tpu_custom_call") >= 2, "forward and backward kernels"
+
+  tokens, experts, top, d, f = 4096, 128, 6, 2688, 1856
+  args = _abstract(mesh, ((tokens, d), jnp.bfloat16), ((tokens, top), jnp.float32), ((tokens, top), jnp.int32),
+                   ((experts, d, f), jnp.bfloat16), ((experts, f, d), jnp.bfloat16))
+  moe_loss = lambda x, w, ids, up, down: moe_ops.moe_dispatch(x, w, ids, up, down)[0].astype(jnp.float32).sum()
+  moe = _tpu_compile(jax.grad(moe_loss, argnums=(0, 3, 4)), args, mesh)
+  assert moe.as_text().count("tpu_custom_call") >= 5, "two forward gmms, their d_lhs and d_rhs"
+
+  b, t, n, kvh, h = 1, 4096, 32, 2, 128
+  args = _abstract(mesh, ((b, t, n, h), jnp.bfloat16), ((b, t, kvh, h), jnp.bfloat16),
+                   ((b, t, kvh, h), jnp.bfloat16), ((b, t), jnp.int32))
+  attn_loss = lambda q, k, v, seg: attention_ops.attention(q, k, v, seg).astype(jnp.float32).sum()
+  attn = _tpu_compile(jax.value_and_grad(attn_loss, argnums=(0, 1, 2)), args, mesh)
+  assert attn.as_text().count("tpu_custom_call") >= 2
+  assert aot.memory(attn).temp_gb < 1   # no [T, T] scores
+
+
+@needs_libtpu
+def test_train_step_with_the_tpu_kernels_compiles_for_a_v5e_slice():
+  """The trainer's step of the tiny MoE hybrid with the Pallas TPU kernels (SSD scan, grouped matmul, splash
+  attention) under FSDP over a 4-chip v5e slice compiles, its kernels per shard."""
+  from n3jax import trainer  # pylint: disable=g-import-not-at-top
+
+  c = trainer.default_config()
+  c.model_preset = "tiny-moe"
+  c.model_overrides.update(dtype="bfloat16", chunk_size=64, ssd_backend="pallas", attention_impl="flash")
+  c.mesh, c.axis_rules = dict(data=1, fsdp=4, expert=1, tensor=1), "fsdp"
+  c.batch_size, c.data.seq_len = 4, 256
+  compiled = trainer.compile_train_step(c, aot.devices(_V5E, 4))
+  assert compiled.as_text().count("tpu_custom_call") >= 6
+  assert aot.memory(compiled).peak_gb < 1
