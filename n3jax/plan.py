@@ -32,9 +32,10 @@ _ATTENTION = flags.DEFINE_enum("attention_impl", "dense", list(ATTENTION_IMPLS),
 _MOE_CHUNKS = flags.DEFINE_integer("moe_seq_chunks", 1, "Routed experts over this many sequence pieces.")
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Cross-entropy over pieces of this many positions (0: whole).")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
-_COMPILE_FOR = flags.DEFINE_enum("compile_for", None, list(aot.GPU_TARGETS),
-                                 "Also compile the training step for this chip, without one (n3jax.aot; needs "
-                                 "pip install 'n3jax[aot-gpu]'), and print XLA's per-device memory.")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, f"Also compile the training step for this chip, without one, and print XLA's per-device "
+    f"memory (n3jax.aot): {' | '.join(aot.GPU_TARGETS)} (pip install 'n3jax[aot-gpu]') or a TPU slice of the mesh's "
+    f"size, e.g. tpu:v5p:2x2x2 (pip install 'n3jax[aot-tpu]').")
 
 
 def _compile(plan: memory_plan.Plan, target: str) -> str:
@@ -48,7 +49,7 @@ def _compile(plan: memory_plan.Plan, target: str) -> str:
   c.mesh.update(plan.mesh)
   c.axis_rules, c.batch_size, c.data.seq_len = plan.layout, plan.batch, plan.seq
   n = math.prod(plan.mesh.values())
-  hosts = n // 8 if n % 8 == 0 else 1  # 8 GPUs per host, as on an HGX node
+  hosts = n // 8 if n % 8 == 0 and target in aot.GPU_TARGETS else 1  # 8 GPUs per host, as on an HGX node
   compiled = trainer.compile_train_step(c, aot.devices(target, n, hosts=hosts), aot.compiler_options(target))
   mem = aot.memory(compiled)
   return (f"  XLA, compiled for {n} x {target} (AOT): {mem.report()} per device; "
@@ -58,6 +59,9 @@ def _compile(plan: memory_plan.Plan, target: str) -> str:
 def main(argv):
   del argv  # Unused.
   if _COMPILE_FOR.value:
+    if _COMPILE_FOR.value not in aot.GPU_TARGETS and not _COMPILE_FOR.value.startswith("tpu:"):
+      raise app.UsageError(f"--compile_for must be one of {sorted(aot.GPU_TARGETS)} or tpu:<topology>, got "
+                           f"{_COMPILE_FOR.value!r}")
     jax.config.update("jax_platforms", "cpu")  # compile-only devices need no accelerator here (n3jax.aot)
   if _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset must be one of {sorted(PRESETS)}, got {_PRESET.value!r}")

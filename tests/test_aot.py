@@ -387,3 +387,15 @@ def test_train_step_with_the_tpu_kernels_compiles_for_a_v5e_slice():
   compiled = trainer.compile_train_step(c, aot.devices(_V5E, 4))
   assert compiled.as_text().count("tpu_custom_call") >= 6
   assert aot.memory(compiled).peak_gb < 1
+
+
+@needs_libtpu
+def test_plan_cli_compiles_for_a_tpu_slice(run_cli, capsys):
+  assert run_cli("n3jax.plan", "--preset=tiny-moe", "--mesh=data=4", "--seq=64", "--batch=4",
+                 "--compile_for=tpu:v5e:2x2", "--device_gb=16") == 0
+  assert "XLA, compiled for 4 x tpu:v5e:2x2 (AOT): arguments" in capsys.readouterr().out
+
+
+def test_plan_cli_refuses_an_unknown_target(run_cli, capsys):
+  assert run_cli("n3jax.plan", "--preset=tiny-moe", "--mesh=data=1", "--compile_for=a100") == 1
+  assert "--compile_for must be one of ['h100'] or tpu:<topology>, got 'a100'" in capsys.readouterr().err
