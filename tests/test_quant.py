@@ -564,3 +564,15 @@ def test_modelopt_fp8_dequantize_synthetic():
   want = w8.astype(np.float32) * per_channel[:, None]
   np.testing.assert_array_equal(q.dequantize_modelopt_fp8(w8.view(np.uint8), per_channel), want)
   np.testing.assert_array_equal(q.dequantize_modelopt_fp8(w8, per_channel[:, None]), want)
+
+
+@pytest.mark.parametrize("axis,block_2d", [(1, False), (2, False), (2, True)])
+def test_nvfp4_of_a_jit_constant_equals_that_of_an_argument(axis, block_2d):
+  """XLA folds the quantization of a constant at compile time. A rewrite of the blocking for TPU layouts (the
+  block scales repeated elementwise, `jnp.repeat`) was folded wrongly by XLA's CPU compiler, jax 0.12: a
+  constant wgrad operand moved by up to 5376 and the NVFP4 training test diverged. Both must agree."""
+  from n3jax.quant import _nvfp4  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (256, 32)).astype(jnp.bfloat16)
+  f = lambda x: _nvfp4.nvfp4_scaled_values(x.astype(jnp.float32)[None], axis=axis, block_2d=block_2d, key=None,
+                                           batch_dims=1)[0]
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda: f(x))()), np.asarray(jax.jit(f)(x)))
