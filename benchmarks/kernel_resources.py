@@ -41,11 +41,12 @@ _ATTENTION_BLOCKS = flags.DEFINE_list("attention_blocks", [], "Fields of attenti
 
 
 def _blocks(cls, fields: list[str]):
-  """cls.for_device() (the H100 defaults under the compile-only mesh) with `fields` (name=int) replaced."""
+  """The H100 defaults of `cls` (`for_device`) with `fields` (name=int) replaced; None: the defaults."""
   if not fields:
     return None
   try:
-    return dataclasses.replace(cls(), **{k: int(v) for k, v in (f.split("=") for f in fields)})
+    h100 = cls.for_device(aot.devices("h100", 1)[0])
+    return dataclasses.replace(h100, **{k: int(v) for k, v in (f.split("=") for f in fields)})
   except (TypeError, ValueError) as e:
     raise app.UsageError(f"{cls.__module__}.{cls.__name__}: bad fields {fields}: {e}") from e
 
