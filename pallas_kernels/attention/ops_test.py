@@ -172,7 +172,8 @@ def test_lowers_to_mosaic_gpu_for_an_abstract_h100(t, n, kvh, h):
 
 def test_lowers_to_mosaic_for_an_abstract_tpu():
   """backend="auto" under an abstract TPU v5e is the splash kernel: forward, dq and dk/dv lower to Mosaic
-  (the Mosaic compiler itself only runs with libtpu) at the Nemotron 3 Nano attention shape."""
+  at the Nemotron 3 Nano attention shape (the Mosaic compiler itself, with libtpu:
+  tests/test_aot.py::test_tpu_kernels_compile_for_v5e)."""
   try:
     mesh = _abstract_mesh(*_TPU_V5E)
   except (ImportError, AttributeError, TypeError) as e:

@@ -313,7 +313,7 @@ class GmmTpuStaticTest(parameterized.TestCase):
     Through the public gmm: the abstract mesh alone selects the TPU kernels
     and compiled (not interpreted) mode. Nemotron 3 Nano expert shape: 8192
     tokens x top-6 rows, 128 experts. Abstract shapes, nothing allocated; no
-    TPU needed. Mosaic's compile (libtpu) is not covered.
+    TPU needed. Mosaic's compile (libtpu) is tests/test_aot.py::test_tpu_kernels_compile_for_v5e.
     """
     k_dim, n_dim = kn
 

@@ -479,7 +479,7 @@ class SsdApiTest(parameterized.TestCase):
 
   @absltest.skipIf(
       importlib.util.find_spec("libtpu") is None,
-      "needs libtpu (`pip install libtpu`, no TPU needed) for the Mosaic "
+      "needs libtpu at jax's version (`pip install 'n3jax[aot-tpu]'`, no TPU needed) for the Mosaic "
       "compiler; test_lowers_to_mosaic_for_an_abstract_tpu covers lowering",
   )
   def test_compiles_for_tpu_with_libtpu(self):
