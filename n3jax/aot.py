@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import pathlib
@@ -71,6 +72,9 @@ def devices(target: str, count: int, *, hosts: int = 1) -> list:
     except Exception as e:  # no libtpu: RuntimeError / JaxRuntimeError, depending on the state
       if "topology" in str(e).lower() and "invalid" in str(e).lower():
         raise ValueError(f"AOT target {target!r}: {e}") from e
+      if importlib.util.find_spec("libtpu") is not None:  # installed, but it did not start
+        raise RuntimeError(f"libtpu did not start for {target!r} (another process holding it can share it with "
+                           f"ALLOW_MULTIPLE_LIBTPU_LOAD=1): {type(e).__name__}: {e}") from e
       raise RuntimeError(
           f"Compiling for {target!r} without the chip needs libtpu at jax's version (pip install "
           f"'n3jax[aot-tpu]'); got {type(e).__name__}: {e}") from e

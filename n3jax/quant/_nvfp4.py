@@ -130,7 +130,8 @@ def _quantize_blocks(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array 
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """U[0, 1) f32 draws for stochastic rounding: 24 random bits from XLA's Philox `RngBitGenerator`.
+  """U[0, 1) f32 draws for stochastic rounding: 24 random bits from XLA's `RngBitGenerator`, Philox (on a
+  TPU target, the TPU's own generator: Philox's [N, 4] words would take 32x the bytes there).
 
   Deterministic in `key` (any JAX PRNG key) for a given backend; it compiles much faster than
   threefry-based `jax.random.uniform` on CPU (one HLO op instead of an unrolled hash).
@@ -140,7 +141,12 @@ def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   seed = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
   if seed.shape[0] < 4:
     seed = jnp.pad(seed, (0, 4 - seed.shape[0]))
-  _, bits = jax.lax.rng_bit_generator(seed, shape, dtype=jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  on_tpu = (device.platform if device is not None else jax.default_backend()) == "tpu"
+  # XLA expands Philox into [N, 4] words, which a TPU pads to 128 lanes (32x the bytes); its own generator
+  # (RNG_DEFAULT) makes the bits in place.
+  algorithm = jax.lax.RandomAlgorithm.RNG_DEFAULT if on_tpu else jax.lax.RandomAlgorithm.RNG_PHILOX
+  _, bits = jax.lax.rng_bit_generator(seed, shape, dtype=jnp.uint32, algorithm=algorithm)
   return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
