@@ -25,8 +25,8 @@ pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors) and the scanned st
 `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (JAX takes 75% of a GPU by default); on a GPU the allocator's
 fragmentation and NCCL's buffers come on top (not yet measured).
 
-On TPUs this config does not fit yet: compiled for a v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4"), the
-NVFP4 emulation needs 689 GB of temporaries per chip (80.3 GB with `quant="none"`): its 1x16 blocks are
+On TPUs this config does not fit yet: compiled for a v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4"), XLA
+counts 101 GB per chip of the 95 (80.3 GB with `quant="none"`): the NVFP4 emulation's 1x16 blocks are
 reshaped to a 16-wide minor axis, which a TPU pads to 128 lanes. Train it there with
 `--config.model_overrides.quant=none` until the quantizer's TPU layout is fixed.
 """
