@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from n3jax.quant._formats import E2M1, E4M3, FLOAT32_MAX, finite_amax, restore_non_finite, round_to_format
+from pallas_kernels import _target
 
 __all__ = ["BLOCK", "NVFP4Tensor", "fake_quant_nvfp4", "nvfp4_dequantize", "nvfp4_quantize"]
 
@@ -141,8 +142,7 @@ def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   seed = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
   if seed.shape[0] < 4:
     seed = jnp.pad(seed, (0, 4 - seed.shape[0]))
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  on_tpu = (device.platform if device is not None else jax.default_backend()) == "tpu"
+  on_tpu = _target.platform() == "tpu"  # the compile target (an abstract mesh's device, else the default)
   # XLA expands Philox into [N, 4] words, which a TPU pads to 128 lanes (32x the bytes); its own generator
   # (RNG_DEFAULT) makes the bits in place.
   algorithm = jax.lax.RandomAlgorithm.RNG_DEFAULT if on_tpu else jax.lax.RandomAlgorithm.RNG_PHILOX

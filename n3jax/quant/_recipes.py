@@ -34,6 +34,7 @@ from n3jax.quant import _hadamard
 from n3jax.quant._dot import GemmRecipe, OperandQuant, quantized_einsum
 from n3jax.quant._grouped import QuantizedGroupedMatmul
 from n3jax.quant._formats import E4M3, E5M2
+from pallas_kernels import _target
 
 __all__ = ["ALWAYS_BF16_ROLES", "MODES", "QuantConfig", "ROLES", "make_einsum", "make_grouped_matmul", "gemm_recipe"]
 
@@ -119,12 +120,6 @@ def _check_site(layer_index: int | None, num_layers: int, role: str) -> None:
     raise ValueError(f"{layer_index=} must be None or a static int in [0, {num_layers=})")
 
 
-def _target_platform() -> str:
-  """The platform being compiled for: the abstract mesh's device (AOT, `n3jax.aot`), else the default."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  return device.platform if device is not None else jax.default_backend()
-
-
 def gemm_recipe(quant: QuantConfig, *, layer_index: int | None = None) -> GemmRecipe:
   """The operand quantization of the three GEMMs for `quant.mode` (ignores the BF16 tables)."""
   if quant.mode == "none":
@@ -132,7 +127,7 @@ def gemm_recipe(quant: QuantConfig, *, layer_index: int | None = None) -> GemmRe
   if quant.mode == "fp8":
     fwd = OperandQuant("fp8", fp8_format=E4M3)
     grad = OperandQuant("fp8", fp8_format=E5M2 if quant.fp8_format == "hybrid" else E4M3)
-    native = quant.fp8_backend == "native" or (quant.fp8_backend == "auto" and _target_platform() == "gpu")
+    native = quant.fp8_backend == "native" or (quant.fp8_backend == "auto" and _target.platform() == "gpu")
     return GemmRecipe(x_fwd=fwd, w_fwd=fwd, dy_dgrad=grad, w_dgrad=fwd, x_wgrad=fwd, dy_wgrad=grad,
                       native_fp8=native)
   rht, sr, two_d = quant.nvfp4_rht, quant.nvfp4_stochastic_rounding, quant.nvfp4_2d_weights
