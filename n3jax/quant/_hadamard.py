@@ -17,6 +17,7 @@ Models with NVFP4"), 16x16 RHT on the inputs of the Wgrad GEMM.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ def apply_rht(x: jax.Array, signs: tuple[int, ...], axis: int) -> jax.Array:
   axis = axis % x.ndim
   if x.shape[axis] % n:
     raise ValueError(f"RHT axis {axis} of shape {x.shape} must be a multiple of {n}")
-  moved = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-  blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // n, n)
-  out = jnp.einsum("...j,ji->...i", blocks, q, precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
+  # Blocks split in place ([..., L/n, n, ...]): the axes after `axis` stay minor, no transposed copy (the
+  # wgrad operands are blocked along their rows, and a TPU would tile a minor axis of 16 to 128 lanes).
+  pre, post = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+  blocks = x.astype(jnp.float32).reshape(pre, x.shape[axis] // n, n, post)
+  out = jnp.einsum("abjc,ji->abic", blocks, q, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(x.shape)

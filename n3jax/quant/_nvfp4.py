@@ -11,11 +11,14 @@ anew in jnp. For a tensor with (finite) amax `A` and a block with amax `a`:
   x ~= q * block_decode * global_decode
 
 Blocks are 1x16 along the contraction axis (activations, gradients) or 16x16 over the last two axes
-(weights: the same quantized weight then serves the forward and the data-gradient products). Axes
-are zero-padded to a multiple of 16 for the blocking (zeros do not change any amax). A block whose
-E4M3 scale underflows to 0 (a block amax far below the tensor amax) dequantizes to exact zeros, as do
-all-zero blocks and all-zero tensors; nothing produces NaN except NaN/Inf inputs, which stay NaN in
-their own element (E2M1 has neither NaN nor Inf; scales ignore non-finite elements).
+(weights: the same quantized weight then serves the forward and the data-gradient products). A
+ragged last block counts as zero padded (zeros do not change any amax). The blocking never reshapes
+a tensor into [..., n/16, 16]: block amaxes are strided window reductions and block scales are
+repeated back over their elements, so full-size intermediates keep the tensor's own layout (a TPU tiles
+a 16-wide minor axis to 128 lanes). A block whose E4M3 scale underflows to 0 (a block amax far below
+the tensor amax) dequantizes to exact zeros, as do all-zero blocks and all-zero tensors; nothing
+produces NaN except NaN/Inf inputs, which stay NaN in their own element (E2M1 has neither NaN nor
+Inf; scales ignore non-finite elements).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from n3jax.quant._formats import E2M1, E4M3, FLOAT32_MAX, finite_amax, restore_non_finite, round_to_format
-from pallas_kernels import _target
 
 __all__ = ["BLOCK", "NVFP4Tensor", "fake_quant_nvfp4", "nvfp4_dequantize", "nvfp4_quantize"]
 
@@ -52,32 +54,28 @@ class NVFP4Tensor:
   block_2d: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-  extra = -x.shape[axis] % multiple
-  if not extra:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths)
+def _block_axes(ndim: int, axis: int, block_2d: bool) -> tuple[int, ...]:
+  return (ndim - 2, ndim - 1) if block_2d else (axis,)
 
 
-def _blocks(x: jax.Array, axis: int, block_2d: bool) -> jax.Array:
-  """1D: `[..., nb, 16]` (axis moved last); 2D: `[..., R/16, 16, C/16, 16]`; zero padded."""
-  if block_2d:
-    x = _pad_axis(_pad_axis(x, -1, BLOCK), -2, BLOCK)
-    r, c = x.shape[-2:]
-    return x.reshape(*x.shape[:-2], r // BLOCK, BLOCK, c // BLOCK, BLOCK)
-  x = _pad_axis(jnp.moveaxis(x, axis, -1), -1, BLOCK)
-  return x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+def _block_max(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """max of non-negative `a` over blocks of 16 along `axes` (a ragged last block is zero padded):
+  `a`'s shape with each of `axes` divided by 16, rounded up.
+
+  A strided window reduction in `a`'s own layout: reshaping the axis into `[n/16, 16]` makes 16 the minor
+  axis when the blocks run along the last one (activations, weights), which a TPU lays out in 128-lane
+  tiles (8x the bytes) wherever XLA materializes it."""
+  window = tuple(BLOCK if d in axes else 1 for d in range(a.ndim))
+  padding = tuple((0, -a.shape[d] % BLOCK) if d in axes else (0, 0) for d in range(a.ndim))
+  return jax.lax.reduce_window(a, jnp.zeros((), a.dtype), jax.lax.max, window, window, padding)
 
 
-def _unblock(xb: jax.Array, shape: tuple[int, ...], axis: int, block_2d: bool) -> jax.Array:
-  """Inverse of `_blocks` for a tensor of `shape` (drops the padding)."""
-  if block_2d:
-    full = xb.reshape(*xb.shape[:-4], xb.shape[-4] * BLOCK, xb.shape[-2] * BLOCK)
-    return full[..., : shape[-2], : shape[-1]]
-  full = xb.reshape(*xb.shape[:-2], xb.shape[-2] * BLOCK)[..., : shape[axis]]
-  return jnp.moveaxis(full, -1, axis)
+def _expand(b: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+  """Block values `b` back onto the elements of a tensor of `shape` (each repeated over its block)."""
+  for d in axes:
+    if b.shape[d] != 1:
+      b = jax.lax.slice_in_dim(jnp.repeat(b, BLOCK, axis=d), 0, shape[d], axis=d)
+  return b
 
 
 def global_encode_from_amax(amax: jax.Array) -> jax.Array:
@@ -93,61 +91,74 @@ def _global_scales(x: jax.Array, batch_dims: int) -> tuple[jax.Array, jax.Array]
 
 def _quantize_blocks(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array | None,
                      batch_dims: int, global_amax: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(E2M1 values, E4M3 block decode scales, global decode), values/scales in blocked layout.
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(E2M1 values, E4M3 block decode scales, global decode, block decode scale of every element).
 
-  `global_amax` (broadcastable to `x`, constant within each block) replaces the per-tensor amax: rows
-  of one array that belong to different tensors (the token groups of a grouped GEMM) each get their
-  own global scale. The returned global decode then has `global_amax`'s shape."""
+  The values and the last have `x`'s shape; the block scales have `x`'s shape with the block axes
+  (`axis`, or the last two for 16x16 blocks) divided by 16 (rounded up). `global_amax` (broadcastable to
+  `x`, constant within each block) replaces the per-tensor amax: rows of one array that belong to
+  different tensors (the token groups of a grouped GEMM) each get their own global scale. The returned
+  global decode then has `global_amax`'s shape.
+
+  Only the E4M3 block scales are repeated over the elements, in their own 1-byte dtype (exact): where
+  XLA does not fuse the repetition (a TPU, when the blocks run along the minor axis) that array is the
+  one full-size intermediate, 1 byte per element; the encode scale is recomputed per element from it.
+  """
   x = jnp.asarray(x, jnp.float32)
   if block_2d and x.ndim - batch_dims < 2:
     raise ValueError(f"16x16 blocks need 2 non-batch axes, got shape {x.shape} with {batch_dims=}")
-  xb = _blocks(jnp.where(jnp.isfinite(x), x, 0.0), axis, block_2d)
-  block_axes = (-3, -1) if block_2d else (-1,)
+  axes = _block_axes(x.ndim, axis, block_2d)
+  finite = jnp.where(jnp.isfinite(x), x, 0.0)
   if global_amax is not None:
     global_encode = global_encode_from_amax(global_amax)
     global_decode = 1.0 / global_encode
-    # Blocked like x; padding blocks (encode 0 from the zero padding) get 1, they hold only zeros.
-    ge = jnp.max(_blocks(jnp.broadcast_to(global_encode, x.shape), axis, block_2d), axis=block_axes,
-                 keepdims=True)
-    ge = jnp.where(ge == 0, 1.0, ge)
-    gd = 1.0 / ge
-  elif block_2d:
-    global_encode, global_decode = _global_scales(x, batch_dims)
-    gd = global_decode[..., None, None]
-    ge = global_encode[..., None, None]
+    # Constant within a block: its first element stands for it (a ragged last block starts with a real one).
+    ge = global_encode
+    for d in axes:
+      if jnp.shape(ge)[d] != 1:
+        ge = jax.lax.slice_in_dim(ge, 0, None, stride=BLOCK, axis=d)
   else:
     global_encode, global_decode = _global_scales(x, batch_dims)
-    gd = jnp.expand_dims(jnp.moveaxis(global_decode, axis, -1), -1)
-    ge = jnp.expand_dims(jnp.moveaxis(global_encode, axis, -1), -1)
-  block_amax = jnp.max(jnp.abs(xb), axis=block_axes, keepdims=True)
+    ge = global_encode
+  block_amax = _block_max(jnp.abs(finite), axes)
   # TE folds 1/6 into the global multiplier and keeps the last reciprocal exact.
   decode = jnp.minimum(block_amax * (ge * jnp.float32(1.0 / _F4_MAX)), FLOAT32_MAX)
   decode = round_to_format(jnp.minimum(decode, _F8_MAX), E4M3)
-  encode = jnp.minimum(1.0 / (decode * gd), FLOAT32_MAX)                      # decode 0 -> FLT_MAX
-  uniform = None if key is None else _uniform(key, xb.shape)
-  q = round_to_format(jnp.clip(xb * encode, -_F4_MAX, _F4_MAX), E2M1, uniform=uniform)
-  return q, decode, global_decode
+  decode_e = _expand(decode.astype(E4M3.dtype), axes, x.shape).astype(jnp.float32)
+  encode = jnp.minimum(1.0 / (decode_e * global_decode), FLOAT32_MAX)         # decode 0 -> FLT_MAX
+  uniform = None if key is None else _uniform(key, x.shape)
+  q = round_to_format(jnp.clip(finite * encode, -_F4_MAX, _F4_MAX), E2M1, uniform=uniform)
+  return q, decode, global_decode, decode_e
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+  """`lowbias32` (C. Wellons, "hash-prospector"): a bijection of uint32 with near-ideal avalanche."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """U[0, 1) f32 draws for stochastic rounding: 24 random bits from XLA's `RngBitGenerator`, Philox (on a
-  TPU target, the TPU's own generator: Philox's [N, 4] words would take 32x the bytes there).
+  """U[0, 1) f32 draws for stochastic rounding: 24 bits of a counter-based hash of (key, element index).
 
-  Deterministic in `key` (any JAX PRNG key) for a given backend; it compiles much faster than
-  threefry-based `jax.random.uniform` on CPU (one HLO op instead of an unrolled hash).
+  Each element's bits are a function of its own index (one `_mix32` per axis over `iota`s), so the draws
+  are elementwise: they fuse into the quantization that uses them (no buffer of random bits), and XLA's
+  SPMD partitioner shards them like the tensor. `RngBitGenerator` is neither: the partitioner makes every
+  device generate the whole unsharded tensor (a 3-layer Super step on 8 v5p chips made u32[65536, 5376],
+  1.4 GB, on each chip for its 8192 rows), and XLA's Philox expansion is [N, 4] words that a TPU pads to
+  128 lanes. Deterministic in `key` (any JAX PRNG key) and the same on every backend.
   """
   data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-  data = data.reshape(-1).astype(jnp.uint32)
-  seed = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
-  if seed.shape[0] < 4:
-    seed = jnp.pad(seed, (0, 4 - seed.shape[0]))
-  on_tpu = _target.platform() == "tpu"  # the compile target (an abstract mesh's device, else the default)
-  # XLA expands Philox into [N, 4] words, which a TPU pads to 128 lanes (32x the bytes); its own generator
-  # (RNG_DEFAULT) makes the bits in place.
-  algorithm = jax.lax.RandomAlgorithm.RNG_DEFAULT if on_tpu else jax.lax.RandomAlgorithm.RNG_PHILOX
-  _, bits = jax.lax.rng_bit_generator(seed, shape, dtype=jnp.uint32, algorithm=algorithm)
-  return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+  words = jnp.asarray(data).reshape(-1).astype(jnp.uint32)
+  seed = jnp.uint32(0x9E3779B9)
+  for i in range(words.shape[0]):
+    seed = _mix32(seed ^ words[i])
+  h = jnp.broadcast_to(seed, shape)
+  for d, n in enumerate(shape):
+    if n > 1:
+      h = _mix32(h ^ jax.lax.broadcasted_iota(jnp.uint32, shape, d))
+  h = _mix32(h ^ jnp.uint32(0x85EBCA6B))
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "block_2d", "batch_dims"))
@@ -165,10 +176,10 @@ def nvfp4_quantize(x: jax.Array, *, axis: int = -1, block_2d: bool = False, key:
   axis = axis % x.ndim
   if axis < batch_dims and not block_2d:
     raise ValueError(f"block {axis=} must not be one of the {batch_dims=} leading batch axes")
-  q, decode, global_decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims)
-  values = restore_non_finite(x, _unblock(q, x.shape, axis, block_2d), E2M1)
-  scales = decode[..., 0, :, 0] if block_2d else decode[..., 0]
-  return NVFP4Tensor(values, scales, global_decode, axis=axis, block_2d=block_2d)
+  q, decode, global_decode, _ = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key,
+                                                 batch_dims=batch_dims)
+  scales = decode if block_2d else jnp.moveaxis(decode, axis, -1)
+  return NVFP4Tensor(restore_non_finite(x, q, E2M1), scales, global_decode, axis=axis, block_2d=block_2d)
 
 
 def nvfp4_scaled_values(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array | None,
@@ -177,19 +188,17 @@ def nvfp4_scaled_values(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Arr
 
   `global_amax`: see `_quantize_blocks` (per-row tensors of a grouped GEMM)."""
   axis = axis % x.ndim
-  q, decode, global_decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims,
-                                              global_amax=global_amax)
-  return restore_non_finite(x, _unblock(q * decode, x.shape, axis, block_2d), E2M1), global_decode
+  q, _, global_decode, decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims,
+                                                 global_amax=global_amax)
+  return restore_non_finite(x, q * decode, E2M1), global_decode
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def nvfp4_dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
   if t.block_2d:
-    s = jnp.repeat(jnp.repeat(t.block_scales, BLOCK, axis=-2), BLOCK, axis=-1)
-    s = s[..., : t.values.shape[-2], : t.values.shape[-1]]
+    s = _expand(t.block_scales, (t.values.ndim - 2, t.values.ndim - 1), t.values.shape)
   else:
-    s = jnp.repeat(t.block_scales, BLOCK, axis=-1)[..., : t.values.shape[t.axis]]
-    s = jnp.moveaxis(s, -1, t.axis)
+    s = _expand(jnp.moveaxis(t.block_scales, -1, t.axis), (t.axis,), t.values.shape)
   return (t.values * s * t.global_decode).astype(dtype)
 
 
