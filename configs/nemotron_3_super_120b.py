@@ -13,8 +13,8 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
-Memory: 68.1 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
-(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 68.1 GB with:
+Memory: 68.3 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
+(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 68.3 GB with:
 non-expert weights split over the expert axis too and experts split over fsdp on their expert dimension
 (`fsdp_ep` rules; arguments 33.8 -> 23.2 GB, and no transposed copy of the expert weights for their
 all-gather), the routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless
@@ -25,10 +25,8 @@ pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors) and the scanned st
 `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (JAX takes 75% of a GPU by default); on a GPU the allocator's
 fragmentation and NCCL's buffers come on top (not yet measured).
 
-On TPUs this config does not fit yet: compiled for a v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4"), XLA
-counts 101 GB per chip of the 95 (80.3 GB with `quant="none"`): the NVFP4 emulation's 1x16 blocks are
-reshaped to a 16-wide minor axis, which a TPU pads to 128 lanes. Train it there with
-`--config.model_overrides.quant=none` until the quantizer's TPU layout is fixed.
+On a TPU v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4", 95 GB per chip) XLA counts 92.1 GB per chip; add
+`--config.model_overrides.moe_seq_chunks=16` for headroom there (81.9 GB).
 """
 
 import ml_collections

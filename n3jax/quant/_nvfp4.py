@@ -12,11 +12,11 @@ anew in jnp. For a tensor with (finite) amax `A` and a block with amax `a`:
 
 Blocks are 1x16 along the contraction axis (activations, gradients) or 16x16 over the last two axes
 (weights: the same quantized weight then serves the forward and the data-gradient products). A
-ragged last block counts as zero padded (zeros do not change any amax). The blocking never reshapes
-a tensor into [..., n/16, 16]: block amaxes are strided window reductions and block scales are
-repeated back over their elements, so full-size intermediates keep the tensor's own layout (a TPU tiles
-a 16-wide minor axis to 128 lanes). A block whose E4M3 scale underflows to 0 (a block amax far below
-the tensor amax) dequantizes to exact zeros, as do all-zero blocks and all-zero tensors; nothing
+ragged last block counts as zero padded (zeros do not change any amax). The blocking never moves an
+axis: each block axis is split in place for the block amaxes, only the E4M3 block scales are repeated
+back over the elements (1 byte each), and the values are computed in the tensor's own layout (moving
+the block axis last made a transposed copy). A block whose E4M3 scale underflows to 0 (a block amax
+far below the tensor amax) dequantizes to exact zeros, as do all-zero blocks and all-zero tensors; nothing
 produces NaN except NaN/Inf inputs, which stay NaN in their own element (E2M1 has neither NaN nor
 Inf; scales ignore non-finite elements).
 """
@@ -62,12 +62,14 @@ def _block_max(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """max of non-negative `a` over blocks of 16 along `axes` (a ragged last block is zero padded):
   `a`'s shape with each of `axes` divided by 16, rounded up.
 
-  A strided window reduction in `a`'s own layout: reshaping the axis into `[n/16, 16]` makes 16 the minor
-  axis when the blocks run along the last one (activations, weights), which a TPU lays out in 128-lane
-  tiles (8x the bytes) wherever XLA materializes it."""
-  window = tuple(BLOCK if d in axes else 1 for d in range(a.ndim))
-  padding = tuple((0, -a.shape[d] % BLOCK) if d in axes else (0, 0) for d in range(a.ndim))
-  return jax.lax.reduce_window(a, jnp.zeros((), a.dtype), jax.lax.max, window, window, padding)
+  Each block axis is split in place (`[..., n/16, 16, ...]`, the axes after it stay where they are). XLA's
+  GPU compiler gives the Super step 0.9 GB less with this than with a strided `reduce_window` (69.1 vs
+  68.3 GB per H100); on a v5p slice the two are within 0.2 GB (`n3jax.aot`)."""
+  for d in sorted(axes, reverse=True):
+    if extra := -a.shape[d] % BLOCK:
+      a = jnp.pad(a, [(0, extra if k == d else 0) for k in range(a.ndim)])
+    a = a.reshape(*a.shape[:d], a.shape[d] // BLOCK, BLOCK, *a.shape[d + 1:]).max(axis=d + 1)
+  return a
 
 
 def _expand(b: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
