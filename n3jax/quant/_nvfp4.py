@@ -115,7 +115,7 @@ def _quantize_blocks(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Array 
     global_encode = global_encode_from_amax(global_amax)
     global_decode = 1.0 / global_encode
     # Constant within a block: its first element stands for it (a ragged last block starts with a real one).
-    ge = global_encode
+    ge = jnp.reshape(global_encode, (1,) * (x.ndim - global_encode.ndim) + global_encode.shape)
     for d in axes:
       if jnp.shape(ge)[d] != 1:
         ge = jax.lax.slice_in_dim(ge, 0, None, stride=BLOCK, axis=d)
