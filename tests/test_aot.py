@@ -251,6 +251,18 @@ def test_gmm_tiles_fit_h100_shared_memory(tiles):
   assert hlo.count("__gpu$xla.gpu.triton") == 3
 
 
+def _release_config(name: str):
+  """`configs/<name>.py`'s `get_config()` (the configs folder is not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 @needs_plugin
 @pytest.mark.slow
 @pytest.mark.parametrize("name,devices", [("nemotron_3_nano_30b", 64), ("nemotron_h_8b", 64), ("gpu_1b_moe", 1),
@@ -259,15 +271,9 @@ def test_shipped_training_configs_fit_h100s(name, devices):
   """The release configs' training step compiled for H100s (8 per host) fits in 80 GB per GPU by XLA's
   count, and `gpu_1b_moe` in the 75% of one H100 that XLA takes by default. (Super: 68.3 GB, see
   configs/nemotron_3_super_120b.py.)"""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
   from n3jax import trainer  # pylint: disable=g-import-not-at-top
 
-  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  compiled = trainer.compile_train_step(module.get_config(), aot.devices("h100", devices, hosts=max(1, devices // 8)),
+  compiled = trainer.compile_train_step(_release_config(name), aot.devices("h100", devices, hosts=max(1, devices // 8)),
                                         aot.compiler_options("h100"))
   peak = aot.memory(compiled).peak_gb
   print(f"{name} on {devices} x H100: {aot.memory(compiled).report()}")
@@ -407,15 +413,9 @@ def test_plan_cli_refuses_an_unknown_target(run_cli, capsys):
 def test_shipped_training_configs_fit_a_v5p_64_slice(name):
   """The release configs' training step compiled for a v5p-64 slice (64 chips, 95 GB of HBM each) fits by XLA's
   count (about 10 minutes each on 2 cores; figures in the README)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
   from n3jax import trainer  # pylint: disable=g-import-not-at-top
 
-  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  compiled = trainer.compile_train_step(module.get_config(), aot.devices("tpu:v5p:4x4x4", 64),
+  compiled = trainer.compile_train_step(_release_config(name), aot.devices("tpu:v5p:4x4x4", 64),
                                         aot.compiler_options("tpu:v5p:4x4x4"))
   print(f"{name} on a v5p-64 slice: {aot.memory(compiled).report()}")
   assert aot.memory(compiled).peak_gb < 95.0
