@@ -114,7 +114,7 @@ class MTPModule(nn.Module):
                cache_index: jax.Array | None = None, cache_segment_ids: jax.Array | None = None) -> tuple:
     """-> (h^k, expert counts [E] of each MoE layer of the module, in order).
 
-    Generation (speculative drafting): `caches` holds the KV cache {"k", "v": [B, S, K, H]} of each
+    Generation (speculative drafting): `caches` holds the KV cache {"k", "v": [B, K, S, H]} of each
     attention layer of the module, in order, written at slot `cache_index` (see `Attention`); the updated
     caches then come as a third output.
     """
@@ -429,7 +429,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
       mamba/conv_x      [Lm, B, W-1, M, P]   last W-1 conv inputs of x, B, C (compute dtype)
       mamba/conv_B, conv_C [Lm, B, W-1, J, Q]
       mamba/ssm         [Lm, B, M, P, Q]     SSM state (`mamba_ssm_cache_dtype`, f32)
-      attention/k, v    [La, B, S, K, H]     keys and values of every filled slot (compute dtype)
+      attention/k, v    [La, B, K, S, H]     keys and values of every filled slot (compute dtype)
       segment_ids       [B, S] int32         per slot: PAD_SEGMENT, SEQUENCE_SEGMENT or EMPTY_SEGMENT
       index             [] int32             slots filled so far (all rows share it: prompts are left-aligned)
 
@@ -446,13 +446,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
                       "conv_C": jnp.zeros((n, batch, w - 1, j, q), dtype),
                       "ssm": jnp.zeros((n, batch, m, p, q), _common.dtype_of(cfg.mamba_ssm_cache_dtype))}
   if n := cfg.count(Block.ATTENTION):
-    kv = (n, batch, s, cfg.num_key_value_heads, cfg.head_dim)
+    kv = (n, batch, cfg.num_key_value_heads, s, cfg.head_dim)
     cache["attention"] = {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)}
   return cache
 
 
-# Keys / values [L, B, S, K, H]: rows over the batch axes, KV heads as the layout splits them.
-_KV_AXES = jax.sharding.PartitionSpec(shd.LAYERS, shd.ACT_BATCH, None, shd.KV_HEADS, shd.HEAD_DIM)
+# Keys / values [L, B, K, S, H]: rows over the batch axes, KV heads as the layout splits them.
+_KV_AXES = jax.sharding.PartitionSpec(shd.LAYERS, shd.ACT_BATCH, shd.KV_HEADS, None, shd.HEAD_DIM)
 
 
 def cache_logical_axes(cfg: ModelConfig) -> Params:
@@ -494,7 +494,23 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": layers}
 
 
-def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments):
+def _layer_cache(caches: Params, name: str, take, continues: jax.Array) -> Params | None:
+  """One layer's entry of the stacked caches (`take` picks it from a stack), or None for MLP / MoE layers.
+
+  A Mamba layer's state is zeroed here, on the layer's own slice, for rows whose new tokens start a new
+  document (the reset of `ssd_reference`). Resetting the whole stack up front instead makes XLA write a
+  fresh copy of it, so the per-layer updates can no longer go in place into the donated cache: two extra
+  passes over every Mamba state per decoding step (twice the state traffic of the step at batch 64).
+  """
+  if name not in caches:
+    return None
+  c = jax.tree.map(take, caches[name])
+  if name == kind_name(Block.MAMBA):
+    c = jax.tree.map(lambda a: jnp.where(continues.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a)), c)
+  return c
+
+
+def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments, continues):
   caches = dict(caches)
   for kind, idx in layer_slots(cfg):
     name = kind_name(kind)
@@ -502,14 +518,14 @@ def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, 
       p = layers[name][idx]
     else:
       p = jax.tree.map(lambda a, idx=idx: a[idx], layers[name])
-    c = jax.tree.map(lambda a, idx=idx: a[idx], caches[name]) if name in caches else None
+    c = _layer_cache(caches, name, lambda a, idx=idx: a[idx], continues)
     h, c = _cached_layer(cfg, kind, p, c, h, segment_ids, index, slot_segments)
     if c is not None:
       caches[name] = jax.tree.map(lambda a, v, idx=idx: a.at[idx].set(v), caches[name], c)
   return h, caches
 
 
-def _stack_cached_scanned(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments):
+def _stack_cached_scanned(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments, continues):
   kinds = _kinds(cfg)
   slots = layer_slots(cfg)
   branch_of = jnp.asarray([kinds.index(k) for k, _ in slots], jnp.int32)
@@ -520,7 +536,7 @@ def _stack_cached_scanned(cfg, layers: Params, caches: Params, h, segment_ids, i
     name = kind_name(kind)
     def branch(carry, i):
       h, caches = carry
-      c = take(caches[name], i) if name in caches else None
+      c = _layer_cache(caches, name, lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), continues)
       h, c = _cached_layer(cfg, kind, take(layers[name], i), c, h, segment_ids, index, slot_segments)
       if c is not None:
         caches = {**caches, name: jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0),
@@ -565,11 +581,7 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
   index = cache["index"]
   last = jax.lax.dynamic_index_in_dim(cache["segment_ids"], jnp.maximum(index - 1, 0), axis=1, keepdims=False)
   continues = (index > 0) & (last == segment_ids[:, 0])                      # [B]
-  caches = {k: cache[k] for k in ("mamba", "attention") if k in cache}
-  if "mamba" in caches:  # a new document starts from the zero state (the reset of `ssd_reference`)
-    caches["mamba"] = jax.tree.map(
-        lambda a: jnp.where(continues.reshape((1, bsz) + (1,) * (a.ndim - 2)), a, jnp.zeros_like(a)),
-        caches["mamba"])
+  caches = {k: cache[k] for k in ("mamba", "attention") if k in cache}  # Mamba states reset per layer
   slot_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)  # [B, S]
 
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
@@ -578,7 +590,7 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
   if unstacked and cfg.scan_layers:
     raise ValueError("params from `unstack_layers` need scan_layers=False")
   stack = _stack_cached_scanned if cfg.scan_layers else _stack_cached_unrolled
-  h, caches = stack(cfg, params["layers"], caches, h, segment_ids, index, slot_segments)
+  h, caches = stack(cfg, params["layers"], caches, h, segment_ids, index, slot_segments, continues)
   if not all_logits:
     h = h[:, -1:]
   head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
@@ -591,12 +603,12 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
 
 def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
   """Empty KV caches of the MTP modules' attention layers (speculative decoding), slot for slot beside
-  `init_cache`'s: {"<module>": {"k", "v": [La_mtp, B, S, K, H]}}, one entry per physical MTP module and
+  `init_cache`'s: {"<module>": {"k", "v": [La_mtp, B, K, S, H]}}, one entry per physical MTP module and
   La_mtp = attention layers in `mtp_blocks`. Slot i holds the module's keys and values at position i."""
   if not cfg.num_nextn_predict_layers:
     raise ValueError("the model has no MTP modules (num_nextn_predict_layers=0)")
   n = sum(k == Block.ATTENTION for k in cfg.mtp_blocks)
-  kv = (n, batch, cache_length(max_len), cfg.num_key_value_heads, cfg.head_dim)
+  kv = (n, batch, cfg.num_key_value_heads, cache_length(max_len), cfg.head_dim)
   dtype = _common.dtype_of(cfg.dtype)
   return {str(m): {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)}
           for m in range(cfg.num_nextn_predict_layers)}

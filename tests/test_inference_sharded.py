@@ -66,7 +66,7 @@ def test_cache_keeps_its_shardings(setup):
   batch = ("data", "fsdp", "expert")
   assert cache["mamba"]["ssm"].sharding.spec == P(None, batch, "tensor", None, None)
   assert cache["mamba"]["conv_B"].sharding.spec == P(None, batch, None, "tensor", None)
-  assert cache["attention"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert cache["attention"]["k"].sharding.spec == P(None, batch, "tensor", None, None)
   assert cache["segment_ids"].sharding.spec == P(batch, None)
   assert int(cache["index"]) == 10
   assert steps._decode_sample._cache_size() == 1  # still the one compiled decode step

@@ -149,8 +149,8 @@ def test_rollback_leaves_the_caches_of_plain_decoding(param_sets):
       for name in ("conv_x", "conv_B", "conv_C", "ssm"):
         np.testing.assert_allclose(spec["mamba"][name], cache["mamba"][name], atol=2e-5, rtol=1e-4, err_msg=name)
       for name in ("k", "v"):
-        np.testing.assert_allclose(spec["attention"][name][:, :, :n], cache["attention"][name][:, :, :n], atol=2e-5,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(spec["attention"][name][:, :, :, :n], cache["attention"][name][:, :, :, :n],
+                                   atol=2e-5, rtol=1e-4)
   assert {0, k} <= seen_accepted and seen_accepted & {1, 2}, seen_accepted  # none, partial and full acceptance
 
 
@@ -233,8 +233,8 @@ def test_mesh_round_state_keeps_its_shardings(param_sets):
   for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
     assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
   batch = ("data", "fsdp", "expert")
-  assert state["mtp"]["0"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
-  assert state["cache"]["attention"]["k"].sharding.spec == P(None, batch, None, "tensor", None)
+  assert state["mtp"]["0"]["k"].sharding.spec == P(None, batch, "tensor", None, None)
+  assert state["cache"]["attention"]["k"].sharding.spec == P(None, batch, "tensor", None, None)
   assert toks.sharding.spec == P(batch, None) and kept.sharding.spec == P(batch)
 
 

@@ -209,10 +209,10 @@ def _catch_up(cfg, params, mtp, next_tokens, hidden, segment_ids, *, index, slot
 
 
 def _shift_window(a: jax.Array, index: jax.Array, src: jax.Array) -> jax.Array:
-  """KV [L, B, S, K, H]: slot index + j of row b takes slot index + src[b, j] (src [B, T])."""
-  win = jax.lax.dynamic_slice_in_dim(a, index, src.shape[1], axis=2)
-  win = jnp.take_along_axis(win, src[None, :, :, None, None], axis=2)
-  return jax.lax.dynamic_update_slice_in_dim(a, win, index, axis=2)
+  """KV [L, B, K, S, H]: slot index + j of row b takes slot index + src[b, j] (src [B, T])."""
+  win = jax.lax.dynamic_slice_in_dim(a, index, src.shape[1], axis=3)
+  win = jnp.take_along_axis(win, src[None, :, None, :, None], axis=3)
+  return jax.lax.dynamic_update_slice_in_dim(a, win, index, axis=3)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,11 @@ Generation (`kv_cache`): K and V of every token are written into a fixed-size ca
 `cache_index + t`, and the queries attend over the filled slots with the same rule (earlier slot, same
 segment id), block by block with an online softmax (`cached_attention`), so that memory stays
 O(T * block) and the unfilled tail of the cache is never read. NoPE means nothing in the cache depends
-on positions: a left-padded batch shares one write index.
+on positions: a left-padded batch shares one write index. The cache keeps each kv head's slots together,
+[B, K, S, H]: both products of a decoding step are then batched over (B, K) as the cache lies in memory. In
+slot-major order ([B, S, K, H]) XLA's GPU compile transposed a copy of every layer's cache for the products on
+every step, and copied the stacks whole (at batch 64 and 8k slots: over 100 GB of traffic per step, against
+9 GB of keys and values to read).
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_seg
                      kv_segments: jax.Array, q_start: jax.Array, *, block: int) -> jax.Array:
   """Queries at slots `q_start + t` over a cache, reading only the key blocks up to the last query.
 
-  q [B,T,N,H]; k/v_cache [B,S,K,H] with S % block == 0; q_segments [B,T]; kv_segments [B,S] (slots not
+  q [B,T,N,H]; k/v_cache [B,K,S,H] with S % block == 0; q_segments [B,T]; kv_segments [B,S] (slots not
   yet written hold an id no query has); q_start: int32 scalar. Slot s is visible to query t iff
   s <= q_start + t and kv_segments[s] == q_segments[t]; every query sees at least its own slot.
   Online softmax over key blocks in f32 (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022).
   """
   b, t, n, h = q.shape
-  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  kvh, s = k_cache.shape[1], k_cache.shape[2]
   if s % block:
     raise ValueError(f"cache length {s=} must be a multiple of the attention {block=}")
   qg = q.reshape(b, t, kvh, n // kvh, h)                                  # [B, T, K, G, H]
@@ -60,18 +64,18 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_seg
   def body(i, carry):
     m, l, acc = carry                                                     # [B,K,G,T], [B,K,G,T], [B,K,G,T,H]
     start = i * block
-    k = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)        # [B, S', K, H] (S' = block)
-    v = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
+    k = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2)        # [B, K, S', H] (S' = block)
+    v = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2)
     seg = jax.lax.dynamic_slice_in_dim(kv_segments, start, block, axis=1)  # [B, S']
     kv_pos = start + jnp.arange(block, dtype=jnp.int32)
     visible = (kv_pos[None, :] <= q_pos[:, None])[None] & (seg[:, None, :] == q_segments[:, :, None])  # [B,T,S']
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
     visible = visible[:, None, None]                                      # [B, 1, 1, T, S']
     m_new = jnp.maximum(m, jnp.max(jnp.where(visible, logits, _NEG), axis=-1))
     p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)       # [B, K, G, T, S'] f32
     correction = jnp.exp(m - m_new)                                       # 1 while nothing is visible
     l = l * correction + p.sum(-1)
-    acc = acc * correction[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v,
+    acc = acc * correction[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v,
                                                    preferred_element_type=jnp.float32)
     return m_new, l, acc
 
@@ -89,7 +93,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_seg
 class Attention(nn.Module):
   """`__call__(x, segment_ids)` -> out [B,T,D]; with `kv_cache` -> (out, updated kv_cache).
 
-  kv_cache: {"k", "v": [B, S, K, H]}; cache_index: int32 scalar, the slot of x[:, 0];
+  kv_cache: {"k", "v": [B, K, S, H]}; cache_index: int32 scalar, the slot of x[:, 0];
   cache_segment_ids: [B, S] segment id of every slot, x's slots already included.
   """
   cfg: ModelConfig
@@ -124,10 +128,10 @@ class Attention(nn.Module):
     else:
       if cache_index is None or cache_segment_ids is None:
         raise ValueError("attention with a kv_cache needs cache_index and cache_segment_ids")
-      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(kv_cache[name], val.astype(kv_cache[name].dtype),
-                                                             cache_index, axis=1)
-                    for name, val in (("k", k), ("v", v))}                     # [B, S, K, H]
-      slots = new_cache["k"].shape[1]
+      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
+                       kv_cache[name], jnp.einsum("BTKH->BKTH", val).astype(kv_cache[name].dtype), cache_index, axis=2)
+                   for name, val in (("k", k), ("v", v))}                     # [B, K, S, H]
+      slots = new_cache["k"].shape[2]
       block = slots if x.shape[1] == 1 else min(self.kv_block, slots)  # decoding: one pass over the cache
       o = cached_attention(q.astype(new_cache["k"].dtype), new_cache["k"], new_cache["v"], segment_ids,
                            cache_segment_ids, cache_index, block=block).astype(dtype)  # [B, T, N, H]

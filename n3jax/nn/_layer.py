@@ -14,7 +14,7 @@ class Layer(nn.Module):
   """Returns (h_out, aux): aux["expert_counts"] [E] for MoE layers, aux["state"] for Mamba layers.
 
   Generation: `state` is the layer's cache, the Mamba state (see `Mamba2Mixer`) or, for attention, the
-  KV cache {"k", "v": [B, S, K, H]} written at slot `cache_index` with slot segments `cache_segment_ids`
+  KV cache {"k", "v": [B, K, S, H]} written at slot `cache_index` with slot segments `cache_segment_ids`
   (see `Attention`); aux["state"] is the updated cache. MLP and MoE layers have no cache.
   """
   cfg: ModelConfig
