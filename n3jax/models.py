@@ -36,7 +36,8 @@ from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
 __all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
-           "cache_logical_axes", "cache_length", "unstack_layers", "init_mtp_cache", "mtp_apply_cached"]
+           "cache_logical_axes", "cache_length", "unstack_layers", "unstack_cache", "init_mtp_cache",
+           "mtp_apply_cached"]
 
 Params = dict[str, Any]
 
@@ -434,7 +435,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
       index             [] int32             slots filled so far (all rows share it: prompts are left-aligned)
 
   Lm / La: Mamba / attention layers in pattern order (entry i of a stack is the i-th layer of that kind,
-  as in `params["layers"]`); S = `cache_length(max_len)`. MLP and MoE layers keep nothing.
+  as in `params["layers"]`); S = `cache_length(max_len)`. MLP and MoE layers keep nothing. For decoding
+  with unrolled layers, `unstack_cache` gives each layer's entries buffers of their own.
   """
   dtype = _common.dtype_of(cfg.dtype)
   w, m, p, j, q = cfg.conv_kernel, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
@@ -483,19 +485,35 @@ def _cached_layer(cfg, kind: Block, p: Params, c: Params | None, h, segment_ids,
   return h, {k: new[k].astype(c[k].dtype) for k in c}
 
 
+def _unstack(stack: Params) -> list[Params]:
+  return [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(len(jax.tree.leaves(stack)[0]))]
+
+
 def unstack_layers(params: Params) -> Params:
   """The same params with each kind's stack split into a list of per-layer trees (a copy of the layers).
 
   `apply_cached` takes either layout when layers are unrolled; the split one hands each layer's weights
   to the compiled step as buffers of their own, so no slice of a stack is materialised per token.
   """
-  layers = {name: [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(len(jax.tree.leaves(stack)[0]))]
-            for name, stack in params["layers"].items()}
-  return {**params, "layers": layers}
+  return {**params, "layers": {name: _unstack(stack) for name, stack in params["layers"].items()}}
+
+
+def unstack_cache(cache: Params) -> Params:
+  """`init_cache`'s pytree with the Mamba and attention stacks split into lists of per-layer trees.
+
+  For decoding with unrolled layers (`scan_layers=False`; `n3jax.inference.prefill` makes its caches so).
+  Each layer's state and keys / values are then buffers of their own, donated to the step and updated
+  where they lie. In a stack they are not: in XLA's H100 compile of the Nemotron-3-Nano-4B decoding step, each
+  attention layer's keys and values were copied out of the stack, written, attended over and copied back
+  (four passes over the KV cache per token instead of one), and likewise each Mamba state (see
+  `ssd_decode_step_reference`). Apply it inside `jax.jit` (as `init_cache` is): outside, it copies.
+  """
+  return {k: _unstack(v) if k in ("mamba", "attention") else v for k, v in cache.items()}
 
 
 def _layer_cache(caches: Params, name: str, take, continues: jax.Array) -> Params | None:
-  """One layer's entry of the stacked caches (`take` picks it from a stack), or None for MLP / MoE layers.
+  """One layer's entry of the caches (`take` picks it from a stack; a list from `unstack_cache` is indexed
+  instead), or None for MLP / MoE layers.
 
   A Mamba layer's state is zeroed here, on the layer's own slice, for rows whose new tokens start a new
   document (the reset of `ssd_reference`). Resetting the whole stack up front instead makes XLA write a
@@ -504,7 +522,7 @@ def _layer_cache(caches: Params, name: str, take, continues: jax.Array) -> Param
   """
   if name not in caches:
     return None
-  c = jax.tree.map(take, caches[name])
+  c = take(caches[name]) if isinstance(caches[name], list) else jax.tree.map(take, caches[name])
   if name == kind_name(Block.MAMBA):
     c = jax.tree.map(lambda a: jnp.where(continues.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a)), c)
   return c
@@ -520,7 +538,11 @@ def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, 
       p = jax.tree.map(lambda a, idx=idx: a[idx], layers[name])
     c = _layer_cache(caches, name, lambda a, idx=idx: a[idx], continues)
     h, c = _cached_layer(cfg, kind, p, c, h, segment_ids, index, slot_segments)
-    if c is not None:
+    if c is None:
+      continue
+    if isinstance(caches[name], list):  # `unstack_cache`
+      caches[name] = [*caches[name][:idx], c, *caches[name][idx + 1:]]
+    else:
       caches[name] = jax.tree.map(lambda a, v, idx=idx: a.at[idx].set(v), caches[name], c)
   return h, caches
 
@@ -589,6 +611,8 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
   unstacked = any(isinstance(v, list) for v in params["layers"].values())
   if unstacked and cfg.scan_layers:
     raise ValueError("params from `unstack_layers` need scan_layers=False")
+  if cfg.scan_layers and any(isinstance(v, list) for v in caches.values()):
+    raise ValueError("a cache from `unstack_cache` needs scan_layers=False")
   stack = _stack_cached_scanned if cfg.scan_layers else _stack_cached_unrolled
   h, caches = stack(cfg, params["layers"], caches, h, segment_ids, index, slot_segments, continues)
   if not all_logits:

@@ -298,6 +298,43 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
       "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
 
 
+def _compile_decode_step(target: str, per_layer: bool):
+  """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096),
+  batch 8, 4096 slots, bf16, per-layer weights -> (compiled, cache bytes, one Mamba layer's state bytes)."""
+  from n3jax import models  # pylint: disable=g-import-not-at-top
+  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
+  from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
+
+  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
+                                              param_dtype="bfloat16", scan_layers=False)
+  batch, max_len = 8, 4096
+  mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
+  params = abstract(lambda: models.unstack_layers(models.init(cfg, jax.random.key(0))))
+  cache = abstract(lambda: (models.unstack_cache if per_layer else (lambda c: c))(models.init_cache(cfg, batch, max_len)))
+  state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
+  tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
+  compiled = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens,
+                                         sampling=_sampling.SamplingParams()).lower().compile(aot.compiler_options(target))
+  nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  ssm = cache["mamba"][0]["ssm"] if per_layer else cache["mamba"]["ssm"]
+  return compiled, nbytes(cache), nbytes(ssm) // (1 if per_layer else ssm.shape[0])
+
+
+@needs_plugin
+def test_decode_step_updates_per_layer_caches_in_place_on_h100():
+  """The decoding step with one cache buffer per layer (`models.unstack_cache`, what `inference.prefill`
+  makes) writes every state and KV slot where it lies: its temporaries are smaller than one Mamba layer's
+  state. With the stacked cache XLA copies layers out of the stacks and back (checked too: far larger)."""
+  compiled, cache_bytes, ssm_bytes = _compile_decode_step("h100", per_layer=True)
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  print(f"cache {cache_bytes / 1e6:.0f} MB, one Mamba state {ssm_bytes / 1e6:.1f} MB: {aot.memory(compiled).report()}")
+  assert temp < ssm_bytes
+  stacked, _, _ = _compile_decode_step("h100", per_layer=False)
+  assert stacked.memory_analysis().temp_size_in_bytes > 4 * ssm_bytes
+
+
 _PLAN_ARGS = ("--preset=tiny-moe", "--mesh=data=1", "--seq=64", "--batch=2", "--compile_for=h100")
 
 

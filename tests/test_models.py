@@ -75,6 +75,27 @@ def test_moe_seq_chunks_must_divide_the_sequence_but_decoding_runs_whole():
   assert logits.shape == (1, cfg.vocab_size)
 
 
+def test_per_layer_caches_give_the_stacked_caches_numbers():
+  """`unstack_cache` (one buffer per layer, what `inference.prefill` decodes with) against the stacked cache:
+  a prefill chunk, then a step that starts a new document in row 0 (its Mamba state restarts from zero)."""
+  cfg, params = PRESETS["tiny-dense"], _params("tiny-dense")
+  step = jax.jit(functools.partial(models.apply_cached, cfg))
+  tokens, segments = _tokens(cfg, seq=5), jnp.ones((2, 5), jnp.int32)
+  stacked = per_layer = models.init_cache(cfg, 2, 32)
+  per_layer = jax.jit(models.unstack_cache)(per_layer)
+  assert len(per_layer["mamba"]) == cfg.count(n3jax.Block.MAMBA) and set(per_layer["attention"][0]) == {"k", "v"}
+  for tok, seg in ((tokens, segments), (tokens[:, :1], jnp.asarray([[2], [1]], jnp.int32))):
+    want, stacked = step(params, tok, stacked, segment_ids=seg)
+    got, per_layer = step(params, tok, per_layer, segment_ids=seg)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  for name in ("mamba", "attention"):
+    for i, layer in enumerate(per_layer[name]):
+      for key, a in layer.items():
+        np.testing.assert_allclose(a, stacked[name][key][i], atol=1e-6, rtol=0, err_msg=f"{name} {i} {key}")
+  with pytest.raises(ValueError, match="unstack_cache.*scan_layers=False"):
+    models.apply_cached(cfg.replace(scan_layers=True), params, tokens, per_layer)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_every_param_gets_a_gradient_except_the_selection_bias(name):
   cfg, params = PRESETS[name], _params(name)

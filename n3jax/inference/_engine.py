@@ -88,7 +88,12 @@ def cache_room(cache: Params) -> tuple[int, int]:
   return int(cache["index"]), cache["segment_ids"].shape[1]
 
 
-_empty_cache = jax.jit(models.init_cache, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
+  """`models.init_cache`; with unrolled layers, one buffer per layer (`models.unstack_cache`) so that the
+  decoding step updates each layer's state and KV cache in place."""
+  cache = models.init_cache(cfg, batch, max_len)
+  return cache if cfg.scan_layers else models.unstack_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
