@@ -117,7 +117,7 @@ def test_chunked_prefill_and_scanned_stack_match_full_forward(ckpts):
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_matches_transformers_generate(ckpts, kind):
   model, _, cfg, params = ckpts[kind]
-  if kind == "latent":  # per-layer weights (what the benchmark feeds the compiled step) give the same tokens
+  if kind == "latent":  # per-layer weights given (the other kinds: stacked, split by the generator)
     params = models.unstack_layers(params)
   new = 6
   ours = inference.generate_tokens(cfg, params, PROMPTS, max_new_tokens=new, max_len=MAX_LEN)  # one batch
@@ -127,6 +127,21 @@ def test_greedy_matches_transformers_generate(ckpts, kind):
                             max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert c.token_ids == want[0, len(p):].tolist(), f"prompt {p}"
     assert c.finish_reason == "length"
+
+
+def test_the_generator_decodes_from_per_layer_weights(ckpts):
+  """Stacked weights are split once per call for the unrolled decoding step; per-layer weights and
+  configs that scan their layers go through as they are."""
+  from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
+
+  _, _, cfg, params = ckpts["moe"]
+  split = _engine.per_layer_params(cfg, params)
+  assert all(isinstance(v, list) for v in split["layers"].values())
+  for name, stack in params["layers"].items():
+    for i, layer in enumerate(split["layers"][name]):
+      jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]), layer, stack)
+  assert _engine.per_layer_params(cfg, split) is split
+  assert _engine.per_layer_params(cfg.replace(scan_layers=True), params) is params
 
 
 # --- Sampling ---------------------------------------------------------------------------------------

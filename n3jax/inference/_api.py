@@ -15,7 +15,10 @@ import json
 import os
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
+
 from n3jax import checkpointing
+from n3jax import models
 from n3jax import sharding
 from n3jax.configs import ModelConfig
 from n3jax.inference import _engine, _generate, _speculative, chat
@@ -114,8 +117,12 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     texts = [c[-1]["content"] for c in convs]
   prompts = [chat.encode(tok, t) for t in texts]
   if isinstance(model, (str, os.PathLike)):  # on a mesh: each process reads its shards only
-    shardings = sharding.param_shardings(cfg, mesh, layout) if sharded else None
-    params = checkpointing.load_params(ckpt_dir, shardings=shardings)
+    if sharded:
+      params = checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout))
+    elif cfg.scan_layers:
+      params = checkpointing.load_params(ckpt_dir)
+    else:  # per-layer weights for the decoding step (`_engine.per_layer_params`), split on the host
+      params = jax.device_put(models.unstack_layers(checkpointing.load_params(ckpt_dir, as_numpy=True)))
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
                 stop_strings=tuple(stop), decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))
