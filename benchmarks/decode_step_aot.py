@@ -1,0 +1,84 @@
+"""The decoding step as XLA compiles it for a chip this host may lack (`n3jax.aot`): memory and kernels.
+
+  JAX_PLATFORMS=cpu python benchmarks/decode_step_aot.py                        # H100, Nano-4B, the 4 layouts
+  JAX_PLATFORMS=cpu python benchmarks/decode_step_aot.py --target=tpu:v5e:1x1 --batches=64 --prompts=1024
+
+Compiles `inference.decode_sample` (one token per row, sampling included) at the Nemotron-3-Nano-4B shape of
+`benchmarks/generate.py` (bf16 weights, random init never materialised: abstract inputs) for each batch and
+prompt length, with the weights and the caches stacked per layer kind or split per layer
+(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis
+(temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
+and the number of kernels (fusions, custom calls and copies) the step launches. No speed: that needs the chip
+(`benchmarks/generate.py`). Needs the CUDA PJRT plugin (`n3jax[aot-gpu]`) or libtpu (`n3jax[aot-tpu]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no accelerator needed
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+_TARGET = flags.DEFINE_string("target", "h100", "n3jax.aot target: h100 or tpu:<topology>.")
+_PRESET = flags.DEFINE_string("preset", "nemotron-3-nano-4b", "Key of n3jax.configs.PRESETS.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
+_PROMPTS = flags.DEFINE_list("prompts", ["1024", "8192"], "Prompt lengths (the cache holds prompt + 264 tokens).")
+_LAYOUTS = flags.DEFINE_list("layouts", ["per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
+                             "weights:caches pairs, each per_layer or stacked.")
+
+
+def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weights: bool, per_layer_cache: bool):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from n3jax import aot, models  # pylint: disable=g-import-not-at-top
+  from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
+  keep = lambda tree: tree
+  params = abstract(lambda: (models.unstack_layers if per_layer_weights else keep)(models.init(cfg, jax.random.key(0))))
+  cache = abstract(lambda: (models.unstack_cache if per_layer_cache else keep)(models.init_cache(cfg, batch, max_len)))
+  state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
+  tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
+  lowered = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens,
+                                        sampling=_sampling.SamplingParams()).lower()
+  compiled = lowered.compile(aot.compiler_options(target))
+  nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  return compiled, nbytes(params), nbytes(cache)
+
+
+def kernels(compiled) -> int:
+  """Kernels the step launches: fusions, custom calls (library GEMMs, Pallas kernels) and copies of ENTRY."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}\n")]
+  return len(re.findall(r"= [^=]*? (?:fusion|custom-call|copy|copy-start|fusion-start)\(", entry))
+
+
+def main(argv):
+  del argv  # Unused.
+  from n3jax import aot  # pylint: disable=g-import-not-at-top
+  from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
+
+  cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+  for prompt in map(int, _PROMPTS.value):
+    for batch in map(int, _BATCHES.value):
+      for layout in _LAYOUTS.value:
+        weights, caches = layout.split(":")
+        compiled, weight_bytes, cache_bytes = compile_step(
+            cfg, _TARGET.value, batch, prompt + 264, per_layer_weights=weights == "per_layer",
+            per_layer_cache=caches == "per_layer")
+        m = aot.memory(compiled)
+        print(json.dumps(dict(target=_TARGET.value, preset=_PRESET.value, batch=batch, prompt=prompt, weights=weights,
+                              caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
+                              temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled))),
+              flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
