@@ -168,8 +168,9 @@ def logical_to_mesh(logical_axes: Any, rules_name: str, *, shapes: Any = None,
   return jax.tree.map(resolve, logical_axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
-  """`NamedSharding` per parameter of `cfg`'s model under a layout, checked for divisibility."""
+def param_shardings(cfg, mesh: Mesh, rules_name: str, *, per_layer: bool = False) -> Any:
+  """`NamedSharding` per parameter of `cfg`'s model under a layout, checked for divisibility.
+  per_layer: of `models.unstack_layers(params)` instead (each layer sharded like its slice of the stack)."""
   from n3jax import models  # sharding sits below the model in the house plan; this is a lazy helper
   logical = models.logical_axes(cfg)
   shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
@@ -185,8 +186,18 @@ def param_shardings(cfg, mesh: Mesh, rules_name: str) -> Any:
                          f"{dict(mesh.shape)} under layout {rules_name!r}: {dim} % {size} != 0")
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(check, specs, shapes,
-                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  out = jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return {**out, "layers": _per_layer(out["layers"], shapes["layers"])} if per_layer else out
+
+
+def _per_layer(stacks: dict, shapes: dict) -> dict:
+  """{name: shardings of a stack} -> {name: [shardings of each layer]} (the unsharded layer axis dropped)."""
+  def drop(s: NamedSharding) -> NamedSharding:
+    if s.spec and s.spec[0] is not None:
+      raise ValueError(f"the layer axis of a stack is split ({s.spec}); per-layer arrays need it whole")
+    return NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+  return {name: [jax.tree.map(drop, stack)] * jax.tree.leaves(shapes[name])[0].shape[0]
+          for name, stack in stacks.items()}
 
 
 def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules_name: str) -> Any:
@@ -202,11 +213,13 @@ def named_sharding(mesh: Mesh, rules_name: str, axes: tuple[str | None, ...]) ->
   return NamedSharding(mesh, logical_to_mesh(PartitionSpec(*axes), rules_name))
 
 
-def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: int, mtp: bool = False) -> Any:
+def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: int, mtp: bool = False,
+                    per_layer: bool = False) -> Any:
   """`NamedSharding` per leaf of `models.init_cache(cfg, batch, max_len)` under a layout
   (`models.cache_logical_axes`), checked for divisibility: the rows over the batch axes, Mamba heads and
   groups and KV heads over the tensor axis where the layout splits them. mtp=True: the same for the MTP
-  modules' KV caches (`models.init_mtp_cache`, `models.mtp_cache_logical_axes`; speculative decoding)."""
+  modules' KV caches (`models.init_mtp_cache`, `models.mtp_cache_logical_axes`; speculative decoding).
+  per_layer: of `models.unstack_cache(...)` instead (each layer sharded like its slice of the stack)."""
   from n3jax import models  # lazy, as in `param_shardings`
   init, logical = ((models.init_mtp_cache, models.mtp_cache_logical_axes(cfg)) if mtp
                    else (models.init_cache, models.cache_logical_axes(cfg)))
@@ -227,8 +240,13 @@ def cache_shardings(cfg, mesh: Mesh, rules_name: str, *, batch: int, max_len: in
                          f"{dim} % {size} != 0")
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(check, logical, specs, shapes,
-                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  out = jax.tree_util.tree_map_with_path(check, logical, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  if per_layer:
+    if mtp:
+      raise ValueError("per_layer applies to the main cache (`models.unstack_cache`), not the MTP caches")
+    stacks = {k: out[k] for k in ("mamba", "attention") if k in out}
+    out = {**out, **_per_layer(stacks, shapes)}
+  return out
 
 
 def init_cache_sharded(cfg, batch: int, max_len: int, mesh: Mesh, rules_name: str) -> Any:

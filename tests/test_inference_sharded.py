@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from n3jax import models, sharding
-from n3jax.configs import PRESETS
+from n3jax.configs import PRESETS, Block
 from n3jax.inference import SamplingParams, _engine, generate_tokens, prefill
 
 CFG = PRESETS["tiny-dense"]  # 8 Mamba heads, 2 groups, 2 KV heads: all split over tensor=2
@@ -60,13 +60,18 @@ def test_cache_keeps_its_shardings(setup):
   token, state = steps.choose(logits, state, forced, sampling=sampling)
   for _ in range(2):
     token, cache, state = steps.decode_sample(params, cache, token, state, forced, sampling=sampling)
-  expected = sharding.cache_shardings(CFG, mesh, LAYOUT, batch=len(PROMPTS), max_len=MAX_LEN)
+  # One buffer per layer (`models.unstack_cache`), each sharded like its slice of the stack; weights likewise.
+  expected = sharding.cache_shardings(CFG, mesh, LAYOUT, batch=len(PROMPTS), max_len=MAX_LEN, per_layer=True)
+  assert jax.tree.structure(cache) == jax.tree.structure(expected)
   for a, s in zip(jax.tree.leaves(cache), jax.tree.leaves(expected)):
     assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
   batch = ("data", "fsdp", "expert")
-  assert cache["mamba"]["ssm"].sharding.spec == P(None, batch, "tensor", None, None)
-  assert cache["mamba"]["conv_B"].sharding.spec == P(None, batch, None, "tensor", None)
-  assert cache["attention"]["k"].sharding.spec == P(None, batch, "tensor", None, None)
+  assert len(cache["mamba"]) == CFG.count(Block.MAMBA) and len(cache["attention"]) == CFG.count(Block.ATTENTION)
+  assert cache["mamba"][0]["ssm"].sharding.spec == P(batch, "tensor", None, None)
+  assert cache["mamba"][0]["conv_B"].sharding.spec == P(batch, None, "tensor", None)
+  assert cache["attention"][0]["k"].sharding.spec == P(batch, "tensor", None, None)
+  stacked = sharding.param_shardings(CFG, mesh, LAYOUT)["layers"]["attention"]["mixer"]["k_proj"]
+  assert params["layers"]["attention"][0]["mixer"]["k_proj"].sharding.spec == P(*stacked.spec[1:])
   assert cache["segment_ids"].sharding.spec == P(batch, None)
   assert int(cache["index"]) == 10
   assert steps._decode_sample._cache_size() == 1  # still the one compiled decode step

@@ -117,8 +117,9 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     texts = [c[-1]["content"] for c in convs]
   prompts = [chat.encode(tok, t) for t in texts]
   if isinstance(model, (str, os.PathLike)):  # on a mesh: each process reads its shards only
-    if sharded:
-      params = checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout))
+    if sharded:  # read in their shards, then split per layer on the devices (`_engine.place_params`)
+      params = _engine.place_params(
+          cfg, checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout)), mesh, layout)
     elif cfg.scan_layers:
       params = checkpointing.load_params(ckpt_dir)
     else:  # per-layer weights for the decoding step (`_engine.per_layer_params`), split on the host

@@ -104,6 +104,22 @@ def per_layer_params(cfg: ModelConfig, params: Params) -> Params:
   return _unstack_layers(params)
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shardings(cfg: ModelConfig, mesh, layout: str) -> Params:
+  return sharding.param_shardings(cfg, mesh, layout, per_layer=not cfg.scan_layers)
+
+
+def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
+  """Params on a mesh in their `sharding.param_shardings`: per layer (`models.unstack_layers`) unless
+  `cfg.scan_layers`, as the decoding step reads them fastest (see `per_layer_params`). Params already placed
+  so are not moved; stacked params are split on the devices (a copy of the layers while both are alive)."""
+  shardings = _param_shardings(cfg, mesh, layout)
+  if not cfg.scan_layers and not any(isinstance(v, list) for v in params["layers"].values()):
+    stacked = jax.device_put(params, sharding.param_shardings(cfg, mesh, layout))
+    return jax.jit(models.unstack_layers, out_shardings=shardings)(stacked)
+  return jax.device_put(params, shardings)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> Params:
   """`models.init_cache`; with unrolled layers, one buffer per layer (`models.unstack_cache`) so that the
@@ -214,10 +230,14 @@ class ShardedSteps:
   Build it with `sharded_steps` (cached), which checks that the batch and the heads divide over the mesh.
   """
 
-  def __init__(self, cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int):
+  def __init__(self, cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int, per_layer_cache: bool = True):
     self.cfg, self.mesh, self.layout, self.batch, self.max_len = cfg, mesh, layout, batch, max_len
-    self.cache_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len)
-    self.param_shardings = sharding.param_shardings(cfg, mesh, layout)
+    # One cache buffer per layer, as on one device (`models.unstack_cache`), unless the layers are scanned or
+    # the caller works on stacks (speculative decoding).
+    per_layer = per_layer_cache and not cfg.scan_layers
+    self.cache_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len,
+                                                    per_layer=per_layer)
+    self.param_shardings = _param_shardings(cfg, mesh, layout)
     rows = functools.partial(sharding.named_sharding, mesh, layout)
     self.rows = rows((sharding.ACT_BATCH,))                   # [B]
     self.columns = rows((sharding.ACT_BATCH, None))           # [B, T], [B, V]
@@ -235,7 +255,8 @@ class ShardedSteps:
       token, state = choose(logits, state, forced, sampling)
       return token, cache, state
 
-    self._empty = jax.jit(lambda: models.init_cache(cfg, batch, max_len), out_shardings=cache_sh)
+    self._empty = jax.jit(lambda: (models.unstack_cache if per_layer else lambda c: c)(
+        models.init_cache(cfg, batch, max_len)), out_shardings=cache_sh)
     self._extend = jax.jit(extend, out_shardings=(self.columns, cache_sh), donate_argnames=("cache",))
     self._decode_logits = jax.jit(decode_logits, out_shardings=(self.columns, cache_sh), donate_argnames=("cache",))
     self._choose = jax.jit(choose, static_argnames=("sampling",), out_shardings=(self.rows, state_sh),
@@ -244,8 +265,8 @@ class ShardedSteps:
                                   out_shardings=(self.rows, cache_sh, state_sh), donate_argnames=("cache", "state"))
 
   def place(self, params: Params) -> Params:
-    """Params in their `sharding.param_shardings` (a no-op for params already placed so)."""
-    return jax.device_put(params, self.param_shardings)
+    """Params in their `sharding.param_shardings`, per layer unless the layers are scanned (`place_params`)."""
+    return place_params(self.cfg, params, self.mesh, self.layout)
 
   def put(self, x, shardings):
     return jax.device_put(x, shardings)
@@ -281,9 +302,10 @@ class ShardedSteps:
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_steps(cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int) -> ShardedSteps:
+def sharded_steps(cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int, per_layer_cache: bool = True
+                  ) -> ShardedSteps:
   """The compiled steps of generation on `mesh` under `layout` (cached per arguments; see `ShardedSteps`).
   Raises ValueError, naming the numbers, when the batch does not divide over the batch axes or the heads
   / groups over the tensor axis."""
   check_mesh(mesh, layout)
-  return ShardedSteps(cfg, mesh, layout, batch, max_len)
+  return ShardedSteps(cfg, mesh, layout, batch, max_len, per_layer_cache)

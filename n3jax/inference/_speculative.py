@@ -457,7 +457,8 @@ class ShardedSteps(Steps):
   def __init__(self, cfg: ModelConfig, mesh, layout: str, batch: int, max_len: int):
     super().__init__(cfg, batch, max_len)
     self.mesh, self.layout = mesh, layout
-    self.plain = plain = _engine.sharded_steps(cfg, mesh, layout, batch, max_len)  # checks the main cache
+    self.plain = plain = _engine.sharded_steps(cfg, mesh, layout, batch, max_len,  # checks the main cache
+                                                per_layer_cache=False)
     self.mtp_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len, mtp=True)
     self.rows, self.columns = plain.rows, plain.columns  # [B]; [B, T], [B, V], [B, D]
     self.replicated = sharding.named_sharding(mesh, layout, ())
