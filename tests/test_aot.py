@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from n3jax import aot
 from pallas_kernels.moe import gmm as gmm_lib
@@ -333,6 +334,29 @@ def test_decode_step_updates_per_layer_caches_in_place_on_h100():
   assert temp < ssm_bytes
   stacked, _, _ = _compile_decode_step("h100", per_layer=False)
   assert stacked.memory_analysis().temp_size_in_bytes > 4 * ssm_bytes
+
+
+@needs_plugin
+@pytest.mark.parametrize("batch", [1, 64])
+def test_looking_up_tokens_never_gathers_a_vocab_split_table_on_h100s(batch):
+  """Decoding embeds one token per row. With the table split over `tensor` (8 H100s), each device looks up
+  the rows of its part of the vocabulary and the rows meet in an all-reduce; the table (0.82 GB at the
+  Nemotron-3-Nano-4B shape) is never gathered, one token included (XLA turns a one-row gather into a
+  dynamic slice, which its partitioner made by gathering the whole table onto every device)."""
+  from n3jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
+
+  cfg = PRESETS["nemotron-3-nano-4b"].replace(dtype="bfloat16", param_dtype="bfloat16")
+  mesh = sharding.make_mesh({"tensor": 8}, devices=aot.devices("h100", 8))
+  table = sharding.param_shardings(cfg, mesh, "fsdp_tp_ep")["embedder"]["embedding"]
+  params = {"embedding": jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), jnp.bfloat16, sharding=table)}
+  tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, P()))
+  with sharding.use_mesh(mesh, "fsdp_tp_ep"):
+    compiled = jax.jit(lambda p, t: models.Embedder(cfg).apply({"params": p}, t)).trace(params, tokens).lower().compile(
+        aot.compiler_options("h100"))
+  text = compiled.as_text()
+  assert "all-gather" not in text and "all-reduce" in text
+  assert compiled.memory_analysis().temp_size_in_bytes < cfg.vocab_size * cfg.hidden_size * 2 // 8
 
 
 _PLAN_ARGS = ("--preset=tiny-moe", "--mesh=data=1", "--seq=64", "--batch=2", "--compile_for=h100")
