@@ -2,11 +2,12 @@
 
   JAX_PLATFORMS=cpu python benchmarks/decode_step_aot.py                        # H100, Nano-4B, the 4 layouts
   JAX_PLATFORMS=cpu python benchmarks/decode_step_aot.py --target=tpu:v5e:1x1 --batches=64 --prompts=1024
+  JAX_PLATFORMS=cpu python benchmarks/decode_step_aot.py --mesh=tensor=8 --layout=fsdp_tp_ep  # 8 H100s
 
 Compiles `inference.decode_sample` (one token per row, sampling included) at the Nemotron-3-Nano-4B shape of
 `benchmarks/generate.py` (bf16 weights, random init never materialised: abstract inputs) for each batch and
 prompt length, with the weights and the caches stacked per layer kind or split per layer
-(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis
+(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device)
 (temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
 and the number of kernels (fusions, custom calls and copies) the step launches. No speed: that needs the chip
 (`benchmarks/generate.py`). Needs the CUDA PJRT plugin (`n3jax[aot-gpu]`) or libtpu (`n3jax[aot-tpu]`).
@@ -15,6 +16,7 @@ and the number of kernels (fusions, custom calls and copies) the step launches. 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -27,29 +29,47 @@ _TARGET = flags.DEFINE_string("target", "h100", "n3jax.aot target: h100 or tpu:<
 _PRESET = flags.DEFINE_string("preset", "nemotron-3-nano-4b", "Key of n3jax.configs.PRESETS.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 _PROMPTS = flags.DEFINE_list("prompts", ["1024", "8192"], "Prompt lengths (the cache holds prompt + 264 tokens).")
+_MESH = flags.DEFINE_string("mesh", None, "Compile for a mesh of --target devices, e.g. tensor=8 (default: one).")
+_LAYOUT = flags.DEFINE_string("layout", "fsdp_tp_ep", "With --mesh: the n3jax.sharding layout.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
                              "weights:caches pairs, each per_layer or stacked.")
 
 
-def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weights: bool, per_layer_cache: bool):
+def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weights: bool, per_layer_cache: bool,
+                 mesh_shape: dict[str, int] | None = None, layout: str = "fsdp_tp_ep"):
+  """-> (compiled step, weight bytes, cache bytes). On one device (`inference.decode_sample`), or on a mesh
+  of `mesh_shape` under `layout` (`inference._engine.ShardedSteps`, what `generate(mesh=, layout=)` runs)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from n3jax import aot, models  # pylint: disable=g-import-not-at-top
+  from n3jax import aot, models, sharding  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
   keep = lambda tree: tree
-  params = abstract(lambda: (models.unstack_layers if per_layer_weights else keep)(models.init(cfg, jax.random.key(0))))
-  cache = abstract(lambda: (models.unstack_cache if per_layer_cache else keep)(models.init_cache(cfg, batch, max_len)))
-  state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
-  tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
-  lowered = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens,
-                                        sampling=_sampling.SamplingParams()).lower()
+  shapes = lambda f: jax.eval_shape(f)
+  param_shapes = shapes(lambda: (models.unstack_layers if per_layer_weights else keep)(models.init(cfg, jax.random.key(0))))
+  cache_shapes = shapes(lambda: (models.unstack_cache if per_layer_cache else keep)(models.init_cache(cfg, batch, max_len)))
+  state_shapes = shapes(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
+  place = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+  sampling = _sampling.SamplingParams()
+  if mesh_shape:
+    mesh = sharding.make_mesh(mesh_shape, devices=aot.devices(target, math.prod(mesh_shape.values())))
+    steps = _engine.ShardedSteps(cfg, mesh, layout, batch, max_len, per_layer_cache=per_layer_cache)
+    params = place(param_shapes, sharding.param_shardings(cfg, mesh, layout, per_layer=per_layer_weights))
+    cache = place(cache_shapes, steps.cache_shardings)
+    state = place(state_shapes, steps.state_shardings)
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.rows)
+    with sharding.use_mesh(mesh, layout):
+      lowered = steps._decode_sample.trace(params, cache, tokens, state, tokens, sampling=sampling).lower()  # pylint: disable=protected-access
+  else:
+    mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
+    rep = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                       (param_shapes, cache_shapes, state_shapes))
+    params, cache, state = (place(t, s) for t, s in zip((param_shapes, cache_shapes, state_shapes), rep))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=jax.tree.leaves(rep[0])[0])
+    lowered = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens, sampling=sampling).lower()
   compiled = lowered.compile(aot.compiler_options(target))
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
-  return compiled, nbytes(params), nbytes(cache)
+  return compiled, nbytes(param_shapes), nbytes(cache_shapes)
 
 
 def kernels(compiled) -> int:
@@ -66,15 +86,16 @@ def main(argv):
   from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
 
   cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+  mesh_shape = ({k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))} if _MESH.value else None)
   for prompt in map(int, _PROMPTS.value):
     for batch in map(int, _BATCHES.value):
       for layout in _LAYOUTS.value:
         weights, caches = layout.split(":")
         compiled, weight_bytes, cache_bytes = compile_step(
             cfg, _TARGET.value, batch, prompt + 264, per_layer_weights=weights == "per_layer",
-            per_layer_cache=caches == "per_layer")
+            per_layer_cache=caches == "per_layer", mesh_shape=mesh_shape, layout=_LAYOUT.value)
         m = aot.memory(compiled)
-        print(json.dumps(dict(target=_TARGET.value, preset=_PRESET.value, batch=batch, prompt=prompt, weights=weights,
+        print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled))),
               flush=True)
