@@ -144,6 +144,16 @@ def test_the_generator_decodes_from_per_layer_weights(ckpts):
   assert _engine.per_layer_params(cfg.replace(scan_layers=True), params) is params
 
 
+def test_the_generator_keeps_stacked_weights_when_the_device_has_no_room_for_a_copy(ckpts, monkeypatch, caplog):
+  from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
+
+  _, _, cfg, params = ckpts["moe"]
+  monkeypatch.setattr(jax.Device, "memory_stats", lambda self: {"bytes_limit": 2000, "bytes_in_use": 1000},
+                      raising=False)
+  assert _engine.per_layer_params(cfg, params) is params
+  assert "decoding from stacked layer weights" in caplog.text
+
+
 # --- Sampling ---------------------------------------------------------------------------------------
 def test_sampling_filters_and_seeds():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))

@@ -24,8 +24,10 @@ which bounds the number of compiled shapes.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,11 +99,33 @@ def per_layer_params(cfg: ModelConfig, params: Params) -> Params:
 
   From stacked weights, XLA's H100 compile of the batch-1 decoding step of Nemotron-3-Nano-4B (bf16, 7.9 GB)
   slices every layer's weights out of its stack into f32 temporaries, 11 GB of them per token, where the
-  per-layer step reads each weight once from where it lies (0.03 GB of temporaries).
+  per-layer step reads each weight once from where it lies (0.03 GB of temporaries). Where the device has no
+  room for the copy, the stacked params are kept (with a warning).
   """
   if cfg.scan_layers or any(isinstance(v, list) for v in params["layers"].values()):
     return params
+  if not _room_for_a_copy(params["layers"]):
+    return params
   return _unstack_layers(params)
+
+
+def _room_for_a_copy(layers: Params) -> bool:
+  """Whether a device holding `layers` has room for a second copy of its part of them (unknown: yes). Where
+  it has not, generation decodes from the stacks (slower; see `per_layer_params`) and says so."""
+  arrays = [a for a in jax.tree.leaves(layers) if isinstance(a, jax.Array)]
+  if not arrays:
+    return True  # host arrays: split before they are placed
+  stats = arrays[0].addressable_shards[0].device.memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return True
+  need = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in arrays)
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  if free >= need:
+    return True
+  logging.warning("decoding from stacked layer weights: splitting them per layer needs %.1f GB more per device "
+                  "and %.1f GB are free; pass per-layer params (models.unstack_layers) to decode faster",
+                  need / 1e9, free / 1e9)
+  return False
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,12 +136,14 @@ def _param_shardings(cfg: ModelConfig, mesh, layout: str) -> Params:
 def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   """Params on a mesh in their `sharding.param_shardings`: per layer (`models.unstack_layers`) unless
   `cfg.scan_layers`, as the decoding step reads them fastest (see `per_layer_params`). Params already placed
-  so are not moved; stacked params are split on the devices (a copy of the layers while both are alive)."""
-  shardings = _param_shardings(cfg, mesh, layout)
+  so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
+  where the devices have room for it."""
   if not cfg.scan_layers and not any(isinstance(v, list) for v in params["layers"].values()):
     stacked = jax.device_put(params, sharding.param_shardings(cfg, mesh, layout))
-    return jax.jit(models.unstack_layers, out_shardings=shardings)(stacked)
-  return jax.device_put(params, shardings)
+    if not _room_for_a_copy(stacked["layers"]):
+      return stacked
+    return jax.jit(models.unstack_layers, out_shardings=_param_shardings(cfg, mesh, layout))(stacked)
+  return jax.device_put(params, _param_shardings(cfg, mesh, layout))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
