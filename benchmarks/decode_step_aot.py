@@ -31,6 +31,8 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 _PROMPTS = flags.DEFINE_list("prompts", ["1024", "8192"], "Prompt lengths (the cache holds prompt + 264 tokens).")
 _MESH = flags.DEFINE_string("mesh", None, "Compile for a mesh of --target devices, e.g. tensor=8 (default: one).")
 _LAYOUT = flags.DEFINE_string("layout", "fsdp_tp_ep", "With --mesh: the n3jax.sharding layout.")
+_SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over the layers (stacked weights and caches; the "
+                             "released presets' default) instead of the unrolled step.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
                              "weights:caches pairs, each per_layer or stacked.")
 
@@ -85,7 +87,7 @@ def main(argv):
   from n3jax import aot  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
 
-  cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+  cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=_SCAN.value)
   mesh_shape = ({k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))} if _MESH.value else None)
   for prompt in map(int, _PROMPTS.value):
     for batch in map(int, _BATCHES.value):
@@ -95,7 +97,7 @@ def main(argv):
             cfg, _TARGET.value, batch, prompt + 264, per_layer_weights=weights == "per_layer",
             per_layer_cache=caches == "per_layer", mesh_shape=mesh_shape, layout=_LAYOUT.value)
         m = aot.memory(compiled)
-        print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, batch=batch, prompt=prompt, weights=weights,
+        print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled))),
               flush=True)

@@ -142,6 +142,7 @@ def test_the_generator_decodes_from_per_layer_weights(ckpts):
       jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]), layer, stack)
   assert _engine.per_layer_params(cfg, split) is split
   assert _engine.per_layer_params(cfg.replace(scan_layers=True), params) is params
+  assert _engine.decoding_config(cfg.replace(scan_layers=True)) == cfg.replace(scan_layers=False)  # generation unrolls
 
 
 def test_the_generator_keeps_stacked_weights_when_the_device_has_no_room_for_a_copy(ckpts, monkeypatch, caplog):

@@ -101,6 +101,7 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     if tokenizer is None:
       raise ValueError("generating from (cfg, params) needs tokenizer= (an n3jax.data tokenizer or a path)")
     tok = tokenizer
+  cfg = _engine.decoding_config(cfg)  # layers unrolled, weights split per layer below
   if speculative_k is not None:  # before any weights are read
     _speculative.check(cfg, None, speculative_k)
   if isinstance(tok, (str, os.PathLike)):
@@ -120,8 +121,6 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     if sharded:  # read in their shards, then split per layer on the devices (`_engine.place_params`)
       params = _engine.place_params(
           cfg, checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout)), mesh, layout)
-    elif cfg.scan_layers:
-      params = checkpointing.load_params(ckpt_dir)
     else:  # per-layer weights for the decoding step (`_engine.per_layer_params`), split on the host
       params = jax.device_put(models.unstack_layers(checkpointing.load_params(ckpt_dir, as_numpy=True)))
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),

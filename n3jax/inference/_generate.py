@@ -182,6 +182,7 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   """
   if max_new_tokens < 1:
     raise ValueError(f"{max_new_tokens=} must be >= 1")
+  cfg = _engine.decoding_config(cfg)  # layers unrolled
   if speculative_k is not None:
     _speculative.check(cfg, params, speculative_k)
   sharded = _engine.check_mesh(mesh, layout)
