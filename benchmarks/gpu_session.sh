@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_session.sh moe        # benchmarks/moe.py vs ragged_dot, torch._grouped_mm (+ the MoE layer)
 #   bash benchmarks/gpu_session.sh moe_sweep  # tile sweep of the Triton and Mosaic GPU grouped matmuls (anchor shape)
 #   bash benchmarks/gpu_session.sh train      # benchmarks/train_step.py vs anchor_hf_train.py (reduced-depth Nano)
-#   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B shape)
+#   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B, prompt 1k: the anchor's)
+#   bash benchmarks/gpu_session.sh generate_8k  # the same at prompt 8k (batch 1, 8, 64; no anchor), one call of its own
 #   bash benchmarks/gpu_session.sh quant      # benchmarks/quant.py: bf16 vs fp8 (native) vs nvfp4 (emulated)
 #
 # mamba_ssm's Triton sources (for `ssd`): fetch state-spaces/mamba, extract its `mamba_ssm/` into
@@ -20,7 +21,7 @@
 # The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: first | kernels | ssd | attention | moe | moe_sweep | train | generate | quant}"
+part="${1:?part: first | kernels | ssd | attention | moe | moe_sweep | train | generate | generate_8k | quant}"
 out="${OUT:-/tmp/n3jax_gpu}"
 mkdir -p "$out"
 anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
@@ -60,8 +61,10 @@ log="$out/$part.log"
       "$py" benchmarks/train_step.py --ssd_backend=pallas_mgpu --moe_backend=pallas_mgpu --attention_impl=flash
       [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
         "$py" "$anchors/anchor_hf_train.py" ;;
-    generate)
-      "$py" benchmarks/generate.py --anchor=on --anchor_script="$anchors/anchor_hf_generate.py" ;;
+    generate)  # 6 compiles of the unrolled 42-layer model (prefill chunk + decode step per batch) and the anchor
+      "$py" benchmarks/generate.py --prompts=1024 --anchor=on --anchor_script="$anchors/anchor_hf_generate.py" ;;
+    generate_8k)
+      "$py" benchmarks/generate.py --prompts=8192 --anchor=off ;;
     quant)
       "$py" benchmarks/quant.py --out="$out/quant.json" ;;
     *)
