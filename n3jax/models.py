@@ -541,7 +541,7 @@ def _layer_cache(caches: Params, name: str, take, continues: jax.Array) -> Param
 
 
 def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, index, slot_segments, continues):
-  caches = dict(caches)
+  caches = {k: list(v) if isinstance(v, list) else v for k, v in caches.items()}  # lists: `unstack_cache`
   for kind, idx in layer_slots(cfg):
     name = kind_name(kind)
     if isinstance(layers[name], list):  # `unstack_layers`
@@ -552,8 +552,8 @@ def _stack_cached_unrolled(cfg, layers: Params, caches: Params, h, segment_ids, 
     h, c = _cached_layer(cfg, kind, p, c, h, segment_ids, index, slot_segments)
     if c is None:
       continue
-    if isinstance(caches[name], list):  # `unstack_cache`
-      caches[name] = [*caches[name][:idx], c, *caches[name][idx + 1:]]
+    if isinstance(caches[name], list):
+      caches[name][idx] = c
     else:
       caches[name] = jax.tree.map(lambda a, v, idx=idx: a.at[idx].set(v), caches[name], c)
   return h, caches

@@ -140,9 +140,9 @@ def _room_for_a_copy(layers: Params) -> bool:
   return False
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shardings(cfg: ModelConfig, mesh, layout: str) -> Params:
-  return sharding.param_shardings(cfg, mesh, layout, per_layer=not cfg.scan_layers)
+@functools.lru_cache(maxsize=32)
+def _param_shardings(cfg: ModelConfig, mesh, layout: str, per_layer: bool) -> Params:
+  return sharding.param_shardings(cfg, mesh, layout, per_layer=per_layer)
 
 
 def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
@@ -151,11 +151,11 @@ def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
   where the devices have room for it."""
   if not cfg.scan_layers and not any(isinstance(v, list) for v in params["layers"].values()):
-    stacked = jax.device_put(params, sharding.param_shardings(cfg, mesh, layout))
+    stacked = jax.device_put(params, _param_shardings(cfg, mesh, layout, False))
     if not _room_for_a_copy(stacked["layers"]):
       return stacked
-    return jax.jit(models.unstack_layers, out_shardings=_param_shardings(cfg, mesh, layout))(stacked)
-  return jax.device_put(params, _param_shardings(cfg, mesh, layout))
+    return jax.jit(models.unstack_layers, out_shardings=_param_shardings(cfg, mesh, layout, True))(stacked)
+  return jax.device_put(params, _param_shardings(cfg, mesh, layout, not cfg.scan_layers))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -275,7 +275,7 @@ class ShardedSteps:
     per_layer = per_layer_cache and not cfg.scan_layers
     self.cache_shardings = sharding.cache_shardings(cfg, mesh, layout, batch=batch, max_len=max_len,
                                                     per_layer=per_layer)
-    self.param_shardings = _param_shardings(cfg, mesh, layout)
+    self.param_shardings = _param_shardings(cfg, mesh, layout, not cfg.scan_layers)
     rows = functools.partial(sharding.named_sharding, mesh, layout)
     self.rows = rows((sharding.ACT_BATCH,))                   # [B]
     self.columns = rows((sharding.ACT_BATCH, None))           # [B, T], [B, V]
