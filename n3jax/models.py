@@ -36,8 +36,8 @@ from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
 __all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
-           "cache_logical_axes", "cache_length", "unstack_layers", "unstack_cache", "init_mtp_cache",
-           "mtp_apply_cached"]
+           "cache_logical_axes", "cache_length", "unstack_layers", "layers_unstacked", "unstack_cache",
+           "init_mtp_cache", "mtp_apply_cached"]
 
 Params = dict[str, Any]
 
@@ -510,6 +510,11 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": {name: _unstack(stack) for name, stack in params["layers"].items()}}
 
 
+def layers_unstacked(params: Params) -> bool:
+  """Whether `params` holds per-layer lists (`unstack_layers`) rather than stacks."""
+  return any(isinstance(v, list) for v in params["layers"].values())
+
+
 def unstack_cache(cache: Params) -> Params:
   """`init_cache`'s pytree with the Mamba and attention stacks split into lists of per-layer trees.
 
@@ -620,8 +625,7 @@ def apply_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: Par
 
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
   h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))  # a no-op outside use_mesh
-  unstacked = any(isinstance(v, list) for v in params["layers"].values())
-  if unstacked and cfg.scan_layers:
+  if cfg.scan_layers and layers_unstacked(params):
     raise ValueError("params from `unstack_layers` need scan_layers=False")
   if cfg.scan_layers and any(isinstance(v, list) for v in caches.values()):
     raise ValueError("a cache from `unstack_cache` needs scan_layers=False")

@@ -114,7 +114,7 @@ def per_layer_params(cfg: ModelConfig, params: Params) -> Params:
   per-layer step reads each weight once from where it lies (0.03 GB of temporaries). Where the device has no
   room for the copy, the stacked params are kept (with a warning).
   """
-  if cfg.scan_layers or any(isinstance(v, list) for v in params["layers"].values()):
+  if cfg.scan_layers or models.layers_unstacked(params):
     return params
   if not _room_for_a_copy(params["layers"]):
     return params
@@ -150,7 +150,7 @@ def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   `cfg.scan_layers`, as the decoding step reads them fastest (see `per_layer_params`). Params already placed
   so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
   where the devices have room for it."""
-  if not cfg.scan_layers and not any(isinstance(v, list) for v in params["layers"].values()):
+  if not cfg.scan_layers and not models.layers_unstacked(params):
     stacked = jax.device_put(params, _param_shardings(cfg, mesh, layout, False))
     if not _room_for_a_copy(stacked["layers"]):
       return stacked
