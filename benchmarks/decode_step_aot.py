@@ -9,7 +9,9 @@ Compiles `inference.decode_sample` (one token per row, sampling included) at the
 prompt length, with the weights and the caches stacked per layer kind or split per layer
 (`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device)
 (temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
-and the number of kernels (fusions, custom calls and copies) the step launches. No speed: that needs the chip
+the number of kernels (fusions, custom calls and copies) the step launches, the products XLA turned into
+multiply-and-reduce kernels (`matvec_reductions`) and the concatenations of weights it writes per step
+(`weight_concatenations`). No speed: that needs the chip
 (`benchmarks/generate.py`). Needs the CUDA PJRT plugin (`n3jax[aot-gpu]`) or libtpu (`n3jax[aot-tpu]`).
 """
 
@@ -33,11 +35,12 @@ _MESH = flags.DEFINE_string("mesh", None, "Compile for a mesh of --target device
 _LAYOUT = flags.DEFINE_string("layout", "fsdp_tp_ep", "With --mesh: the n3jax.sharding layout.")
 _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over the layers (stacked weights and caches; the "
                              "released presets' default) instead of the unrolled step.")
-_LAYOUTS = flags.DEFINE_list("layouts", ["per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
-                             "weights:caches pairs, each per_layer or stacked.")
+_LAYOUTS = flags.DEFINE_list("layouts", ["fused:per_layer", "per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
+                             "weights:caches pairs: weights fused (per layer, Mamba input projections joined: what "
+                             "n3jax.generate decodes from on one device), per_layer or stacked; caches per_layer or stacked.")
 
 
-def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weights: bool, per_layer_cache: bool,
+def compile_step(cfg, target: str, batch: int, max_len: int, *, weights: str, per_layer_cache: bool,
                  mesh_shape: dict[str, int] | None = None, layout: str = "fsdp_tp_ep"):
   """-> (compiled step, weight bytes, cache bytes). On one device (`inference.decode_sample`), or on a mesh
   of `mesh_shape` under `layout` (`inference._engine.ShardedSteps`, what `generate(mesh=, layout=)` runs)."""
@@ -48,7 +51,9 @@ def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weight
 
   keep = lambda tree: tree
   shapes = lambda f: jax.eval_shape(f)
-  param_shapes = shapes(lambda: (models.unstack_layers if per_layer_weights else keep)(models.init(cfg, jax.random.key(0))))
+  layout_of = {"stacked": keep, "per_layer": models.unstack_layers,
+               "fused": lambda p: models.fuse_in_proj(cfg, models.unstack_layers(p))}[weights]
+  param_shapes = shapes(lambda: layout_of(models.init(cfg, jax.random.key(0))))
   cache_shapes = shapes(lambda: (models.unstack_cache if per_layer_cache else keep)(models.init_cache(cfg, batch, max_len)))
   state_shapes = shapes(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
   place = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
@@ -56,7 +61,9 @@ def compile_step(cfg, target: str, batch: int, max_len: int, *, per_layer_weight
   if mesh_shape:
     mesh = sharding.make_mesh(mesh_shape, devices=aot.devices(target, math.prod(mesh_shape.values())))
     steps = _engine.ShardedSteps(cfg, mesh, layout, batch, max_len, per_layer_cache=per_layer_cache)
-    params = place(param_shapes, sharding.param_shardings(cfg, mesh, layout, per_layer=per_layer_weights))
+    if weights == "fused":
+      raise ValueError("a mesh decodes from split projections: --layouts weights per_layer or stacked")
+    params = place(param_shapes, sharding.param_shardings(cfg, mesh, layout, per_layer=weights != "stacked"))
     cache = place(cache_shapes, steps.cache_shardings)
     state = place(state_shapes, steps.state_shardings)
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.rows)
@@ -82,6 +89,25 @@ def kernels(compiled) -> int:
   return len(re.findall(r"= [^=]*? (?:fusion|custom-call|copy|copy-start|fusion-start)\(", entry))
 
 
+def matvec_reductions(compiled) -> int:
+  """Products XLA's GPU compiler rewrote into an elementwise multiply and a reduction (a product with one row
+  and fewer than 1e7 (rows + columns) x depth: see `nn._common.one_row_as_two`): multiplies named after one of
+  the model's einsums (upper-case specs; the SSM recurrence's own lower-case products are meant as such)."""
+  return len(set(re.findall(r"%(multiply[\w.]*) = [^\n]*? multiply\([^\n]*op_name=\"[^\"]*/[A-Z,]+->[A-Z]+"
+                            r"/dot_general\"", compiled.as_text())))
+
+
+def weight_concatenations(compiled, min_elements: int = 1 << 20) -> int:
+  """Kernels of the step that write a concatenation of weights (XLA's dot merger joining products that share
+  an operand, where the joined weights do not tile): concatenate fusions of params with >= `min_elements`
+  outputs (XLA names the step's arguments after their paths: `params__...`)."""
+  entry = compiled.as_text()
+  entry = entry[entry.index("\nENTRY"):]
+  found = re.findall(r"%[\w.]*concatenate_fusion[\w.]* = \w+\[([\d,]+)\][^ ]* fusion\(([^)]*)\)", entry)
+  return sum(math.prod(int(d) for d in shape.split(",")) >= min_elements
+             and all(a.strip().startswith("%params") for a in args.split(",")) for shape, args in found)
+
+
 def main(argv):
   del argv  # Unused.
   from n3jax import aot  # pylint: disable=g-import-not-at-top
@@ -94,12 +120,14 @@ def main(argv):
       for layout in _LAYOUTS.value:
         weights, caches = layout.split(":")
         compiled, weight_bytes, cache_bytes = compile_step(
-            cfg, _TARGET.value, batch, prompt + 264, per_layer_weights=weights == "per_layer",
+            cfg, _TARGET.value, batch, prompt + 264, weights=weights,
             per_layer_cache=caches == "per_layer", mesh_shape=mesh_shape, layout=_LAYOUT.value)
         m = aot.memory(compiled)
         print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
-                              temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled))),
+                              temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled),
+                              matvec_reductions=matvec_reductions(compiled),
+                              weight_concatenations=weight_concatenations(compiled))),
               flush=True)
 
 

@@ -31,13 +31,14 @@ import jax.numpy as jnp
 from n3jax import sharding as shd
 from n3jax.configs import Block, ModelConfig
 from n3jax.nn import _common
+from n3jax.nn import _mamba2
 from n3jax.nn._attention import KV_BLOCK
 from n3jax.nn._layer import Layer
 from n3jax.nn._norms import RMSNorm
 
 __all__ = ["init", "logical_axes", "forward", "apply", "kind_name", "layer_slots", "init_cache", "apply_cached",
-           "cache_logical_axes", "cache_length", "unstack_layers", "layers_unstacked", "unstack_cache",
-           "init_mtp_cache", "mtp_apply_cached"]
+           "cache_logical_axes", "cache_length", "unstack_layers", "layers_unstacked", "fuse_in_proj",
+           "in_proj_fused", "unstack_cache", "init_mtp_cache", "mtp_apply_cached"]
 
 Params = dict[str, Any]
 
@@ -513,6 +514,32 @@ def unstack_layers(params: Params) -> Params:
 def layers_unstacked(params: Params) -> bool:
   """Whether `params` holds per-layer lists (`unstack_layers`) rather than stacks."""
   return any(isinstance(v, list) for v in params["layers"].values())
+
+
+def fuse_in_proj(cfg: ModelConfig, params: Params) -> Params:
+  """The same params with each Mamba layer's five input projections joined into one `in_proj` matrix
+  (`nn._mamba2.fuse_in_proj`; a copy of them; stacked or per-layer, numpy or jax arrays).
+
+  The decoding layout on one device for unquantized configs: one matrix product per Mamba layer and token
+  instead of five (see `nn._mamba2.fuse_in_proj` for what XLA made of the five at batch 1). `apply` and
+  `apply_cached` take it as they take the split params, with the same numbers up to the order of f32 sums.
+  The split params stay the training and checkpoint layout.
+  """
+  mamba = params["layers"].get(kind_name(Block.MAMBA))
+  if mamba is None:
+    return params
+  fuse = lambda layer: {**layer, "mixer": _mamba2.fuse_in_proj(cfg, layer["mixer"])}
+  mamba = [fuse(layer) for layer in mamba] if isinstance(mamba, list) else fuse(mamba)
+  return {**params, "layers": {**params["layers"], kind_name(Block.MAMBA): mamba}}
+
+
+def in_proj_fused(params: Params) -> bool:
+  """Whether the Mamba layers of `params` hold the fused `in_proj` of `fuse_in_proj` (False without Mamba)."""
+  mamba = params["layers"].get(kind_name(Block.MAMBA))
+  if mamba is None:
+    return False
+  first = mamba[0] if isinstance(mamba, list) else mamba
+  return _mamba2.IN_PROJ in first["mixer"]
 
 
 def unstack_cache(cache: Params) -> Params:

@@ -6,6 +6,7 @@ The compile tests need the CUDA PJRT plugin (`pip install 'n3jax[aot-gpu]'`) or 
 Mosaic TPU through its compiler) but run nothing: speed and numerics on the chip are `benchmarks/`' business.
 """
 
+import functools
 import importlib.util
 import re
 
@@ -299,20 +300,22 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
       "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
 
 
-def _compile_decode_step(target: str, per_layer: bool):
+def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False):
   """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096),
-  batch 8, 4096 slots, bf16, per-layer weights -> (compiled, cache bytes, one Mamba layer's state bytes)."""
+  4096 slots, bf16, per-layer weights (`fuse`: with the Mamba input projections fused, as generation decodes)
+  -> (compiled, cache bytes, one Mamba layer's state bytes)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
   cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
                                               param_dtype="bfloat16", scan_layers=False)
-  batch, max_len = 8, 4096
+  max_len = 4096
   mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
-  params = abstract(lambda: models.unstack_layers(models.init(cfg, jax.random.key(0))))
+  params = abstract(lambda: (functools.partial(models.fuse_in_proj, cfg) if fuse else (lambda p: p))(
+      models.unstack_layers(models.init(cfg, jax.random.key(0)))))
   cache = abstract(lambda: (models.unstack_cache if per_layer else (lambda c: c))(models.init_cache(cfg, batch, max_len)))
   state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
   tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
@@ -334,6 +337,24 @@ def test_decode_step_updates_per_layer_caches_in_place_on_h100():
   assert temp < ssm_bytes
   stacked, _, _ = _compile_decode_step("h100", per_layer=False)
   assert stacked.memory_analysis().temp_size_in_bytes > 4 * ssm_bytes
+
+
+@needs_plugin
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_step_projects_with_matrix_products_on_h100(batch):
+  """In XLA's H100 compile of the decoding step from generation's layout (per-layer weights, fused Mamba input
+  projections), no projection becomes XLA's multiply-and-reduce (which it picks for a one-row product with
+  (rows + columns) x depth < 1e7: `nn._common.one_row_as_two`) and no weights are concatenated per step (its dot
+  merger joined dt, B and C so at every batch size: `models.fuse_in_proj`; checked on the split layout too)."""
+  reduced = r"multiply\([^\n]*op_name=\"[^\"]*/[A-Z,]+->[A-Z]+/dot_general\""
+  weight_concat = r"concatenate_fusion[\w.]* = \w+\[[\d,]+\][^ ]* fusion\(%params"
+  entry = lambda text: text[text.index("\nENTRY"):]
+  text = _compile_decode_step("h100", per_layer=True, batch=batch, fuse=True)[0].as_text()
+  assert not re.search(reduced, text)
+  assert not re.search(weight_concat, entry(text))
+  split = _compile_decode_step("h100", per_layer=True, batch=batch, fuse=False)[0].as_text()
+  assert not re.search(reduced, split)
+  assert len(re.findall(weight_concat, entry(split))) == 4  # one per Mamba layer
 
 
 @needs_plugin

@@ -129,30 +129,44 @@ def test_greedy_matches_transformers_generate(ckpts, kind):
     assert c.finish_reason == "length"
 
 
-def test_the_generator_decodes_from_per_layer_weights(ckpts):
-  """Stacked weights are split once per call for the unrolled decoding step; per-layer weights and
-  configs that scan their layers go through as they are."""
+def test_the_generator_decodes_from_per_layer_weights_with_fused_mamba_projections(ckpts):
+  """Stacked weights are split once per call for the unrolled decoding step, and each Mamba layer's five
+  input projections joined into one matrix; params already so, and configs that scan their layers, go
+  through as they are."""
   from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
 
   _, _, cfg, params = ckpts["moe"]
-  split = _engine.per_layer_params(cfg, params)
+  split = _engine.decoding_params(cfg, params)
   assert all(isinstance(v, list) for v in split["layers"].values())
-  for name, stack in params["layers"].items():
+  fused = models.fuse_in_proj(cfg, params)
+  for name, stack in fused["layers"].items():
     for i, layer in enumerate(split["layers"][name]):
       jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]), layer, stack)
-  assert _engine.per_layer_params(cfg, split) is split
-  assert _engine.per_layer_params(cfg.replace(scan_layers=True), params) is params
+  in_proj = split["layers"]["mamba"][0]["mixer"]["in_proj"]
+  m, p, j, q = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+  assert in_proj.shape == (cfg.hidden_size, 2 * m * p + 2 * j * q + m)
+  np.testing.assert_array_equal(in_proj[:, m * p:2 * m * p],  # HF's row order: z | x | B | C | dt
+                                params["layers"]["mamba"]["mixer"]["in_proj_x"][0].reshape(cfg.hidden_size, -1))
+  assert _engine.decoding_params(cfg, split) is split
+  assert _engine.decoding_params(cfg.replace(scan_layers=True), params) is params
   assert _engine.decoding_config(cfg.replace(scan_layers=True)) == cfg.replace(scan_layers=False)  # generation unrolls
+  per_layer = models.unstack_layers(params)  # e.g. read so from a checkpoint: only the projections are joined
+  assert models.in_proj_fused(_engine.decoding_params(cfg, per_layer))
+  quantized = cfg.replace(quant="fp8")  # the recipe scales each projection on its own: split, not fused
+  assert not models.in_proj_fused(_engine.decoding_params(quantized, params))
+  assert _engine.decoding_params(quantized, per_layer) is per_layer
+  with pytest.raises(ValueError, match="quant='fp8'"):
+    models.apply(quantized, fused, jnp.zeros((1, 4), jnp.int32))
 
 
-def test_the_generator_keeps_stacked_weights_when_the_device_has_no_room_for_a_copy(ckpts, monkeypatch, caplog):
+def test_the_generator_keeps_the_params_as_given_when_the_device_has_no_room_for_a_copy(ckpts, monkeypatch, caplog):
   from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
 
   _, _, cfg, params = ckpts["moe"]
   monkeypatch.setattr(jax.Device, "memory_stats", lambda self: {"bytes_limit": 2000, "bytes_in_use": 1000},
                       raising=False)
-  assert _engine.per_layer_params(cfg, params) is params
-  assert "decoding from stacked layer weights" in caplog.text
+  assert _engine.decoding_params(cfg, params) is params
+  assert "decoding from the params as given" in caplog.text
 
 
 # --- Sampling ---------------------------------------------------------------------------------------

@@ -97,6 +97,58 @@ def test_per_layer_caches_give_the_stacked_caches_numbers():
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_fused_mamba_input_projections_give_the_split_params_numbers(name):
+  """`models.fuse_in_proj` (the decoding layout): the same logits in the full forward, scanned or unrolled,
+  and over a prefill chunk and one-token steps of `apply_cached`; a fused matrix of the wrong width is a
+  clear error."""
+  cfg, params = PRESETS[name], _params(name)
+  fused = models.fuse_in_proj(cfg, params)
+  assert models.in_proj_fused(fused) and not models.in_proj_fused(params)
+  tokens = _tokens(cfg, seq=9)
+  for scan in (False, True):
+    c = cfg.replace(scan_layers=scan)
+    np.testing.assert_allclose(models.forward(c, fused, tokens), models.forward(c, params, tokens), atol=1e-5, rtol=0)
+  unrolled = cfg.replace(scan_layers=False)
+  step = jax.jit(functools.partial(models.apply_cached, unrolled))
+  split, joined = models.unstack_layers(params), models.fuse_in_proj(cfg, models.unstack_layers(params))
+  caches = [jax.jit(models.unstack_cache)(models.init_cache(cfg, 2, 16)) for _ in range(2)]
+  for chunk in (tokens[:, :6], tokens[:, 6:7], tokens[:, 7:8]):
+    (want, caches[0]), (got, caches[1]) = step(split, chunk, caches[0]), step(joined, chunk, caches[1])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  mixer = fused["layers"]["mamba"]["mixer"]
+  bad = {**fused, "layers": {**fused["layers"], "mamba": {**fused["layers"]["mamba"], "mixer": {
+      **mixer, "in_proj": mixer["in_proj"][..., 1:]}}}}
+  with pytest.raises(ValueError, match="fused in_proj has shape"):
+    models.forward(cfg, bad, tokens)
+
+
+def test_one_row_products_are_computed_on_two_rows_with_the_same_numbers():
+  """`nn._common.one_row_as_two`: a product whose activations hold one row runs on two (the second zero) and
+  gives the one-row result; products with more rows are left alone."""
+  from n3jax.nn import _common  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def einsum(spec, x, w):
+    calls.append(x.shape)
+    return jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST)
+
+  rng = np.random.RandomState(0)
+  w = jnp.asarray(rng.randn(6, 3, 4), jnp.float32)
+  for shape in ((1, 1, 6), (2, 1, 6), (1, 3, 6)):
+    x = jnp.asarray(rng.randn(*shape), jnp.float32)
+    got = _common.one_row_as_two(einsum, "BTD,DXY->BTXY", x, w)
+    np.testing.assert_allclose(got, jnp.einsum("BTD,DXY->BTXY", x, w, precision=jax.lax.Precision.HIGHEST),
+                               atol=1e-6, rtol=0)
+    assert got.shape == (*shape[:2], 3, 4)
+  assert calls == [(2, 1, 6), (2, 1, 6), (1, 3, 6)]
+  y = jnp.asarray(rng.randn(1, 1, 3, 4), jnp.float32)  # the output projection: contracted over two axes
+  np.testing.assert_allclose(_common.one_row_as_two(einsum, "BTXY,XYD->BTD", y, w.transpose(1, 2, 0)),
+                             jnp.einsum("BTXY,XYD->BTD", y, w.transpose(1, 2, 0), precision="highest"), atol=1e-6)
+  assert calls[-1] == (2, 1, 3, 4)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_every_param_gets_a_gradient_except_the_selection_bias(name):
   cfg, params = PRESETS[name], _params(name)
   grads = jax.grad(functools.partial(_loss, cfg))(params, _tokens(cfg))

@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 
 from n3jax import checkpointing
-from n3jax import models
 from n3jax import sharding
 from n3jax.configs import ModelConfig
 from n3jax.inference import _engine, _generate, _speculative, chat
@@ -121,8 +120,8 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     if sharded:  # read in their shards, then split per layer on the devices (`_engine.place_params`)
       params = _engine.place_params(
           cfg, checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout)), mesh, layout)
-    else:  # per-layer weights for the decoding step (`_engine.per_layer_params`), split on the host
-      params = jax.device_put(models.unstack_layers(checkpointing.load_params(ckpt_dir, as_numpy=True)))
+    else:  # the decoding step's layout (`_engine.decoding_params`), made on the host
+      params = jax.device_put(_engine.host_decoding_params(cfg, checkpointing.load_params(ckpt_dir, as_numpy=True)))
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
                 stop_strings=tuple(stop), decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from n3jax import models, sharding
-from n3jax.configs import ModelConfig
+from n3jax.configs import Block, ModelConfig
 from n3jax.inference import _sampling
 
 __all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room",
@@ -102,28 +102,52 @@ def decoding_config(cfg: ModelConfig) -> ModelConfig:
   return cfg.replace(scan_layers=False) if cfg.scan_layers else cfg
 
 
-_unstack_layers = jax.jit(models.unstack_layers)
+def _fuse_ok(cfg: ModelConfig) -> bool:
+  return cfg.quant == "none" and bool(cfg.count(Block.MAMBA))
 
 
-def per_layer_params(cfg: ModelConfig, params: Params) -> Params:
-  """Params as the unrolled decoding step reads them: one buffer per layer (`models.unstack_layers`, a copy
-  of the layers on the device; per-layer params and `scan_layers` configs pass through).
+@functools.partial(jax.jit, static_argnums=0)
+def _decoding_layout(cfg: ModelConfig, params: Params) -> Params:
+  params = params if models.layers_unstacked(params) else models.unstack_layers(params)
+  return models.fuse_in_proj(cfg, params) if _fuse_ok(cfg) and not models.in_proj_fused(params) else params
+
+
+def host_decoding_params(cfg: ModelConfig, params: Params) -> Params:
+  """`decoding_params` for host (numpy) params, before they are placed: no device copy."""
+  params = params if models.layers_unstacked(params) else models.unstack_layers(params)
+  return models.fuse_in_proj(cfg, params) if _fuse_ok(cfg) and not models.in_proj_fused(params) else params
+
+
+def decoding_params(cfg: ModelConfig, params: Params) -> Params:
+  """Params as the unrolled decoding step on one device reads them fastest: one buffer per layer
+  (`models.unstack_layers`) and, for unquantized configs, each Mamba layer's input projections fused into one
+  matrix (`models.fuse_in_proj`). A copy of what changes, on the device; params already so (and `scan_layers`
+  configs) pass through.
 
   From stacked weights, XLA's H100 compile of the batch-1 decoding step of Nemotron-3-Nano-4B (bf16, 7.9 GB)
   slices every layer's weights out of its stack into f32 temporaries, 11 GB of them per token, where the
-  per-layer step reads each weight once from where it lies (0.03 GB of temporaries). Where the device has no
-  room for the copy, the stacked params are kept (with a warning).
+  per-layer step reads each weight once from where it lies (0.03 GB of temporaries). Fused, a Mamba layer
+  projects with one matrix product instead of five, and XLA no longer concatenates the dt, B and C weights
+  every token (see `models.fuse_in_proj`). Where the device has no room for the copy, the params are kept
+  (with a warning).
   """
-  if cfg.scan_layers or models.layers_unstacked(params):
+  if cfg.scan_layers:
     return params
-  if not _room_for_a_copy(params["layers"]):
+  unstack = not models.layers_unstacked(params)
+  fuse = _fuse_ok(cfg) and not models.in_proj_fused(params)
+  if not (unstack or fuse):
     return params
-  return _unstack_layers(params)
+  copied = params["layers"] if unstack else [
+      {k: v for k, v in layer["mixer"].items() if k.startswith("in_proj_")}
+      for layer in params["layers"][models.kind_name(Block.MAMBA)]]
+  if not _room_for_a_copy(copied):
+    return params
+  return _decoding_layout(cfg, params)
 
 
 def _room_for_a_copy(layers: Params) -> bool:
   """Whether a device holding `layers` has room for a second copy of its part of them (unknown: yes). Where
-  it has not, generation decodes from the stacks (slower; see `per_layer_params`) and says so."""
+  it has not, generation decodes from the params as they are (slower; see `decoding_params`) and says so."""
   arrays = [a for a in jax.tree.leaves(layers) if isinstance(a, jax.Array)]
   if not arrays:
     return True  # host arrays: split before they are placed
@@ -134,9 +158,9 @@ def _room_for_a_copy(layers: Params) -> bool:
   free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
   if free >= need:
     return True
-  logging.warning("decoding from stacked layer weights: splitting them per layer needs %.1f GB more per device "
-                  "and %.1f GB are free; pass per-layer params (models.unstack_layers) to decode faster",
-                  need / 1e9, free / 1e9)
+  logging.warning("decoding from the params as given: their decoding layout (per-layer weights, fused Mamba "
+                  "input projections) needs %.1f GB more per device and %.1f GB are free; pass "
+                  "inference.decoding_params' layout to decode faster", need / 1e9, free / 1e9)
   return False
 
 
@@ -147,7 +171,7 @@ def _param_shardings(cfg: ModelConfig, mesh, layout: str, per_layer: bool) -> Pa
 
 def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   """Params on a mesh in their `sharding.param_shardings`: per layer (`models.unstack_layers`) unless
-  `cfg.scan_layers`, as the decoding step reads them fastest (see `per_layer_params`). Params already placed
+  `cfg.scan_layers`, as the decoding step reads them fastest (see `decoding_params`). Params already placed
   so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
   where the devices have room for it."""
   if not cfg.scan_layers and not models.layers_unstacked(params):

@@ -186,8 +186,8 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   if speculative_k is not None:
     _speculative.check(cfg, params, speculative_k)
   sharded = _engine.check_mesh(mesh, layout)
-  if not sharded:  # stacked weights: one device copy per call (pass `models.unstack_layers(params)` to skip it)
-    params = _engine.per_layer_params(cfg, params)
+  if not sharded:  # the decoding layout: a device copy per call unless given so (`_engine.decoding_params`)
+    params = _engine.decoding_params(cfg, params)
   think = _Think(*think_ids, thinking_budget)
   text = _Text(decode, stop_strings)
   longest = max((len(p) for p in prompts), default=0)

@@ -63,7 +63,30 @@ def linear(module: nn.Module, cfg: ModelConfig, role: str, spec: str, x: jax.Arr
   fn = quant.make_einsum(quant_config(cfg), layer_index=getattr(module, "layer_index", None),
                          num_layers=cfg.num_hidden_layers, role=role)
   key = module.make_rng("quant") if cfg.quant != "none" and module.has_rng("quant") else None
-  return fn(spec, x, w, preferred_element_type=jnp.float32, key=key)
+  return one_row_as_two(functools.partial(fn, preferred_element_type=jnp.float32, key=key), spec, x, w)
+
+
+def one_row_as_two(fn, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`fn(spec, x, w)`, an einsum of activations x and weights w; where x holds one row (its axes that w
+  lacks all have size 1: the batch-1 decoding step), computed on two rows (the second zero) and cut back.
+
+  XLA's GPU compiler rewrites a product with a vector operand into an elementwise multiply and a reduction
+  when (rows + columns) x depth < 1e7 (`GpuAlgebraicSimplifier::ShouldStrengthReduceDotToReduce`). In its H100
+  compile of the batch-1 decoding step of Nemotron-3-Nano-4B, that turned every projection narrower than about
+  3,000 columns (Mamba's B, C and dt, attention's K and V, the router; under tensor parallelism nearly all of
+  them) into a write of the f32 product the size of the weight, then a column reduction over a few thread
+  blocks; B and C were worse, their reductions fused into the conv window's concatenation, one thread
+  summing 3,136 products per output. With two rows the product stays a matrix product (a Triton GEMM fusion)
+  that reads each weight once. The zero row changes nothing in the first (no per-row scaling crosses rows).
+  """
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  free = [a for a in lhs if a not in rhs]
+  if not free or math.prod(x.shape[lhs.index(a)] for a in free) != 1:
+    return fn(spec, x, w)
+  axis = lhs.index(free[0])
+  x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
+  return jax.lax.slice_in_dim(fn(spec, x2, w), 0, 1, axis=out.index(free[0]))
 
 
 def is_quantized_layer(cfg: ModelConfig, layer_index: int) -> bool:

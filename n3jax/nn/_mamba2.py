@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from n3jax import sharding as shd
@@ -119,6 +120,40 @@ def _states_after_each_position(cfg: ModelConfig, raw: dict[str, jax.Array], con
   return out
 
 
+IN_PROJ = "in_proj"  # the fused input projection of the decoding layout (`fuse_in_proj`)
+
+
+def in_proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The input projections' output shapes, in HF's row order of the fused `in_proj` (z | x | B | C | dt)."""
+  m, p, j, q = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+  return {"z": (m, p), "x": (m, p), "B": (j, q), "C": (j, q), "dt": (m,)}
+
+
+def fuse_in_proj(cfg: ModelConfig, mixer: dict[str, Any]) -> dict[str, Any]:
+  """A Mamba mixer's params with `in_proj_{z,x,B,C,dt}` (and their biases) joined into one `in_proj`
+  [..., D, 2MP + 2JQ + M] (HF's fused order; leading stack axes kept), numpy or jax arrays alike.
+
+  The decoding layout on one device (`inference` applies it): the mixer then projects with one matrix
+  product per token. Split, the five products become separate kernels at batch 1, and in XLA's H100 compile of
+  the Nemotron-3-Nano-4B step, its dot merger joined dt, B and C by writing a fresh concatenation of their
+  weights (13 MB per layer) every token, because dt's 96 columns do not tile. Unquantized configs only; a
+  mesh keeps the split params, whose heads and groups its tensor axis splits.
+  """
+  if cfg.quant != "none":
+    raise ValueError(f"fuse_in_proj: quant={cfg.quant!r} scales each projection on its own; keep the split params")
+  names = [f"in_proj_{n}" for n in in_proj_shapes(cfg)]
+  if missing := [n for n in names if n not in mixer]:
+    raise ValueError(f"fuse_in_proj: the mixer params lack {missing} (already fused: {IN_PROJ in mixer})")
+  xp = np if all(isinstance(mixer[n], np.ndarray) for n in names) else jnp
+  flat = lambda a, k: a.reshape(*a.shape[:a.ndim - k], -1)  # the output axes (k of them) into one
+  ranks = {n: len(s) for n, s in zip(names, in_proj_shapes(cfg).values())}
+  out = {k: v for k, v in mixer.items() if k not in names and k not in [f"{n}_bias" for n in names]}
+  out[IN_PROJ] = xp.concatenate([flat(mixer[n], ranks[n]) for n in names], axis=-1)
+  if cfg.use_bias:
+    out[f"{IN_PROJ}_bias"] = xp.concatenate([flat(mixer[f"{n}_bias"], ranks[n]) for n in names], axis=-1)
+  return out
+
+
 class Mamba2Mixer(nn.Module):
   cfg: ModelConfig
   layer_index: int | None = None  # static, for the low-precision recipe's BF16 table
@@ -134,6 +169,25 @@ class Mamba2Mixer(nn.Module):
     if cfg.use_bias:
       out = out + _common.param(self, f"in_proj_{name}_bias", nn.initializers.zeros, out_shape, axes, pdtype)
     return out.astype(u.dtype)
+
+  def _fused_proj(self, u: jax.Array) -> list[jax.Array]:
+    """u [B,T,D] @ the fused `in_proj` [D, 2MP + 2JQ + M] (+ bias) -> z, x, B, C, dt as `_proj` gives them."""
+    cfg = self.cfg
+    if cfg.quant != "none":
+      raise ValueError(f"a fused in_proj (models.fuse_in_proj) is a layout for unquantized decoding; quant="
+                       f"{cfg.quant!r} scales each projection on its own: use the split params")
+    w = self.get_variable("params", IN_PROJ)
+    shapes = in_proj_shapes(cfg)
+    width = sum(math.prod(s) for s in shapes.values())
+    if w.shape != (u.shape[-1], width):
+      raise ValueError(f"fused in_proj has shape {w.shape}, expected {(u.shape[-1], width)} for this config")
+    out = _common.linear(self, cfg, "mamba_proj", "BTD,DX->BTX", u, w.astype(u.dtype))
+    if cfg.use_bias:
+      out = out + self.get_variable("params", f"{IN_PROJ}_bias")
+    out = out.astype(u.dtype)
+    bounds = np.cumsum([math.prod(s) for s in shapes.values()])[:-1]
+    return [piece.reshape(*u.shape[:2], *shape)
+            for piece, shape in zip(jnp.split(out, bounds, axis=-1), shapes.values())]
 
   def _conv_params(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.Array, Any]:
     cfg = self.cfg
@@ -168,11 +222,14 @@ class Mamba2Mixer(nn.Module):
     head_axes = (shd.SSM_HEADS, shd.SSM_HEAD_DIM)
     group_axes = (shd.SSM_GROUPS, shd.SSM_STATE)
 
-    z = self._proj("z", u, (m, p), head_axes)          # [B, T, M, P]
-    x = self._proj("x", u, (m, p), head_axes)          # [B, T, M, P]
-    b_in = self._proj("B", u, (j, q), group_axes)      # [B, T, J, Q]
-    c_in = self._proj("C", u, (j, q), group_axes)      # [B, T, J, Q]
-    dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
+    if self.has_variable("params", IN_PROJ):  # the decoding layout (`fuse_in_proj`)
+      z, x, b_in, c_in, dt = self._fused_proj(u)
+    else:
+      z = self._proj("z", u, (m, p), head_axes)          # [B, T, M, P]
+      x = self._proj("x", u, (m, p), head_axes)          # [B, T, M, P]
+      b_in = self._proj("B", u, (j, q), group_axes)      # [B, T, J, Q]
+      c_in = self._proj("C", u, (j, q), group_axes)      # [B, T, J, Q]
+      dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
 
     # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
     per_position = state is not None and state["ssm"].ndim == 5  # [B, T, M, P, Q]: every position's state

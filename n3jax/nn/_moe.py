@@ -153,8 +153,9 @@ class MoE(nn.Module):
     def routed_experts(tokens, v, w_up, w_down, key):
       """tokens [B, t, D], v [B, t, Din] -> (routed [B, t, Din], counts [E])."""
       b, tc, _ = tokens.shape
-      logits = jnp.einsum("TD,DE->TE", tokens.reshape(b * tc, d).astype(jnp.float32), w_gate.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)                # [T, E] f32
+      logits = _common.one_row_as_two(functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST), "TD,DE->TE",
+                                      tokens.reshape(b * tc, d).astype(jnp.float32),
+                                      w_gate.astype(jnp.float32))             # [T, E] f32
       weights, ids = route(logits, bias, cfg)                                 # [T, R], [T, R]
       w_up, w_down = w_up.astype(dtype), w_down.astype(dtype)
       grouped_matmul = None  # the backend's own (bf16) grouped matmul
