@@ -66,11 +66,13 @@ def _kinds(cfg: ModelConfig) -> list[Block]:
 class Embedder(nn.Module):
   """Token ids [B, T] -> embeddings [B, T, D].
 
-  A lookup of a single token (batch-1 decoding) gathers two copies of its row and keeps one: XLA rewrites a
-  one-row gather as a dynamic slice, which its SPMD partitioner makes from a vocab-split table by gathering
-  the whole table onto every device (0.82 GB per token for Nemotron-3-Nano-4B split over 8 H100s, by XLA's
-  compile). A gather it splits: each device looks up the rows in its part of the vocabulary, then one
-  all-reduce of [B, T, D].
+  A lookup of a single token (batch-1 decoding) from a table whose vocabulary the mesh splits gathers two
+  copies of its row and keeps one: XLA rewrites a one-row gather as a dynamic slice, which its SPMD partitioner
+  makes from a vocab-split table by gathering the whole table onto every device (0.82 GB per token for
+  Nemotron-3-Nano-4B split over 8 H100s, by XLA's compile). A gather it splits: each device looks up the rows
+  in its part of the vocabulary, then one all-reduce of [B, T, D]. Unsplit, the one-row dynamic slice stays:
+  on a TPU, whose default layout of this table (width 3136, not a multiple of 128) is column-major, a gather
+  of two rows or more copies the whole table into rows first (0.84 GB per call on a v5e; XLA's compile).
   """
   cfg: ModelConfig
 
@@ -79,7 +81,7 @@ class Embedder(nn.Module):
     cfg = self.cfg
     table = _common.param(self, "embedding", _common.dense_init(cfg), (cfg.vocab_size, cfg.hidden_size),
                           (shd.VOCAB, shd.EMBED), _common.dtype_of(cfg.param_dtype))
-    if tokens.size == 1:
+    if tokens.size == 1 and shd.splits(shd.VOCAB):
       flat = tokens.reshape(1)
       return jnp.take(table, jnp.concatenate([flat, flat]), axis=0)[:1].reshape(
           *tokens.shape, cfg.hidden_size).astype(_common.dtype_of(cfg.dtype))

@@ -262,6 +262,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(_BATCH_AXES, None))
 
 
+def splits(logical_axis: str) -> bool:
+  """Whether the active mesh and layout (`use_mesh`, read at trace time) split a logical axis over devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  spec = nn.logical_to_mesh_axes((logical_axis,))
+  return spec is not None and any(mesh.shape.get(a, 1) > 1 for a in _mesh_axes(spec[0]))
+
+
 def moe_shard_axes() -> tuple[str | None, tuple[str, ...]] | None:
   """How a MoE layer splits its routed experts' work on the active mesh: (expert mesh axis or None, the
   other batch axes), or None when nothing splits the tokens (no mesh, or every batch axis of size 1).

@@ -300,15 +300,16 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
       "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
 
 
-def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False):
-  """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096),
+def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096):
+  """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096 unless
+  given),
   4096 slots, bf16, per-layer weights (`fuse`: with the Mamba input projections fused, as generation decodes)
   -> (compiled, cache bytes, one Mamba layer's state bytes)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
-  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
+  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=vocab, dtype="bfloat16",
                                               param_dtype="bfloat16", scan_layers=False)
   max_len = 4096
   mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
@@ -518,3 +519,13 @@ def test_nvfp4_quantization_takes_no_full_size_temporaries_on_tpu():
     fn = lambda x, axis=axis: _nvfp4.fake_quant_nvfp4(x, axis=axis, key=jax.random.key(1))
     compiled = _tpu_compile(jax.jit(fn, out_shardings=rows), [x], mesh)
     assert aot.memory(compiled).temp_gb < 0.02, (axis, aot.memory(compiled).report())
+
+
+@needs_libtpu
+def test_one_token_decode_step_reads_the_embedding_table_where_it_lies_on_a_tpu():
+  """On one v5e chip the batch-1 decoding step never copies the embedding table. XLA keeps a [131072, 3136]
+  bf16 table column-major there (3136 is no multiple of 128), and a gather of two rows or more copies all of
+  it into rows first (0.84 GB per token: the two-row lookup `models.Embedder` uses where a mesh splits the
+  vocabulary). Off a mesh a one-token lookup stays a one-row dynamic slice."""
+  compiled, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=1, fuse=True, vocab=131072)
+  assert compiled.memory_analysis().temp_size_in_bytes < 131072 * 3136 * 2 // 10
