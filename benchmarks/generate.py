@@ -30,7 +30,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 256, "Decode steps timed per configura
 _TOKENS_PER_CALL = flags.DEFINE_integer("prefill_tokens_per_call", 16384,
                                         "Prefill chunk = this / batch prompt columns per compiled call.")
 _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over layers (default: unrolled, one program per step).")
-_STACKED = flags.DEFINE_boolean("stacked_params", False, "Feed the stacked layer params (default: `unstack_layers`).")
+_STACKED = flags.DEFINE_boolean("stacked_params", False, "Feed the stacked layer params (default: "
+                                "`inference.decoding_params`, what generation decodes from).")
 _HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth in GB/s for the bound (default: by device kind).")
 _ANCHOR = flags.DEFINE_enum("anchor", "auto", ["auto", "on", "off"], "Run the HF anchor (auto: if torch+CUDA).")
 _ANCHOR_SCRIPT = flags.DEFINE_string("anchor_script", None, "Path of anchor_hf_generate.py (default: found "
@@ -134,7 +135,7 @@ def main(argv):
   del argv  # Unused.
   run_anchor()  # before JAX allocates the accelerator
   import jax  # pylint: disable=g-import-not-at-top
-  from n3jax import models  # pylint: disable=g-import-not-at-top
+  from n3jax import inference, models  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
 
   preset = "tiny-dense" if _TINY.value else _PRESET.value
@@ -144,8 +145,8 @@ def main(argv):
   new_tokens = 8 if _TINY.value else _NEW.value
   params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  if not (_STACKED.value or _SCAN.value):
-    params = jax.block_until_ready(models.unstack_layers(params))  # the stacked copy is dropped here
+  if not (_STACKED.value or _SCAN.value):  # generation's layout: per layer, Mamba input projections fused
+    params = jax.block_until_ready(inference.decoding_params(cfg, params))  # the stacked copy is dropped here
   device = jax.devices()[0]
   gbps = _HBM.value or next((v for k, v in _HBM_GBPS.items() if k in device.device_kind), None)
   bound = gbps * 1e9 / weight_bytes if gbps else None  # as in ANCHORS.md: every weight byte once per token

@@ -37,7 +37,7 @@ from n3jax.configs import Block, ModelConfig
 from n3jax.inference import _sampling
 
 __all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room",
-           "sharded_steps", "check_mesh"]
+           "sharded_steps", "check_mesh", "decoding_params", "host_decoding_params", "decoding_config"]
 
 Params = Any
 _MIN_BUCKET = 8
