@@ -35,6 +35,8 @@ _MESH = flags.DEFINE_string("mesh", None, "Compile for a mesh of --target device
 _LAYOUT = flags.DEFINE_string("layout", "fsdp_tp_ep", "With --mesh: the n3jax.sharding layout.")
 _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over the layers (stacked weights and caches; the "
                              "released presets' default) instead of the unrolled step.")
+_SSD = flags.DEFINE_string("ssd_backend", None, "ModelConfig.ssd_backend (default: the preset's); \"pallas\": "
+                           "the Triton one-token SSM kernel on an H100.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["fused:per_layer", "per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
                              "weights:caches pairs: weights fused (per layer, Mamba input projections joined: what "
                              "n3jax.generate decodes from on one device), per_layer or stacked; caches per_layer or stacked.")
@@ -75,7 +77,8 @@ def compile_step(cfg, target: str, batch: int, max_len: int, *, weights: str, pe
                        (param_shapes, cache_shapes, state_shapes))
     params, cache, state = (place(t, s) for t, s in zip((param_shapes, cache_shapes, state_shapes), rep))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=jax.tree.leaves(rep[0])[0])
-    lowered = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens, sampling=sampling).lower()
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the target kernels pick (`ssd_backend="pallas"`)
+      lowered = _engine.decode_sample.trace(cfg, params, cache, tokens, state, tokens, sampling=sampling).lower()
   compiled = lowered.compile(aot.compiler_options(target))
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
   return compiled, nbytes(param_shapes), nbytes(cache_shapes)
@@ -114,6 +117,8 @@ def main(argv):
   from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
 
   cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=_SCAN.value)
+  if _SSD.value:
+    cfg = cfg.replace(ssd_backend=_SSD.value)
   mesh_shape = ({k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))} if _MESH.value else None)
   for prompt in map(int, _PROMPTS.value):
     for batch in map(int, _BATCHES.value):
@@ -123,7 +128,8 @@ def main(argv):
             cfg, _TARGET.value, batch, prompt + 264, weights=weights,
             per_layer_cache=caches == "per_layer", mesh_shape=mesh_shape, layout=_LAYOUT.value)
         m = aot.memory(compiled)
-        print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value, batch=batch, prompt=prompt, weights=weights,
+        print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value,
+                              ssd_backend=cfg.ssd_backend, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled),
                               matvec_reductions=matvec_reductions(compiled),

@@ -32,6 +32,8 @@ _TOKENS_PER_CALL = flags.DEFINE_integer("prefill_tokens_per_call", 16384,
 _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over layers (default: unrolled, one program per step).")
 _STACKED = flags.DEFINE_boolean("stacked_params", False, "Feed the stacked layer params (default: "
                                 "`inference.decoding_params`, what generation decodes from).")
+_SSD = flags.DEFINE_string("ssd_backend", None, "ModelConfig.ssd_backend (default: the preset's): \"pallas\" decodes "
+                           "with the Triton one-token SSM kernel (pallas_kernels/ssd/ops_decode.py).")
 _HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth in GB/s for the bound (default: by device kind).")
 _ANCHOR = flags.DEFINE_enum("anchor", "auto", ["auto", "on", "off"], "Run the HF anchor (auto: if torch+CUDA).")
 _ANCHOR_SCRIPT = flags.DEFINE_string("anchor_script", None, "Path of anchor_hf_generate.py (default: found "
@@ -140,6 +142,8 @@ def main(argv):
 
   preset = "tiny-dense" if _TINY.value else _PRESET.value
   cfg = PRESETS[preset].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=_SCAN.value)
+  if _SSD.value:
+    cfg = cfg.replace(ssd_backend=_SSD.value)
   batches = [1, 2] if _TINY.value else [int(b) for b in _BATCHES.value]
   prompts = [32, 64] if _TINY.value else [int(p) for p in _PROMPTS.value]
   new_tokens = 8 if _TINY.value else _NEW.value
@@ -151,7 +155,7 @@ def main(argv):
   gbps = _HBM.value or next((v for k, v in _HBM_GBPS.items() if k in device.device_kind), None)
   bound = gbps * 1e9 / weight_bytes if gbps else None  # as in ANCHORS.md: every weight byte once per token
   read_bytes = weight_bytes - params["embedder"]["embedding"].nbytes  # a step gathers B embedding rows only
-  emit(what="setup", preset=preset, device=device.device_kind, backend=jax.default_backend(),
+  emit(what="setup", preset=preset, device=device.device_kind, backend=jax.default_backend(), ssd_backend=cfg.ssd_backend,
        scan_layers=cfg.scan_layers, stacked_params=_STACKED.value or _SCAN.value,
        params_b=sum(x.size for x in jax.tree.leaves(params)) / 1e9, weight_gb=weight_bytes / 1e9,
        hbm_gbps=gbps, batch1_decode_bound_tok_s=bound,

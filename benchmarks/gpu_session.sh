@@ -44,7 +44,8 @@ log="$out/$part.log"
     kernels)
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
-        "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/moe/gmm_test.py::GmmTest" \
+        "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/ssd/ops_decode_test.py::DecodeTest" \
+        "pallas_kernels/moe/gmm_test.py::GmmTest" \
         "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" "pallas_kernels/ssd/ops_mgpu_test.py::SsdMosaicGpuTest" \
         "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)
@@ -61,8 +62,10 @@ log="$out/$part.log"
       "$py" benchmarks/train_step.py --ssd_backend=pallas_mgpu --moe_backend=pallas_mgpu --attention_impl=flash
       [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
         "$py" "$anchors/anchor_hf_train.py" ;;
-    generate)  # 6 compiles of the unrolled 42-layer model (prefill chunk + decode step per batch) and the anchor
-      "$py" benchmarks/generate.py --prompts=1024 --anchor=on --anchor_script="$anchors/anchor_hf_generate.py" ;;
+    generate)  # 6 compiles of the unrolled 42-layer model (prefill chunk + decode step per batch) and the anchor,
+               # then the Triton one-token SSM kernel (batch 1 and 64)
+      "$py" benchmarks/generate.py --prompts=1024 --anchor=on --anchor_script="$anchors/anchor_hf_generate.py"
+      "$py" benchmarks/generate.py --prompts=1024 --anchor=off --batches=1,64 --ssd_backend=pallas ;;
     generate_8k)
       "$py" benchmarks/generate.py --prompts=8192 --anchor=off ;;
     quant)

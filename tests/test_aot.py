@@ -300,17 +300,18 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
       "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
 
 
-def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096):
+def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096,
+                         cfg=None):
   """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096 unless
-  given),
+  given; or `cfg`),
   4096 slots, bf16, per-layer weights (`fuse`: with the Mamba input projections fused, as generation decodes)
   -> (compiled, cache bytes, one Mamba layer's state bytes)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
-  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=vocab, dtype="bfloat16",
-                                              param_dtype="bfloat16", scan_layers=False)
+  cfg = cfg or PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=vocab,
+                                                     dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
   max_len = 4096
   mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -356,6 +357,24 @@ def test_decode_step_projects_with_matrix_products_on_h100(batch):
   split = _compile_decode_step("h100", per_layer=True, batch=batch, fuse=False)[0].as_text()
   assert not re.search(reduced, split)
   assert len(re.findall(weight_concat, entry(split))) == 4  # one per Mamba layer
+
+
+@needs_plugin
+def test_decode_step_with_the_triton_ssm_kernel_updates_states_in_place_on_h100():
+  """With `ssd_backend="pallas"` each Mamba layer's one-token update is the Triton decode kernel
+  (`pallas_kernels.ssd.ops_decode`), which reads and writes its state once: the step's temporaries stay below
+  one layer's state and no Mamba state is copied (the reference's update-then-readout passes three times)."""
+  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
+
+  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
+                                              param_dtype="bfloat16", scan_layers=False, ssd_backend="pallas")
+  mesh = jax.sharding.Mesh(aot.devices("h100", 1), ("x",))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the kernels' target (else the host's CPU)
+    compiled, _, ssm_bytes = _compile_decode_step("h100", per_layer=True, batch=64, fuse=True, cfg=cfg)
+  text = compiled.as_text()
+  assert text.count('custom_call_target="__gpu$xla.gpu.triton"') == 4  # one per Mamba layer
+  assert compiled.memory_analysis().temp_size_in_bytes < ssm_bytes
+  assert not re.search(r"= f32\[64,96,80,128\][^ ]* copy\(", text)
 
 
 @needs_plugin

@@ -48,6 +48,27 @@ def test_greedy_on_mesh_matches_one_device(setup):
   assert steps._decode_sample._cache_size() == 1
 
 
+def test_greedy_on_mesh_with_the_triton_ssm_decode_kernel(setup, monkeypatch):
+  """The one-token Triton kernel (`ssd_backend="pallas"`, interpret mode on CPU) runs per batch and head
+  shard (`sharding.per_shard`) and gives the one-device tokens."""
+  from n3jax.nn import _mamba2  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.ssd import ops_decode  # pylint: disable=g-import-not-at-top
+  shapes = []
+
+  def kernel(state, *args, **kw):
+    shapes.append(state.shape)
+    return ops_decode.ssd_decode_step(state, *args, backend="triton", interpret=True, **kw)
+
+  monkeypatch.setitem(_mamba2.DECODE_STEPS, "pallas", kernel)
+  mesh, params = setup
+  one = generate_tokens(CFG, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  split = generate_tokens(CFG.replace(ssd_backend="pallas"), params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN,
+                          mesh=mesh, layout=LAYOUT)
+  assert [c.token_ids for c in split] == [c.token_ids for c in one]
+  m, p, q = CFG.mamba_num_heads, CFG.mamba_head_dim, CFG.ssm_state_size
+  assert set(shapes) == {(1, m // 2, p, q)}  # 4 rows over 4 batch shards, heads over tensor=2
+
+
 def test_cache_keeps_its_shardings(setup):
   mesh, params = setup
   steps = _engine.sharded_steps(CFG, mesh, LAYOUT, len(PROMPTS), MAX_LEN)  # the steps of the test above

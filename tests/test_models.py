@@ -261,6 +261,33 @@ def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-3)
 
 
+def test_triton_ssm_decode_kernel_inside_the_model(monkeypatch):
+  """`ssd_backend="pallas"` decodes each Mamba layer with the Triton one-token kernel (interpret mode on CPU):
+  the reference's logits and caches over a prefill chunk and one-token steps, one of which starts a new
+  document in row 0 (its state restarts from zero inside the kernel)."""
+  from n3jax.nn import _mamba2
+  from pallas_kernels.ssd import ops_decode
+  calls = []
+
+  def kernel(*args, **kw):
+    calls.append(1)
+    return ops_decode.ssd_decode_step(*args, backend="triton", interpret=True, **kw)
+
+  monkeypatch.setitem(_mamba2.DECODE_STEPS, "pallas", kernel)
+  cfg = PRESETS["tiny-dense"].replace(scan_layers=False)
+  params = models.unstack_layers(_params("tiny-dense"))
+  tokens = _tokens(cfg, seq=8)
+  caches = [jax.jit(models.unstack_cache)(models.init_cache(cfg, 2, 16)) for _ in range(2)]
+  steps = [(tokens[:, :5], jnp.ones((2, 5), jnp.int32)), (tokens[:, 5:6], jnp.ones((2, 1), jnp.int32)),
+           (tokens[:, 6:7], jnp.asarray([[2], [1]], jnp.int32)), (tokens[:, 7:8], jnp.asarray([[2], [1]], jnp.int32))]
+  for tok, seg in steps:
+    want, caches[0] = models.apply_cached(cfg, params, tok, caches[0], segment_ids=seg)
+    got, caches[1] = models.apply_cached(cfg.replace(ssd_backend="pallas"), params, tok, caches[1], segment_ids=seg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert len(calls) == 3 * cfg.count(n3jax.Block.MAMBA)  # the three one-token steps
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=0), caches[1], caches[0])
+
+
 def test_mosaic_gpu_ssd_kernel_inside_the_model(monkeypatch):
   """`ssd_backend="pallas_mgpu"` (the Hopper kernels, here in JAX's Mosaic GPU interpreter) in a bf16
   model with 64-token chunks and packed documents: the reference's loss and gradients within bf16 error."""

@@ -31,6 +31,7 @@ from n3jax.configs import ModelConfig
 from n3jax.nn import _common
 from n3jax.nn import _norms
 from pallas_kernels.ssd import ops as ssd_ops
+from pallas_kernels.ssd import ops_decode as ssd_decode
 from pallas_kernels.ssd import reference as ssd_ref
 
 # `cfg.ssd_backend` -> chunked scan with the signature of `pallas_kernels.ssd.reference.ssd_reference`.
@@ -68,6 +69,30 @@ def _ssd_per_shard(cfg: ModelConfig):
                 chunk_size=cfg.chunk_size, dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
 
   return shd.per_shard(run, _SSD_IN_AXES, _SSD_OUT_AXES)
+
+
+# `cfg.ssd_backend` -> the one-token update of decoding (`pallas_kernels.ssd.ops_decode.ssd_decode_step`): with
+# either Pallas backend its Triton kernel on GPU (state read once and written once, in place), the reference
+# elsewhere; "reference": the jnp `ssd_decode_step_reference`.
+DECODE_STEPS = {"reference": functools.partial(ssd_decode.ssd_decode_step, backend="reference"),
+                "pallas": functools.partial(ssd_decode.ssd_decode_step, backend="auto"),
+                "pallas_mgpu": functools.partial(ssd_decode.ssd_decode_step, backend="auto")}
+_DECODE_IN_AXES = (P(_ROWS, _HEADS, None, None), P(_ROWS, _HEADS, None), P(_ROWS, _HEADS), P(_HEADS),
+                   P(_ROWS, _GROUPS, None), P(_ROWS, _GROUPS, None), P(_HEADS), P(_HEADS), P(_ROWS))
+_DECODE_OUT_AXES = (P(_ROWS, _HEADS, None), P(_ROWS, _HEADS, None, None))
+
+
+def _decode_step(cfg: ModelConfig):
+  """(state, x, dt, A, B, C, D, dt_bias, keep) -> (y, new state), the decode update of `cfg.ssd_backend`; the
+  kernel runs per batch and head shard under a mesh, as the scan does."""
+  if cfg.ssd_backend not in DECODE_STEPS:
+    raise ValueError(f"Unknown {cfg.ssd_backend=}; known: {sorted(DECODE_STEPS)}")
+  step, (dt_min, dt_max) = DECODE_STEPS[cfg.ssd_backend], cfg.dt_limit
+
+  def run(state, x, dt, a, b, c, d, dt_bias, keep):
+    return step(state, x, dt, a, b, c, d, dt_bias, dt_softplus=True, dt_min=dt_min, dt_max=dt_max, keep=keep)
+
+  return run if cfg.ssd_backend == "reference" else shd.per_shard(run, _DECODE_IN_AXES, _DECODE_OUT_AXES)
 
 
 def _a_log_init(key, shape, dtype):
@@ -232,10 +257,17 @@ class Mamba2Mixer(nn.Module):
       dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
 
     # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
+    keep = None  # [B] rows whose SSM state carries on (the caches' new-document reset, `models._layer_cache`)
+    if state is not None and "continues" in state:
+      state = dict(state)
+      keep = state.pop("continues")
     per_position = state is not None and state["ssm"].ndim == 5  # [B, T, M, P, Q]: every position's state
     if per_position:
       state = {name: v[:, 0] for name, v in state.items()}  # the state before the chunk
     decode = t == 1 and state is not None  # a single new token continuing its document
+    if keep is not None and not decode:  # a chunk: the scan starts from the reset state
+      state = {**state, "ssm": jnp.where(keep[:, None, None, None], state["ssm"], 0.0)}
+      keep = None
     state = state or {}
     new_state = {}
     convolved = {}
@@ -262,9 +294,9 @@ class Mamba2Mixer(nn.Module):
     a = -jnp.exp(a_log.astype(jnp.float32))  # [M]; the decay is computed in f32 on purpose
     dt_min, dt_max = cfg.dt_limit
     if decode:  # the recurrence itself, h = exp(dt A) h + dt x B^T, instead of a padded chunk
-      y, ssm_state = ssd_ref.ssd_decode_step_reference(
+      y, ssm_state = _decode_step(cfg)(
           state["ssm"], convolved["x"][:, 0], dt[:, 0], a, convolved["B"][:, 0], convolved["C"][:, 0],
-          d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), dt_softplus=True, dt_min=dt_min, dt_max=dt_max)
+          d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), keep)
       y = y[:, None]                                                             # [B, 1, M, P]
     else:
       y, ssm_state = _ssd_per_shard(cfg)(

@@ -6,7 +6,10 @@ with a custom VJP: Triton kernels for NVIDIA GPUs (`ops_triton.py` +
 (`ops_mgpu.py` + `kernel_mgpu.py`, `MgpuBlockSizes`; `backend="mosaic_gpu"`)
 and Mosaic kernels for TPUs (`ops_tpu.py` + `kernel_tpu.py`, tiling
 `TpuBlockSizes`); `backend="auto"` picks by the target platform (Triton on
-GPUs until a GPU has compared the two).
+GPUs until a GPU has compared the two). `ssd_decode_step` (`ops_decode.py` +
+`kernel_decode.py`) is the one-token update of decoding as a Triton kernel that
+reads and writes the state once, in place (`DecodeBlockSizes`), a drop-in for
+`reference.ssd_decode_step_reference`.
 Verified on CPU hosts only: interpret-mode parity with the reference (outputs
 and gradients; the Mosaic GPU kernels in JAX's Mosaic GPU interpreter),
 lowering for an abstract H100 / TPU v5e, and ahead-of-time
@@ -15,5 +18,6 @@ tuning of both.
 """
 
 from pallas_kernels.ssd.ops import BlockSizes, MgpuBlockSizes, TpuBlockSizes, ssd
+from pallas_kernels.ssd.ops_decode import DecodeBlockSizes, ssd_decode_step
 
-__all__ = ["BlockSizes", "MgpuBlockSizes", "TpuBlockSizes", "ssd"]
+__all__ = ["BlockSizes", "DecodeBlockSizes", "MgpuBlockSizes", "TpuBlockSizes", "ssd", "ssd_decode_step"]

@@ -362,6 +362,19 @@ def ssd_sequential_reference(
   return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final_state
 
 
+def _check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep) -> None:
+  """The checks of `ssd_decode_step_reference` (shared with the kernel's entry point)."""
+  if x.ndim != 3 or dt.ndim != 2 or B.ndim != 3 or C.ndim != 3:
+    raise ValueError(
+        "Expected x [B, M, P], dt [B, M], B/C [B, J, Q], got "
+        f"{x.shape=} {dt.shape=} {B.shape=} {C.shape=}"
+    )
+  # Validate as a length-1 sequence (T = 1).
+  _check_ssd_inputs(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, dt_bias, state, None)
+  if keep is not None and keep.shape != (x.shape[0],):
+    raise ValueError(f"keep must be [B] = ({x.shape[0]},), got {keep.shape=}")
+
+
 def ssd_decode_step_reference(
     state: jax.Array,
     x: jax.Array,
@@ -375,6 +388,7 @@ def ssd_decode_step_reference(
     dt_softplus: bool = True,
     dt_min: float = 0.0,
     dt_max: float = float("inf"),
+    keep: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One-token recurrent SSD update (decoding), semantics of `ssd_reference`.
 
@@ -390,22 +404,19 @@ def ssd_decode_step_reference(
     dt_softplus: see `ssd_reference`.
     dt_min: see `ssd_reference`.
     dt_max: see `ssd_reference`.
+    keep: [B] bool or None: rows whose state carries on; the others start a new document and read a zero
+      state (None: every row carries on).
 
   Returns:
     y: [B, M, P] in x.dtype.
     new_state: [B, M, P, Q] float32.
   """
-  if x.ndim != 3 or dt.ndim != 2 or B.ndim != 3 or C.ndim != 3:
-    raise ValueError(
-        "Expected x [B, M, P], dt [B, M], B/C [B, J, Q], got "
-        f"{x.shape=} {dt.shape=} {B.shape=} {C.shape=}"
-    )
-  # Validate as a length-1 sequence (T = 1).
-  x1, dt1, b1, c1 = x[:, None], dt[:, None], B[:, None], C[:, None]
-  _check_ssd_inputs(x1, dt1, A, b1, c1, D, dt_bias, state, None)
+  _check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)
   dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,M]
   # xf [B,M,P], bmat/cmat [B,M,Q], h0 [B,M,P,Q]
   a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, state)
+  if keep is not None:
+    h0 = jnp.where(keep[:, None, None, None], h0, 0.0)
   # `_ssd_step` with a barrier between the state update and the readout (the same operations). Without it
   # XLA fuses both into one kernel that writes the new state to a temporary and then copies it into the
   # cache: two extra passes over the largest tensor of a decoding step (f32 [B, M, P, Q] per Mamba layer;
