@@ -1,9 +1,10 @@
 """GPU benchmark: the jnp decode update and causal conv1d of the Mamba-2 mixer are memory-bound.
 
-Issue #3 keeps three pieces of the mixer in jnp (XLA-fused) rather than Pallas: the one-token SSD state
-update (`ssd_decode_step_reference`), the causal conv1d over a sequence (`causal_conv1d_reference`) and
-its one-token update (`causal_conv1d_update_reference`). A kernel can only beat XLA there if XLA leaves
-bandwidth unused. For each, at the Nemotron 3 Nano mixer shape (64 heads of 64, state 128, 8 groups,
+Issue #3 keeps two pieces of the mixer in jnp (XLA-fused) rather than Pallas: the causal conv1d over a
+sequence (`causal_conv1d_reference`) and its one-token update (`causal_conv1d_update_reference`). A kernel
+can only beat XLA there if XLA leaves bandwidth unused. The one-token SSD state update is timed both ways: the
+jnp `ssd_decode_step_reference` (three passes over the state in XLA's H100 compile) and the Triton kernel of
+`ops_decode` (two), each with the state donated as in decoding. For each, at the Nemotron 3 Nano mixer shape (64 heads of 64, state 128, 8 groups,
 conv channels 4096 + 2 x 8 x 128 = 6144, kernel 4), this prints one JSON line with:
 
   ms               median wall time of the jitted call
@@ -29,6 +30,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.ssd import ops_decode
 from pallas_kernels.ssd import reference
 
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes only (CPU smoke run).")
@@ -59,19 +61,38 @@ def _time(fn, *args) -> float:
   return _timing.median_ms(lambda: jitted(*args), _ITERS.value, _WARMUP.value)
 
 
+def _time_donated(step, state, *args) -> float:
+  """Median ms of `state = step(state, *args)` with the state donated, as the decoding step runs it (the cache
+  is donated, so an op may update the state where it lies; without donation XLA would first copy it)."""
+  jitted = jax.jit(step, donate_argnums=0)
+  box = [state]
+
+  def call():
+    box[0] = jitted(box[0], *args)
+    return box[0]
+
+  return _timing.median_ms(call, _ITERS.value, _WARMUP.value)
+
+
 def _decode_step(batch: int, m: int, p: int, q: int, j: int):
+  """The jnp reference and the Triton kernel (`ops_decode`, GPU only; interpreted with --tiny), the state donated."""
   ks = jax.random.split(jax.random.key(0), 5)
   state = jax.random.normal(ks[0], (batch, m, p, q), jnp.float32)
   x = jax.random.normal(ks[1], (batch, m, p), jnp.bfloat16)
   dt = jax.random.normal(ks[2], (batch, m), jnp.float32)
   b, c = (jax.random.normal(k, (batch, j, q), jnp.bfloat16) for k in ks[3:5])
   a, d, dt_bias = -jnp.ones((m,)), jnp.ones((m,)), jnp.zeros((m,))
-  ms = _time(lambda s, x_, dt_, b_, c_: reference.ssd_decode_step_reference(s, x_, dt_, a, b_, c_, d, dt_bias),
-             state, x, dt, b, c)
   # The f32 state is read and written once; x, y, B, C, dt are negligible but counted.
   nbytes = 2 * state.size * 4 + 2 * x.size * 2 + 2 * b.size * 2 + dt.size * 4
   flops = state.size * 5  # decay, outer-product add (2), C contraction (2)
-  _emit("ssd_decode_step", dict(batch=batch, heads=m, head_dim=p, state=q, groups=j), ms, nbytes, flops)
+  dims = dict(batch=batch, heads=m, head_dim=p, state=q, groups=j)
+  variants = [("ssd_decode_step", dict(backend="reference"))]
+  if jax.default_backend() == "gpu" or _TINY.value:
+    variants.append(("ssd_decode_step_triton", dict(backend="triton", interpret=jax.default_backend() != "gpu")))
+  for what, kw in variants:
+    step = lambda s, x_, dt_, b_, c_, kw=kw: ops_decode.ssd_decode_step(s, x_, dt_, a, b_, c_, d, dt_bias, **kw)[1]
+    ms = _time_donated(step, jnp.copy(state), x, dt, b, c)
+    _emit(what, dims, ms, nbytes, flops)
 
 
 def _conv(batch: int, seq: int, channels: int, k: int):
