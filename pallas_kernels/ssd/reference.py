@@ -253,9 +253,13 @@ def ssd_reference(
   _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids)
   _check_chunk_size(chunk_size)
   dt = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # [B,T,M]
-  # xf [B,T,M,P], bmat/cmat [B,T,M,Q], h0 [B,M,P,Q]
-  a_coef, xf, bmat, cmat, h0 = _cast_ssd(x, A, B, C, initial_state)
   bsz, seqlen, nheads, headdim = x.shape
+  ngroups = B.shape[2]
+  heads_per_group = nheads // ngroups
+  # xf [B,T,M,P], h0 [B,M,P,Q]; B and C stay per group, bmat/cmat [B,T,J,Q]: head m = (j, g) with
+  # j = m // G reads group j. Expanding them to heads would repeat each group's C.B products G times.
+  a_coef, xf, _, _, h0 = _cast_ssd(x, A, B[..., :1, :], C[..., :1, :], initial_state)
+  bmat, cmat = B.astype(_F32), C.astype(_F32)
   segc, carry_in = _chunked_segments(doc_ids, bsz, seqlen, chunk_size)  # [B,C,L] each
 
   # Pad after dt processing: dt = 0 (decay 1) and x = B = C = 0 change neither
@@ -266,8 +270,10 @@ def ssd_reference(
     xf, dt, bmat, cmat = map(pad_t, (xf, dt, bmat, cmat))
   nchunks = (seqlen + pad) // chunk_size
   chunked = lambda v: v.reshape((bsz, nchunks, chunk_size) + v.shape[2:])
-  # xc [B,C,L,M,P], dtc [B,C,L,M], bc/cc [B,C,L,M,Q].
+  # xc [B,C,L,M,P], dtc [B,C,L,M], bc/cc [B,C,L,J,Q].
   xc, dtc, bc, cc = map(chunked, (xf, dt, bmat, cmat))
+  by_group = lambda v, axis: v.reshape(v.shape[:axis] + (ngroups, heads_per_group) + v.shape[axis + 1:])
+  xg, dtg = by_group(xc, 3), by_group(dtc, 3)  # [B,C,L,J,G,P], [B,C,L,J,G]
 
   a = jnp.transpose(dtc * a_coef, (0, 3, 1, 2))  # [B,M,C,L]
   a_cumsum = jnp.cumsum(a, axis=-1)  # [B,M,C,L]
@@ -279,19 +285,20 @@ def ssd_reference(
   segsum = jnp.where(mask, _segsum(a), 0.0)  # [B,M,C,L,S]
   decay_ls = jnp.where(mask, jnp.exp(segsum), 0.0)  # [B,M,C,L,S]
 
-  # (1) Intra-chunk (diagonal block) term.
-  # [B,C,L,M,Q] x [B,C,S,M,Q] -> [B,M,C,L,S]
-  scores = _einsum("bclmq,bcsmq->bmcls", cc, bc) * decay_ls
-  # [B,M,C,L,S] x [B,C,S,M] x [B,C,S,M,P] -> [B,C,L,M,P]
-  y_diag = _einsum("bmcls,bcsm,bcsmp->bclmp", scores, dtc, xc)
+  # (1) Intra-chunk (diagonal block) term: C.B once per group, the decay per head.
+  # [B,C,L,J,Q] x [B,C,S,J,Q] -> [B,J,C,L,S]
+  scores_g = _einsum("bcljq,bcsjq->bjcls", cc, bc)
+  scores = scores_g[:, :, None] * by_group(decay_ls, 1)  # [B,J,G,C,L,S]
+  # [B,J,G,C,L,S] x [B,C,S,J,G] x [B,C,S,J,G,P] -> [B,C,L,J,G,P]
+  y_diag = _einsum("bjgcls,bcsjg,bcsjgp->bcljgp", scores, dtg, xg)
 
   # (2) State at the end of each chunk from that chunk's own tokens. The last
   # row of decay_ls already zeroes tokens outside the chunk's last document.
-  decay_to_end = decay_ls[..., -1, :]  # [B,M,C,S]
-  # [B,M,C,S] x [B,C,S,M] x [B,C,S,M,Q] x [B,C,S,M,P] -> [B,C,M,P,Q]
+  decay_to_end = by_group(decay_ls[..., -1, :], 1)  # [B,J,G,C,S]
+  # [B,J,G,C,S] x [B,C,S,J,G] x [B,C,S,J,Q] x [B,C,S,J,G,P] -> [B,C,J,G,P,Q]
   chunk_states = _einsum(
-      "bmcs,bcsm,bcsmq,bcsmp->bcmpq", decay_to_end, dtc, bc, xc
-  )
+      "bjgcs,bcsjg,bcsjq,bcsjgp->bcjgpq", decay_to_end, dtg, bc, xg
+  ).reshape(bsz, nchunks, nheads, headdim, -1)  # [B,C,M,P,Q]
 
   # (3) Inter-chunk recurrence. Position l sees the state entering its chunk
   # iff it is in that state's document (`carry_in`, see `_chunked_segments`).
@@ -312,8 +319,8 @@ def ssd_reference(
   h_in = jnp.moveaxis(h_in, 0, 1)  # [B,C,M,P,Q] state entering each chunk
 
   # (4) State-to-output (off-diagonal block) term.
-  # [B,C,L,M,Q] x [B,C,M,P,Q] x [B,M,C,L] -> [B,C,L,M,P]
-  y_off = _einsum("bclmq,bcmpq,bmcl->bclmp", cc, h_in, decay_from_start)
+  # [B,C,L,J,Q] x [B,C,J,G,P,Q] x [B,J,G,C,L] -> [B,C,L,J,G,P]
+  y_off = _einsum("bcljq,bcjgpq,bjgcl->bcljgp", cc, by_group(h_in, 2), by_group(decay_from_start, 1))
 
   y = (y_diag + y_off).reshape(bsz, nchunks * chunk_size, nheads, headdim)
   y = y[:, :seqlen]  # [B,T,M,P]
