@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh train      # benchmarks/train_step.py vs anchor_hf_train.py (reduced-depth Nano)
 #   bash benchmarks/gpu_session.sh generate   # benchmarks/generate.py vs anchor_hf_generate.py (Nano-4B, prompt 1k: the anchor's)
 #   bash benchmarks/gpu_session.sh generate_8k  # the same at prompt 8k (batch 1, 8, 64; no anchor), one call of its own
+#   bash benchmarks/gpu_session.sh generate_pallas  # prompt 1k, batch 1 and 64, ssd_backend="pallas" (Triton scan + decode kernel)
 #   bash benchmarks/gpu_session.sh quant      # benchmarks/quant.py: bf16 vs fp8 (native) vs nvfp4 (emulated)
 #
 # mamba_ssm's Triton sources (for `ssd`): fetch state-spaces/mamba, extract its `mamba_ssm/` into
@@ -21,7 +22,7 @@
 # The anchor scripts are read from $ANCHOR_DIR (default: ../shared/bench, else shared/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: first | kernels | ssd | attention | moe | moe_sweep | train | generate | generate_8k | quant}"
+part="${1:?part: first | kernels | ssd | attention | moe | moe_sweep | train | generate | generate_8k | generate_pallas | quant}"
 out="${OUT:-/tmp/n3jax_gpu}"
 mkdir -p "$out"
 anchors="${ANCHOR_DIR:-$( [ -d ../shared/bench ] && echo ../shared/bench || echo shared/bench )}"
@@ -62,9 +63,9 @@ log="$out/$part.log"
       "$py" benchmarks/train_step.py --ssd_backend=pallas_mgpu --moe_backend=pallas_mgpu --attention_impl=flash
       [ -f "$anchors/anchor_hf_train.py" ] && PYTHONPATH="${MAMBA_PATH:-$PWD/third_party/mamba}:$PYTHONPATH" \
         "$py" "$anchors/anchor_hf_train.py" ;;
-    generate)  # 6 compiles of the unrolled 42-layer model (prefill chunk + decode step per batch) and the anchor,
-               # then the Triton one-token SSM kernel (batch 1 and 64)
-      "$py" benchmarks/generate.py --prompts=1024 --anchor=on --anchor_script="$anchors/anchor_hf_generate.py"
+    generate)  # 6 compiles of the unrolled 42-layer model (prefill chunk + decode step per batch) and the anchor
+      "$py" benchmarks/generate.py --prompts=1024 --anchor=on --anchor_script="$anchors/anchor_hf_generate.py" ;;
+    generate_pallas)  # the same with ssd_backend="pallas": the Triton SSD scan in prefill, the one-token kernel in decode
       "$py" benchmarks/generate.py --prompts=1024 --anchor=off --batches=1,64 --ssd_backend=pallas ;;
     generate_8k)
       "$py" benchmarks/generate.py --prompts=8192 --anchor=off ;;
