@@ -152,6 +152,9 @@ def test_the_generator_decodes_from_per_layer_weights_with_fused_mamba_projectio
   assert _engine.decoding_config(cfg.replace(scan_layers=True)) == cfg.replace(scan_layers=False)  # generation unrolls
   per_layer = models.unstack_layers(params)  # e.g. read so from a checkpoint: only the projections are joined
   assert models.in_proj_fused(_engine.decoding_params(cfg, per_layer))
+  on_host = _engine.decoding_layout(cfg, jax.tree.map(np.asarray, params))  # a checkpoint, before it is placed
+  assert isinstance(on_host["layers"]["mamba"][0]["mixer"]["in_proj"], np.ndarray)
+  np.testing.assert_array_equal(on_host["layers"]["mamba"][0]["mixer"]["in_proj"], in_proj)
   quantized = cfg.replace(quant="fp8")  # the recipe scales each projection on its own: split, not fused
   assert not models.in_proj_fused(_engine.decoding_params(quantized, params))
   assert _engine.decoding_params(quantized, per_layer) is per_layer

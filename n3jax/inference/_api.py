@@ -121,7 +121,7 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
       params = _engine.place_params(
           cfg, checkpointing.load_params(ckpt_dir, shardings=sharding.param_shardings(cfg, mesh, layout)), mesh, layout)
     else:  # the decoding step's layout (`_engine.decoding_params`), made on the host
-      params = jax.device_put(_engine.host_decoding_params(cfg, checkpointing.load_params(ckpt_dir, as_numpy=True)))
+      params = jax.device_put(_engine.decoding_layout(cfg, checkpointing.load_params(ckpt_dir, as_numpy=True)))
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
                 stop_strings=tuple(stop), decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))

@@ -37,7 +37,7 @@ from n3jax.configs import Block, ModelConfig
 from n3jax.inference import _sampling
 
 __all__ = ["left_align", "padded_length", "prefill", "decode_logits", "decode_sample", "choose", "cache_room",
-           "sharded_steps", "check_mesh", "decoding_params", "host_decoding_params", "decoding_config"]
+           "sharded_steps", "check_mesh", "decoding_params", "decoding_layout", "decoding_config"]
 
 Params = Any
 _MIN_BUCKET = 8
@@ -106,16 +106,14 @@ def _fuse_ok(cfg: ModelConfig) -> bool:
   return cfg.quant == "none" and bool(cfg.count(Block.MAMBA))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decoding_layout(cfg: ModelConfig, params: Params) -> Params:
+def decoding_layout(cfg: ModelConfig, params: Params) -> Params:
+  """The layout of `decoding_params` as a pure function: host (numpy) params stay on the host, so a checkpoint
+  is put in it before it is placed (no device copy)."""
   params = params if models.layers_unstacked(params) else models.unstack_layers(params)
   return models.fuse_in_proj(cfg, params) if _fuse_ok(cfg) and not models.in_proj_fused(params) else params
 
 
-def host_decoding_params(cfg: ModelConfig, params: Params) -> Params:
-  """`decoding_params` for host (numpy) params, before they are placed: no device copy."""
-  params = params if models.layers_unstacked(params) else models.unstack_layers(params)
-  return models.fuse_in_proj(cfg, params) if _fuse_ok(cfg) and not models.in_proj_fused(params) else params
+_decoding_layout = jax.jit(decoding_layout, static_argnums=0)
 
 
 def decoding_params(cfg: ModelConfig, params: Params) -> Params:
