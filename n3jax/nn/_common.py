@@ -77,7 +77,8 @@ def one_row_as_two(fn, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   them) into a write of the f32 product the size of the weight, then a column reduction over a few thread
   blocks; B and C were worse, their reductions fused into the conv window's concatenation, one thread
   summing 3,136 products per output. With two rows the product stays a matrix product (a Triton GEMM fusion)
-  that reads each weight once. The zero row changes nothing in the first (no per-row scaling crosses rows).
+  that reads each weight once. The zero row changes nothing in the first, nor any amax the FP8 / NVFP4
+  recipes scale by.
   """
   lhs, rest = spec.split(",")
   rhs, out = rest.split("->")
