@@ -92,11 +92,11 @@ def ssd_decode_step(
   """One-token SSD update; args and results as `reference.ssd_decode_step_reference` (`keep` [B] bool: rows
   whose state carries on; the others restart from zero). The Triton kernel updates `state` in place when the
   caller donates it. Not differentiable (decoding only)."""
-  reference._check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
   backend = _resolve_backend(backend, interpret, B.shape[-1])
   if backend == "reference":
     return reference.ssd_decode_step_reference(state, x, dt, A, B, C, D, dt_bias, dt_softplus=dt_softplus,
                                                dt_min=dt_min, dt_max=dt_max, keep=keep)
+  reference._check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
   bsz, nheads, headdim = x.shape
   dstate = B.shape[-1]
   if state is None:
