@@ -10,8 +10,8 @@ prompt length, with the weights and the caches stacked per layer kind or split p
 (`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device)
 (temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
 the number of kernels (fusions, custom calls and copies) the step launches, the products XLA turned into
-multiply-and-reduce kernels (`matvec_reductions`) and the concatenations of weights it writes per step
-(`weight_concatenations`). No speed: that needs the chip
+multiply-and-reduce kernels and the concatenations of weights it writes per step (`aot.matvec_reductions`,
+`aot.weight_concatenations`). No speed: that needs the chip
 (`benchmarks/generate.py`). Needs the CUDA PJRT plugin (`n3jax[aot-gpu]`) or libtpu (`n3jax[aot-tpu]`).
 """
 
@@ -92,25 +92,6 @@ def kernels(compiled) -> int:
   return len(re.findall(r"= [^=]*? (?:fusion|custom-call|copy|copy-start|fusion-start)\(", entry))
 
 
-def matvec_reductions(compiled) -> int:
-  """Products XLA's GPU compiler rewrote into an elementwise multiply and a reduction (a product with one row
-  and fewer than 1e7 (rows + columns) x depth: see `nn._common.one_row_as_two`): multiplies named after one of
-  the model's einsums (upper-case specs; the SSM recurrence's own lower-case products are meant as such)."""
-  return len(set(re.findall(r"%(multiply[\w.]*) = [^\n]*? multiply\([^\n]*op_name=\"[^\"]*/[A-Z,]+->[A-Z]+"
-                            r"/dot_general\"", compiled.as_text())))
-
-
-def weight_concatenations(compiled, min_elements: int = 1 << 20) -> int:
-  """Kernels of the step that write a concatenation of weights (XLA's dot merger joining products that share
-  an operand, where the joined weights do not tile): concatenate fusions of params with >= `min_elements`
-  outputs (XLA names the step's arguments after their paths: `params__...`)."""
-  entry = compiled.as_text()
-  entry = entry[entry.index("\nENTRY"):]
-  found = re.findall(r"%[\w.]*concatenate_fusion[\w.]* = \w+\[([\d,]+)\][^ ]* fusion\(([^)]*)\)", entry)
-  return sum(math.prod(int(d) for d in shape.split(",")) >= min_elements
-             and all(a.strip().startswith("%params") for a in args.split(",")) for shape, args in found)
-
-
 def main(argv):
   del argv  # Unused.
   from n3jax import aot  # pylint: disable=g-import-not-at-top
@@ -132,8 +113,8 @@ def main(argv):
                               ssd_backend=cfg.ssd_backend, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled),
-                              matvec_reductions=matvec_reductions(compiled),
-                              weight_concatenations=weight_concatenations(compiled))),
+                              matvec_reductions=aot.matvec_reductions(compiled),
+                              weight_concatenations=aot.weight_concatenations(compiled))),
               flush=True)
 
 

@@ -50,8 +50,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["GPU_TARGETS", "KernelStats", "MemoryStats", "compiler_options", "devices", "memory",
-           "mosaic_gpu_kernels"]
+__all__ = ["GPU_TARGETS", "KernelStats", "MemoryStats", "compiler_options", "devices", "matvec_reductions", "memory",
+           "mosaic_gpu_kernels", "weight_concatenations"]
 
 _TARGET_DIR = pathlib.Path(__file__).parent / "_targets"
 GPU_TARGETS = {"h100": "h100_sxm.txtpb"}  # name -> XLA GpuTargetConfigProto (text) in _targets/
@@ -128,6 +128,26 @@ def memory(compiled: jax.stages.Compiled) -> MemoryStats:
   gb = 1e9
   return MemoryStats(m.argument_size_in_bytes / gb, m.output_size_in_bytes / gb, m.alias_size_in_bytes / gb,
                      m.temp_size_in_bytes / gb)
+
+
+def matvec_reductions(compiled: jax.stages.Compiled) -> int:
+  """Products of the model that XLA's GPU compiler made an elementwise multiply and a reduction: it does so
+  for a product with one row and (rows + columns) x depth < 1e7 (see `nn._common.one_row_as_two`). Counts the
+  multiplies named after one of the model's einsums (upper-case specs; the SSM recurrence's own lower-case
+  products are meant as such)."""
+  return len(set(re.findall(r"%(multiply[\w.]*) = [^\n]*? multiply\([^\n]*op_name=\"[^\"]*/[A-Z,]+->[A-Z]+"
+                            r"/dot_general\"", compiled.as_text())))
+
+
+def weight_concatenations(compiled: jax.stages.Compiled, min_elements: int = 1 << 20) -> int:
+  """Kernels of `compiled` that write a concatenation of weights each call (XLA's dot merger joining products
+  that share an operand, where the joined weights do not tile): concatenate fusions of params with at least
+  `min_elements` outputs (XLA names a jitted function's arguments after their paths: `params__...`)."""
+  entry = compiled.as_text()
+  entry = entry[entry.index("\nENTRY"):]
+  found = re.findall(r"%[\w.]*concatenate_fusion[\w.]* = \w+\[([\d,]+)\][^ ]* fusion\(([^)]*)\)", entry)
+  return sum(math.prod(int(d) for d in shape.split(",")) >= min_elements
+             and all(a.strip().startswith("%params") for a in args.split(",")) for shape, args in found)
 
 
 @dataclasses.dataclass(frozen=True)
