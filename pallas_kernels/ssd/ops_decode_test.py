@@ -8,11 +8,11 @@ at the Nemotron-3-Nano-4B mixer shape (no accelerator needed).
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
-from jax._src import mesh as mesh_lib
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import ops_decode
+from pallas_kernels.ssd.ops_test import _H100, _abstract_mesh  # the abstract H100 of the scan's tests
 from pallas_kernels.ssd import reference
 
 # |got - want| <= atol * max|want| + rtol * |want|. The kernel works in f32 like the reference; bf16 outputs
@@ -107,11 +107,6 @@ class DecodeInterpretTest(DecodeTest):
   INTERPRET = True
 
 
-def _abstract_gpu():
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
-  return mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
-
-
 class DecodeApiTest(parameterized.TestCase):
 
   def test_auto_picks_the_kernel_on_gpu_only(self):
@@ -119,7 +114,7 @@ class DecodeApiTest(parameterized.TestCase):
     self.assertEqual(resolve("auto", False, 128), "reference")  # CPU
     self.assertEqual(resolve("auto", True, 128), "triton")
     self.assertEqual(resolve("auto", True, 96), "reference")  # Q not a power of 2
-    with jax.sharding.use_abstract_mesh(_abstract_gpu()):
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_H100)):
       self.assertEqual(resolve("auto", False, 128), "triton")
     with self.assertRaisesRegex(ValueError, "target platform is 'cpu'"):
       resolve("triton", False, 128)
@@ -148,7 +143,7 @@ class DecodeApiTest(parameterized.TestCase):
             sds((m,), jnp.float32), sds((m,), jnp.float32), sds((b,), jnp.bool_))
     step = jax.jit(lambda st, x, dt, a, bb, c, d, dtb, keep: ops_decode.ssd_decode_step(
         st, x, dt, a, bb, c, d, dtb, keep=keep), donate_argnums=0)
-    with jax.sharding.use_abstract_mesh(_abstract_gpu()):
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_H100)):
       text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
     self.assertIn("tf.aliasing_output = 1", text)
