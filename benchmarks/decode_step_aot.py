@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no accelerator needed
 
@@ -84,14 +83,6 @@ def compile_step(cfg, target: str, batch: int, max_len: int, *, weights: str, pe
   return compiled, nbytes(param_shapes), nbytes(cache_shapes)
 
 
-def kernels(compiled) -> int:
-  """Kernels the step launches: fusions, custom calls (library GEMMs, Pallas kernels) and copies of ENTRY."""
-  text = compiled.as_text()
-  entry = text[text.index("\nENTRY"):]
-  entry = entry[:entry.index("\n}\n")]
-  return len(re.findall(r"= [^=]*? (?:fusion|custom-call|copy|copy-start|fusion-start)\(", entry))
-
-
 def main(argv):
   del argv  # Unused.
   from n3jax import aot  # pylint: disable=g-import-not-at-top
@@ -112,7 +103,7 @@ def main(argv):
         print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value,
                               ssd_backend=cfg.ssd_backend, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
-                              temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=kernels(compiled),
+                              temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=aot.kernels(compiled),
                               matvec_reductions=aot.matvec_reductions(compiled),
                               weight_concatenations=aot.weight_concatenations(compiled))),
               flush=True)

@@ -33,7 +33,7 @@ _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over layers (defaul
 _STACKED = flags.DEFINE_boolean("stacked_params", False, "Feed the stacked layer params (default: "
                                 "`inference.decoding_params`, what generation decodes from).")
 _SSD = flags.DEFINE_string("ssd_backend", None, "ModelConfig.ssd_backend (default: the preset's): \"pallas\" decodes "
-                           "with the Triton one-token SSM kernel (pallas_kernels/ssd/ops_decode.py).")
+                           "with the Triton one-token conv + SSM kernel (pallas_kernels/ssd/ops_decode.py).")
 _HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth in GB/s for the bound (default: by device kind).")
 _ANCHOR = flags.DEFINE_enum("anchor", "auto", ["auto", "on", "off"], "Run the HF anchor (auto: if torch+CUDA).")
 _ANCHOR_SCRIPT = flags.DEFINE_string("anchor_script", None, "Path of anchor_hf_generate.py (default: found "

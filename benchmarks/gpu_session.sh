@@ -46,7 +46,7 @@ log="$out/$part.log"
       # Compiled classes only (their interpret twins run in the CPU suite).
       XLA_FLAGS= JAX_PLATFORMS= "$py" -m pytest -q -p no:cacheprovider \
         "pallas_kernels/ssd/ops_test.py::SsdTest" "pallas_kernels/ssd/ops_decode_test.py::DecodeTest" \
-        "pallas_kernels/moe/gmm_test.py::GmmTest" \
+        "pallas_kernels/ssd/ops_decode_test.py::ConvDecodeTest" "pallas_kernels/moe/gmm_test.py::GmmTest" \
         "pallas_kernels/moe/gmm_mgpu_test.py::GmmMgpuTest" "pallas_kernels/ssd/ops_mgpu_test.py::SsdMosaicGpuTest" \
         "pallas_kernels/attention/ops_test.py" -rs ;;
     ssd)

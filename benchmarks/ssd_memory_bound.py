@@ -4,7 +4,9 @@ Issue #3 keeps two pieces of the mixer in jnp (XLA-fused) rather than Pallas: th
 sequence (`causal_conv1d_reference`) and its one-token update (`causal_conv1d_update_reference`). A kernel
 can only beat XLA there if XLA leaves bandwidth unused. The one-token SSD state update is timed both ways: the
 jnp `ssd_decode_step_reference` (three passes over the state in XLA's H100 compile) and the Triton kernel of
-`ops_decode` (two), each with the state donated as in decoding. For each, at the Nemotron 3 Nano mixer shape (64 heads of 64, state 128, 8 groups,
+`ops_decode` (two), each with the state donated as in decoding; and the whole one-token core of a decoding
+Mamba layer (three conv windows shifted and convolved, dt, the SSM update) as the jnp reference and as the
+Triton conv + SSM kernel reading the fused projection (`conv_ssd_decode_step_packed`: one launch). For each, at the Nemotron 3 Nano mixer shape (64 heads of 64, state 128, 8 groups,
 conv channels 4096 + 2 x 8 x 128 = 6144, kernel 4), this prints one JSON line with:
 
   ms               median wall time of the jitted call
@@ -95,6 +97,37 @@ def _decode_step(batch: int, m: int, p: int, q: int, j: int):
     _emit(what, dims, ms, nbytes, flops)
 
 
+def _conv_decode_step(batch: int, m: int, p: int, q: int, j: int, k: int):
+  """The conv windows + SSM update of one decoding Mamba layer from its fused projection (z | x | B | C | dt):
+  the jnp reference and the Triton kernel (`conv_ssd_decode_step_packed`), the state and windows donated."""
+  ks = jax.random.split(jax.random.key(3), 8)
+  state = jax.random.normal(ks[0], (batch, m, p, q), jnp.float32)
+  windows = (jax.random.normal(ks[1], (batch, k - 1, m, p), jnp.bfloat16),
+             jax.random.normal(ks[2], (batch, k - 1, j, q), jnp.bfloat16),
+             jax.random.normal(ks[3], (batch, k - 1, j, q), jnp.bfloat16))
+  proj = jax.random.normal(ks[4], (batch, 2 * m * p + 2 * j * q + m), jnp.bfloat16)
+  weights = (jax.random.normal(ks[5], (k, m, p), jnp.bfloat16), jax.random.normal(ks[6], (k, j, q), jnp.bfloat16),
+             jax.random.normal(ks[7], (k, j, q), jnp.bfloat16))
+  a_log, d, dt_bias = jnp.zeros((m,)), jnp.ones((m,)), jnp.zeros((m,))
+  # The f32 state read and written once, the windows read and written, the projection's x, B, C, dt read once,
+  # y written once; weights are negligible but counted.
+  nbytes = (2 * state.size * 4 + 2 * sum(w.size for w in windows) * 2 + (m * p + 2 * j * q + m) * batch * 2
+            + batch * m * p * 2 + sum(w.size for w in weights) * 2)
+  flops = state.size * 5 + batch * (m * p + 2 * j * q) * (2 * k + 4)
+  dims = dict(batch=batch, heads=m, head_dim=p, state=q, groups=j, kernel=k)
+  variants = [("conv_ssd_decode_step", dict(backend="reference"))]
+  if jax.default_backend() == "gpu" or _TINY.value:
+    variants.append(("conv_ssd_decode_step_triton", dict(backend="triton", interpret=jax.default_backend() != "gpu")))
+  for what, kw in variants:
+    def step(carry, proj_, kw=kw):
+      st, wins = carry
+      _, st, wins = ops_decode.conv_ssd_decode_step_packed(st, wins, proj_, a_log, d, dt_bias, weights,
+                                                           offset=m * p, **kw)
+      return st, wins
+    ms = _time_donated(step, (jnp.copy(state), tuple(jnp.copy(w) for w in windows)), proj)
+    _emit(what, dims, ms, nbytes, flops)
+
+
 def _conv(batch: int, seq: int, channels: int, k: int):
   ks = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(ks[0], (batch, seq, channels), jnp.bfloat16)
@@ -123,11 +156,14 @@ def main(argv):
                         hbm_tbps=_peak_tbps())), flush=True)
   if _TINY.value:
     _decode_step(2, 4, 16, 16, 2)
+    _conv_decode_step(2, 4, 16, 16, 2, _K)
     _conv(1, 64, 64, _K)
     _conv_update(2, 64, _K)
     return
   for batch in (1, 8, 64):
     _decode_step(batch, _M, _P, _Q, _J)
+  for batch in (1, 8, 64):
+    _conv_decode_step(batch, _M, _P, _Q, _J, _K)
   for batch, seq in ((1, 8192), (2, 8192)):
     _conv(batch, seq, _CHANNELS, _K)
   for batch in (1, 8, 64):

@@ -130,6 +130,19 @@ def memory(compiled: jax.stages.Compiled) -> MemoryStats:
                      m.temp_size_in_bytes / gb)
 
 
+def _entry(compiled: jax.stages.Compiled) -> str:
+  """The text of `compiled`'s ENTRY computation (what runs at the top level: its kernels and copies)."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  return entry[:entry.index("\n}\n")]
+
+
+def kernels(compiled: jax.stages.Compiled) -> int:
+  """Kernels `compiled` launches at the top level: fusions, custom calls (library GEMMs, Pallas kernels) and
+  copies of ENTRY (on a GPU, nodes of its command buffer; loops would run theirs many times)."""
+  return len(re.findall(r"= [^=]*? (?:fusion|custom-call|copy|copy-start|fusion-start)\(", _entry(compiled)))
+
+
 def matvec_reductions(compiled: jax.stages.Compiled) -> int:
   """Products of the model that XLA's GPU compiler made an elementwise multiply and a reduction: it does so
   for a product with one row and (rows + columns) x depth < 1e7 (see `nn._common.one_row_as_two`). Counts the
@@ -143,9 +156,7 @@ def weight_concatenations(compiled: jax.stages.Compiled, min_elements: int = 1 <
   """Kernels of `compiled` that write a concatenation of weights each call (XLA's dot merger joining products
   that share an operand, where the joined weights do not tile): concatenate fusions of params with at least
   `min_elements` outputs (XLA names a jitted function's arguments after their paths: `params__...`)."""
-  entry = compiled.as_text()
-  entry = entry[entry.index("\nENTRY"):]
-  found = re.findall(r"%[\w.]*concatenate_fusion[\w.]* = \w+\[([\d,]+)\][^ ]* fusion\(([^)]*)\)", entry)
+  found = re.findall(r"%[\w.]*concatenate_fusion[\w.]* = \w+\[([\d,]+)\][^ ]* fusion\(([^)]*)\)", _entry(compiled))
   return sum(math.prod(int(d) for d in shape.split(",")) >= min_elements
              and all(a.strip().startswith("%params") for a in args.split(",")) for shape, args in found)
 

@@ -561,20 +561,18 @@ def _layer_cache(caches: Params, name: str, take, continues: jax.Array) -> Param
   """One layer's entry of the caches (`take` picks it from a stack; a list from `unstack_cache` is indexed
   instead), or None for MLP / MoE layers.
 
-  A Mamba layer's conv windows are zeroed here, on the layer's own slice, for rows whose new tokens start a
-  new document (the reset of `ssd_reference`), and its SSM state goes to the mixer with the rows that carry
-  on (`"continues"` [B]), which resets it where it reads it (in the decode kernel, without a pass of its own).
-  Resetting the whole stack up front instead made XLA write a fresh copy of it, update that, and copy the
-  result back into the donated cache at the end: four extra passes over every Mamba state per decoding step
-  (21 GB of traffic at batch 64 of Nemotron-3-Nano-4B).
+  A Mamba layer's state (conv windows and SSM state) goes to the mixer with the rows that carry on
+  (`"continues"` [B]); the others start a new document (the reset of `ssd_reference`), and the mixer resets
+  them where it reads them (in the decode kernel, without a pass of its own). Resetting the whole stack up
+  front instead made XLA write a fresh copy of it, update that, and copy the result back into the donated
+  cache at the end: four extra passes over every Mamba state per decoding step (21 GB of traffic at batch 64
+  of Nemotron-3-Nano-4B).
   """
   if name not in caches:
     return None
   c = take(caches[name]) if isinstance(caches[name], list) else jax.tree.map(take, caches[name])
   if name == kind_name(Block.MAMBA):
-    reset = lambda a: jnp.where(continues.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-    c = {k: v if k == "ssm" else reset(v) for k, v in c.items()}
-    c["continues"] = continues
+    c = {**c, "continues": continues}
   return c
 
 

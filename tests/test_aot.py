@@ -355,22 +355,50 @@ def test_decode_step_projects_with_matrix_products_on_h100(batch):
   assert aot.weight_concatenations(split) == 4  # one per Mamba layer
 
 
-@needs_plugin
-def test_decode_step_with_the_triton_ssm_kernel_updates_states_in_place_on_h100():
-  """With `ssd_backend="pallas"` each Mamba layer's one-token update is the Triton decode kernel
-  (`pallas_kernels.ssd.ops_decode`), which reads and writes its state once: the step's temporaries stay below
-  one layer's state and no Mamba state is copied (the reference's update-then-readout passes three times)."""
+def _nano4b_slice(ssd_backend: str):
   from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
+  return PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
+                                               param_dtype="bfloat16", scan_layers=False, ssd_backend=ssd_backend)
 
-  cfg = PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
-                                              param_dtype="bfloat16", scan_layers=False, ssd_backend="pallas")
+
+def _compile_for_h100_kernels(cfg, batch: int):
   mesh = jax.sharding.Mesh(aot.devices("h100", 1), ("x",))
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the kernels' target (else the host's CPU)
-    compiled, _, ssm_bytes = _compile_decode_step("h100", per_layer=True, batch=64, fuse=True, cfg=cfg)
+    return _compile_decode_step("h100", per_layer=True, batch=batch, fuse=True, cfg=cfg)
+
+
+@needs_plugin
+def test_decode_step_with_the_triton_conv_ssm_kernel_updates_states_in_place_on_h100():
+  """With `ssd_backend="pallas"` each Mamba layer's one-token update is the Triton conv + SSM kernel
+  (`pallas_kernels.ssd.ops_decode`), which reads and writes its state once: the step's temporaries stay below
+  one layer's state and no Mamba state or x conv window is copied (the reference's update-then-readout passes
+  three times)."""
+  compiled, _, ssm_bytes = _compile_for_h100_kernels(_nano4b_slice("pallas"), batch=64)
   text = compiled.as_text()
   assert text.count('custom_call_target="__gpu$xla.gpu.triton"') == 4  # one per Mamba layer
   assert compiled.memory_analysis().temp_size_in_bytes < ssm_bytes
   assert not re.search(r"= f32\[64,96,80,128\][^ ]* copy\(", text)
+  assert not re.search(r"= bf16\[64,3,96,80\][^ ]* copy\(", text)
+
+
+@needs_plugin
+def test_batch_one_decode_step_launches_one_kernel_for_each_mamba_layers_conv_and_ssm_on_h100():
+  """At batch 1 a decoding step is bound by its launches as much as by its bytes. In generation's layout the
+  conv + SSM kernel reads x, B, C and dt where the fused projection put them and A, D, dt_bias as stored: per
+  Mamba layer it replaces the reference's nine kernels (dt's softplus, three conv windows shifted and
+  convolved, the SSM update and readout) and the slices and casts that would feed it. Measured on XLA's H100
+  compile of Nemotron-3-Nano-4B (`benchmarks/decode_step_aot.py`): 575 -> 386 kernels per step."""
+  reference = _compile_for_h100_kernels(_nano4b_slice("reference"), batch=1)[0]
+  kernel = _compile_for_h100_kernels(_nano4b_slice("pallas"), batch=1)[0]
+  print(f"kernels per step: reference {aot.kernels(reference)}, Triton conv + SSM {aot.kernels(kernel)}")
+  assert aot.kernels(kernel) <= aot.kernels(reference) - 8 * 4  # 4 Mamba layers
+  calls = re.findall(r"custom-call\(([^)]*)\)[^\n]*custom_call_target=\"__gpu\$xla.gpu.triton\"", kernel.as_text())
+  assert len(calls) == 4
+  for operands in calls:  # after the keep flags (one f32 cast per step): the projection and the params as they
+    keep, *rest = operands.split(",")  # lie, no slice or cast computed for the kernel
+    assert any("gemm" in o for o in rest), operands
+    assert not any("slice" in o or "convert" in o or "negate" in o for o in rest), operands
+  assert len({c.split(",")[0] for c in calls}) == 1  # the keep flags: one cast for all layers
 
 
 @needs_plugin

@@ -48,18 +48,22 @@ def test_greedy_on_mesh_matches_one_device(setup):
   assert steps._decode_sample._cache_size() == 1
 
 
-def test_greedy_on_mesh_with_the_triton_ssm_decode_kernel(setup, monkeypatch):
-  """The one-token Triton kernel (`ssd_backend="pallas"`, interpret mode on CPU) runs per batch and head
-  shard (`sharding.per_shard`) and gives the one-device tokens."""
+def test_greedy_on_mesh_with_the_triton_conv_ssm_decode_kernel(setup, monkeypatch):
+  """The one-token Triton conv + SSM kernel (`ssd_backend="pallas"`, interpret mode on CPU) runs per batch
+  and head shard (`sharding.per_shard`: heads, groups, their windows and conv weights split over tensor) and
+  gives the one-device tokens."""
   from n3jax.nn import _mamba2  # pylint: disable=g-import-not-at-top
   from pallas_kernels.ssd import ops_decode  # pylint: disable=g-import-not-at-top
   shapes = []
 
+  call = ops_decode._conv_decode_call  # pylint: disable=protected-access
+
   def kernel(state, *args, **kw):
     shapes.append(state.shape)
-    return ops_decode.ssd_decode_step(state, *args, backend="triton", interpret=True, **kw)
+    return call(state, *args, **kw)
 
-  monkeypatch.setitem(_mamba2.DECODE_STEPS, "pallas", kernel)
+  monkeypatch.setattr(ops_decode, "_conv_decode_call", kernel)
+  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend="triton", interpret=True))
   mesh, params = setup
   one = generate_tokens(CFG, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
   split = generate_tokens(CFG.replace(ssd_backend="pallas"), params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN,

@@ -261,21 +261,27 @@ def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-3)
 
 
-def test_triton_ssm_decode_kernel_inside_the_model(monkeypatch):
-  """`ssd_backend="pallas"` decodes each Mamba layer with the Triton one-token kernel (interpret mode on CPU):
-  the reference's logits and caches over a prefill chunk and one-token steps, one of which starts a new
-  document in row 0 (its state restarts from zero inside the kernel)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_conv_ssm_decode_kernel_inside_the_model(monkeypatch, fused):
+  """`ssd_backend="pallas"` decodes each Mamba layer with the Triton one-token conv + SSM kernel (interpret
+  mode on CPU), from split projections or, in generation's layout (`fused`), reading x, B, C and dt where the
+  fused projection put them: the reference's logits and caches over a prefill chunk and one-token steps, one
+  of which starts a new document in row 0 (its conv windows and state restart from zero inside the kernel)."""
   from n3jax.nn import _mamba2
   from pallas_kernels.ssd import ops_decode
   calls = []
+  call = ops_decode._conv_decode_call  # pylint: disable=protected-access
 
   def kernel(*args, **kw):
     calls.append(1)
-    return ops_decode.ssd_decode_step(*args, backend="triton", interpret=True, **kw)
+    return call(*args, **kw)
 
-  monkeypatch.setitem(_mamba2.DECODE_STEPS, "pallas", kernel)
+  monkeypatch.setattr(ops_decode, "_conv_decode_call", kernel)
+  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend="triton", interpret=True))
   cfg = PRESETS["tiny-dense"].replace(scan_layers=False)
   params = models.unstack_layers(_params("tiny-dense"))
+  if fused:
+    params = models.fuse_in_proj(cfg, params)
   tokens = _tokens(cfg, seq=8)
   caches = [jax.jit(models.unstack_cache)(models.init_cache(cfg, 2, 16)) for _ in range(2)]
   steps = [(tokens[:, :5], jnp.ones((2, 5), jnp.int32)), (tokens[:, 5:6], jnp.ones((2, 1), jnp.int32)),

@@ -71,28 +71,54 @@ def _ssd_per_shard(cfg: ModelConfig):
   return shd.per_shard(run, _SSD_IN_AXES, _SSD_OUT_AXES)
 
 
-# `cfg.ssd_backend` -> the one-token update of decoding (`pallas_kernels.ssd.ops_decode.ssd_decode_step`): with
-# either Pallas backend its Triton kernel on GPU (state read once and written once, in place), the reference
-# elsewhere; "reference": the jnp `ssd_decode_step_reference`.
-DECODE_STEPS = {"reference": functools.partial(ssd_decode.ssd_decode_step, backend="reference"),
-                "pallas": functools.partial(ssd_decode.ssd_decode_step, backend="auto"),
-                "pallas_mgpu": functools.partial(ssd_decode.ssd_decode_step, backend="auto")}
-_DECODE_IN_AXES = (P(_ROWS, _HEADS, None, None), P(_ROWS, _HEADS, None), P(_ROWS, _HEADS), P(_HEADS),
-                   P(_ROWS, _GROUPS, None), P(_ROWS, _GROUPS, None), P(_HEADS), P(_HEADS), P(_ROWS))
-_DECODE_OUT_AXES = (P(_ROWS, _HEADS, None), P(_ROWS, _HEADS, None, None))
+# `cfg.ssd_backend` -> the backend of the one-token conv + SSM update of decoding
+# (`pallas_kernels.ssd.ops_decode.conv_ssd_decode_step[_packed]`): with either Pallas backend its Triton kernel on
+# GPU (dt, the three conv windows and the SSM state in one launch, the state read once and written once, in
+# place), the jnp reference elsewhere; "reference": the jnp `conv_ssd_decode_step_reference` (three
+# `causal_conv1d_update_reference` + `ssd_decode_step_reference`). Values: keyword arguments of those functions.
+DECODE_BACKENDS = {"reference": dict(backend="reference"), "pallas": dict(backend="auto"),
+                   "pallas_mgpu": dict(backend="auto")}
+_HEAD_ROWS, _GROUP_ROWS = P(_ROWS, _HEADS, None), P(_ROWS, _GROUPS, None)         # [B, M, P], [B, J, Q]
+_HEAD_WINDOW, _GROUP_WINDOW = P(_ROWS, None, _HEADS, None), P(_ROWS, None, _GROUPS, None)  # [B, W-1, ...]
+_STATE = P(_ROWS, _HEADS, None, None)
+_CONV_AXES = (P(None, _HEADS, None), P(None, _GROUPS, None), P(None, _GROUPS, None),  # conv weights [W, ...]
+              P(_HEADS, None), P(_GROUPS, None), P(_GROUPS, None))                    # conv biases
+_DECODE_IN_AXES = (_STATE, _HEAD_WINDOW, _GROUP_WINDOW, _GROUP_WINDOW,                 # state, windows
+                   _HEAD_ROWS, P(_ROWS, _HEADS), P(_HEADS), _GROUP_ROWS, _GROUP_ROWS,  # x, dt, A, B, C
+                   P(_HEADS), P(_HEADS), *_CONV_AXES, P(_ROWS))                        # D, dt_bias, conv, keep
+_DECODE_OUT_AXES = (_HEAD_ROWS, _STATE, _HEAD_WINDOW, _GROUP_WINDOW, _GROUP_WINDOW)
+# The packed inputs [B, N] interleave heads and groups: split by rows only.
+_PACKED_IN_AXES = (P(_ROWS), P(_ROWS), P(_ROWS), P(_ROWS), P(_ROWS), None, None, None, *(None,) * 6, P(_ROWS))
+_PACKED_OUT_AXES = (P(_ROWS),) * 5
 
 
-def _decode_step(cfg: ModelConfig):
-  """(state, x, dt, A, B, C, D, dt_bias, keep) -> (y, new state), the decode update of `cfg.ssd_backend`; the
-  kernel runs per batch and head shard under a mesh, as the scan does."""
-  if cfg.ssd_backend not in DECODE_STEPS:
-    raise ValueError(f"Unknown {cfg.ssd_backend=}; known: {sorted(DECODE_STEPS)}")
-  step, (dt_min, dt_max) = DECODE_STEPS[cfg.ssd_backend], cfg.dt_limit
+def _decode_step(cfg: ModelConfig, packed_offset: int | None = None):
+  """The decode update of `cfg.ssd_backend` from the new token's raw inputs; the kernel runs per batch and
+  head shard under a mesh, as the scan does. Split inputs: (state, conv_x, conv_B, conv_C windows, x, dt, A,
+  B, C, D, dt_bias, conv weights x / B / C, conv biases x / B / C (or None), keep); with `packed_offset`:
+  (state, windows, xbcdt [B, N] (x, B, C, dt from that column), A_log, D, dt_bias, conv weights, conv biases,
+  keep). -> (y, new state, new conv_x, conv_B, conv_C)."""
+  if cfg.ssd_backend not in DECODE_BACKENDS:
+    raise ValueError(f"Unknown {cfg.ssd_backend=}; known: {sorted(DECODE_BACKENDS)}")
+  dt_min, dt_max = cfg.dt_limit
+  kw = dict(dt_softplus=True, dt_min=dt_min, dt_max=dt_max, activation="silu", **DECODE_BACKENDS[cfg.ssd_backend])
+  biases = lambda bx, bb, bc: None if bx is None else (bx, bb, bc)
 
-  def run(state, x, dt, a, b, c, d, dt_bias, keep):
-    return step(state, x, dt, a, b, c, d, dt_bias, dt_softplus=True, dt_min=dt_min, dt_max=dt_max, keep=keep)
+  def split(state, win_x, win_b, win_c, x, dt, a, b, c, d, dt_bias, w_x, w_b, w_c, bias_x, bias_b, bias_c, keep):
+    y, new_state, windows = ssd_decode.conv_ssd_decode_step(
+        state, (win_x, win_b, win_c), x, dt, a, b, c, d, dt_bias, (w_x, w_b, w_c), biases(bias_x, bias_b, bias_c),
+        keep=keep, **kw)
+    return (y, new_state, *windows)
 
-  return run if cfg.ssd_backend == "reference" else shd.per_shard(run, _DECODE_IN_AXES, _DECODE_OUT_AXES)
+  def packed(state, win_x, win_b, win_c, xbcdt, a_log, d, dt_bias, w_x, w_b, w_c, bias_x, bias_b, bias_c, keep):
+    y, new_state, windows = ssd_decode.conv_ssd_decode_step_packed(
+        state, (win_x, win_b, win_c), xbcdt, a_log, d, dt_bias, (w_x, w_b, w_c), biases(bias_x, bias_b, bias_c),
+        offset=packed_offset, keep=keep, **kw)
+    return (y, new_state, *windows)
+
+  run, in_axes, out_axes = ((split, _DECODE_IN_AXES, _DECODE_OUT_AXES) if packed_offset is None
+                            else (packed, _PACKED_IN_AXES, _PACKED_OUT_AXES))
+  return run if cfg.ssd_backend == "reference" else shd.per_shard(run, in_axes, out_axes)
 
 
 def _a_log_init(key, shape, dtype):
@@ -195,8 +221,9 @@ class Mamba2Mixer(nn.Module):
       out = out + _common.param(self, f"in_proj_{name}_bias", nn.initializers.zeros, out_shape, axes, pdtype)
     return out.astype(u.dtype)
 
-  def _fused_proj(self, u: jax.Array) -> list[jax.Array]:
-    """u [B,T,D] @ the fused `in_proj` [D, 2MP + 2JQ + M] (+ bias) -> z, x, B, C, dt as `_proj` gives them."""
+  def _fused_proj(self, u: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    """u [B,T,D] @ the fused `in_proj` [D, 2MP + 2JQ + M] (+ bias) -> (the product [B, T, 2MP + 2JQ + M],
+    [z, x, B, C, dt] as `_proj` gives them)."""
     cfg = self.cfg
     if cfg.quant != "none":
       raise ValueError(f"a fused in_proj (models.fuse_in_proj) is a layout for unquantized decoding; quant="
@@ -211,8 +238,8 @@ class Mamba2Mixer(nn.Module):
       out = out + self.get_variable("params", f"{IN_PROJ}_bias")
     out = out.astype(u.dtype)
     bounds = np.cumsum([math.prod(s) for s in shapes.values()])[:-1]
-    return [piece.reshape(*u.shape[:2], *shape)
-            for piece, shape in zip(jnp.split(out, bounds, axis=-1), shapes.values())]
+    return out, [piece.reshape(*u.shape[:2], *shape)
+                 for piece, shape in zip(jnp.split(out, bounds, axis=-1), shapes.values())]
 
   def _conv_params(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.Array, Any]:
     cfg = self.cfg
@@ -247,8 +274,9 @@ class Mamba2Mixer(nn.Module):
     head_axes = (shd.SSM_HEADS, shd.SSM_HEAD_DIM)
     group_axes = (shd.SSM_GROUPS, shd.SSM_STATE)
 
+    fused = None  # the fused projection's product [B, T, 2MP + 2JQ + M] (z | x | B | C | dt)
     if self.has_variable("params", IN_PROJ):  # the decoding layout (`fuse_in_proj`)
-      z, x, b_in, c_in, dt = self._fused_proj(u)
+      fused, (z, x, b_in, c_in, dt) = self._fused_proj(u)
     else:
       z = self._proj("z", u, (m, p), head_axes)          # [B, T, M, P]
       x = self._proj("x", u, (m, p), head_axes)          # [B, T, M, P]
@@ -257,48 +285,51 @@ class Mamba2Mixer(nn.Module):
       dt = self._proj("dt", u, (m,), (shd.SSM_HEADS,))   # [B, T, M]
 
     # Depthwise causal conv + SiLU on x, B, C (one channel set each; equal to HF's conv over [x|B|C]).
-    keep = None  # [B] rows whose SSM state carries on (the caches' new-document reset, `models._layer_cache`)
+    keep = None  # [B] rows whose state carries on (the caches' new-document reset, `models._layer_cache`)
     if state is not None and "continues" in state:
       state = dict(state)
       keep = state.pop("continues")
     per_position = state is not None and state["ssm"].ndim == 5  # [B, T, M, P, Q]: every position's state
     if per_position:
       state = {name: v[:, 0] for name, v in state.items()}  # the state before the chunk
-    decode = t == 1 and state is not None  # a single new token continuing its document
-    if keep is not None and not decode:  # a chunk: the scan starts from the reset state
-      state = {**state, "ssm": jnp.where(keep[:, None, None, None], state["ssm"], 0.0)}
+    decode = t == 1 and state is not None and not per_position  # a single new token continuing its document
+    if keep is not None and not decode:  # a chunk: the conv and the scan start from the reset state
+      state = {k: jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v)) for k, v in state.items()}
       keep = None
     state = state or {}
-    new_state = {}
-    convolved = {}
-    for name, val, shape, axes in (("x", x, (m, p), head_axes), ("B", b_in, (j, q), group_axes),
-                                   ("C", c_in, (j, q), group_axes)):
-      w, bias = self._conv_params(name, shape, axes)
-      ch = math.prod(shape)
-      w = w.reshape(cfg.conv_kernel, ch).astype(dtype)                           # [W, Ch]
-      bias = None if bias is None else bias.reshape(ch).astype(dtype)            # [Ch]
-      init_state = state.get(f"conv_{name}")
-      init_state = None if init_state is None else init_state.reshape(bsz, cfg.conv_kernel - 1, ch)
-      if decode:  # one token after a state: shift the window (same numbers as the sequence path)
-        y, fin = ssd_ref.causal_conv1d_update_reference(init_state, val.reshape(bsz, ch), w, bias, activation="silu")
-        y = y[:, None]                                                           # [B, 1, Ch]
-      else:
-        y, fin = ssd_ref.causal_conv1d_reference(val.reshape(bsz, t, ch), w, bias, initial_state=init_state,
-                                                 doc_ids=segment_ids, activation="silu")
-      convolved[name] = y.reshape(bsz, t, *shape)
-      new_state[f"conv_{name}"] = fin.reshape(bsz, cfg.conv_kernel - 1, *shape)
+    channel_sets = (("x", x, (m, p), head_axes), ("B", b_in, (j, q), group_axes), ("C", c_in, (j, q), group_axes))
+    conv = {name: self._conv_params(name, shape, axes) for name, _, shape, axes in channel_sets}  # [W, ...], [...]
+    conv = {name: (w.astype(dtype), None if bias is None else bias.astype(dtype)) for name, (w, bias) in conv.items()}
 
     a_log = _common.param(self, "A_log", _a_log_init, (m,), (shd.SSM_HEADS,), pdtype)
     d_skip = _common.param(self, "D", nn.initializers.ones, (m,), (shd.SSM_HEADS,), pdtype)
     dt_bias = _common.param(self, "dt_bias", _dt_bias_init(cfg), (m,), (shd.SSM_HEADS,), pdtype)
     a = -jnp.exp(a_log.astype(jnp.float32))  # [M]; the decay is computed in f32 on purpose
     dt_min, dt_max = cfg.dt_limit
-    if decode:  # the recurrence itself, h = exp(dt A) h + dt x B^T, instead of a padded chunk
-      y, ssm_state = _decode_step(cfg)(
-          state["ssm"], convolved["x"][:, 0], dt[:, 0], a, convolved["B"][:, 0], convolved["C"][:, 0],
-          d_skip.astype(jnp.float32), dt_bias.astype(jnp.float32), keep)
+    new_state = {}
+    if decode:  # one token after a state: the windows shift and the recurrence h = exp(dt A) h + dt x B^T runs
+      windows = (state["conv_x"], state["conv_B"], state["conv_C"])
+      conv_args = (*(conv[n][0] for n in "xBC"), *(conv[n][1] for n in "xBC"), keep)
+      if fused is not None:  # the kernel reads x, B, C, dt where the fused projection put them (after z)
+        y, ssm_state, *windows = _decode_step(cfg, packed_offset=m * p)(
+            state["ssm"], *windows, fused[:, 0], a_log, d_skip, dt_bias, *conv_args)
+      else:
+        y, ssm_state, *windows = _decode_step(cfg)(
+            state["ssm"], *windows, x[:, 0], dt[:, 0], a, b_in[:, 0], c_in[:, 0], d_skip, dt_bias, *conv_args)
       y = y[:, None]                                                             # [B, 1, M, P]
+      new_state.update({f"conv_{n}": w for n, w in zip("xBC", windows)})
     else:
+      convolved = {}
+      for name, val, shape, _ in channel_sets:
+        w, bias = conv[name]
+        ch = math.prod(shape)
+        init_state = state.get(f"conv_{name}")
+        init_state = None if init_state is None else init_state.reshape(bsz, cfg.conv_kernel - 1, ch)
+        y, fin = ssd_ref.causal_conv1d_reference(val.reshape(bsz, t, ch), w.reshape(cfg.conv_kernel, ch),
+                                                 None if bias is None else bias.reshape(ch), initial_state=init_state,
+                                                 doc_ids=segment_ids, activation="silu")
+        convolved[name] = y.reshape(bsz, t, *shape)
+        new_state[f"conv_{name}"] = fin.reshape(bsz, cfg.conv_kernel - 1, *shape)
       y, ssm_state = _ssd_per_shard(cfg)(
           convolved["x"], dt, a, convolved["B"], convolved["C"], d_skip.astype(jnp.float32),
           dt_bias.astype(jnp.float32), state.get("ssm"), segment_ids)

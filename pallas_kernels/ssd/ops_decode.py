@@ -1,26 +1,35 @@
-"""`ssd_decode_step(...)`: the one-token SSD update of decoding, as a Pallas kernel that passes over the state twice.
+"""The one-token updates of decoding as Pallas (Triton GPU) kernels.
 
-A drop-in for `reference.ssd_decode_step_reference` (same arguments and numbers up to the order of f32 sums)
-plus `backend` and `interpret`. Decoding is bound by memory: per token and Mamba layer it reads and writes
-the f32 state [B, M, P, Q] (5.3 GB over the 21 Mamba layers of Nemotron-3-Nano-4B at batch 64). The fewest
-passes are two, one read and one write; the jnp reference takes three in XLA's H100 compile (update in place,
-then a reduction that reads the new state again; fused into one kernel, XLA wrote the new state to a temporary
-and copied it: five), and the new-document reset (`keep`) rides in the same kernel rather than a pass of
-its own.
+`ssd_decode_step(...)`: the SSD state update, passing over the state twice. A drop-in for
+`reference.ssd_decode_step_reference` (same arguments and numbers up to the order of f32 sums) plus `backend`
+and `interpret`. Decoding is bound by memory: per token and Mamba layer it reads and writes the f32 state
+[B, M, P, Q] (5.3 GB over the 21 Mamba layers of Nemotron-3-Nano-4B at batch 64). The fewest passes are two,
+one read and one write; the jnp reference takes three in XLA's H100 compile (update in place, then a
+reduction that reads the new state again; fused into one kernel, XLA wrote the new state to a temporary and
+copied it: five), and the new-document reset (`keep`) rides in the same kernel rather than a pass of its own.
 
-Backends:
-  "triton"     the Pallas Triton kernel (`kernel_decode.py`): grid (B, M, P / bp), one [bp, Q] block of
+`conv_ssd_decode_step(...)` / `conv_ssd_decode_step_packed(...)`: the whole one-token core of a Mamba-2 mixer
+(dt, the x / B / C conv windows shifted and convolved, the SSD update) in one launch, a drop-in for
+`reference.conv_ssd_decode_step_reference`; what the model decodes with (`n3jax.nn.DECODE_BACKENDS`). At
+batch 1 a decoding step is bound by its launches as much as by its bytes: in XLA's H100 compile of the
+Nemotron-3-Nano-4B step this takes the step from 575 kernels to 386.
+
+Backends (each function):
+  "triton"     the Pallas Triton kernels (`kernel_decode.py`): grid (B, M, P / bp), one [bp, Q] block of
                the state per program, updated in place (`input_output_aliases`); Q a power of 2.
-  "reference"  `reference.ssd_decode_step_reference`.
+  "reference"  the jnp reference.
   "auto"       "triton" when the target platform is a GPU (or `interpret` is set) and Q is a power of 2,
                else "reference". On TPU the reference stays: XLA fuses its update and readout there
                (a Mosaic TPU kernel is not written).
 
-Verified on CPU in interpret mode against the reference (`ops_decode_test.py`) and compiled for an H100
-ahead of time; its speed is owed to the GPU run (`benchmarks/generate.py --ssd_backend=pallas`).
+Verified on CPU in interpret mode against the references (`ops_decode_test.py`) and compiled for an H100
+ahead of time (`tests/test_aot.py`); their speed is owed to the GPU run (`benchmarks/ssd_memory_bound.py`,
+`benchmarks/generate.py --ssd_backend=pallas`).
 """
 
 import dataclasses
+import functools
+import math
 from typing import Optional
 
 import jax
@@ -135,3 +144,183 @@ def ssd_decode_step(
       name="ssd_decode_step",
   )(column(decay), column(dtp), column(keep), column(d), x, B, C, state.astype(_F32))
   return y, new_state
+
+
+
+def conv_ssd_decode_step(
+    state: Optional[jax.Array],
+    conv_state: tuple[jax.Array, jax.Array, jax.Array],
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    conv_weight: tuple[jax.Array, jax.Array, jax.Array],
+    conv_bias: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+    *,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+    keep: Optional[jax.Array] = None,
+    activation: Optional[str] = "silu",
+    block_sizes: Optional[DecodeBlockSizes] = None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """One token through a Mamba-2 mixer's conv windows and SSM state in one kernel; args and results as
+  `reference.conv_ssd_decode_step_reference` (raw, pre-conv x / B / C and dt; `keep` resets the windows
+  and the state of rows that start a new document).
+
+  The Triton kernel (`kernel_decode.conv_decode_step_kernel`, grid (B, M, P / bp) as `ssd_decode_step`)
+  does in one launch what took nine kernels and three copies per Mamba layer in XLA's H100 compile of the
+  jnp path at batch 1 (Nemotron-3-Nano-4B): dt's softplus, the three conv window shifts and convolutions,
+  the SSM update. Each program convolves its x channels and its group's B and C (Q channels, recomputed by
+  the group's programs from L2-resident windows), updates its state block in place and shifts its x window
+  in place; the group's first program writes the shifted B / C windows to fresh buffers. D, dt_bias and A
+  are cast to f32 inside. Not differentiable. `conv_ssd_decode_step_packed` takes x, B, C, dt as one array.
+  """
+  backend = _resolve_backend(backend, interpret, B.shape[-1])
+  kw = dict(dt_softplus=dt_softplus, dt_min=dt_min, dt_max=dt_max, keep=keep, activation=activation)
+  if backend == "reference":
+    return reference.conv_ssd_decode_step_reference(state, conv_state, x, dt, A, B, C, D, dt_bias, conv_weight,
+                                                     conv_bias, **kw)
+  reference._check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)  # pylint: disable=protected-access
+  reference._check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
+  bsz, nheads, headdim = x.shape
+  groups, dstate = B.shape[1:]
+  per_group = nheads // groups
+  bp = (block_sizes or DecodeBlockSizes()).rows(headdim)
+  raw = [(x, pl.BlockSpec((None, None, bp), lambda b, m, p: (b, m, p))),                            # [B, M, P]
+         (B, pl.BlockSpec((None, None, dstate), lambda b, m, p: (b, m // per_group, 0))),          # [B, J, Q]
+         (C, pl.BlockSpec((None, None, dstate), lambda b, m, p: (b, m // per_group, 0))),          # [B, J, Q]
+         (dt[..., None], pl.BlockSpec((None, None, 1), lambda b, m, p: (b, m, 0)))]                # [B, M, 1]
+  return _conv_decode_call(state, conv_state, raw, A, D, dt_bias, conv_weight, conv_bias, a_is_log=False,
+                           y_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret, **kw)
+
+
+def conv_ssd_decode_step_packed(
+    state: Optional[jax.Array],
+    conv_state: tuple[jax.Array, jax.Array, jax.Array],
+    xbcdt: jax.Array,
+    A_log: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    conv_weight: tuple[jax.Array, jax.Array, jax.Array],
+    conv_bias: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+    *,
+    offset: int = 0,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+    keep: Optional[jax.Array] = None,
+    activation: Optional[str] = "silu",
+    block_sizes: Optional[DecodeBlockSizes] = None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """`conv_ssd_decode_step` on the new token's raw inputs as the mixer's fused input projection lays them
+  out: `xbcdt` [B, N] holds x (M P, head-major), B (J Q), C (J Q) and dt (M) side by side from column `offset`
+  (HF's `in_proj` row order; `offset` = M P skips its z), and A is given as the stored `A_log`
+  (A = -exp(A_log) in f32). The shapes M, P, J, Q come from the conv windows.
+
+  The kernel reads its pieces where they lie (element-offset blocks), so XLA neither slices the projection
+  into four arrays nor computes A, D and dt_bias in f32 in kernels of their own: in the batch-1 decoding
+  step of Nemotron-3-Nano-4B on an H100 those were seven small kernels per Mamba layer beside this one.
+  """
+  win_x, win_b = conv_state[0], conv_state[1]
+  if win_x.ndim != 4 or win_b.ndim != 4:
+    raise ValueError(f"conv_state must hold x [B, K-1, M, P] and B, C [B, K-1, J, Q] windows, got "
+                     f"{[w.shape for w in conv_state]}")
+  bsz, _, nheads, headdim = win_x.shape
+  groups, dstate = win_b.shape[2:]
+  mp, jq = nheads * headdim, groups * dstate
+  if xbcdt.ndim != 2 or xbcdt.shape[0] != bsz or not 0 <= offset <= xbcdt.shape[1] - (mp + 2 * jq + nheads):
+    raise ValueError(f"xbcdt must be [B, N] with B={bsz} and x, B, C, dt ({mp} + {jq} + {jq} + {nheads} columns) "
+                     f"from column offset={offset}, got {xbcdt.shape}")
+  piece = lambda start, *shape: jax.lax.slice_in_dim(xbcdt, offset + start, offset + start + math.prod(shape),
+                                                      axis=1).reshape(bsz, *shape)
+  # The pieces as arrays: for the reference and for the checks (dead code under jit on the kernel's path).
+  x, dt = piece(0, nheads, headdim), piece(mp + 2 * jq, nheads)
+  B, C = piece(mp, groups, dstate), piece(mp + jq, groups, dstate)
+  backend = _resolve_backend(backend, interpret, dstate)
+  kw = dict(dt_softplus=dt_softplus, dt_min=dt_min, dt_max=dt_max, keep=keep, activation=activation)
+  if backend == "reference":
+    return reference.conv_ssd_decode_step_reference(state, conv_state, x, dt, -jnp.exp(A_log.astype(_F32)), B, C, D,
+                                                     dt_bias, conv_weight, conv_bias, **kw)
+  reference._check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)  # pylint: disable=protected-access
+  reference._check_decode_inputs(state, x, dt, A_log, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
+  per_group = nheads // groups
+  bp = (block_sizes or DecodeBlockSizes()).rows(headdim)
+  at = lambda start, size, index: (xbcdt, pl.BlockSpec((None, pl.Element(size)),
+                                                       lambda b, m, p: (b, offset + start + index(m, p))))
+  raw = [at(0, bp, lambda m, p: m * headdim + p * bp),                          # x
+         at(mp, dstate, lambda m, p: (m // per_group) * dstate),                # B
+         at(mp + jq, dstate, lambda m, p: (m // per_group) * dstate),           # C
+         at(mp + 2 * jq, 1, lambda m, p: m)]                                    # dt
+  return _conv_decode_call(state, conv_state, raw, A_log, D, dt_bias, conv_weight, conv_bias, a_is_log=True,
+                           y_dtype=xbcdt.dtype, block_sizes=block_sizes, interpret=interpret, **kw)
+
+
+def _conv_decode_call(state, conv_state, raw, a, d, dt_bias, conv_weight, conv_bias, *, a_is_log: bool, y_dtype,
+                      dt_softplus, dt_min, dt_max, keep, activation, block_sizes, interpret):
+  """The Triton call of both entry points; `raw`: (array, BlockSpec) of x, B, C, dt, whose blocks are [bp],
+  [Q], [Q], [1]."""
+  win_x, win_b = conv_state[0], conv_state[1]
+  width = conv_weight[0].shape[0]
+  if width < 2:
+    raise ValueError(f"conv_ssd_decode_step needs a conv width K >= 2 (a window to shift), got K={width}")
+  bsz, _, nheads, headdim = win_x.shape
+  groups, dstate = win_b.shape[2:]
+  per_group = nheads // groups
+  blocks = block_sizes or DecodeBlockSizes()
+  bp = blocks.rows(headdim)
+  if state is None:
+    state = jnp.zeros((bsz, nheads, headdim, dstate), _F32)
+  has_bias = conv_bias is not None and all(b is not None for b in conv_bias)
+  if conv_bias is not None and not has_bias:
+    raise ValueError("conv_bias: give all three of x, B, C, or None")
+  group = lambda m: m // per_group
+  row_m = pl.BlockSpec((None, 1), lambda b, m, p: (m, 0))                  # [M, 1]
+  per_head = lambda v: jnp.zeros((nheads, 1), _F32) if v is None else v[:, None]  # [M] -> [M, 1]
+  win_spec = lambda block, index: pl.BlockSpec((None, width - 1, None, block), lambda b, m, p: (b, 0, *index(m, p)))
+  in_specs = [
+      pl.BlockSpec((None, 1), lambda b, m, p: (b, 0)),                     # keep [B, 1]
+      *(spec for _, spec in raw),                                          # x, B, C, dt
+      row_m, row_m, row_m,                                                 # A (or A_log), D, dt_bias [M, 1]
+      win_spec(bp, lambda m, p: (m, p)),                                   # windows [B, K-1, M, P] / [B, K-1, J, Q]
+      win_spec(dstate, lambda m, p: (group(m), 0)),
+      win_spec(dstate, lambda m, p: (group(m), 0)),
+      pl.BlockSpec((width, None, bp), lambda b, m, p: (0, m, p)),          # conv weights [K, M, P] / [K, J, Q]
+      pl.BlockSpec((width, None, dstate), lambda b, m, p: (0, group(m), 0)),
+      pl.BlockSpec((width, None, dstate), lambda b, m, p: (0, group(m), 0)),
+  ]
+  keep_f = jnp.ones((bsz, 1), _F32) if keep is None else keep.astype(_F32)[:, None]
+  args = [keep_f, *(v for v, _ in raw), a[:, None], per_head(d), per_head(dt_bias), *conv_state, *conv_weight]
+  if has_bias:
+    in_specs += [pl.BlockSpec((None, bp), lambda b, m, p: (m, p)),         # conv biases [M, P] / [J, Q]
+                 pl.BlockSpec((None, dstate), lambda b, m, p: (group(m), 0)),
+                 pl.BlockSpec((None, dstate), lambda b, m, p: (group(m), 0))]
+    args += list(conv_bias)
+  in_specs.append(pl.BlockSpec((None, None, bp, dstate), lambda b, m, p: (b, m, p, 0)))  # state [B, M, P, Q]
+  args.append(state.astype(_F32))
+  window_x = 8                                                             # the x window's position in args
+  out_specs = [pl.BlockSpec((None, None, bp), lambda b, m, p: (b, m, p)), in_specs[-1], *in_specs[window_x:window_x + 3]]
+  out_shape = [jax.ShapeDtypeStruct((bsz, nheads, headdim), y_dtype), jax.ShapeDtypeStruct(state.shape, _F32),
+               *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in conv_state)]
+  kernel = functools.partial(kernel_decode.conv_decode_step_kernel, width=width, per_group=per_group,
+                             has_bias=has_bias, a_is_log=a_is_log, activation=activation, dt_softplus=dt_softplus,
+                             dt_min=float(dt_min), dt_max=float(dt_max))
+  y, new_state, new_x, new_b, new_c = pl.pallas_call(
+      kernel,
+      grid=(bsz, nheads, headdim // bp),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases={len(args) - 1: 1, window_x: 2},                # the state and the x window in place
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+      interpret=interpret,
+      name="conv_ssd_decode_step",
+  )(*args)
+  return y, new_state, (new_x, new_b, new_c)

@@ -1,9 +1,14 @@
-"""Tests of `ops_decode.ssd_decode_step` (the Triton decode kernel) against `ssd_decode_step_reference`.
+"""Tests of the Triton decode kernels against the references: `ops_decode.ssd_decode_step` (the SSM update)
+against `ssd_decode_step_reference`, `conv_ssd_decode_step` / `conv_ssd_decode_step_packed` (conv windows + SSM
+update) against `conv_ssd_decode_step_reference`.
 
-`DecodeTest` runs the kernel compiled (GPU only); `DecodeInterpretTest` runs the same tests in Pallas
-interpret mode on CPU. `DecodeApiTest` checks backend selection, bad input, and lowering for an abstract H100
-at the Nemotron-3-Nano-4B mixer shape (no accelerator needed).
+`DecodeTest` / `ConvDecodeTest` run the kernels compiled (GPU only); `DecodeInterpretTest` /
+`ConvDecodeInterpretTest` run the same tests in Pallas interpret mode on CPU. `DecodeApiTest` checks backend
+selection, bad input, and lowering for an abstract H100 at the Nemotron-3-Nano-4B mixer shape (no accelerator
+needed).
 """
+
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -107,6 +112,93 @@ class DecodeInterpretTest(DecodeTest):
   INTERPRET = True
 
 
+def _conv_inputs(dtype, *, batch=3, nheads=8, headdim=80, dstate=16, ngroups=2, width=4, bias=True, seed=0):
+  """Arguments of `conv_ssd_decode_step_reference` (conv windows, raw inputs, weights in `dtype`)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, dt=dtype: jnp.asarray(rng.standard_normal(shape), dt)
+  m, p, j, q = nheads, headdim, ngroups, dstate
+  return dict(
+      state=normal(batch, m, p, q, dt=jnp.float32),
+      conv_state=(normal(batch, width - 1, m, p), normal(batch, width - 1, j, q), normal(batch, width - 1, j, q)),
+      x=normal(batch, m, p), dt=normal(batch, m),
+      A=-jnp.asarray(rng.uniform(0.5, 4.0, m), jnp.float32),
+      B=normal(batch, j, q), C=normal(batch, j, q),
+      D=normal(m, dt=jnp.float32), dt_bias=normal(m, dt=jnp.float32),
+      conv_weight=(normal(width, m, p), normal(width, j, q), normal(width, j, q)),
+      conv_bias=(normal(m, p), normal(j, q), normal(j, q)) if bias else None,
+  )
+
+
+def _packed(inputs, z_width=5, tail=3):
+  """-> (xbcdt [B, z + MP + 2JQ + M + tail] with x, B, C, dt from column `z_width`, A_log), the layout of the
+  mixer's fused projection (z in front; `tail` columns after dt that the kernel must not read)."""
+  bsz = inputs["x"].shape[0]
+  flat = lambda v: v.reshape(bsz, -1)
+  dtype = inputs["x"].dtype
+  xbcdt = jnp.concatenate([jnp.full((bsz, z_width), 7, dtype), flat(inputs["x"]), flat(inputs["B"]),
+                           flat(inputs["C"]), inputs["dt"], jnp.full((bsz, tail), 7, dtype)], axis=1)
+  return xbcdt, jnp.log(-inputs["A"])
+
+
+class ConvDecodeTest(parameterized.TestCase):
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if jax.default_backend() != "gpu" and not self.INTERPRET:
+      self.skipTest("the compiled Triton decode kernel needs a GPU; ConvDecodeInterpretTest runs the same on CPU")
+
+  def _check(self, got, want, dtype):
+    (y, h, windows), (y_want, h_want, windows_want) = got, want
+    self.assertEqual(y.dtype, y_want.dtype)
+    self.assertEqual(h.dtype, jnp.float32)
+    _close(self, y, y_want, dtype, "y")
+    _close(self, h, h_want, jnp.float32, "state")
+    for name, w, w_want in zip("xBC", windows, windows_want):
+      self.assertEqual(w.dtype, w_want.dtype, name)
+      np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(w_want, np.float32), err_msg=name)
+
+  @parameterized.product(dtype=[jnp.float32, jnp.bfloat16], headdim=[80, 64, 6], packed=[False, True])
+  def test_matches_reference(self, dtype, headdim, packed):
+    """P = 80 (Nano-4B, blocks of 16), 64 and 6; f32 and bf16; split or packed inputs; row 1 starts a new
+    document (its windows and state read as zeros). The shifted windows are exact."""
+    inputs = _conv_inputs(dtype, headdim=headdim)
+    keep = jnp.asarray([True, False, True])
+    kw = dict(dt_softplus=True, dt_min=0.001, dt_max=10.0, keep=keep)
+    want = reference.conv_ssd_decode_step_reference(*inputs.values(), **kw)
+    if packed:
+      xbcdt, a_log = _packed(inputs)
+      got = ops_decode.conv_ssd_decode_step_packed(
+          inputs["state"], inputs["conv_state"], xbcdt, a_log, inputs["D"], inputs["dt_bias"],
+          inputs["conv_weight"], inputs["conv_bias"], offset=5, backend="triton", interpret=self.INTERPRET, **kw)
+    else:
+      got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend="triton", interpret=self.INTERPRET, **kw)
+    self._check(got, want, dtype)
+
+  def test_optional_args_one_group_and_width_two(self):
+    """No conv bias, D, dt_bias or softplus; no activation; one B/C group for all heads; no state; K = 2."""
+    inputs = _conv_inputs(jnp.float32, ngroups=1, width=2, bias=False)
+    inputs.update(D=None, dt_bias=None, state=None, dt=jnp.abs(_conv_inputs(jnp.float32)["dt"][:, :8]))
+    kw = dict(dt_softplus=False, activation=None)
+    want = reference.conv_ssd_decode_step_reference(*inputs.values(), **kw)
+    got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend="triton", interpret=self.INTERPRET, **kw)
+    self._check(got, want, jnp.float32)
+
+  def test_runs_under_jit_with_the_caches_donated(self):
+    """The generation step donates the caches: the state and the x window are updated in place."""
+    inputs = _conv_inputs(jnp.bfloat16)
+    want = reference.conv_ssd_decode_step_reference(*inputs.values())
+    step = jax.jit(lambda *a: ops_decode.conv_ssd_decode_step(*a, backend="triton", interpret=self.INTERPRET),
+                   donate_argnums=(0, 1))
+    got = step(*inputs.values())
+    self._check(got, want, jnp.bfloat16)
+    self.assertTrue(inputs["state"].is_deleted())
+
+
+class ConvDecodeInterpretTest(ConvDecodeTest):
+  INTERPRET = True
+
+
 class DecodeApiTest(parameterized.TestCase):
 
   def test_auto_picks_the_kernel_on_gpu_only(self):
@@ -147,6 +239,54 @@ class DecodeApiTest(parameterized.TestCase):
       text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
     self.assertIn("tf.aliasing_output = 1", text)
+
+  def test_conv_step_backends_and_bad_input(self):
+    inputs = _conv_inputs(jnp.float32)
+    want = reference.conv_ssd_decode_step_reference(*inputs.values())
+    got = ops_decode.conv_ssd_decode_step(*inputs.values())  # auto on CPU: the reference
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    xbcdt, a_log = _packed(inputs)
+    packed = lambda **kw: ops_decode.conv_ssd_decode_step_packed(
+        inputs["state"], inputs["conv_state"], kw.pop("xbcdt", xbcdt), a_log, inputs["D"], inputs["dt_bias"],
+        inputs["conv_weight"], inputs["conv_bias"], **{"offset": 5, **kw})
+    want = reference.conv_ssd_decode_step_reference(*{**inputs, "A": -jnp.exp(a_log)}.values())
+    jax.tree.map(np.testing.assert_array_equal, packed(), want)  # the reference on the pieces
+    with self.assertRaisesRegex(ValueError, "xbcdt must be"):
+      packed(offset=9)  # past the end
+    with self.assertRaisesRegex(ValueError, "xbcdt must be"):
+      packed(xbcdt=xbcdt[:2])
+    bad_window = {**inputs, "conv_state": (inputs["conv_state"][0][:, :2], *inputs["conv_state"][1:])}
+    with self.assertRaisesRegex(ValueError, "conv state of x must be"):
+      ops_decode.conv_ssd_decode_step(*bad_window.values(), backend="triton", interpret=True)
+    bad_weight = {**inputs, "conv_weight": (inputs["conv_weight"][0], inputs["conv_weight"][1][:3],
+                                           inputs["conv_weight"][2])}
+    with self.assertRaisesRegex(ValueError, "differ in width"):
+      ops_decode.conv_ssd_decode_step(*bad_weight.values(), backend="triton", interpret=True)
+    with self.assertRaisesRegex(ValueError, "conv bias of B must be"):
+      ops_decode.conv_ssd_decode_step(*{**inputs, "conv_bias": (inputs["conv_bias"][0], inputs["conv_bias"][0],
+                                                               inputs["conv_bias"][2])}.values(), interpret=True)
+    with self.assertRaisesRegex(ValueError, "give all three"):
+      ops_decode.conv_ssd_decode_step(*{**inputs, "conv_bias": (None, *inputs["conv_bias"][1:])}.values(),
+                                      backend="triton", interpret=True)
+    with self.assertRaisesRegex(ValueError, "x, B, C. triple"):
+      ops_decode.conv_ssd_decode_step(*{**inputs, "conv_state": inputs["conv_state"][0]}.values(), interpret=True)
+
+  def test_conv_step_lowers_to_one_triton_call_for_an_abstract_h100(self):
+    """Nemotron-3-Nano-4B's mixer at batch 1 from its fused projection (z | x | B | C | dt): one Triton custom
+    call whose state and x window outputs are the donated inputs."""
+    b, m, p, j, q, k = 1, 96, 80, 8, 128, 4
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (sds((b, m, p, q), jnp.float32),
+            (sds((b, k - 1, m, p), bf), sds((b, k - 1, j, q), bf), sds((b, k - 1, j, q), bf)),
+            sds((b, 2 * m * p + 2 * j * q + m), bf), sds((m,), bf), sds((m,), bf), sds((m,), bf),
+            (sds((k, m, p), bf), sds((k, j, q), bf), sds((k, j, q), bf)), sds((b,), jnp.bool_))
+    step = jax.jit(lambda st, cs, proj, a_log, d, dtb, cw, keep: ops_decode.conv_ssd_decode_step_packed(
+        st, cs, proj, a_log, d, dtb, cw, offset=m * p, keep=keep), donate_argnums=(0, 1))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_H100)):
+      text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
+    aliases = re.findall(r"output_operand_alias<output_tuple_indices = \[(\d)\]", text)
+    self.assertEqual(sorted(aliases), ["1", "2"])  # the state and the x window, in place
 
 
 if __name__ == "__main__":

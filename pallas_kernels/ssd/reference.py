@@ -552,3 +552,94 @@ def causal_conv1d_update_reference(
   y = jnp.sum(window * weight.astype(_F32)[None], axis=1)  # [B,Ch]
   y = _conv_epilogue(y, bias, activation)
   return y.astype(x.dtype), window[:, 1:].astype(conv_state.dtype)
+
+
+def _check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation) -> int:
+  """The checks of `conv_ssd_decode_step_reference` on the conv part (shared with the kernel's entry point):
+  -> the conv width K."""
+  if not (isinstance(conv_state, (tuple, list)) and isinstance(conv_weight, (tuple, list)) and len(conv_state) == 3
+          and len(conv_weight) == 3):
+    raise ValueError("conv_state and conv_weight must each be an (x, B, C) triple, got "
+                     f"{type(conv_state).__name__} / {type(conv_weight).__name__}")
+  if conv_bias is not None and not (isinstance(conv_bias, (tuple, list)) and len(conv_bias) == 3):
+    raise ValueError(f"conv_bias must be None or an (x, B, C) triple, got {type(conv_bias).__name__}")
+  if activation not in ("silu", None):
+    raise ValueError(f"activation must be 'silu' or None, got {activation=}")
+  bias = conv_bias or (None, None, None)
+  width = None
+  for name, v, window, w, b in zip("xBC", (x, B, C), conv_state, conv_weight, bias):
+    if w.ndim != 3 or tuple(w.shape[1:]) != tuple(v.shape[1:]) or w.shape[0] < 1:
+      raise ValueError(f"conv weight of {name} must be [K, {', '.join(map(str, v.shape[1:]))}] (K, then the "
+                       f"channels of {name}), got {w.shape}")
+    width = w.shape[0] if width is None else width
+    if w.shape[0] != width:
+      raise ValueError(f"the conv weights of x, B, C differ in width K: {[u.shape[0] for u in conv_weight]}")
+    if tuple(window.shape) != (v.shape[0], width - 1, *v.shape[1:]):
+      raise ValueError(f"conv state of {name} must be [B, K-1, ...] = {(v.shape[0], width - 1, *v.shape[1:])}, "
+                       f"got {window.shape}")
+    if b is not None and tuple(b.shape) != tuple(v.shape[1:]):
+      raise ValueError(f"conv bias of {name} must be {tuple(v.shape[1:])}, got {b.shape}")
+  return width
+
+
+def conv_ssd_decode_step_reference(
+    state: Optional[jax.Array],
+    conv_state: tuple[jax.Array, jax.Array, jax.Array],
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: Optional[jax.Array],
+    dt_bias: Optional[jax.Array],
+    conv_weight: tuple[jax.Array, jax.Array, jax.Array],
+    conv_bias: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+    *,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+    keep: Optional[jax.Array] = None,
+    activation: Optional[str] = "silu",
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """One token through the core of a Mamba-2 mixer (decoding): x, B and C each through its causal conv
+  window and the activation, then the SSD update.
+
+    x_c, B_c, C_c = act(conv(window + new input))      `causal_conv1d_update_reference`, per channel set
+    y, h'         = ssd_decode_step_reference(h, x_c, dt, A, B_c, C_c, D, dt_bias)
+
+  The convolved inputs are rounded to the inputs' dtypes before the update, as the mixer computes them.
+
+  Args:
+    state: [B, M, P, Q] float32 SSM state, or None (zeros).
+    conv_state: (x [B, K-1, M, P], B [B, K-1, J, Q], C [B, K-1, J, Q]): the last K-1 raw inputs, oldest first.
+    x: [B, M, P], dt: [B, M], B / C: [B, J, Q]: the new token's raw (pre-conv) inputs.
+    A, D, dt_bias: [M] (D, dt_bias may be None).
+    conv_weight: (x [K, M, P], B [K, J, Q], C [K, J, Q]); weight[K-1] multiplies the new input.
+    conv_bias: (x [M, P], B [J, Q], C [J, Q]) or None.
+    dt_softplus, dt_min, dt_max: see `ssd_reference`.
+    keep: [B] bool or None: rows whose state carries on; the others start a new document, reading zero conv
+      windows and a zero SSM state (None: every row carries on).
+    activation: "silu" or None.
+
+  Returns:
+    y: [B, M, P] in x.dtype; new_state: [B, M, P, Q] float32; new conv_state: the windows shifted by the
+    new raw inputs, in the conv_state dtypes.
+  """
+  _check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)
+  _check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)
+  bsz = x.shape[0]
+  convolved, windows = [], []
+  for i, v in enumerate((x, B, C)):
+    window = conv_state[i]
+    if keep is not None:
+      window = jnp.where(keep.reshape((-1,) + (1,) * (window.ndim - 1)), window, jnp.zeros_like(window))
+    channels = v.shape[1:]
+    flat = lambda a, lead: a.reshape(*a.shape[:lead], -1)
+    y, fin = causal_conv1d_update_reference(
+        flat(window, 2), flat(v, 1), flat(conv_weight[i], 1),
+        None if conv_bias is None or conv_bias[i] is None else flat(conv_bias[i], 0), activation=activation)
+    convolved.append(y.reshape(bsz, *channels))
+    windows.append(fin.reshape(window.shape))
+  y, new_state = ssd_decode_step_reference(state, convolved[0], dt, A, convolved[1], convolved[2], D, dt_bias,
+                                           dt_softplus=dt_softplus, dt_min=dt_min, dt_max=dt_max, keep=keep)
+  return y, new_state, tuple(windows)
