@@ -301,11 +301,12 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
 
 
 def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096,
-                         cfg=None):
+                         cfg=None, table_layout=None):
   """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096 unless
   given; or `cfg`),
   4096 slots, bf16, per-layer weights (`fuse`: with the Mamba input projections fused, as generation decodes)
-  -> (compiled, cache bytes, one Mamba layer's state bytes)."""
+  -> (compiled, cache bytes, one Mamba layer's state bytes). `table_layout`: a `Layout` the embedding table is
+  given in (else the device's default)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
@@ -318,6 +319,10 @@ def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: boo
   abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
   params = abstract(lambda: (functools.partial(models.fuse_in_proj, cfg) if fuse else (lambda p: p))(
       models.unstack_layers(models.init(cfg, jax.random.key(0)))))
+  if table_layout is not None:
+    from jax.experimental.layout import Format  # pylint: disable=g-import-not-at-top
+    table = params["embedder"]["embedding"]
+    params["embedder"]["embedding"] = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=Format(table_layout, rep))
   cache = abstract(lambda: (models.unstack_cache if per_layer else (lambda c: c))(models.init_cache(cfg, batch, max_len)))
   state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
   tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
@@ -572,3 +577,18 @@ def test_one_token_decode_step_reads_the_embedding_table_where_it_lies_on_a_tpu(
   vocabulary). Off a mesh a one-token lookup stays a one-row dynamic slice."""
   compiled, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=1, fuse=True, vocab=131072)
   assert compiled.memory_analysis().temp_size_in_bytes < 131072 * 3136 * 2 // 10
+
+
+@needs_libtpu
+def test_batch_decode_step_reads_a_row_major_embedding_table_where_it_lies_on_a_tpu():
+  """At batch 8 on a v5e the lookup is a gather of 8 rows: from the default (column-major) table XLA copies all
+  of it into rows first (0.84 GB per step); from the table as generation places it (row-major,
+  `inference._engine._table_rows_contiguous`; the jitted step compiles for the layout it is given) it reads
+  the rows where they lie."""
+  from jax.experimental.layout import Layout  # pylint: disable=g-import-not-at-top
+  table_bytes = 131072 * 3136 * 2
+  default, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=8, fuse=True, vocab=131072)
+  assert default.memory_analysis().temp_size_in_bytes > table_bytes  # the copy this avoids
+  row_major, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=8, fuse=True, vocab=131072,
+                                         table_layout=Layout(major_to_minor=(0, 1)))
+  assert row_major.memory_analysis().temp_size_in_bytes < table_bytes // 10

@@ -172,6 +172,29 @@ def test_the_generator_keeps_the_params_as_given_when_the_device_has_no_room_for
   assert "decoding from the params as given" in caplog.text
 
 
+def test_a_column_major_embedding_table_is_placed_row_major_for_decoding(ckpts):
+  """A TPU places a [V, D] table with V minor when D is no multiple of 128, and XLA then copies all of it into
+  rows for every gather of two rows or more (see `_engine._table_rows_contiguous`; checked on its v5e compile
+  in tests/test_aot.py). Here the CPU holds the table column-major as that TPU would: generation re-places it
+  row-major once, compiles its steps for that layout, and emits the same tokens."""
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+  from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
+
+  _, _, cfg, params = ckpts["dense"]
+  table = params["embedder"]["embedding"]
+  column_major = {**params, "embedder": {"embedding": jax.device_put(table, Format(Layout((1, 0)), table.sharding))}}
+  assert column_major["embedder"]["embedding"].format.layout.major_to_minor == (1, 0)
+  placed = _engine.decoding_params(cfg, column_major)
+  assert placed["embedder"]["embedding"].format.layout.major_to_minor == (0, 1)
+  np.testing.assert_array_equal(placed["embedder"]["embedding"], table)
+  assert _engine.decoding_params(cfg, placed)["embedder"]["embedding"] is placed["embedder"]["embedding"]
+  assert _engine.decoding_params(cfg.replace(tie_word_embeddings=True), column_major)["embedder"]["embedding"] is (
+      column_major["embedder"]["embedding"])  # also the LM head's matrix: kept as it is
+  want = inference.generate_tokens(cfg, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  got = inference.generate_tokens(cfg, column_major, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
 # --- Sampling ---------------------------------------------------------------------------------------
 def test_sampling_filters_and_seeds():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
