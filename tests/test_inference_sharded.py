@@ -73,6 +73,24 @@ def test_greedy_on_mesh_with_the_triton_conv_ssm_decode_kernel(setup, monkeypatc
   assert set(shapes) == {(1, m // 2, p, q)}  # 4 rows over 4 batch shards, heads over tensor=2
 
 
+def test_a_column_major_embedding_table_is_placed_row_major_on_the_mesh(setup):
+  """As on one device (tests/test_inference.py), for the table's shards: a TPU keeps [V / n, D] shards with
+  V minor when D is no multiple of 128; placing the params for the mesh puts them row-major, in the table's
+  sharding, and the mesh still gives the one-device tokens."""
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+  mesh, params = setup
+  table = params["embedder"]["embedding"]
+  column_major = {**params, "embedder": {"embedding": jax.device_put(table, Format(Layout((1, 0)), table.sharding))}}
+  placed = _engine.place_params(CFG, column_major, mesh, LAYOUT)
+  want = sharding.param_shardings(CFG, mesh, LAYOUT)["embedder"]["embedding"]
+  assert placed["embedder"]["embedding"].format.layout.major_to_minor == (0, 1)
+  assert placed["embedder"]["embedding"].sharding.is_equivalent_to(want, 2)
+  np.testing.assert_array_equal(placed["embedder"]["embedding"], table)
+  one = generate_tokens(CFG, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  split = generate_tokens(CFG, placed, PROMPTS, max_new_tokens=3, max_len=MAX_LEN, mesh=mesh, layout=LAYOUT)
+  assert [c.token_ids for c in split] == [c.token_ids for c in one]
+
+
 def test_cache_keeps_its_shardings(setup):
   mesh, params = setup
   steps = _engine.sharded_steps(CFG, mesh, LAYOUT, len(PROMPTS), MAX_LEN)  # the steps of the test above

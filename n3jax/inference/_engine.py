@@ -199,13 +199,16 @@ def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   """Params on a mesh in their `sharding.param_shardings`: per layer (`models.unstack_layers`) unless
   `cfg.scan_layers`, as the decoding step reads them fastest (see `decoding_params`). Params already placed
   so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
-  where the devices have room for it."""
+  where the devices have room for it. The embedding table's shards are placed row-major (see
+  `_table_rows_contiguous`)."""
   if not cfg.scan_layers and not models.layers_unstacked(params):
     stacked = jax.device_put(params, _param_shardings(cfg, mesh, layout, False))
     if not _room_for_a_copy(stacked["layers"]):
-      return stacked
-    return jax.jit(models.unstack_layers, out_shardings=_param_shardings(cfg, mesh, layout, True))(stacked)
-  return jax.device_put(params, _param_shardings(cfg, mesh, layout, not cfg.scan_layers))
+      return _table_rows_contiguous(cfg, stacked)
+    per_layer = {"layers": _param_shardings(cfg, mesh, layout, True)["layers"]}  # the layers only: the rest stays
+    layers = jax.jit(models.unstack_layers, out_shardings=per_layer)({"layers": stacked["layers"]})["layers"]
+    return _table_rows_contiguous(cfg, {**stacked, "layers": layers})
+  return _table_rows_contiguous(cfg, jax.device_put(params, _param_shardings(cfg, mesh, layout, not cfg.scan_layers)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
