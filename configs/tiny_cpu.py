@@ -10,8 +10,9 @@ about 1.5, the held-out loss to about 1.5, and the last line reads
     Done at step 200: train loss 5.570 (step 1) -> 1.498, held-out 1.534; 77 s in all
 
 Measured on 2 idle CPU cores from a fresh clone (2026-12-06): 77 s in all, 0.29 s/step after a short
-compile; the losses are deterministic for a given version of the code (a change in the order of f32 sums
-moves their last digits: 1.494 / 1.537 on 2026-11-25).
+compile; the losses are deterministic for a given version of the code and host CPU (a change in the order of
+f32 sums moves their last digits: 1.494 / 1.537 on 2026-11-25; the same code gives 1.495 / 1.534 on an AMD EPYC
+host without AVX-512, whose XLA CPU code sums in another order, in 108 s).
 """
 
 import ml_collections
