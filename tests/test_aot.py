@@ -300,19 +300,22 @@ def test_train_step_with_the_mosaic_gpu_kernels_compiles_for_h100():
       "ssd_state_passing_bwd", "ssd_scan_bwd_dbc", "ssd_scan_bwd_dx", "gmm", "gmm_dlhs", "tgmm"}
 
 
+def _nano4b_slice(ssd_backend: str = "reference", vocab: int = 4096):
+  """Nemotron-3-Nano-4B at full width, 8 layers (4 Mamba, 2 attention), bf16, unrolled: the decoding tests' model."""
+  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
+  return PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=vocab, dtype="bfloat16",
+                                               param_dtype="bfloat16", scan_layers=False, ssd_backend=ssd_backend)
+
+
 def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096,
                          cfg=None, table_layout=None):
-  """`inference.decode_sample` at Nemotron-3-Nano-4B width (8 layers, 4 Mamba and 2 attention; vocab 4096 unless
-  given; or `cfg`),
-  4096 slots, bf16, per-layer weights (`fuse`: with the Mamba input projections fused, as generation decodes)
-  -> (compiled, cache bytes, one Mamba layer's state bytes). `table_layout`: a `Layout` the embedding table is
-  given in (else the device's default)."""
+  """`inference.decode_sample` of `cfg` (default `_nano4b_slice(vocab=vocab)`), 4096 slots, per-layer weights
+  (`fuse`: with the Mamba input projections fused, as generation decodes) -> (compiled, cache bytes, one Mamba
+  layer's state bytes). `table_layout`: a `Layout` the embedding table is given in (else the device's default)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
-  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
-  cfg = cfg or PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=vocab,
-                                                     dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+  cfg = cfg or _nano4b_slice(vocab=vocab)
   max_len = 4096
   mesh = jax.sharding.Mesh(aot.devices(target, 1), ("x",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -358,12 +361,6 @@ def test_decode_step_projects_with_matrix_products_on_h100(batch):
   split = _compile_decode_step("h100", per_layer=True, batch=batch, fuse=False)[0]
   assert aot.matvec_reductions(split) == 0
   assert aot.weight_concatenations(split) == 4  # one per Mamba layer
-
-
-def _nano4b_slice(ssd_backend: str):
-  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
-  return PRESETS["nemotron-3-nano-4b"].replace(blocks=parse_pattern("M*M-M*M-"), vocab_size=4096, dtype="bfloat16",
-                                               param_dtype="bfloat16", scan_layers=False, ssd_backend=ssd_backend)
 
 
 def _compile_for_h100_kernels(cfg, batch: int):

@@ -65,7 +65,8 @@ def conv_decode_step_kernel(*refs, width: int, per_group: int, has_bias: bool, a
 
   def conv(win_ref, w_ref, new_ref, bias_ref):
     """-> (convolved input in the input dtype, f32; old window rows (reset), the new raw input)."""
-    rows = [jnp.where(keep, win_ref[k], jnp.zeros_like(win_ref[k])) for k in range(width - 1)]
+    rows = [win_ref[k] for k in range(width - 1)]
+    rows = [jnp.where(keep, row, jnp.zeros_like(row)) for row in rows]
     new = new_ref[...]
     acc = None
     for k, row in enumerate([*rows, new]):

@@ -146,7 +146,6 @@ def ssd_decode_step(
   return y, new_state
 
 
-
 def conv_ssd_decode_step(
     state: Optional[jax.Array],
     conv_state: tuple[jax.Array, jax.Array, jax.Array],
