@@ -128,6 +128,10 @@ class ModelConfig:
   ssd_backend: str = "reference"              # `pallas_kernels.ssd` implementation
   moe_backend: str = "auto"                   # `pallas_kernels.moe.moe_dispatch` backend ("auto": Pallas gmm on
                                               # GPU/TPU, ragged_dot on CPU; see `pallas_kernels.moe.ops`)
+  moe_gather_max_rows: int = 0                # a MoE call with at most this many (token, slot) rows per token
+                                              # shard skips the sort: each row runs its expert's weights read by
+                                              # id (`pallas_kernels.moe.gathered`; decoding). Kernel backends
+                                              # only; 0: never (the default until a GPU has timed both paths)
   moe_ep_exchange: str = "all_to_all"         # expert parallelism token exchange: all_to_all | all_gather
   moe_ep_capacity_factor: float | None = None  # all_to_all: rows an expert shard takes, x its routed rows;
                                               # None: ep x (the worst case, dropless). Rows over it are dropped
@@ -209,6 +213,8 @@ class ModelConfig:
                                                  and self.moe_ep_exchange == "all_to_all"),
          f"{self.moe_ep_capacity_factor=} must be None or > 0, with moe_ep_exchange='all_to_all'")
     need(self.attention_impl in ATTENTION_IMPLS, f"{self.attention_impl=} must be one of {ATTENTION_IMPLS}")
+    need(isinstance(self.moe_gather_max_rows, int) and self.moe_gather_max_rows >= 0,
+         f"{self.moe_gather_max_rows=} must be an int >= 0")
     need(isinstance(self.moe_seq_chunks, int) and self.moe_seq_chunks >= 1, f"{self.moe_seq_chunks=} must be an int >= 1")
     need(self.layer_norm_epsilon > 0, f"{self.layer_norm_epsilon=} must be > 0")
     used = set(self.blocks) | (set(self.mtp_blocks) if self.num_nextn_predict_layers else set())

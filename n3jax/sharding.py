@@ -271,14 +271,18 @@ def splits(logical_axis: str) -> bool:
   return spec is not None and any(mesh.shape.get(a, 1) > 1 for a in _mesh_axes(spec[0]))
 
 
-def moe_shard_axes() -> tuple[str | None, tuple[str, ...]] | None:
+def moe_shard_axes() -> tuple[str | None, tuple[str, ...], str | None] | None:
   """How a MoE layer splits its routed experts' work on the active mesh: (expert mesh axis or None, the
-  other batch axes), or None when nothing splits the tokens (no mesh, or every batch axis of size 1).
+  other batch axes, tensor mesh axis or None), or None when nothing splits it (no mesh, or every batch,
+  expert and tensor axis of size 1).
 
   Experts split (the layout maps EXPERT to an axis of size > 1): expert parallelism over that axis, tokens
   exchanged with the other shards. Otherwise, while the batch is split, each shard dispatches its own
   tokens (expert axis None): a sort over a token axis split across devices would make XLA gather every
   token onto every device (at Super on 64 GPUs under FSDP, 247 GB of routed rows per GPU; `n3jax.aot`).
+  The tensor axis splits each expert's hidden width (EXPERT_MLP's first rule, one axis of size > 1), and
+  the layer sums the shards' partial outputs over it; a Pallas kernel, opaque to XLA, would otherwise have
+  every expert weight gathered whole onto each device, every step (`expert_parallel.expert_parallel_moe`).
   Read inside the model at trace time: `use_mesh` activates both the mesh and the layout's rules.
   """
   mesh = jax.sharding.get_abstract_mesh()
@@ -291,9 +295,15 @@ def moe_shard_axes() -> tuple[str | None, tuple[str, ...]] | None:
   expert_axes = next((axes for name, axes in nn.get_logical_axis_rules() if name == EXPERT), None)
   expert_axes = [a for a in _mesh_axes(expert_axes) if a != "fsdp"]
   expert_axis = expert_axes[0] if len(expert_axes) == 1 else None
-  if expert_axis is not None and mesh.shape.get(expert_axis, 1) > 1:
-    return expert_axis, tuple(a for a in batch if a != expert_axis)
-  return (None, batch) if batch else None
+  if expert_axis is not None and mesh.shape.get(expert_axis, 1) <= 1:
+    expert_axis = None
+  hidden_axes = [a for a in _mesh_axes(rules.get(EXPERT_MLP)) if mesh.shape.get(a, 1) > 1]
+  tensor_axis = hidden_axes[0] if len(hidden_axes) == 1 and hidden_axes[0] not in batch else None
+  if expert_axis is not None:
+    batch = tuple(a for a in batch if a != expert_axis)
+  if expert_axis is None and not batch and tensor_axis is None:
+    return None
+  return expert_axis, batch, tensor_axis
 
 
 # Mesh axes that split parameters (and their optimizer state and gradients) at rest only: a layer uses its

@@ -308,10 +308,11 @@ def _nano4b_slice(ssd_backend: str = "reference", vocab: int = 4096):
 
 
 def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: bool = False, vocab: int = 4096,
-                         cfg=None, table_layout=None):
+                         cfg=None, row_major: tuple[str, ...] = ()):
   """`inference.decode_sample` of `cfg` (default `_nano4b_slice(vocab=vocab)`), 4096 slots, per-layer weights
   (`fuse`: with the Mamba input projections fused, as generation decodes) -> (compiled, cache bytes, one Mamba
-  layer's state bytes). `table_layout`: a `Layout` the embedding table is given in (else the device's default)."""
+  layer's state bytes). `row_major`: names of params given row-major, as generation places them
+  (`inference._engine._rows_contiguous`; else in the device's default layout)."""
   from n3jax import models  # pylint: disable=g-import-not-at-top
   from n3jax.inference import _engine, _sampling  # pylint: disable=g-import-not-at-top
 
@@ -322,10 +323,11 @@ def _compile_decode_step(target: str, per_layer: bool, batch: int = 8, fuse: boo
   abstract = lambda f: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(f))
   params = abstract(lambda: (functools.partial(models.fuse_in_proj, cfg) if fuse else (lambda p: p))(
       models.unstack_layers(models.init(cfg, jax.random.key(0)))))
-  if table_layout is not None:
-    from jax.experimental.layout import Format  # pylint: disable=g-import-not-at-top
-    table = params["embedder"]["embedding"]
-    params["embedder"]["embedding"] = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=Format(table_layout, rep))
+  if row_major:
+    from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=Format(Layout(tuple(range(a.ndim))), rep))
+        if path[-1].key in row_major else a, params)
   cache = abstract(lambda: (models.unstack_cache if per_layer else (lambda c: c))(models.init_cache(cfg, batch, max_len)))
   state = abstract(lambda: {"key": jax.random.key(0), "seen": jnp.zeros((batch, cfg.vocab_size), bool)})
   tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
@@ -401,6 +403,54 @@ def test_batch_one_decode_step_launches_one_kernel_for_each_mamba_layers_conv_an
     assert any("gemm" in o for o in rest), operands
     assert not any("slice" in o or "convert" in o or "negate" in o for o in rest), operands
   assert len({c.split(",")[0] for c in calls}) == 1  # the keep flags: one cast for all layers
+
+
+def _nano30b_slice(gather_rows: int = 0, vocab: int = 4096):
+  """Nemotron 3 Nano (30B-A3B) at full width, 5 layers (2 Mamba, 2 MoE, 1 attention), bf16, unrolled;
+  `moe_gather_max_rows=gather_rows`."""
+  from n3jax.configs import PRESETS, parse_pattern  # pylint: disable=g-import-not-at-top
+  return PRESETS["nemotron-3-nano-30b-a3b"].replace(blocks=parse_pattern("MEM*E"), vocab_size=vocab, dtype="bfloat16",
+                                                    param_dtype="bfloat16", scan_layers=False,
+                                                    moe_gather_max_rows=gather_rows)
+
+
+@needs_plugin
+def test_batch_one_moe_decode_step_reads_its_experts_by_id_on_h100():
+  """At batch 1 a MoE layer routes 6 rows. Through the sorted dispatch XLA's H100 compile launches about 30
+  kernels per layer for them (argsort, counts and offsets, the grouped matmuls' mostly empty grids, un-sort
+  and combine); with `moe_gather_max_rows` each row reads its expert's weights by id in one up and one down
+  kernel (`pallas_kernels.moe.gathered`), and the combine fuses into the residual add. Nemotron-3-Nano-30B:
+  1023 -> (see benchmarks/results) kernels per step."""
+  sorted_, _, _ = _compile_for_h100_kernels(_nano30b_slice(0), batch=1)
+  gathered, _, _ = _compile_for_h100_kernels(_nano30b_slice(8), batch=1)
+  print(f"kernels per step: sorted {aot.kernels(sorted_)}, gathered {aot.kernels(gathered)}")
+  assert aot.kernels(gathered) <= aot.kernels(sorted_) - 2 * 12  # 2 MoE layers
+  text = gathered.as_text()
+  calls = re.findall(r'custom_call_target="__gpu\$xla.gpu.triton"', text)
+  assert len(calls) == 4 and text.count('"gathered_up"') + text.count('"gathered_down"') >= 4, len(calls)
+  sorts = lambda c: len(re.findall(r"= [^\n]* sort\(", c.as_text()))
+  assert sorts(gathered) == sorts(sorted_) - 2, (sorts(gathered), sorts(sorted_))  # top-k's only, no argsort
+
+
+@needs_libtpu
+def test_moe_decode_step_reads_row_major_expert_weights_where_they_lie_on_a_tpu():
+  """A v5e lays Nemotron 3 Nano's [128, 2688, 1856] expert up-projections out with D minor (1856 is no
+  multiple of 128), and the Mosaic kernels (the grouped matmul and the gathered-expert kernels) read their
+  operands row-major: from the default layout XLA copies both expert weights of every MoE layer, every step
+  (0.64 GB each). Placed row-major as generation places them (`inference._engine._rows_contiguous`), they are
+  read where they lie."""
+  weight_bytes = 128 * 2688 * 1856 * 2
+  mesh = jax.sharding.Mesh(aot.devices("tpu:v5e:1x1", 1), ("x",))
+  for rows in (0, 8):  # the sorted grouped matmul, the gathered-expert kernels
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      default, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=1, fuse=True,
+                                           cfg=_nano30b_slice(rows))
+      placed, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=1, fuse=True,
+                                          cfg=_nano30b_slice(rows), row_major=("experts_up_proj", "experts_down_proj"))
+    print(f"{rows=}: temporaries {default.memory_analysis().temp_size_in_bytes / 1e9:.2f} -> "
+          f"{placed.memory_analysis().temp_size_in_bytes / 1e9:.2f} GB")
+    assert default.memory_analysis().temp_size_in_bytes > weight_bytes  # the copies this avoids
+    assert placed.memory_analysis().temp_size_in_bytes < weight_bytes // 20
 
 
 @needs_plugin
@@ -580,12 +630,11 @@ def test_one_token_decode_step_reads_the_embedding_table_where_it_lies_on_a_tpu(
 def test_batch_decode_step_reads_a_row_major_embedding_table_where_it_lies_on_a_tpu():
   """At batch 8 on a v5e the lookup is a gather of 8 rows: from the default (column-major) table XLA copies all
   of it into rows first (0.84 GB per step); from the table as generation places it (row-major,
-  `inference._engine._table_rows_contiguous`; the jitted step compiles for the layout it is given) it reads
+  `inference._engine._rows_contiguous`; the jitted step compiles for the layout it is given) it reads
   the rows where they lie."""
-  from jax.experimental.layout import Layout  # pylint: disable=g-import-not-at-top
   table_bytes = 131072 * 3136 * 2
   default, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=8, fuse=True, vocab=131072)
   assert default.memory_analysis().temp_size_in_bytes > table_bytes  # the copy this avoids
   row_major, _, _ = _compile_decode_step("tpu:v5e:1x1", per_layer=True, batch=8, fuse=True, vocab=131072,
-                                         table_layout=Layout(major_to_minor=(0, 1)))
+                                         row_major=("embedding",))
   assert row_major.memory_analysis().temp_size_in_bytes < table_bytes // 10

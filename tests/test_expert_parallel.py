@@ -312,3 +312,68 @@ def test_capacity_factor_needs_the_all_to_all_exchange():
   with pytest.raises(ValueError, match="capacity_factor=2.0 needs exchange='all_to_all'"):
     expert_parallel.expert_parallel_moe(tokens, router_weights, jnp.zeros((T, R), jnp.int32), w_up, w_down,
                                         mesh=mesh, data_axes=data_axes, exchange="all_gather", capacity_factor=2.0)
+
+
+TENSOR_MESHES = {  # name -> (mesh shape, expert axis, data axes, exchange)
+    "tensor8": ({"tensor": 8}, None, (), "all_to_all"),
+    "data2_tensor4": ({"data": 2, "tensor": 4}, None, ("data",), "all_to_all"),
+    "expert2_tensor4": ({"expert": 2, "tensor": 4}, "expert", (), "all_to_all"),
+    "expert4_tensor2_all_gather": ({"expert": 4, "tensor": 2}, "expert", (), "all_gather"),
+}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(TENSOR_MESHES))
+def test_tensor_parallel_experts_match_single_device(mesh_name):
+  """`tensor_axis` splits each expert's hidden width F (w_up by columns, w_down by rows; Megatron's tensor
+  parallelism): each shard's grouped matmuls see F / tensor, and the psum of their partial down products
+  gives the one-device outputs and gradients, alone or with data and expert axes."""
+  shape, expert_axis, data_axes, exchange = TENSOR_MESHES[mesh_name]
+  mesh = jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
+  tokens, router_weights, w_up, w_down, cotangent = _params(seed=4)
+  w_up = jax.device_put(w_up, NamedSharding(mesh, P(expert_axis, None, "tensor")))
+  w_down = jax.device_put(w_down, NamedSharding(mesh, P(expert_axis, "tensor", None)))
+  widths = []
+
+  def recording_gmm(lhs, rhs, group_sizes, **kw):
+    widths.append(rhs.shape)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, **kw)
+
+  run = _value_and_grads(functools.partial(
+      expert_parallel.expert_parallel_moe, mesh=mesh, expert_axis=expert_axis, data_axes=data_axes,
+      tensor_axis="tensor", exchange=exchange, grouped_matmul=recording_gmm), [])
+  for name, ids in _routings().items():
+    ids = jnp.asarray(ids, jnp.int32)
+    _check(run(tokens, router_weights, ids, w_up, w_down, cotangent),
+           _REFERENCE(tokens, router_weights, ids, w_up, w_down, cotangent), name)
+  local_e, local_f = E // (mesh.shape[expert_axis] if expert_axis else 1), F // mesh.shape["tensor"]
+  assert set(widths) == {(local_e, D, local_f), (local_e, local_f, D)}, widths
+
+
+@pytest.mark.parametrize("mesh_shape", [{"tensor": 8}, {"data": 2, "tensor": 4}])
+def test_gathered_rows_on_a_tensor_mesh_match_single_device(mesh_shape):
+  """A few rows per shard (decoding) through the gathered-expert kernels (Triton, interpreted), each shard
+  with its F-slice of the experts: the one-device outputs and gradients."""
+  mesh = jax.make_mesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(mesh_shape))
+  data_axes = tuple(a for a in mesh_shape if a != "tensor")
+  tokens, router_weights, w_up, w_down, cotangent = (x[:4] if x.ndim == 2 else x for x in _params(seed=5))
+  ids = jnp.asarray(_routings()["random"][:4], jnp.int32)
+  w_up = jax.device_put(w_up, NamedSharding(mesh, P(None, None, "tensor")))
+  w_down = jax.device_put(w_down, NamedSharding(mesh, P(None, "tensor", None)))
+  run = _value_and_grads(functools.partial(
+      expert_parallel.expert_parallel_moe, mesh=mesh, expert_axis=None, data_axes=data_axes,
+      tensor_axis="tensor", gathered_rows=True), [])
+  _check(run(tokens, router_weights, ids, w_up, w_down, cotangent),
+         _REFERENCE(tokens, router_weights, ids, w_up, w_down, cotangent), "gathered")
+
+
+def test_tensor_axis_arguments_are_checked():
+  mesh = jax.make_mesh((2, 4), ("expert", "tensor"), axis_types=(AxisType.Auto,) * 2)
+  tokens, router_weights, w_up, w_down, _ = _params()
+  ids = jnp.zeros((T, R), jnp.int32)
+  call = functools.partial(expert_parallel.expert_parallel_moe, tokens, router_weights, ids, mesh=mesh, data_axes=())
+  with pytest.raises(ValueError, match="hidden width 30 must be a multiple of the 'tensor' axis size 4"):
+    call(jnp.zeros((E, D, 30)), jnp.zeros((E, 30, D)), tensor_axis="tensor")
+  with pytest.raises(ValueError, match="tensor_axis='expert' must be none of"):
+    call(w_up, w_down, tensor_axis="expert")
+  with pytest.raises(ValueError, match="gathered_rows runs every expert on each shard"):
+    call(w_up, w_down, expert_axis="expert", gathered_rows=True)

@@ -174,7 +174,7 @@ def test_the_generator_keeps_the_params_as_given_when_the_device_has_no_room_for
 
 def test_a_column_major_embedding_table_is_placed_row_major_for_decoding(ckpts):
   """A TPU places a [V, D] table with V minor when D is no multiple of 128, and XLA then copies all of it into
-  rows for every gather of two rows or more (see `_engine._table_rows_contiguous`; checked on its v5e compile
+  rows for every gather of two rows or more (see `_engine._rows_contiguous`; checked on its v5e compile
   in tests/test_aot.py). Here the CPU holds the table column-major as that TPU would: generation re-places it
   row-major once, compiles its steps for that layout, and emits the same tokens."""
   from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
@@ -190,6 +190,28 @@ def test_a_column_major_embedding_table_is_placed_row_major_for_decoding(ckpts):
   assert _engine.decoding_params(cfg, placed)["embedder"]["embedding"] is placed["embedder"]["embedding"]
   assert _engine.decoding_params(cfg.replace(tie_word_embeddings=True), column_major)["embedder"]["embedding"] is (
       column_major["embedder"]["embedding"])  # also the LM head's matrix: kept as it is
+  want = inference.generate_tokens(cfg, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  got = inference.generate_tokens(cfg, column_major, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
+  assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_routed_expert_weights_are_placed_row_major_for_decoding(ckpts):
+  """A TPU lays [E, D, F] expert weights out with D minor when F is no multiple of 128 (Nemotron 3 Nano's
+  1856), and the Mosaic kernels that read them (grouped matmul, gathered experts) would have XLA copy them
+  into rows every step (`_engine._rows_contiguous`; its v5e compile in tests/test_aot.py). Here the CPU holds
+  them so: generation re-places them row-major once, stacked or per layer, and emits the same tokens."""
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+  from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
+
+  _, _, cfg, params = ckpts["moe"]
+  names = ("experts_up_proj", "experts_down_proj")
+  swap = lambda a: jax.device_put(a, Format(Layout((*range(a.ndim - 2), a.ndim - 1, a.ndim - 2)), a.sharding))
+  column_major = jax.tree_util.tree_map_with_path(lambda p, a: swap(a) if p[-1].key in names else a, params)
+  placed = _engine.decoding_params(cfg, column_major)
+  experts = [(p, a) for p, a in jax.tree_util.tree_leaves_with_path(placed) if p[-1].key in names]
+  assert len(experts) == 2 * cfg.count(n3jax.Block.MOE)  # one buffer per layer
+  for _, a in experts:
+    assert a.format.layout.major_to_minor == tuple(range(a.ndim))
   want = inference.generate_tokens(cfg, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
   got = inference.generate_tokens(cfg, column_major, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
   assert [c.token_ids for c in got] == [c.token_ids for c in want]

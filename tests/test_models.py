@@ -294,6 +294,36 @@ def test_triton_conv_ssm_decode_kernel_inside_the_model(monkeypatch, fused):
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=0), caches[1], caches[0])
 
 
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-latent-moe"])
+def test_gathered_expert_kernels_decode_inside_the_model(monkeypatch, name):
+  """With `moe_gather_max_rows`, a decoding step's few routed rows skip the sort: each runs its expert's
+  weights read by id (`pallas_kernels.moe.gathered`, Triton interpreted on CPU), two kernels per MoE layer;
+  a prefill chunk with more rows keeps the sorted grouped matmul. The logits and caches are the sorted
+  path's (`moe_backend="pallas"` for both, so the prefill is the same)."""
+  from pallas_kernels.moe import gathered
+  calls = []
+  call = gathered._rows_call_triton  # pylint: disable=protected-access
+  monkeypatch.setattr(gathered, "_rows_call_triton", lambda *a, **kw: (calls.append(a[0].shape[0]), call(*a, **kw))[1])
+  cfg = PRESETS[name].replace(scan_layers=False, moe_backend="pallas")
+  params = models.unstack_layers(_params(name))
+  tokens = _tokens(cfg, seq=7)
+  caches = [jax.jit(models.unstack_cache)(models.init_cache(cfg, 2, 16)) for _ in range(2)]
+  gathering = cfg.replace(moe_gather_max_rows=2 * cfg.num_experts_per_tok)
+  for t0, t1 in ((0, 5), (5, 6), (6, 7)):
+    seg = jnp.ones((2, t1 - t0), jnp.int32)
+    want, caches[0] = models.apply_cached(cfg, params, tokens[:, t0:t1], caches[0], segment_ids=seg)
+    got, caches[1] = models.apply_cached(gathering, params, tokens[:, t0:t1], caches[1], segment_ids=seg)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # two one-token steps x MoE layers x (up, down), each on batch x R rows; none in the 5-token prefill
+  assert calls == [2 * cfg.num_experts_per_tok] * (2 * 2 * cfg.count(n3jax.Block.MOE)), calls
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=0), caches[1], caches[0])
+
+
+def test_moe_gather_max_rows_is_validated():
+  with pytest.raises(ValueError, match="moe_gather_max_rows=-1 must be an int >= 0"):
+    PRESETS["tiny-moe"].replace(moe_gather_max_rows=-1)
+
+
 def test_mosaic_gpu_ssd_kernel_inside_the_model(monkeypatch):
   """`ssd_backend="pallas_mgpu"` (the Hopper kernels, here in JAX's Mosaic GPU interpreter) in a bf16
   model with 64-token chunks and packed documents: the reference's loss and gradients within bf16 error."""

@@ -134,41 +134,57 @@ def decoding_params(cfg: ModelConfig, params: Params) -> Params:
   every token (see `models.fuse_in_proj`). Where the device has no room for the copy, the params are kept
   (with a warning).
   """
-  params = _table_rows_contiguous(cfg, params)
   if cfg.scan_layers:
-    return params
+    return _rows_contiguous(cfg, params)
   unstack = not models.layers_unstacked(params)
   fuse = _fuse_ok(cfg) and not models.in_proj_fused(params)
   if not (unstack or fuse):
-    return params
+    return _rows_contiguous(cfg, params)
   copied = params["layers"] if unstack else [
       {k: v for k, v in layer["mixer"].items() if k.startswith("in_proj_")}
       for layer in params["layers"][models.kind_name(Block.MAMBA)]]
   if not _room_for_a_copy(copied):
-    return params
-  return {**params, "layers": _decoding_layers(cfg, params["layers"])}
+    return _rows_contiguous(cfg, params)
+  # Last: the jitted split gives its outputs the device's default layouts.
+  return _rows_contiguous(cfg, {**params, "layers": _decoding_layers(cfg, params["layers"])})
 
 
-_ROW_MAJOR = Layout(major_to_minor=(0, 1))
+# Leaves that decoding hands to a gather or to a Pallas kernel, which read them row-major.
+_KERNEL_OPERANDS = ("experts_up_proj", "experts_down_proj")
 
 
-def _table_rows_contiguous(cfg: ModelConfig, params: Params) -> Params:
-  """The embedding table re-placed row-major where its device keeps it otherwise (a copy, made once).
+def _rows_contiguous(cfg: ModelConfig, params: Params) -> Params:
+  """The embedding table and the routed experts' weights re-placed row-major where their device keeps them
+  otherwise (a copy, made once).
 
-  A TPU lays a [V, D] array out with V minor when D is no multiple of 128 (Nemotron-3-Nano-4B's [131072, 3136]
-  table on a v5e), and XLA then copies the whole table into rows before any gather of two rows or more: 0.84
-  GB per decoding step at batch >= 2 in its v5e compile. A jitted step compiles for the layout of the arrays
-  it is given, so a table placed row-major is read where it lies (temporaries 0.85 -> 0.01 GB at batch 8).
-  GPUs and CPUs place arrays row-major already. A tied table, which is also the LM head's matrix, is kept.
+  A TPU lays an array out with its last dimension major when that one is no multiple of 128 and the one
+  before it is: Nemotron-3-Nano-4B's [131072, 3136] table on a v5e (V minor), Nemotron 3 Nano's [128, 2688,
+  1856] expert up-projections (D minor). XLA then copies the whole table into rows before any gather of two
+  rows or more (0.84 GB per decoding step at batch >= 2 in its v5e compile), and every expert weight that a
+  Mosaic kernel reads (the grouped matmul, `pallas_kernels.moe.gathered`), which takes its operands
+  row-major: 0.64 GB per weight and MoE layer, every step. A jitted step compiles for the layout of the
+  arrays it is given, so arrays placed row-major are read where they lie (temporaries 0.85 -> 0.01 GB at
+  batch 8 for the table; 1.32 GB -> 0 for one layer's experts). GPUs and CPUs place arrays row-major
+  already. A tied table, which is also the LM head's matrix, is kept.
   """
-  table = params.get("embedder", {}).get("embedding")
-  if cfg.tie_word_embeddings or not isinstance(table, jax.Array) or table.ndim != 2:
+  def wants_rows(path, leaf) -> bool:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if names[-2:] == ["embedder", "embedding"]:
+      return not cfg.tie_word_embeddings and getattr(leaf, "ndim", 0) == 2
+    return bool(names) and names[-1] in _KERNEL_OPERANDS
+
+  def misplaced(path, leaf) -> bool:
+    if not (isinstance(leaf, jax.Array) and wants_rows(path, leaf)):
+      return False
+    layout = leaf.format.layout
+    return layout is not None and layout.major_to_minor != tuple(range(leaf.ndim))
+
+  moved = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if misplaced(path, leaf)]
+  if not moved or not _room_for_a_copy(moved):
     return params
-  layout = table.format.layout
-  if layout is None or layout.major_to_minor == _ROW_MAJOR.major_to_minor or not _room_for_a_copy([table]):
-    return params
-  table = jax.device_put(table, Format(_ROW_MAJOR, table.sharding))
-  return {**params, "embedder": {**params["embedder"], "embedding": table}}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jax.device_put(leaf, Format(Layout(tuple(range(leaf.ndim))), leaf.sharding))
+      if misplaced(path, leaf) else leaf, params)
 
 
 def _room_for_a_copy(layers: Params) -> bool:
@@ -199,16 +215,16 @@ def place_params(cfg: ModelConfig, params: Params, mesh, layout: str) -> Params:
   """Params on a mesh in their `sharding.param_shardings`: per layer (`models.unstack_layers`) unless
   `cfg.scan_layers`, as the decoding step reads them fastest (see `decoding_params`). Params already placed
   so are not moved; stacked params are split on the devices (a copy of the layers while both are alive),
-  where the devices have room for it. The embedding table's shards are placed row-major (see
-  `_table_rows_contiguous`)."""
+  where the devices have room for it. The embedding table's and the routed experts' shards are placed
+  row-major (see `_rows_contiguous`)."""
   if not cfg.scan_layers and not models.layers_unstacked(params):
     stacked = jax.device_put(params, _param_shardings(cfg, mesh, layout, False))
     if not _room_for_a_copy(stacked["layers"]):
-      return _table_rows_contiguous(cfg, stacked)
+      return _rows_contiguous(cfg, stacked)
     per_layer = {"layers": _param_shardings(cfg, mesh, layout, True)["layers"]}  # the layers only: the rest stays
     layers = jax.jit(models.unstack_layers, out_shardings=per_layer)({"layers": stacked["layers"]})["layers"]
-    return _table_rows_contiguous(cfg, {**stacked, "layers": layers})
-  return _table_rows_contiguous(cfg, jax.device_put(params, _param_shardings(cfg, mesh, layout, not cfg.scan_layers)))
+    return _rows_contiguous(cfg, {**stacked, "layers": layers})
+  return _rows_contiguous(cfg, jax.device_put(params, _param_shardings(cfg, mesh, layout, not cfg.scan_layers)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

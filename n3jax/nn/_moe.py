@@ -10,13 +10,17 @@ Group-limited routing (`n_group` > 1, DeepSeek-V3 style): a group's score is the
 biased scores; only the `topk_group` best groups are eligible. Experts are ungated relu^2 MLPs. Training
 may add the sequence-level balance loss (`balance_loss_coef`, `sequence_balance_loss`) through the
 gradient of the layer output, as Megatron does. Dispatch is dropless and goes through
-`pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a layout that splits experts
-over the mesh (`n3jax.sharding`), through `expert_parallel_moe` instead.
+`pallas_kernels.moe.moe_dispatch`, whose backend the config selects; under a layout that splits the tokens,
+the experts or their hidden width over the mesh (`n3jax.sharding.moe_shard_axes`), through
+`expert_parallel_moe` instead. A call with few rows (decoding: at most `moe_gather_max_rows` (token, slot)
+pairs per shard) can skip the sort: each row runs its expert's weights read by id
+(`pallas_kernels.moe.gathered`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -28,6 +32,7 @@ from n3jax.configs import ModelConfig
 from n3jax.nn import _common
 from n3jax.nn import _mlp
 from pallas_kernels.moe import expert_parallel
+from pallas_kernels.moe import gathered as moe_gathered
 from pallas_kernels.moe import ops as moe_ops
 
 
@@ -91,6 +96,19 @@ def sequence_balance_loss(logits: jax.Array, expert_ids: jax.Array, num_experts:
   counts = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32).sum((1, 2))  # [B, E]
   f = jax.lax.stop_gradient(counts * num_experts / (r * t))                        # [B, E]
   return jnp.mean(jnp.sum(f * probs.mean(1), -1))
+
+
+def _gathered_rows(cfg: ModelConfig, ep, num_tokens: int) -> bool:
+  """Whether this call's routed rows take `pallas_kernels.moe.gathered` (each row through its expert's
+  weights read by id, no sort): at most `cfg.moe_gather_max_rows` (token, slot) rows per token shard, the
+  experts not split over the mesh, and the Pallas kernels of `cfg.moe_backend` ("auto" on a GPU or TPU)."""
+  if cfg.moe_gather_max_rows <= 0 or (ep is not None and ep[0] is not None):
+    return False
+  if moe_ops.resolve_backend(cfg.moe_backend) not in ("pallas", "pallas_mgpu"):
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if ep is None else math.prod(mesh.shape[a] for a in ep[1])
+  return num_tokens * cfg.num_experts_per_tok <= cfg.moe_gather_max_rows * shards
 
 
 @jax.custom_vjp
@@ -164,14 +182,17 @@ class MoE(nn.Module):
                                                    num_layers=cfg.num_hidden_layers, key=key,
                                                    backend=cfg.moe_backend)
       rows = v.reshape(b * tc, din)
-      if ep is None:
+      gathered_rows = _gathered_rows(cfg, ep, b * tc) and grouped_matmul is None
+      if ep is None and gathered_rows:
+        routed, counts = moe_gathered.gathered_dispatch(rows, weights, ids, w_up, w_down, activation="relu2")
+      elif ep is None:
         routed, counts = moe_ops.moe_dispatch(rows, weights, ids, w_up, w_down, activation="relu2",
                                               backend=cfg.moe_backend, grouped_matmul=grouped_matmul)
-      else:  # per token shard (shard_map); experts split: + token exchange (dropless unless a capacity factor)
+      else:  # per shard (shard_map): tokens split, experts split (+ token exchange), hidden width split (+ psum)
         routed, counts = expert_parallel.expert_parallel_moe(
             rows, weights, ids, w_up, w_down, mesh=jax.sharding.get_abstract_mesh(), expert_axis=ep[0],
-            data_axes=ep[1], activation="relu2", backend=cfg.moe_backend, exchange=cfg.moe_ep_exchange,
-            grouped_matmul=grouped_matmul,
+            data_axes=ep[1], tensor_axis=ep[2], activation="relu2", backend=cfg.moe_backend,
+            exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul, gathered_rows=gathered_rows,
             capacity_factor=cfg.moe_ep_capacity_factor if ep[0] is not None else None)
       return routed.reshape(b, tc, din), counts                               # [B, t, Din], [E]
 

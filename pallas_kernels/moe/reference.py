@@ -136,6 +136,7 @@ def expert_mlp(
     activation: str,
     preferred_element_type: jax.typing.DTypeLike,
     grouped_matmul: GroupedMatmul,
+    partial_sum: Callable[[Array], Array] | None = None,
 ) -> Array:
   """act(rows @ w_up[g]) @ w_down[g] per group, rows sorted by group.
 
@@ -147,6 +148,10 @@ def expert_mlp(
     preferred_element_type: Accumulation (and up-projection output) dtype;
       the activation runs on it, then the result is cast to rows.dtype.
     grouped_matmul: ``jax.lax.ragged_dot`` or a kernel with its signature.
+    partial_sum: Tensor parallelism: the weights are an F-slice (w_up's
+      columns, w_down's rows), and this sums the shards' partial down
+      products (e.g. a ``psum`` over the tensor axis) before they are rounded
+      to rows.dtype.
 
   Returns:
     [N, D] in rows.dtype.
@@ -159,6 +164,8 @@ def expert_mlp(
   # [N, F] x [E, F, D] (grouped) -> [N, D]
   y = grouped_matmul(h, w_down.astype(dtype), group_sizes,
                      preferred_element_type=preferred_element_type)
+  if partial_sum is not None:
+    y = partial_sum(y.astype(jnp.promote_types(y.dtype, jnp.float32)))
   return y.astype(dtype)
 
 
@@ -195,11 +202,13 @@ def sorted_dispatch(
     activation: str = "relu2",
     preferred_element_type: jax.typing.DTypeLike = jnp.float32,
     grouped_matmul: GroupedMatmul = jax.lax.ragged_dot,
+    partial_sum: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array]:
   """Dropless dispatch: sort by expert, grouped MLP, un-sort and combine.
 
   ``grouped_matmul`` is ``jax.lax.ragged_dot`` (``moe_dispatch_ragged_dot``) or a
-  kernel with its signature (``ops.GROUPED_MATMULS``).
+  kernel with its signature (``ops.GROUPED_MATMULS``); ``partial_sum`` as in
+  ``expert_mlp`` (tensor parallelism).
   """
   _validate(tokens, router_weights, expert_ids, w_up, w_down, activation)
   num_slots = expert_ids.shape[1]
@@ -212,7 +221,7 @@ def sorted_dispatch(
   y = expert_mlp(
       rows, counts, w_up, w_down, activation=activation,
       preferred_element_type=preferred_element_type,
-      grouped_matmul=grouped_matmul,
+      grouped_matmul=grouped_matmul, partial_sum=partial_sum,
   )  # [N, D]
   combined = combine(y, order, router_weights)  # [T, D] f32
   return combined.astype(tokens.dtype), counts
@@ -306,3 +315,33 @@ def moe_dispatch_dense(
   y = y * router_weights.astype(jnp.float32)[..., None]  # [T, R, D]
   combined = jnp.sum(y, axis=1)  # [T, R, D] -> [T, D]
   return combined.astype(dtype), _expert_counts(expert_ids, num_experts)
+
+
+def gathered_expert_mlp_reference(
+    tokens: Array,
+    expert_ids: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    activation: str = "relu2",
+) -> Array:
+  """Each slot's expert output, unrounded: y[t, r] = act(tokens[t] @ w_up[e]) @ w_down[e], e = expert_ids[t, r].
+
+  The pure-jnp twin of ``gathered.gathered_expert_mlp`` (and its gradient): the rows' weights are gathered,
+  [N, D, F], which is what a few rows (decoding) can afford. Operands in tokens.dtype, products summed in
+  f32, the activation's result rounded to tokens.dtype; returns [T, R, D] f32, before the rounding that
+  ``expert_mlp`` applies.
+  """
+  num_tokens, num_slots = expert_ids.shape
+  dtype = tokens.dtype
+  acc_dtype = jnp.promote_types(dtype, jnp.float32)
+  highest = jax.lax.Precision.HIGHEST
+  ids = expert_ids.reshape(-1)                                                  # [N]
+  up = lambda x: x.astype(dtype).astype(acc_dtype)  # exact products at HIGHEST (see moe_dispatch_dense)
+  rows = jnp.repeat(tokens, num_slots, axis=0)                                  # [N, D]
+  h = jnp.einsum("ND,NDF->NF", up(rows), up(jnp.take(w_up, ids, axis=0)), precision=highest,
+                 preferred_element_type=jnp.float32)                            # [N, F]
+  h = ACTIVATIONS[activation](h).astype(dtype)
+  y = jnp.einsum("NF,NFD->ND", up(h), up(jnp.take(w_down, ids, axis=0)), precision=highest,
+                 preferred_element_type=jnp.float32)                            # [N, D]
+  return y.reshape(num_tokens, num_slots, -1)
