@@ -36,6 +36,9 @@ _SCAN = flags.DEFINE_boolean("scan_layers", False, "lax.scan over the layers (st
                              "released presets' default) instead of the unrolled step.")
 _SSD = flags.DEFINE_string("ssd_backend", None, "ModelConfig.ssd_backend (default: the preset's); \"pallas\": "
                            "the Triton one-token SSM kernel on an H100.")
+_GATHER = flags.DEFINE_integer("moe_gather_max_rows", None, "ModelConfig.moe_gather_max_rows (default: the "
+                                "preset's): MoE calls with at most this many routed rows per shard read their "
+                                "experts by id (pallas_kernels/moe/gathered.py).")
 _LAYOUTS = flags.DEFINE_list("layouts", ["fused:per_layer", "per_layer:per_layer", "per_layer:stacked", "stacked:per_layer"],
                              "weights:caches pairs: weights fused (per layer, Mamba input projections joined: what "
                              "n3jax.generate decodes from on one device), per_layer or stacked; caches per_layer or stacked.")
@@ -91,6 +94,8 @@ def main(argv):
   cfg = PRESETS[_PRESET.value].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=_SCAN.value)
   if _SSD.value:
     cfg = cfg.replace(ssd_backend=_SSD.value)
+  if _GATHER.value is not None:
+    cfg = cfg.replace(moe_gather_max_rows=_GATHER.value)
   mesh_shape = ({k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))} if _MESH.value else None)
   for prompt in map(int, _PROMPTS.value):
     for batch in map(int, _BATCHES.value):
@@ -101,7 +106,7 @@ def main(argv):
             per_layer_cache=caches == "per_layer", mesh_shape=mesh_shape, layout=_LAYOUT.value)
         m = aot.memory(compiled)
         print(json.dumps(dict(target=_TARGET.value, mesh=_MESH.value, preset=_PRESET.value, scan=_SCAN.value,
-                              ssd_backend=cfg.ssd_backend, batch=batch, prompt=prompt, weights=weights,
+                              ssd_backend=cfg.ssd_backend, moe_gather_max_rows=cfg.moe_gather_max_rows, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=aot.kernels(compiled),
                               matvec_reductions=aot.matvec_reductions(compiled),

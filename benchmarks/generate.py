@@ -6,7 +6,7 @@
 Prints one JSON line per (batch, prompt): prefill tokens/s (the whole prompt, chunked prefill included),
 decode tokens/s (`--new_tokens` compiled steps, greedy, sampling included, one host sync at the end), and
 for batch 1 the memory-bandwidth bound of decoding: weight bytes / HBM bandwidth (reading every weight once
-per token). When torch with CUDA is importable, the HF anchor `../shared/bench/anchor_hf_generate.py`
+per token; of a MoE model's routed experts, the R of E that one token reaches). When torch with CUDA is importable, the HF anchor `../shared/bench/anchor_hf_generate.py`
 (ANCHORS.md, "Generation as a PyTorch user runs it today") runs first, in a subprocess, before JAX takes
 the GPU memory, so both figures come from the same machine and call. Compare ratios, not absolute numbers.
 """
@@ -34,6 +34,9 @@ _STACKED = flags.DEFINE_boolean("stacked_params", False, "Feed the stacked layer
                                 "`inference.decoding_params`, what generation decodes from).")
 _SSD = flags.DEFINE_string("ssd_backend", None, "ModelConfig.ssd_backend (default: the preset's): \"pallas\" decodes "
                            "with the Triton one-token conv + SSM kernel (pallas_kernels/ssd/ops_decode.py).")
+_GATHER = flags.DEFINE_integer("moe_gather_max_rows", None, "ModelConfig.moe_gather_max_rows (default: the "
+                                "preset's): MoE decoding steps with at most this many routed rows read their "
+                                "experts by id (pallas_kernels/moe/gathered.py) instead of the sorted dispatch.")
 _HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth in GB/s for the bound (default: by device kind).")
 _ANCHOR = flags.DEFINE_enum("anchor", "auto", ["auto", "on", "off"], "Run the HF anchor (auto: if torch+CUDA).")
 _ANCHOR_SCRIPT = flags.DEFINE_string("anchor_script", None, "Path of anchor_hf_generate.py (default: found "
@@ -138,26 +141,38 @@ def main(argv):
   run_anchor()  # before JAX allocates the accelerator
   import jax  # pylint: disable=g-import-not-at-top
   from n3jax import inference, models  # pylint: disable=g-import-not-at-top
+  from n3jax.inference import _engine  # pylint: disable=g-import-not-at-top
   from n3jax.configs import PRESETS  # pylint: disable=g-import-not-at-top
 
   preset = "tiny-dense" if _TINY.value else _PRESET.value
   cfg = PRESETS[preset].replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=_SCAN.value)
   if _SSD.value:
     cfg = cfg.replace(ssd_backend=_SSD.value)
+  if _GATHER.value is not None:
+    cfg = cfg.replace(moe_gather_max_rows=_GATHER.value)
   batches = [1, 2] if _TINY.value else [int(b) for b in _BATCHES.value]
   prompts = [32, 64] if _TINY.value else [int(p) for p in _PROMPTS.value]
   new_tokens = 8 if _TINY.value else _NEW.value
-  params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  if not (_STACKED.value or _SCAN.value):  # generation's layout: per layer, Mamba input projections fused
-    params = jax.block_until_ready(inference.decoding_params(cfg, params))  # the stacked copy is dropped here
+  if _STACKED.value or _SCAN.value:
+    params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+  else:  # generation's layout (per layer, Mamba input projections fused), made in one program: no stacked copy
+    params = jax.jit(lambda key: _engine.decoding_layout(cfg, models.init(cfg, key)))(jax.random.key(0))
+    params = jax.block_until_ready(inference.decoding_params(cfg, params))  # row-major where a TPU would not be
+  total_bytes = weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   device = jax.devices()[0]
   gbps = _HBM.value or next((v for k, v in _HBM_GBPS.items() if k in device.device_kind), None)
-  bound = gbps * 1e9 / weight_bytes if gbps else None  # as in ANCHORS.md: every weight byte once per token
+  # As in ANCHORS.md: every weight byte once per token; of a MoE model's routed experts, the R of E a token
+  # reaches (batch 1).
+  routed = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if getattr(path[-1], "key", None) in ("experts_up_proj", "experts_down_proj"))
+  if routed:
+    weight_bytes -= routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+  bound = gbps * 1e9 / weight_bytes if gbps else None
   read_bytes = weight_bytes - params["embedder"]["embedding"].nbytes  # a step gathers B embedding rows only
   emit(what="setup", preset=preset, device=device.device_kind, backend=jax.default_backend(), ssd_backend=cfg.ssd_backend,
-       scan_layers=cfg.scan_layers, stacked_params=_STACKED.value or _SCAN.value,
-       params_b=sum(x.size for x in jax.tree.leaves(params)) / 1e9, weight_gb=weight_bytes / 1e9,
+       moe_gather_max_rows=cfg.moe_gather_max_rows, scan_layers=cfg.scan_layers, stacked_params=_STACKED.value or _SCAN.value,
+       params_b=sum(x.size for x in jax.tree.leaves(params)) / 1e9, weight_gb=total_bytes / 1e9,
+       batch1_read_gb=weight_bytes / 1e9,
        hbm_gbps=gbps, batch1_decode_bound_tok_s=bound,
        batch1_decode_bound_ms=1e3 / bound if bound else None, weight_gb_without_embedding=read_bytes / 1e9,
        batch1_decode_bound_without_embedding_tok_s=gbps * 1e9 / read_bytes if gbps else None)

@@ -13,12 +13,14 @@ a markdown table.
   python benchmarks/moe.py                          # GPU, all shapes
   python benchmarks/moe.py --shapes=anchor_nano_up --sweep   # tile sweep of our kernels (tuning)
   python benchmarks/moe.py --tiny --interpret       # CPU smoke run, numbers meaningless
+  python benchmarks/moe.py --decode_batches=1,8,64  # decoding: sorted dispatch vs gathered experts, vs the bound
 
 Absolute times drift between machines: compare ratios from one run. XLA's default ragged_dot on GPU
 materialises a dense intermediate and runs out of memory at fwd+bwd on the anchor shape (ANCHORS.md);
 errors are reported as rows, not raised.
 """
 
+import dataclasses
 import functools
 import json
 from typing import Callable
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.moe import gathered
 from pallas_kernels.moe import gmm as gmm_lib
 from pallas_kernels.moe import gmm_mgpu
 from pallas_kernels.moe import ops
@@ -42,6 +45,10 @@ _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls first.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Also time our gmm forward over a small grid of tiles.")
 _SKIP_LAYER = flags.DEFINE_bool("skip_layer", False, "Grouped matmuls only, not the MoE layer.")
+_DECODE = flags.DEFINE_list("decode_batches", None, "Only the decoding comparison, at these token counts (e.g. "
+                            "1,8,64): the routed experts of a few tokens through the sorted dispatch and the "
+                            "gathered-expert kernels (pallas_kernels/moe/gathered.py), forward only.")
+_HBM_GBPS = flags.DEFINE_float("hbm_gbps", 3350.0, "HBM bandwidth for the decoding bound (H100 SXM: 3350 GB/s).")
 
 
 GmmShape, LayerShape = _shapes.GmmShape, _shapes.LayerShape
@@ -244,6 +251,31 @@ def _bench_layer(shape_name: str, shape: LayerShape) -> None:
         max_abs_err_vs_pallas=err)
 
 
+def _bench_decode(shape_name: str, shape: LayerShape, interpret: bool) -> None:
+  """A decoding step's routed experts: the sorted dispatch (Triton and Mosaic GPU gmm) against the
+  gathered-expert kernels, with the memory-bandwidth bound (the distinct chosen experts' weights read once)."""
+  args = _layer_inputs(shape)
+  distinct = len(np.unique(np.asarray(args[2])))
+  expert_bytes = 2 * shape.d_in * shape.d_hidden * 2  # up + down, bf16
+  bound_ms = distinct * expert_bytes / (_HBM_GBPS.value * 1e9) * 1e3
+  impls = {f"moe_dispatch[{b}]": functools.partial(ops.moe_dispatch, backend=b) for b in ("pallas", "pallas_mgpu")}
+  impls["gathered"] = functools.partial(gathered.gathered_dispatch, interpret=interpret or None)
+  want = None
+  for name, fn in impls.items():
+    row = dict(what="moe_decode", shape=shape_name, impl=name, tokens=shape.num_tokens, distinct_experts=distinct,
+               bound_ms=bound_ms)
+    try:
+      fwd = jax.jit(lambda *a, fn=fn: fn(*a, activation="relu2")[0])
+      out = fwd(*args).astype(jnp.float32)
+      want = out if want is None else want
+      row["max_abs_err_vs_first"] = float(jnp.max(jnp.abs(out - want)))
+      row["fwd_ms"] = ms = _median_ms(lambda: fwd(*args), _ITERS.value, _WARMUP.value)
+      row["fraction_of_bound"] = bound_ms / ms
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = repr(e)[:300]
+    _emit(**row)
+
+
 def _table() -> str:
   lines = ["| what | shape | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | note |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -269,6 +301,12 @@ def main(argv):
   if _SHAPES.value:
     gmm_shapes = {k: v for k, v in gmm_shapes.items() if k in _SHAPES.value}
     layer_shapes = {k: v for k, v in layer_shapes.items() if k in _SHAPES.value}
+  if _DECODE.value:
+    base = TINY_LAYER_SHAPES["tiny_layer"] if _TINY.value else LAYER_SHAPES["nano_layer"]
+    for tokens in map(int, _DECODE.value):
+      _bench_decode(f"{'tiny' if _TINY.value else 'nano'}_decode_t{tokens}",
+                    dataclasses.replace(base, num_tokens=tokens), interpret)
+    return
   for name, shape in gmm_shapes.items():
     _bench_gmm(name, shape, interpret)
   if not _SKIP_LAYER.value:
