@@ -73,6 +73,38 @@ def test_greedy_on_mesh_with_the_triton_conv_ssm_decode_kernel(setup, monkeypatc
   assert set(shapes) == {(1, m // 2, p, q)}  # 4 rows over 4 batch shards, heads over tensor=2
 
 
+@pytest.mark.parametrize("gather_rows", [0, 4])
+def test_moe_greedy_on_a_tensor_mesh_splits_the_experts_hidden_width(monkeypatch, gather_rows):
+  """A MoE model decoding on a mesh whose `tensor` axis splits the experts' hidden width: each device runs
+  its F-slice of every expert (`expert_parallel_moe(tensor_axis=)`; before, XLA gathered every expert weight
+  whole onto each device, every step, around the opaque kernels) and the partial products meet in a psum.
+  Through the sorted dispatch (ragged_dot), and with `moe_gather_max_rows` through the gathered-expert kernels
+  (Triton, interpreted) for the one-token steps: the one-device greedy tokens."""
+  from pallas_kernels.moe import gathered, reference  # pylint: disable=g-import-not-at-top
+  cfg = PRESETS["tiny-moe"].replace(moe_gather_max_rows=gather_rows,
+                                    moe_backend="pallas" if gather_rows else "ragged_dot")
+  mesh = sharding.make_mesh({"data": 4, "tensor": 2})  # 2 KV heads
+  params = jax.jit(lambda k: models.init(cfg, k))(jax.random.key(1))
+  prompts = PROMPTS
+  widths = []
+  real = reference.sorted_dispatch
+  monkeypatch.setattr(reference, "sorted_dispatch",
+                      lambda *a, **kw: (widths.append(a[3].shape[-1]), real(*a, **kw))[1])
+  gathered_widths = []
+  rows_call = gathered._rows_call_triton  # pylint: disable=protected-access
+  monkeypatch.setattr(gathered, "_rows_call_triton", lambda ids, x, w, **kw: (
+      gathered_widths.append(w.shape[2]) if kw["activation"] else None, rows_call(ids, x, w, **kw))[1])
+  one = generate_tokens(cfg.replace(moe_gather_max_rows=0, moe_backend="ragged_dot"), params, prompts,
+                        max_new_tokens=4, max_len=MAX_LEN)
+  widths.clear()
+  split = generate_tokens(cfg, params, prompts, max_new_tokens=4, max_len=MAX_LEN, mesh=mesh, layout=LAYOUT)
+  assert [c.token_ids for c in split] == [c.token_ids for c in one]
+  # the params' init traces the whole experts first; then prefill's sorted dispatch and, with gather_rows,
+  # the decoding steps' gathered kernels see half of each expert's hidden width
+  assert widths[-1] == cfg.moe_intermediate_size // 2, widths
+  assert set(gathered_widths) == ({cfg.moe_intermediate_size // 2} if gather_rows else set()), gathered_widths
+
+
 def test_a_column_major_embedding_table_is_placed_row_major_on_the_mesh(setup):
   """As on one device (tests/test_inference.py), for the table's shards: a TPU keeps [V / n, D] shards with
   V minor when D is no multiple of 128; placing the params for the mesh puts them row-major, in the table's

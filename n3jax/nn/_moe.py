@@ -182,7 +182,7 @@ class MoE(nn.Module):
                                                    num_layers=cfg.num_hidden_layers, key=key,
                                                    backend=cfg.moe_backend)
       rows = v.reshape(b * tc, din)
-      gathered_rows = _gathered_rows(cfg, ep, b * tc) and grouped_matmul is None
+      gathered_rows = not self.is_initializing() and grouped_matmul is None and _gathered_rows(cfg, ep, b * tc)
       if ep is None and gathered_rows:
         routed, counts = moe_gathered.gathered_dispatch(rows, weights, ids, w_up, w_down, activation="relu2")
       elif ep is None:
