@@ -297,7 +297,8 @@ def moe_shard_axes() -> tuple[str | None, tuple[str, ...], str | None] | None:
   expert_axis = expert_axes[0] if len(expert_axes) == 1 else None
   if expert_axis is not None and mesh.shape.get(expert_axis, 1) <= 1:
     expert_axis = None
-  hidden_axes = [a for a in _mesh_axes(rules.get(EXPERT_MLP)) if mesh.shape.get(a, 1) > 1]
+  hidden_axes = next((axes for name, axes in nn.get_logical_axis_rules() if name == EXPERT_MLP), None)
+  hidden_axes = [a for a in _mesh_axes(hidden_axes) if mesh.shape.get(a, 1) > 1]
   tensor_axis = hidden_axes[0] if len(hidden_axes) == 1 and hidden_axes[0] not in batch else None
   if expert_axis is not None:
     batch = tuple(a for a in batch if a != expert_axis)

@@ -420,7 +420,7 @@ def test_batch_one_moe_decode_step_reads_its_experts_by_id_on_h100():
   kernels per layer for them (argsort, counts and offsets, the grouped matmuls' mostly empty grids, un-sort
   and combine); with `moe_gather_max_rows` each row reads its expert's weights by id in one up and one down
   kernel (`pallas_kernels.moe.gathered`), and the combine fuses into the residual add. Nemotron-3-Nano-30B:
-  1023 -> (see benchmarks/results) kernels per step."""
+  1023 -> 724 kernels per step at batch 1 (`benchmarks/results/2026-12-06-moe-decode-aot.md`)."""
   sorted_, _, _ = _compile_for_h100_kernels(_nano30b_slice(0), batch=1)
   gathered, _, _ = _compile_for_h100_kernels(_nano30b_slice(8), batch=1)
   print(f"kernels per step: sorted {aot.kernels(sorted_)}, gathered {aot.kernels(gathered)}")
