@@ -1,4 +1,4 @@
-"""Checks and shard_map helpers of the grouped matmuls (gmm.py, gmm_tpu.py).
+"""Checks, platform and shard_map helpers of the MoE kernels (gmm.py, gmm_tpu.py, gathered.py).
 
 Private: import ``gmm.gmm`` / ``gmm.tgmm``. This module imports only jax.
 """
@@ -81,6 +81,21 @@ def abstract_platform() -> str | None:
   """Platform of the current abstract mesh's device (AOT lowering), if set."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return None if device is None else device.platform
+
+
+def kernel_platform(platform: str | None) -> str:
+  """"tpu" (the Mosaic kernels) or "gpu" (the Triton kernels; their interpreter on CPU).
+
+  Explicit ``platform``, else the current abstract mesh's device (AOT
+  lowering), else ``jax.default_backend()``; anything but TPU takes the Triton
+  path (interpret mode on CPU).
+  """
+  if platform is None:
+    platform = abstract_platform() or jax.default_backend()
+  elif platform not in ("gpu", "cuda", "rocm", "tpu"):
+    raise ValueError(f"{platform=!r} must be 'gpu' ('cuda', 'rocm'), 'tpu'"
+                     " or None.")
+  return "tpu" if platform == "tpu" else "gpu"
 
 
 def abstract_device_kind() -> str | None:

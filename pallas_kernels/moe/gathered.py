@@ -99,16 +99,6 @@ class TpuBlockSizes:
         raise ValueError(f"{name}={size} must be a positive multiple of 128.")
 
 
-def _kernel_platform(platform: str | None) -> str:
-  """"tpu" or "gpu" (the Triton kernels; their interpreter on CPU): ``platform``, else the abstract mesh's
-  device (AOT), else ``jax.default_backend()``."""
-  if platform is None:
-    platform = common.abstract_platform() or jax.default_backend()
-  elif platform not in ("gpu", "cuda", "rocm", "tpu"):
-    raise ValueError(f"{platform=!r} must be 'gpu' ('cuda', 'rocm'), 'tpu' or None.")
-  return "tpu" if platform == "tpu" else "gpu"
-
-
 def _resolve_interpret(interpret: Interpret | None, platform: str) -> Interpret:
   """None: compile for the target (a GPU for the Triton kernels, a TPU for Mosaic), else interpret.
   True on the TPU path is ``pltpu.InterpretParams()`` (it models the TPU pipeline: NaN-filled buffers, edge
@@ -286,7 +276,7 @@ def gathered_expert_mlp(
   """
   reference._validate(tokens, jnp.ones(expert_ids.shape, jnp.float32), expert_ids, w_up, w_down,  # pylint: disable=protected-access
                       activation)
-  kind = _kernel_platform(platform)
+  kind = common.kernel_platform(platform)
   if kind == "tpu":
     block_sizes = TpuBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, TpuBlockSizes):

@@ -142,21 +142,6 @@ def _resolve_interpret(interpret: bool | None) -> bool:
   return interpret
 
 
-def _kernel_platform(platform: str | None) -> str:
-  """"tpu" (Mosaic kernels, gmm_tpu.py) or "gpu" (Triton kernels, here).
-
-  Explicit ``platform``, else the current abstract mesh's device (AOT
-  lowering), else ``jax.default_backend()``; anything but TPU takes the Triton
-  path (interpret mode on CPU), as before TPU support.
-  """
-  if platform is None:
-    platform = common.abstract_platform() or jax.default_backend()
-  elif platform not in ("gpu", "cuda", "rocm", "tpu"):
-    raise ValueError(f"{platform=!r} must be 'gpu' ('cuda', 'rocm'), 'tpu'"
-                     " or None.")
-  return "tpu" if platform == "tpu" else "gpu"
-
-
 def _tpu_block_sizes(block_sizes) -> gmm_tpu.BlockSizes | None:
   if block_sizes is not None and not isinstance(
       block_sizes, gmm_tpu.BlockSizes
@@ -399,12 +384,12 @@ def gmm(
       CPU, compile on GPU or TPU (or for an abstract TPU mesh).
     platform: "tpu" for the Mosaic TPU kernels (``gmm_tpu.py``), "gpu" (or
       "cuda", "rocm") for the Triton ones; None picks by the abstract mesh's device, else by
-      ``jax.default_backend()`` (see ``_kernel_platform``).
+      ``jax.default_backend()`` (see ``_gmm_common.kernel_platform``).
 
   Returns:
     [M, N] in preferred_element_type (or lhs.dtype).
   """
-  if _kernel_platform(platform) == "tpu":
+  if common.kernel_platform(platform) == "tpu":
     return gmm_tpu.gmm(
         lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
         block_sizes=_tpu_block_sizes(block_sizes), interpret=interpret,
@@ -438,7 +423,7 @@ def tgmm(
   (default lhs.dtype), accumulated in f32. ``block_sizes``, ``interpret`` and
   ``platform`` as in ``gmm``.
   """
-  if _kernel_platform(platform) == "tpu":
+  if common.kernel_platform(platform) == "tpu":
     return gmm_tpu.tgmm(
         lhs, dy, group_sizes, preferred_element_type=preferred_element_type,
         block_sizes=_tpu_block_sizes(block_sizes), interpret=interpret,
