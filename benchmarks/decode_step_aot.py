@@ -7,7 +7,8 @@
 Compiles `inference.decode_sample` (one token per row, sampling included) at the Nemotron-3-Nano-4B shape of
 `benchmarks/generate.py` (bf16 weights, random init never materialised: abstract inputs) for each batch and
 prompt length, with the weights and the caches stacked per layer kind or split per layer
-(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device)
+(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device) and its estimate of the bytes the step
+accesses
 (temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
 the number of kernels (fusions, custom calls and copies) the step launches, the products XLA turned into
 multiply-and-reduce kernels and the concatenations of weights it writes per step (`aot.matvec_reductions`,
@@ -86,6 +87,12 @@ def compile_step(cfg, target: str, batch: int, max_len: int, *, weights: str, pe
   return compiled, nbytes(param_shapes), nbytes(cache_shapes)
 
 
+def _bytes_accessed(compiled) -> float:
+  """XLA's own estimate of the bytes the step reads and writes (`cost_analysis`), not a measurement."""
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost).get("bytes accessed", 0.0)
+
+
 def main(argv):
   del argv  # Unused.
   from n3jax import aot  # pylint: disable=g-import-not-at-top
@@ -109,6 +116,7 @@ def main(argv):
                               ssd_backend=cfg.ssd_backend, moe_gather_max_rows=cfg.moe_gather_max_rows, batch=batch, prompt=prompt, weights=weights,
                               caches=caches, weight_gb=round(weight_bytes / 1e9, 3), cache_gb=round(cache_bytes / 1e9, 3),
                               temp_gb=round(m.temp_gb, 3), peak_gb=round(m.peak_gb, 3), kernels=aot.kernels(compiled),
+                              xla_bytes_accessed_gb=round(_bytes_accessed(compiled) / 1e9, 3),
                               matvec_reductions=aot.matvec_reductions(compiled),
                               weight_concatenations=aot.weight_concatenations(compiled))),
               flush=True)

@@ -262,22 +262,25 @@ def test_pallas_ssd_kernel_inside_the_model(monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_triton_conv_ssm_decode_kernel_inside_the_model(monkeypatch, fused):
-  """`ssd_backend="pallas"` decodes each Mamba layer with the Triton one-token conv + SSM kernel (interpret
-  mode on CPU), from split projections or, in generation's layout (`fused`), reading x, B, C and dt where the
-  fused projection put them: the reference's logits and caches over a prefill chunk and one-token steps, one
-  of which starts a new document in row 0 (its conv windows and state restart from zero inside the kernel)."""
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_conv_ssm_decode_kernels_inside_the_model(monkeypatch, fused, backend):
+  """`ssd_backend="pallas"` decodes each Mamba layer with the one-token kernel of the target (interpreted on
+  CPU): on a GPU the Triton conv + SSM kernel, on a TPU the conv windows in jnp and the Mosaic SSM kernel;
+  from split projections or, in generation's layout (`fused`), from the fused projection (the Triton kernel
+  reads x, B, C and dt where it put them): the reference's logits and caches over a prefill chunk and
+  one-token steps, one of which starts a new document in row 0 (its windows and state restart from zero)."""
   from n3jax.nn import _mamba2
   from pallas_kernels.ssd import ops_decode
   calls = []
-  call = ops_decode._conv_decode_call  # pylint: disable=protected-access
+  name = "_conv_decode_call" if backend == "triton" else "_ssd_decode_tpu"
+  call = getattr(ops_decode, name)
 
   def kernel(*args, **kw):
     calls.append(1)
     return call(*args, **kw)
 
-  monkeypatch.setattr(ops_decode, "_conv_decode_call", kernel)
-  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend="triton", interpret=True))
+  monkeypatch.setattr(ops_decode, name, kernel)
+  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend=backend, interpret=True))
   cfg = PRESETS["tiny-dense"].replace(scan_layers=False)
   params = models.unstack_layers(_params("tiny-dense"))
   if fused:

@@ -1,4 +1,4 @@
-"""Pallas (Triton GPU) kernel body of the one-token SSD update (decoding).
+"""Pallas kernel bodies of the one-token SSD update (decoding): Triton (GPU) and Mosaic (TPU).
 
 Per (row b, head m, block of head-dim rows p) with the state block h [bp, Q]:
 
@@ -29,6 +29,34 @@ def decode_step_kernel(decay_ref, dt_ref, keep_ref, d_ref, x_ref, b_ref, c_ref, 
   new = decay_ref[...] * h + (dt_ref[...] * x)[:, None] * b_ref[...].astype(_F32)[None, :]  # [bp, Q]
   h_out_ref[...] = new
   y = jnp.sum(new * c_ref[...].astype(_F32)[None, :], axis=1) + d_ref[...] * x  # [bp]
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+def decode_step_kernel_tpu(decay_ref, dt_ref, keep_ref, d_ref, x_ref, b_ref, c_ref, h_ref, y_ref, h_out_ref, *,
+                           per_group: int, groups: int):
+  """The Mosaic TPU twin of `decode_step_kernel`, per (row b, block of bm heads), the same update:
+
+    decay, dt   [bm, 1]      float32 per head         keep [1, 1]    d [bm, 1]
+    x, y        [bm, P]      the heads' x / output    b, c [J, Q]    the row's B / C, every group
+    h, h_out    [bm, P, Q]   float32 state (the same buffer)
+
+  A block may hold heads of two groups: each head's B and C rows are picked by an exact 0/1 mask per group
+  (J of them), not a gather. The state block is read once and written once; y is reduced over Q (lanes)
+  from the new state in VMEM.
+  """
+  bm = x_ref.shape[0]
+  head = pl.program_id(1) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)  # [bm, 1]
+  b, c = b_ref[...].astype(_F32), c_ref[...].astype(_F32)                        # [J, Q]
+  bh = jnp.zeros((bm, b.shape[1]), _F32)
+  ch = jnp.zeros_like(bh)
+  for j in range(groups):
+    mine = ((head >= j * per_group) & (head < (j + 1) * per_group)).astype(_F32)  # [bm, 1]
+    bh, ch = bh + mine * b[j:j + 1], ch + mine * c[j:j + 1]                       # [bm, Q]
+  x = x_ref[...].astype(_F32)                                                    # [bm, P]
+  h = jnp.where(keep_ref[...][0, 0] > 0, h_ref[...], 0.0)                       # [bm, P, Q]
+  new = h * decay_ref[...][:, :, None] + (dt_ref[...] * x)[:, :, None] * bh[:, None, :]
+  h_out_ref[...] = new
+  y = jnp.sum(new * ch[:, None, :], axis=-1) + d_ref[...] * x                    # [bm, P]
   y_ref[...] = y.astype(y_ref.dtype)
 
 

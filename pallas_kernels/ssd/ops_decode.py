@@ -15,16 +15,21 @@ batch 1 a decoding step is bound by its launches as much as by its bytes: in XLA
 Nemotron-3-Nano-4B step this takes the step from 575 kernels to 386.
 
 Backends (each function):
-  "triton"     the Pallas Triton kernels (`kernel_decode.py`): grid (B, M, P / bp), one [bp, Q] block of
-               the state per program, updated in place (`input_output_aliases`); Q a power of 2.
-  "reference"  the jnp reference.
-  "auto"       "triton" when the target platform is a GPU (or `interpret` is set) and Q is a power of 2,
-               else "reference". On TPU the reference stays: XLA fuses its update and readout there
-               (a Mosaic TPU kernel is not written).
+  "triton"      the Pallas Triton kernels (`kernel_decode.py`): grid (B, M, P / bp), one [bp, Q] block of
+                the state per program, updated in place (`input_output_aliases`); Q a power of 2.
+  "mosaic_tpu"  the Pallas Mosaic kernel of the SSD update (`kernel_decode.decode_step_kernel_tpu`): grid
+                (B, M / bm), a [bm, P, Q] block of the state per step, updated in place. The conv windows
+                stay jnp (`reference.conv_decode_windows_reference`): on a TPU the whole step is one program,
+                so fusing them saves no launch, while the state is the step's largest tensor: in XLA's v5e
+                compile the jnp update reads it, writes it in place and reads it again for y (three passes,
+                251 MB each per Mamba layer of Nemotron-3-Nano-4B at batch 64); the kernel takes two.
+  "reference"   the jnp reference.
+  "auto"        "triton" when the target platform is a GPU (or `interpret` is set) and Q is a power of 2,
+                "mosaic_tpu" when it is a TPU, else "reference".
 
-Verified on CPU in interpret mode against the references (`ops_decode_test.py`) and compiled for an H100
-ahead of time (`tests/test_aot.py`); their speed is owed to the GPU run (`benchmarks/ssd_memory_bound.py`,
-`benchmarks/generate.py --ssd_backend=pallas`).
+Verified on CPU in interpret mode against the references (`ops_decode_test.py`; the TPU kernel in the TPU
+interpreter) and compiled ahead of time for an H100 and a v5e (`tests/test_aot.py`); their speed is owed to
+the chips (`benchmarks/ssd_memory_bound.py`, `benchmarks/generate.py --ssd_backend=pallas`).
 """
 
 import dataclasses
@@ -35,22 +40,34 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _target
 from pallas_kernels.ssd import kernel_decode
 from pallas_kernels.ssd import reference
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "mosaic_tpu", "reference")
 _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
-  """Tiling of the Triton decode kernel: `block_p` head-dim rows per program (a power of 2; None: the
-  largest power of 2 up to 32 that divides P) and its warps. Placeholders until a GPU has timed them."""
+  """Tiling of the decode kernels. Triton: `block_p` head-dim rows per program (a power of 2; None: the
+  largest power of 2 up to 32 that divides P) and its warps. Mosaic TPU: `block_m` heads per grid step (a
+  multiple of 8 that divides M, or M; None: the most whose f32 state block stays within 1 MiB, double-buffered
+  in and out well inside a v5e's 16 MiB of scoped VMEM). Placeholders until a GPU / TPU has timed them."""
   block_p: Optional[int] = None
   num_warps: int = 4
+  block_m: Optional[int] = None
+
+  def heads(self, nheads: int, headdim: int, dstate: int) -> int:
+    if self.block_m is not None:
+      if nheads % self.block_m or (self.block_m % 8 and self.block_m != nheads):
+        raise ValueError(f"block_m={self.block_m} must divide M={nheads} and be a multiple of 8 (or M)")
+      return self.block_m
+    fits = [m for m in range(8, nheads + 1, 8) if nheads % m == 0 and m * headdim * dstate * 4 <= 2**20]
+    return max(fits) if fits else (8 if nheads % 8 == 0 else nheads)
 
   def rows(self, headdim: int) -> int:
     if self.block_p is not None:
@@ -69,7 +86,13 @@ def _resolve_backend(backend: str, interpret: bool, state_size: int) -> str:
     raise ValueError(f"Unknown {backend=}; expected one of {_BACKENDS}")
   platform = _target.platform()
   if backend == "auto":
+    if platform == "tpu" and not interpret:
+      return "mosaic_tpu"
     return "triton" if (platform == "gpu" or interpret) and _power_of_two(state_size) else "reference"
+  if backend == "mosaic_tpu" and not interpret and platform != "tpu":
+    raise ValueError(f"backend='mosaic_tpu' compiles for a TPU, but the target platform is {platform!r}; pass "
+                     "interpret=True to run it on CPU, or lower under jax.sharding.use_abstract_mesh with a TPU "
+                     "AbstractDevice")
   if backend == "triton":
     if not _power_of_two(state_size):
       raise ValueError(f"backend='triton' needs the state size Q a power of 2, got Q={state_size}")
@@ -113,11 +136,14 @@ def ssd_decode_step(
   groups = B.shape[1]
   per_group = nheads // groups
   blocks = block_sizes or DecodeBlockSizes()
-  bp = blocks.rows(headdim)
   dtp = reference._process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)  # pylint: disable=protected-access
   decay = jnp.exp(dtp * A.astype(_F32))                                   # [B, M]
   keep = jnp.ones((bsz,), _F32) if keep is None else keep.astype(_F32)
   d = jnp.zeros((nheads,), _F32) if D is None else D.astype(_F32)
+  if backend == "mosaic_tpu":
+    return _ssd_decode_tpu(state, x, dtp, decay, keep, d, B, C, bm=blocks.heads(nheads, headdim, dstate),
+                           interpret=interpret)
+  bp = blocks.rows(headdim)
   column = lambda v: v[..., None]                                          # [..] -> [.., 1]: a 1-element block
   scalar_bm = pl.BlockSpec((None, None, 1), lambda b, m, p: (b, m, 0))     # [B, M, 1]
   in_specs = [
@@ -144,6 +170,29 @@ def ssd_decode_step(
       name="ssd_decode_step",
   )(column(decay), column(dtp), column(keep), column(d), x, B, C, state.astype(_F32))
   return y, new_state
+
+
+def _ssd_decode_tpu(state, x, dtp, decay, keep, d, B, C, *, bm: int, interpret: bool):
+  """The Mosaic call: grid (B, M / bm); per-head scalars as [., M, 1] columns (a [bm, 1] block), B and C
+  whole per row ([J, Q]: a block may span two groups); the state in place."""
+  bsz, nheads, headdim = x.shape
+  groups, dstate = B.shape[1:]
+  column = pl.BlockSpec((None, bm, 1), lambda b, m: (b, m, 0))               # [B, M, 1]
+  rows = pl.BlockSpec((None, bm, headdim), lambda b, m: (b, m, 0))          # [B, M, P]
+  whole_row = pl.BlockSpec((None, groups, dstate), lambda b, m: (b, 0, 0))   # [B, J, Q]
+  state_spec = pl.BlockSpec((None, bm, headdim, dstate), lambda b, m: (b, m, 0, 0))
+  return pl.pallas_call(
+      functools.partial(kernel_decode.decode_step_kernel_tpu, per_group=nheads // groups, groups=groups),
+      grid=(bsz, nheads // bm),
+      in_specs=[column, column, pl.BlockSpec((None, 1, 1), lambda b, m: (b, 0, 0)),
+                pl.BlockSpec((bm, 1), lambda b, m: (m, 0)), rows, whole_row, whole_row, state_spec],
+      out_specs=[rows, state_spec],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, _F32)],
+      input_output_aliases={7: 1},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      interpret=pltpu.InterpretParams() if interpret is True else interpret,
+      name="ssd_decode_step",
+  )(decay[..., None], dtp[..., None], keep.reshape(bsz, 1, 1), d[:, None], x, B, C, state.astype(_F32))
 
 
 def conv_ssd_decode_step(
@@ -187,6 +236,9 @@ def conv_ssd_decode_step(
                                                      conv_bias, **kw)
   reference._check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)  # pylint: disable=protected-access
   reference._check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
+  if backend == "mosaic_tpu":
+    return _conv_then_tpu_step(state, conv_state, x, dt, A, B, C, D, dt_bias, conv_weight, conv_bias,
+                               block_sizes=block_sizes, interpret=interpret, **kw)
   bsz, nheads, headdim = x.shape
   groups, dstate = B.shape[1:]
   per_group = nheads // groups
@@ -250,6 +302,9 @@ def conv_ssd_decode_step_packed(
                                                      dt_bias, conv_weight, conv_bias, **kw)
   reference._check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)  # pylint: disable=protected-access
   reference._check_decode_inputs(state, x, dt, A_log, B, C, D, dt_bias, keep)  # pylint: disable=protected-access
+  if backend == "mosaic_tpu":
+    return _conv_then_tpu_step(state, conv_state, x, dt, -jnp.exp(A_log.astype(_F32)), B, C, D, dt_bias,
+                               conv_weight, conv_bias, block_sizes=block_sizes, interpret=interpret, **kw)
   per_group = nheads // groups
   bp = (block_sizes or DecodeBlockSizes()).rows(headdim)
   at = lambda start, size, index: (xbcdt, pl.BlockSpec((None, pl.Element(size)),
@@ -260,6 +315,16 @@ def conv_ssd_decode_step_packed(
          at(mp + 2 * jq, 1, lambda m, p: m)]                                    # dt
   return _conv_decode_call(state, conv_state, raw, A_log, D, dt_bias, conv_weight, conv_bias, a_is_log=True,
                            y_dtype=xbcdt.dtype, block_sizes=block_sizes, interpret=interpret, **kw)
+
+
+def _conv_then_tpu_step(state, conv_state, x, dt, A, B, C, D, dt_bias, conv_weight, conv_bias, *, keep, activation,
+                        block_sizes, interpret, **dt_kw):
+  """TPU: the conv windows in jnp (XLA fuses them into the step's one program), then the Mosaic SSD update."""
+  (xc, bc, cc), windows = reference.conv_decode_windows_reference(conv_state, x, B, C, conv_weight, conv_bias,
+                                                                  keep=keep, activation=activation)
+  y, new_state = ssd_decode_step(state, xc, dt, A, bc, cc, D, dt_bias, keep=keep, block_sizes=block_sizes,
+                                 backend="mosaic_tpu", interpret=interpret, **dt_kw)
+  return y, new_state, windows
 
 
 def _conv_decode_call(state, conv_state, raw, a, d, dt_bias, conv_weight, conv_bias, *, a_is_log: bool, y_dtype,

@@ -1,11 +1,11 @@
-"""Tests of the Triton decode kernels against the references: `ops_decode.ssd_decode_step` (the SSM update)
+"""Tests of the decode kernels against the references: `ops_decode.ssd_decode_step` (the SSM update)
 against `ssd_decode_step_reference`, `conv_ssd_decode_step` / `conv_ssd_decode_step_packed` (conv windows + SSM
 update) against `conv_ssd_decode_step_reference`.
 
-`DecodeTest` / `ConvDecodeTest` run the kernels compiled (GPU only); `DecodeInterpretTest` /
-`ConvDecodeInterpretTest` run the same tests in Pallas interpret mode on CPU. `DecodeApiTest` checks backend
-selection, bad input, and lowering for an abstract H100 at the Nemotron-3-Nano-4B mixer shape (no accelerator
-needed).
+`DecodeTest` / `ConvDecodeTest` run the Triton kernels compiled (GPU only), `DecodeTpuTest` / `ConvDecodeTpuTest`
+the Mosaic TPU kernel (TPU only); their `*InterpretTest` twins run the same tests in the Pallas interpreters on
+CPU (the TPU one models the TPU pipeline). `DecodeApiTest` checks backend selection, bad input, and lowering for
+an abstract H100 and v5e at the Nemotron-3-Nano-4B mixer shape (no accelerator needed).
 """
 
 import re
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import ops_decode
-from pallas_kernels.ssd.ops_test import _H100, _abstract_mesh  # the abstract H100 of the scan's tests
+from pallas_kernels.ssd.ops_test import _H100, _abstract_mesh  # the abstract chips of the scan's tests
+from pallas_kernels.ssd.ops_test import _TPU_V5E as _V5E
 from pallas_kernels.ssd import reference
 
 # |got - want| <= atol * max|want| + rtol * |want|. The kernel works in f32 like the reference; bf16 outputs
@@ -49,15 +50,17 @@ def _close(test, got, want, dtype, name):
 
 class DecodeTest(parameterized.TestCase):
   INTERPRET = False
+  BACKEND, PLATFORM = "triton", "gpu"
 
   def setUp(self):
     super().setUp()
-    if jax.default_backend() != "gpu" and not self.INTERPRET:
-      self.skipTest("the compiled Triton decode kernel needs a GPU; DecodeInterpretTest runs the same on CPU")
+    if jax.default_backend() != self.PLATFORM and not self.INTERPRET:
+      self.skipTest(f"the compiled {self.BACKEND} decode kernel needs a {self.PLATFORM}; the *InterpretTest twin "
+                    "runs the same on CPU")
 
   def _both(self, inputs, **kw):
     want = reference.ssd_decode_step_reference(*inputs.values(), **kw)
-    got = ops_decode.ssd_decode_step(*inputs.values(), backend="triton", interpret=self.INTERPRET, **kw)
+    got = ops_decode.ssd_decode_step(*inputs.values(), backend=self.BACKEND, interpret=self.INTERPRET, **kw)
     return got, want
 
   @parameterized.product(dtype=[jnp.float32, jnp.bfloat16], headdim=[80, 64, 6])
@@ -80,7 +83,7 @@ class DecodeTest(parameterized.TestCase):
     _close(self, y, y_want, jnp.float32, "y")
     _close(self, h, h_want, jnp.float32, "state")
     fresh = ops_decode.ssd_decode_step(*{**inputs, "state": jnp.zeros_like(inputs["state"])}.values(),
-                                       backend="triton", interpret=self.INTERPRET)
+                                       backend=self.BACKEND, interpret=self.INTERPRET)
     np.testing.assert_array_equal(h[1], fresh[1][1])
 
   def test_optional_args_and_one_group(self):
@@ -91,7 +94,7 @@ class DecodeTest(parameterized.TestCase):
     (y, h), (y_want, h_want) = self._both(inputs, dt_softplus=False)
     _close(self, y, y_want, jnp.float32, "y")
     _close(self, h, h_want, jnp.float32, "state")
-    got = ops_decode.ssd_decode_step(None, *list(inputs.values())[1:], dt_softplus=False, backend="triton",
+    got = ops_decode.ssd_decode_step(None, *list(inputs.values())[1:], dt_softplus=False, backend=self.BACKEND,
                                      interpret=self.INTERPRET)
     want = reference.ssd_decode_step_reference(None, *list(inputs.values())[1:], dt_softplus=False)
     _close(self, got[1], want[1], jnp.float32, "state from zero")
@@ -100,7 +103,7 @@ class DecodeTest(parameterized.TestCase):
     """The generation step donates the cache; the kernel aliases its state output to that input (that XLA
     then writes no copy is checked on XLA's H100 compile: tests/test_aot.py)."""
     inputs = _inputs(jnp.float32)
-    step = jax.jit(lambda *a: ops_decode.ssd_decode_step(*a, backend="triton", interpret=self.INTERPRET),
+    step = jax.jit(lambda *a: ops_decode.ssd_decode_step(*a, backend=self.BACKEND, interpret=self.INTERPRET),
                    donate_argnums=0)
     want = reference.ssd_decode_step_reference(*inputs.values())
     y, h = step(*inputs.values())
@@ -109,6 +112,14 @@ class DecodeTest(parameterized.TestCase):
 
 
 class DecodeInterpretTest(DecodeTest):
+  INTERPRET = True
+
+
+class DecodeTpuTest(DecodeTest):
+  BACKEND, PLATFORM = "mosaic_tpu", "tpu"
+
+
+class DecodeTpuInterpretTest(DecodeTpuTest):
   INTERPRET = True
 
 
@@ -142,11 +153,13 @@ def _packed(inputs, z_width=5, tail=3):
 
 class ConvDecodeTest(parameterized.TestCase):
   INTERPRET = False
+  BACKEND, PLATFORM = "triton", "gpu"
 
   def setUp(self):
     super().setUp()
-    if jax.default_backend() != "gpu" and not self.INTERPRET:
-      self.skipTest("the compiled Triton decode kernel needs a GPU; ConvDecodeInterpretTest runs the same on CPU")
+    if jax.default_backend() != self.PLATFORM and not self.INTERPRET:
+      self.skipTest(f"the compiled {self.BACKEND} decode kernel needs a {self.PLATFORM}; the *InterpretTest twin "
+                    "runs the same on CPU")
 
   def _check(self, got, want, dtype):
     (y, h, windows), (y_want, h_want, windows_want) = got, want
@@ -170,9 +183,9 @@ class ConvDecodeTest(parameterized.TestCase):
       xbcdt, a_log = _packed(inputs)
       got = ops_decode.conv_ssd_decode_step_packed(
           inputs["state"], inputs["conv_state"], xbcdt, a_log, inputs["D"], inputs["dt_bias"],
-          inputs["conv_weight"], inputs["conv_bias"], offset=5, backend="triton", interpret=self.INTERPRET, **kw)
+          inputs["conv_weight"], inputs["conv_bias"], offset=5, backend=self.BACKEND, interpret=self.INTERPRET, **kw)
     else:
-      got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend="triton", interpret=self.INTERPRET, **kw)
+      got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend=self.BACKEND, interpret=self.INTERPRET, **kw)
     self._check(got, want, dtype)
 
   def test_optional_args_one_group_and_width_two(self):
@@ -181,14 +194,14 @@ class ConvDecodeTest(parameterized.TestCase):
     inputs.update(D=None, dt_bias=None, state=None, dt=jnp.abs(_conv_inputs(jnp.float32)["dt"][:, :8]))
     kw = dict(dt_softplus=False, activation=None)
     want = reference.conv_ssd_decode_step_reference(*inputs.values(), **kw)
-    got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend="triton", interpret=self.INTERPRET, **kw)
+    got = ops_decode.conv_ssd_decode_step(*inputs.values(), backend=self.BACKEND, interpret=self.INTERPRET, **kw)
     self._check(got, want, jnp.float32)
 
   def test_runs_under_jit_with_the_caches_donated(self):
     """The generation step donates the caches: the state and the x window are updated in place."""
     inputs = _conv_inputs(jnp.bfloat16)
     want = reference.conv_ssd_decode_step_reference(*inputs.values())
-    step = jax.jit(lambda *a: ops_decode.conv_ssd_decode_step(*a, backend="triton", interpret=self.INTERPRET),
+    step = jax.jit(lambda *a: ops_decode.conv_ssd_decode_step(*a, backend=self.BACKEND, interpret=self.INTERPRET),
                    donate_argnums=(0, 1))
     got = step(*inputs.values())
     self._check(got, want, jnp.bfloat16)
@@ -196,6 +209,14 @@ class ConvDecodeTest(parameterized.TestCase):
 
 
 class ConvDecodeInterpretTest(ConvDecodeTest):
+  INTERPRET = True
+
+
+class ConvDecodeTpuTest(ConvDecodeTest):
+  BACKEND, PLATFORM = "mosaic_tpu", "tpu"
+
+
+class ConvDecodeTpuInterpretTest(ConvDecodeTpuTest):
   INTERPRET = True
 
 
@@ -213,6 +234,11 @@ class DecodeApiTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "power of 2"):
       resolve("triton", True, 96)
     with self.assertRaisesRegex(ValueError, "Unknown backend"):
+      resolve("mosaic", False, 128)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_V5E)):
+      self.assertEqual(resolve("auto", False, 128), "mosaic_tpu")
+      self.assertEqual(resolve("auto", False, 96), "mosaic_tpu")  # any Q
+    with self.assertRaisesRegex(ValueError, "compiles for a TPU, but the target platform is 'cpu'"):
       resolve("mosaic_tpu", False, 128)
 
   def test_bad_input_is_a_clear_error(self):
@@ -238,6 +264,30 @@ class DecodeApiTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(_abstract_mesh(*_H100)):
       text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
+    self.assertIn("tf.aliasing_output = 1", text)
+
+  def test_tpu_heads_per_step(self):
+    heads = lambda m, **kw: ops_decode.DecodeBlockSizes(**kw).heads(m, 80, 128)
+    self.assertEqual(heads(96), 24)   # Nano-4B: 24 x 80 x 128 f32 = 0.98 MiB per state block
+    self.assertEqual(heads(8), 8)
+    self.assertEqual(heads(6), 6)     # fewer than 8 heads: all of them
+    self.assertEqual(heads(96, block_m=48), 48)
+    with self.assertRaisesRegex(ValueError, "block_m=12 must divide M=96 and be a multiple of 8"):
+      heads(96, block_m=12)
+
+  def test_lowers_to_one_mosaic_call_for_an_abstract_v5e(self):
+    """The same Nano-4B update for a TPU: one Mosaic custom call, the state output aliased to its input (that
+    libtpu compiles it, in place, is tests/test_aot.py's)."""
+    b, m, p, j, q = 64, 96, 80, 8, 128
+    sds = jax.ShapeDtypeStruct
+    args = (sds((b, m, p, q), jnp.float32), sds((b, m, p), jnp.bfloat16), sds((b, m), jnp.float32),
+            sds((m,), jnp.float32), sds((b, j, q), jnp.bfloat16), sds((b, j, q), jnp.bfloat16),
+            sds((m,), jnp.float32), sds((m,), jnp.float32), sds((b,), jnp.bool_))
+    step = jax.jit(lambda st, x, dt, a, bb, c, d, dtb, keep: ops_decode.ssd_decode_step(
+        st, x, dt, a, bb, c, d, dtb, keep=keep), donate_argnums=0)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_V5E)):
+      text = step.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    self.assertEqual(text.count("tpu_custom_call"), 1)
     self.assertIn("tf.aliasing_output = 1", text)
 
   def test_conv_step_backends_and_bad_input(self):

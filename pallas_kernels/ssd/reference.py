@@ -627,6 +627,26 @@ def conv_ssd_decode_step_reference(
   """
   _check_conv_decode_inputs(conv_state, x, B, C, conv_weight, conv_bias, activation)
   _check_decode_inputs(state, x, dt, A, B, C, D, dt_bias, keep)
+  (xc, bc, cc), windows = conv_decode_windows_reference(conv_state, x, B, C, conv_weight, conv_bias, keep=keep,
+                                                        activation=activation)
+  y, new_state = ssd_decode_step_reference(state, xc, dt, A, bc, cc, D, dt_bias, dt_softplus=dt_softplus,
+                                           dt_min=dt_min, dt_max=dt_max, keep=keep)
+  return y, new_state, windows
+
+
+def conv_decode_windows_reference(
+    conv_state: tuple[jax.Array, jax.Array, jax.Array],
+    x: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    conv_weight: tuple[jax.Array, jax.Array, jax.Array],
+    conv_bias: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+    *,
+    keep: Optional[jax.Array] = None,
+    activation: Optional[str] = "silu",
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+  """The conv half of `conv_ssd_decode_step_reference` (same arguments): x, B and C each through its causal
+  conv window and the activation -> ((x_c, B_c, C_c) in the inputs' dtypes, the shifted windows)."""
   bsz = x.shape[0]
   convolved, windows = [], []
   for i, v in enumerate((x, B, C)):
@@ -640,6 +660,4 @@ def conv_ssd_decode_step_reference(
         None if conv_bias is None or conv_bias[i] is None else flat(conv_bias[i], 0), activation=activation)
     convolved.append(y.reshape(bsz, *channels))
     windows.append(fin.reshape(window.shape))
-  y, new_state = ssd_decode_step_reference(state, convolved[0], dt, A, convolved[1], convolved[2], D, dt_bias,
-                                           dt_softplus=dt_softplus, dt_min=dt_min, dt_max=dt_max, keep=keep)
-  return y, new_state, tuple(windows)
+  return tuple(convolved), tuple(windows)
