@@ -7,9 +7,9 @@
 Compiles `inference.decode_sample` (one token per row, sampling included) at the Nemotron-3-Nano-4B shape of
 `benchmarks/generate.py` (bf16 weights, random init never materialised: abstract inputs) for each batch and
 prompt length, with the weights and the caches stacked per layer kind or split per layer
-(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per device) and its estimate of the bytes the step
-accesses
-(temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows there),
+(`models.unstack_layers`, `models.unstack_cache`). Prints one JSON line per case: XLA's memory analysis (per
+device; temporaries are what the step writes besides its outputs: a copy of a weight or a cache layer shows
+there), XLA's estimate of the bytes the step reads and writes (`cost_analysis`, not a measurement),
 the number of kernels (fusions, custom calls and copies) the step launches, the products XLA turned into
 multiply-and-reduce kernels and the concatenations of weights it writes per step (`aot.matvec_reductions`,
 `aot.weight_concatenations`). No speed: that needs the chip
