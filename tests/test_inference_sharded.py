@@ -48,22 +48,24 @@ def test_greedy_on_mesh_matches_one_device(setup):
   assert steps._decode_sample._cache_size() == 1
 
 
-def test_greedy_on_mesh_with_the_triton_conv_ssm_decode_kernel(setup, monkeypatch):
-  """The one-token Triton conv + SSM kernel (`ssd_backend="pallas"`, interpret mode on CPU) runs per batch
-  and head shard (`sharding.per_shard`: heads, groups, their windows and conv weights split over tensor) and
-  gives the one-device tokens."""
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_greedy_on_mesh_with_the_conv_ssm_decode_kernels(setup, monkeypatch, backend):
+  """The one-token kernels (`ssd_backend="pallas"`, interpreted on CPU: the GPU's Triton conv + SSM kernel,
+  the TPU's Mosaic SSM kernel) run per batch and head shard (`sharding.per_shard`: heads, groups, their
+  windows and conv weights split over tensor) and give the one-device tokens."""
   from n3jax.nn import _mamba2  # pylint: disable=g-import-not-at-top
   from pallas_kernels.ssd import ops_decode  # pylint: disable=g-import-not-at-top
   shapes = []
-
-  call = ops_decode._conv_decode_call  # pylint: disable=protected-access
+  name = "_conv_decode_call" if backend == "triton" else "_ssd_decode_tpu"
+  call = getattr(ops_decode, name)
 
   def kernel(state, *args, **kw):
     shapes.append(state.shape)
     return call(state, *args, **kw)
 
-  monkeypatch.setattr(ops_decode, "_conv_decode_call", kernel)
-  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend="triton", interpret=True))
+  monkeypatch.setattr(ops_decode, name, kernel)
+  monkeypatch.setitem(_mamba2.DECODE_BACKENDS, "pallas", dict(backend=backend, interpret=True))
+  _engine.sharded_steps.cache_clear()  # the steps trace the backend they are first called with
   mesh, params = setup
   one = generate_tokens(CFG, params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN)
   split = generate_tokens(CFG.replace(ssd_backend="pallas"), params, PROMPTS, max_new_tokens=3, max_len=MAX_LEN,
