@@ -35,6 +35,7 @@ This module imports only jax (it is part of ``pallas_kernels``).
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 from jax.experimental import pallas as pl
@@ -312,13 +313,18 @@ def gathered_dispatch(
     block_sizes: BlockSizes | TpuBlockSizes | None = None,
     interpret: Interpret | None = None,
     platform: str | None = None,
+    partial_sum: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array]:
   """``ops.moe_dispatch``'s contract (combined [T, D] in tokens.dtype, counts [E] int32) on the gathered
-  kernels. The kernels accumulate in f32: ``preferred_element_type`` must be float32."""
+  kernels. The kernels accumulate in f32: ``preferred_element_type`` must be float32. ``partial_sum``: tensor
+  parallelism, as ``reference.expert_mlp``'s (the weights are an F-slice; it sums the shards' f32 slot outputs
+  before they are rounded)."""
   if jnp.dtype(preferred_element_type) != jnp.float32:
     raise ValueError(f"The gathered-expert kernels accumulate in float32; got {preferred_element_type=}.")
   reference._validate(tokens, router_weights, expert_ids, w_up, w_down, activation)  # pylint: disable=protected-access
   y = gathered_expert_mlp(tokens, expert_ids, w_up, w_down, activation=activation, block_sizes=block_sizes,
                           interpret=interpret, platform=platform)             # [T, R, D] f32
-  counts = jnp.bincount(expert_ids.reshape(-1), length=w_up.shape[0]).astype(jnp.int32)  # [E]
+  if partial_sum is not None:
+    y = partial_sum(y)
+  counts = reference._expert_counts(expert_ids, w_up.shape[0])  # pylint: disable=protected-access  # [E]
   return combine_slots(y, router_weights, tokens.dtype), counts
