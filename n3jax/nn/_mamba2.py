@@ -74,6 +74,7 @@ def _ssd_per_shard(cfg: ModelConfig):
 # `cfg.ssd_backend` -> the backend of the one-token conv + SSM update of decoding
 # (`pallas_kernels.ssd.ops_decode.conv_ssd_decode_step[_packed]`): with either Pallas backend its Triton kernel on
 # GPU (dt, the three conv windows and the SSM state in one launch, the state read once and written once, in
+# place), on TPU the jnp conv windows and its Mosaic SSM kernel (the state read once and written once, in
 # place), the jnp reference elsewhere; "reference": the jnp `conv_ssd_decode_step_reference` (three
 # `causal_conv1d_update_reference` + `ssd_decode_step_reference`). Values: keyword arguments of those functions.
 DECODE_BACKENDS = {"reference": dict(backend="reference"), "pallas": dict(backend="auto"),
