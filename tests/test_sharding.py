@@ -166,6 +166,22 @@ def _check_step_on_mesh(cfg, name, layout, capfd):
     np.testing.assert_allclose(got, want, atol=PARAM_TOL, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("layout,mesh,want", [
+    ("fsdp", {"data": 2, "fsdp": 4}, (None, ("data", "fsdp"), None)),
+    ("fsdp_ep", {"fsdp": 2, "expert": 4}, ("expert", ("fsdp",), None)),
+    ("fsdp_tp_ep", {"fsdp": 2, "expert": 2, "tensor": 2}, ("expert", ("fsdp",), "tensor")),
+    ("fsdp_tp_ep", {"tensor": 8}, (None, (), "tensor")),          # decoding on a tensor mesh
+    ("fsdp_tp_ep", {"data": 4, "tensor": 2}, (None, ("data",), "tensor")),
+    ("fsdp_ep", {"tensor": 8}, None),                              # no rule splits the experts' width
+    ("fsdp_tp_ep", {"data": 1}, None),                             # one device: nothing splits
+])
+def test_moe_shard_axes(layout, mesh, want):
+  """How a MoE layer splits its work: (expert axis, other batch axes, the axis of the experts' hidden width)."""
+  devices = jax.devices()[:int(np.prod(list(mesh.values())))]
+  with sharding.use_mesh(sharding.make_mesh(mesh, devices=devices), layout):
+    assert sharding.moe_shard_axes() == want
+
+
 def test_indivisible_layout_is_a_clear_error():
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
   with pytest.raises(ValueError, match=r"cannot be split .* over mesh .*fsdp_tp_ep"):
