@@ -251,9 +251,12 @@ class DecodeApiTest(parameterized.TestCase):
       ops_decode.ssd_decode_step(*inputs.values(), block_sizes=ops_decode.DecodeBlockSizes(block_p=24),
                                  backend="triton", interpret=True)
 
-  def test_lowers_to_one_triton_call_for_an_abstract_h100(self):
-    """Nemotron-3-Nano-4B's mixer (M = 96, P = 80, Q = 128, J = 8) at batch 64: one Triton custom call whose
-    state output is the donated state input."""
+  @parameterized.named_parameters(("h100", _H100, "cuda", "__gpu$xla.gpu.triton"),
+                                  ("v5e", _V5E, "tpu", "tpu_custom_call"))
+  def test_lowers_to_one_kernel_call_for_an_abstract_chip(self, chip, platform, marker):
+    """Nemotron-3-Nano-4B's mixer (M = 96, P = 80, Q = 128, J = 8) at batch 64 for an H100 (the Triton kernel)
+    and a v5e (the Mosaic kernel): one custom call whose state output is the donated state input (that the
+    chips' compilers take it, in place, is tests/test_aot.py's)."""
     b, m, p, j, q = 64, 96, 80, 8, 128
     sds = jax.ShapeDtypeStruct
     args = (sds((b, m, p, q), jnp.float32), sds((b, m, p), jnp.bfloat16), sds((b, m), jnp.float32),
@@ -261,9 +264,9 @@ class DecodeApiTest(parameterized.TestCase):
             sds((m,), jnp.float32), sds((m,), jnp.float32), sds((b,), jnp.bool_))
     step = jax.jit(lambda st, x, dt, a, bb, c, d, dtb, keep: ops_decode.ssd_decode_step(
         st, x, dt, a, bb, c, d, dtb, keep=keep), donate_argnums=0)
-    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_H100)):
-      text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(*chip)):
+      text = step.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    self.assertEqual(text.count(marker), 1)
     self.assertIn("tf.aliasing_output = 1", text)
 
   def test_tpu_heads_per_step(self):
@@ -274,21 +277,6 @@ class DecodeApiTest(parameterized.TestCase):
     self.assertEqual(heads(96, block_m=48), 48)
     with self.assertRaisesRegex(ValueError, "block_m=12 must divide M=96 and be a multiple of 8"):
       heads(96, block_m=12)
-
-  def test_lowers_to_one_mosaic_call_for_an_abstract_v5e(self):
-    """The same Nano-4B update for a TPU: one Mosaic custom call, the state output aliased to its input (that
-    libtpu compiles it, in place, is tests/test_aot.py's)."""
-    b, m, p, j, q = 64, 96, 80, 8, 128
-    sds = jax.ShapeDtypeStruct
-    args = (sds((b, m, p, q), jnp.float32), sds((b, m, p), jnp.bfloat16), sds((b, m), jnp.float32),
-            sds((m,), jnp.float32), sds((b, j, q), jnp.bfloat16), sds((b, j, q), jnp.bfloat16),
-            sds((m,), jnp.float32), sds((m,), jnp.float32), sds((b,), jnp.bool_))
-    step = jax.jit(lambda st, x, dt, a, bb, c, d, dtb, keep: ops_decode.ssd_decode_step(
-        st, x, dt, a, bb, c, d, dtb, keep=keep), donate_argnums=0)
-    with jax.sharding.use_abstract_mesh(_abstract_mesh(*_V5E)):
-      text = step.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-    self.assertEqual(text.count("tpu_custom_call"), 1)
-    self.assertIn("tf.aliasing_output = 1", text)
 
   def test_conv_step_backends_and_bad_input(self):
     inputs = _conv_inputs(jnp.float32)
