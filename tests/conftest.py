@@ -12,6 +12,14 @@ through different `jax.jit` wrappers, which jit's in-memory cache does not share
 keyed by the compiled program, does. It lives in a fresh temporary directory (removed at exit), so a run
 never reuses another run's executables; subprocesses the tests start (the train CLI) inherit it. Measured:
 tests/test_train.py + tests/test_models.py 397 s -> 343 s on a 2-core CPU host.
+
+Workers: the README's test command runs the suite in parallel processes (pytest-xdist, `-n auto`), one per
+core up to `_MAX_WORKERS` (each holds JAX, torch and its compiled programs: about 3 GB at its peak). The
+suite is single-threaded compile work, so 2 cores nearly halve it (measured in the pyproject's comment). The
+workers inherit the controller's environment, so they share one cache directory. JAX writes an entry without
+a lock (none is taken unless `jax_compilation_cache_max_size` is set, and with it every write walks the whole
+cache under the lock, which measured slower than no sharing); a worker that reads an entry another is still
+writing fails to decompress it, and JAX treats that as a miss (a warning, then it compiles the program).
 """
 
 import atexit
@@ -33,6 +41,16 @@ import runpy  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+_MAX_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core this process may use, at most `_MAX_WORKERS`."""
+  del config
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(cores, _MAX_WORKERS))
 
 
 @pytest.fixture
