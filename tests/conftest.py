@@ -14,7 +14,7 @@ never reuses another run's executables; subprocesses the tests start (the train 
 tests/test_train.py + tests/test_models.py 397 s -> 343 s on a 2-core CPU host.
 
 Workers: the README's test command runs the suite in parallel processes (pytest-xdist, `-n auto`), one per
-core up to `_MAX_WORKERS` (each holds JAX, torch and its compiled programs: about 3 GB at its peak). The
+core up to `_MAX_WORKERS` (each holds JAX, torch and its compiled programs: 3 to 4 GB resident at its peak, seen with top). The
 suite is mostly single-threaded compile work: on 2 cores it took 1069 s against 1692 s in one process. The
 workers inherit the controller's environment, so they share one cache directory. JAX writes an entry without
 a lock; it takes one only when `jax_compilation_cache_max_size` is set, and then every write walks the whole
