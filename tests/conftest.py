@@ -14,13 +14,13 @@ never reuses another run's executables; subprocesses the tests start (the train 
 tests/test_train.py + tests/test_models.py 397 s -> 343 s on a 2-core CPU host.
 
 Workers: the README's test command runs the suite in parallel processes (pytest-xdist, `-n auto`), one per
-core up to `_MAX_WORKERS` (each holds JAX, torch and its compiled programs: 3 to 4 GB resident at its peak, seen with top). The
-suite is mostly single-threaded compile work: on 2 cores it took 1069 s against 1692 s in one process. The
-workers inherit the controller's environment, so they share one cache directory. JAX writes an entry without
-a lock; it takes one only when `jax_compilation_cache_max_size` is set, and then every write walks the whole
-cache under it (a 2-worker run with it had done 77% of the tests after 29 minutes). An entry read while
-another worker is still writing it is a truncated zstd/zlib stream: it fails to decompress, and JAX's cache
-reader turns that into a warning and a miss (it compiles the program).
+core up to `_MAX_WORKERS` (each holds JAX, torch and its compiled programs: 3 to 4 GB resident at its peak,
+seen with top). The suite is mostly single-threaded compile work: on 2 cores it took 1069 s against 1692 s in
+one process. The workers inherit the controller's environment, so they share one cache directory. JAX writes
+an entry without a lock; it takes one only when `jax_compilation_cache_max_size` is set, and then every write
+walks the whole cache under it (a 2-worker run with it had done 77% of the tests after 29 minutes). An entry
+read while another worker is still writing it is a truncated zstd/zlib stream: it fails to decompress, and
+JAX's cache reader turns that into a warning and a miss (it compiles the program).
 """
 
 import atexit
