@@ -57,6 +57,9 @@ class _Printer:
         head, self.buffer = self.buffer.split(inference.chat.THINK_CLOSE, 1)
         self._reason(head + inference.chat.THINK_CLOSE + "\n")
         self.thinking = False
+      elif delta.finish_reason is not None:  # the row ended inside its thinking section: no marker follows
+        self._reason(self.buffer + "\n")
+        self.buffer = ""
       else:  # keep a possible partial marker back
         keep = len(inference.chat.THINK_CLOSE) - 1
         self._reason(self.buffer[:-keep] if len(self.buffer) > keep else "")

@@ -239,6 +239,48 @@ def test_sampling_filters_and_seeds():
   assert (penalised == 1).all()
 
 
+def test_sampling_distribution_matches_the_transformers_warpers():
+  """Temperature, top-k (ties with the k-th kept), top-p and min-p as transformers' warpers compute them.
+  (Which of several tied tokens top-p keeps at its boundary depends on the sort; the top-p cases use rows
+  without ties.)"""
+  from transformers import generation as hf  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  logits = np.concatenate([rng.randn(6, 50) * 2, np.round(rng.randn(2, 50))], 0).astype(np.float32)  # ties
+  logits[6, :6] = [3, 2, 2, 2, 1, 0]
+  cases = [dict(temperature=0.7, top_k=2), dict(temperature=1.0, top_k=5, top_p=0.8), dict(temperature=0.9, min_p=0.1),
+           dict(temperature=1.3, top_p=0.9, min_p=0.05), dict(temperature=1.0, top_k=60), dict(temperature=0.5)]
+  for case in cases:
+    warpers = [hf.TemperatureLogitsWarper(case["temperature"])]
+    if case.get("top_k"):
+      warpers.append(hf.TopKLogitsWarper(case["top_k"]))
+    if case.get("top_p"):
+      warpers.append(hf.TopPLogitsWarper(case["top_p"]))
+    if case.get("min_p"):
+      warpers.append(hf.MinPLogitsWarper(case["min_p"]))
+    rows = logits[:6] if case.get("top_p") else logits
+    scores = torch.from_numpy(rows)
+    for w in warpers:
+      scores = w(None, scores)
+    want = torch.softmax(scores, -1).numpy()
+    got = np.asarray(inference.distribution(jnp.asarray(rows), inference.sampling_params(**case)))
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(case))
+  tied = np.asarray(inference.distribution(jnp.asarray(logits[6:7]), inference.sampling_params(
+      temperature=1.0, top_k=2)))[0, :6]
+  assert (tied[1:4] > 0).all() and tied[4] == 0  # the three tokens tied with the 2nd all stay
+  draws = np.asarray(inference.sample(jnp.asarray(np.repeat(logits[6:7, :6], 2000, 0)), jax.random.key(1),
+                                      inference.sampling_params(temperature=1.0, top_k=2)))
+  assert set(draws) == {0, 1, 2, 3}
+
+
+def test_sampling_options_take_numpy_numbers_and_name_a_bad_type():
+  got = inference.sampling_params(top_k=np.int64(5), seed=np.int32(3), temperature=np.float32(0.5))
+  assert (got.top_k, got.seed, got.temperature) == (5, 3, 0.5) and type(got.top_k) is int
+  for bad, match in [(dict(top_k=2.0), "top_k=2.0 must be an int"), (dict(seed=True), "seed=True must be an int"),
+                     (dict(temperature="0.5"), "temperature='0.5' must be a number")]:
+    with pytest.raises(ValueError, match="Invalid sampling option: " + match):
+      inference.sampling_params(**bad)
+
+
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(ckpts):
   _, _, cfg, params = ckpts["dense"]
   run = lambda seed: [c.token_ids for c in inference.generate_tokens(
@@ -320,10 +362,44 @@ def test_stop_strings_and_streaming(ckpts, tok):
   assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
   assert "".join(d.text for d in seen) == cut.text and seen[-1].finish_reason == "stop"
   assert [d.token_id for d in seen] == cut.token_ids
+  assert n3jax.generate((cfg, params), "hello world", stop=stop, **kw).text == cut.text  # a string: one stop string
   rows = []
   steps = list(inference.stream((cfg, params), ["hello world", "the sky"], rows_out=rows, **kw))
   assert len(steps) == 8 and [len(s) for s in steps] == [2] * 8
   assert rows[0].token_ids == full.token_ids  # batching does not change a row
+
+
+def test_max_len_bounds_prompt_and_generated_tokens(ckpts):
+  """The cache is allocated in whole blocks; generation still stops when prompt + generated reach max_len."""
+  _, _, cfg, params = ckpts["dense"]
+  got = inference.generate_tokens(cfg, params, [PROMPTS[1], PROMPTS[2]], max_new_tokens=40, max_len=MAX_LEN)
+  assert [len(c.token_ids) for c in got] == [MAX_LEN - len(PROMPTS[1])] * 2
+  assert all(c.finish_reason == "length" for c in got)
+  _, _, cfg, params = ckpts["latent"]  # MTP heads: speculative rounds, then plain steps at the end
+  got = inference.generate_tokens(cfg, params, [PROMPTS[1]], max_new_tokens=40, max_len=MAX_LEN, speculative_k=2)
+  assert len(got[0].token_ids) == MAX_LEN - len(PROMPTS[1])
+
+
+def test_system_turn_goes_before_messages(ckpts, tok):
+  _, _, cfg, params = ckpts["dense"]
+  kw = dict(tokenizer=tok, reasoning=False, max_new_tokens=2, max_len=64)
+  msgs = [{"role": "user", "content": "why is the sky blue"}]
+  with_system = n3jax.generate((cfg, params), messages=msgs, system="be brief", **kw)
+  explicit = n3jax.generate((cfg, params), messages=[{"role": "system", "content": "be brief"}, *msgs], **kw)
+  assert with_system.prompt_tokens == explicit.prompt_tokens > n3jax.generate((cfg, params), messages=msgs, **kw).prompt_tokens
+  with pytest.raises(ValueError, match="already have a system turn"):
+    n3jax.generate((cfg, params), messages=[{"role": "system", "content": "x"}, *msgs], system="y", **kw)
+
+
+def test_cli_prints_reasoning_that_the_length_limit_cut(ckpts, capsys, run_cli):
+  """A row that ends inside its thinking section: the CLI streams all of it (none held back for a marker)."""
+  _, ckpt, _, _ = ckpts["dense"]
+  want = n3jax.generate(ckpt, "hello world", max_new_tokens=4, max_len=64)
+  assert want.finish_reason == "length" and "</think>" not in want.text and want.text
+  assert run_cli("n3jax.generate", f"--ckpt={ckpt}", "--prompt=hello world", "--max_new_tokens=4",
+                 "--max_len=64") == 0
+  out, err = capsys.readouterr()
+  assert err.startswith(want.text + "\n") and not out.strip()
 
 
 def test_cli_streams_the_answer(ckpts, capsys, run_cli):
@@ -341,8 +417,17 @@ def test_bad_input_gives_one_clear_error(ckpts, tok, tmp_path):
     inference.generate_tokens(cfg, params, [list(range(12))], max_new_tokens=4, max_len=8)
   with pytest.raises(ValueError, match=r"Unknown sampling option\(s\) \['temprature'\]"):
     n3jax.generate(ckpt, "hello", temprature=0.7)
-  with pytest.raises(ValueError, match=r"self.top_p=0.0 must be in \(0, 1\]"):
+  with pytest.raises(ValueError, match=r"top_p=0.0 must be in \(0, 1\]"):
     n3jax.generate(ckpt, "hello", top_p=0.0)
+  for bad, match in [(dict(max_new_tokens=2.0), "max_new_tokens=2.0 must be an int >= 1"),
+                     (dict(prefill_chunk=-4), "prefill_chunk=-4 must be an int >= 1"),
+                     (dict(thinking_budget=1.5), "thinking_budget=1.5 must be an int >= 0"),
+                     (dict(max_len=4), r"longer than the cache \(max_len=4\)")]:
+    with pytest.raises(ValueError, match=match):
+      n3jax.generate(ckpt, "hello world why is the sky blue", **bad)
+  for prompt in ([5, cfg.vocab_size], [5, -1]):
+    with pytest.raises(ValueError, match=r"prompt 0 has token id -?\d+, outside the model's vocabulary"):
+      inference.generate_tokens(cfg, params, [prompt], max_new_tokens=2, max_len=MAX_LEN)
   bare = tmp_path / "no_tokenizer"
   os.makedirs(bare)
   for name in ("config.json", "params"):

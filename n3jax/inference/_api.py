@@ -85,12 +85,20 @@ def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
     head = [{"role": "system", "content": system}] if system is not None else []
     return [head + [{"role": "user", "content": p}] for p in prompts], batch
   batch = bool(messages) and isinstance(messages[0], (list, tuple))
-  return (list(messages) if batch else [messages]), batch
+  convs = list(messages) if batch else [messages]
+  if system is not None:  # the system turn goes first, unless a conversation already has one
+    if any(m.get("role") == "system" for c in convs for m in c):
+      raise ValueError("system= was given but the messages already have a system turn; give one of them")
+    convs = [[{"role": "system", "content": system}, *c] for c in convs]
+  return convs, batch
 
 
 def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, reasoning, stop, sampling,
-             speculative_k, mesh=None, layout=None):
+             speculative_k, lengths, mesh=None, layout=None):
+  """`lengths`: max_new_tokens, max_len, prefill_chunk and thinking_budget, checked with the prompts before
+  any weight is read."""
   sharded = _engine.check_mesh(mesh, layout)
+  stop = _generate.stop_strings_tuple(stop)
   if isinstance(model, (str, os.PathLike)):
     ckpt_dir = os.fspath(model)
     cfg = checkpointing.load_config(ckpt_dir)  # fails early, before any weights are read
@@ -116,6 +124,7 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
       raise ValueError("messages, tools and system need the chat template (chat_mode=True)")
     texts = [c[-1]["content"] for c in convs]
   prompts = [chat.encode(tok, t) for t in texts]
+  _generate.check_request(prompts, vocab_size=cfg.vocab_size, **lengths)
   if isinstance(model, (str, os.PathLike)):  # on a mesh: each process reads its shards only
     if sharded:  # read in their shards, then split per layer on the devices (`_engine.place_params`)
       params = _engine.place_params(
@@ -123,21 +132,22 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     else:  # the decoding step's layout (`_engine.decoding_params`), made on the host
       params = jax.device_put(_engine.decoding_layout(cfg, checkpointing.load_params(ckpt_dir, as_numpy=True)))
   kwargs = dict(sampling=params_sampling, stop_tokens=stop_token_ids(cfg, tok, ckpt_dir, chat_mode=chat_mode),
-                stop_strings=tuple(stop), decode=tok.decode,
+                stop_strings=stop, decode=tok.decode,
                 think_ids=(tok.special(chat.THINK_OPEN), tok.special(chat.THINK_CLOSE)))
   return cfg, params, tok, prompts, batch, kwargs
 
 
 def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None, chat_mode: bool = True,
            system: str | None = None, tools=None, reasoning: bool = True, thinking_budget: int | None = None,
-           max_new_tokens: int = 256, max_len: int | None = None, stop: Sequence[str] = (),
+           max_new_tokens: int = 256, max_len: int | None = None, stop: str | Sequence[str] = (),
            prefill_chunk: int | None = None, rows_out: list | None = None, speculative_k: int | None = None,
            mesh=None, layout: str | None = None, **sampling) -> Iterator[list[_generate.Delta]]:
   """Like `generate`, but yields each step's Deltas (row, token id, released text) as they come."""
   cfg, params, _, prompts, _, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
-      mesh=mesh, layout=layout)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k, mesh=mesh, layout=layout,
+      lengths=dict(max_new_tokens=max_new_tokens, max_len=max_len, prefill_chunk=prefill_chunk,
+                   thinking_budget=thinking_budget))
   yield from _generate.stream_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
                                      prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
                                      rows_out=rows_out, speculative_k=speculative_k, mesh=mesh, layout=layout,
@@ -147,7 +157,7 @@ def stream(model, prompt: str | Sequence[str] | None = None, *, messages=None, t
 def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None, tokenizer=None,
              chat_mode: bool = True, system: str | None = None, tools=None, reasoning: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 256, max_len: int | None = None,
-             stop: Sequence[str] = (), prefill_chunk: int | None = None,
+             stop: str | Sequence[str] = (), prefill_chunk: int | None = None,
              on_token: Callable[[_generate.Delta], None] | None = None, speculative_k: int | None = None,
              mesh=None, layout: str | None = None, **sampling) -> Generation | list[Generation]:
   """Generates from an n3jax checkpoint directory (or a `(cfg, params)` pair with `tokenizer=`).
@@ -156,8 +166,9 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   `chat_mode=False`; messages: a conversation (or a list of them), OpenAI style, with `tools`.
   reasoning: open a thinking section (on) or start with `<think></think>` (off). thinking_budget: after
   that many thinking tokens the generator writes `</think>` and the model goes on with its answer.
-  stop: stop strings (EOS and `<|im_end|>` always stop). max_len: the cache size (default prompt +
-  max_new_tokens). on_token: called with every Delta as it is generated. **sampling: `SamplingParams`
+  system: a system turn put first (also before `messages` that have none). stop: a stop string or a list of
+  them (EOS and `<|im_end|>` always stop). max_len: the cache size, the most tokens prompt and generation
+  together may hold (default prompt + max_new_tokens). on_token: called with every Delta as it is generated. **sampling: `SamplingParams`
   fields (temperature, top_k, top_p, min_p, repetition_penalty, seed); anything else is an error.
   speculative_k: MTP speculative decoding (models with MTP heads, e.g. Nemotron 3 Super): the MTP heads
   draft k tokens and the main model checks them in one forward; greedy output is the same as without it,
@@ -172,8 +183,9 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   """
   cfg, params, _, prompts, batch, kwargs = _prepare(
       model, prompt, messages, tokenizer=tokenizer, chat_mode=chat_mode, system=system, tools=tools,
-      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k,
-      mesh=mesh, layout=layout)
+      reasoning=reasoning, stop=stop, sampling=sampling, speculative_k=speculative_k, mesh=mesh, layout=layout,
+      lengths=dict(max_new_tokens=max_new_tokens, max_len=max_len, prefill_chunk=prefill_chunk,
+                   thinking_budget=thinking_budget))
   done = _generate.generate_tokens(cfg, params, prompts, on_token=on_token, max_new_tokens=max_new_tokens,
                                    max_len=max_len, prefill_chunk=prefill_chunk, thinking_budget=thinking_budget,
                                    speculative_k=speculative_k, mesh=mesh, layout=layout, **kwargs)

@@ -65,13 +65,53 @@ class _Row:
   text_ids: list[int] = dataclasses.field(default_factory=list)
 
 
+def stop_strings_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+  """`stop` as a tuple of stop strings: one string is one stop string (as in transformers), not its letters."""
+  if stop is None:
+    return ()
+  if isinstance(stop, str):
+    return (stop,)
+  stops = tuple(stop)
+  if not all(isinstance(s, str) for s in stops):
+    raise ValueError(f"stop strings must be strings, got {list(stops)!r:.200}")
+  return stops
+
+
+def _need_int(name: str, value, low: int, optional: bool = False) -> None:
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name}={value!r} must be an int >= {low}" + (" or None" if optional else ""))
+
+
+def check_request(prompts: Sequence[Sequence[int]], *, vocab_size: int, max_new_tokens: int,
+                  max_len: int | None = None, prefill_chunk: int | None = None,
+                  thinking_budget: int | None = None) -> None:
+  """One clear ValueError for a bad request, before anything is compiled (or, from `n3jax.generate`, before
+  any weight is read): lengths that are not positive ints, a prompt longer than the cache, a token id
+  outside the vocabulary."""
+  _need_int("max_new_tokens", max_new_tokens, 1)
+  _need_int("max_len", max_len, 1, optional=True)
+  _need_int("prefill_chunk", prefill_chunk, 1, optional=True)
+  _need_int("thinking_budget", thinking_budget, 0, optional=True)
+  rows = [np.asarray(p).reshape(-1) for p in prompts]
+  for b, r in enumerate(rows):
+    if r.size and not np.issubdtype(r.dtype, np.integer):
+      raise ValueError(f"prompt {b} holds {r.dtype} values; token ids are ints")
+    if r.size and (r.min() < 0 or r.max() >= vocab_size):
+      bad = int(r[(r < 0) | (r >= vocab_size)][0])
+      raise ValueError(f"prompt {b} has token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+  longest = max((r.size for r in rows), default=0)
+  if max_len is not None and longest > max_len:
+    raise ValueError(f"a prompt of {longest} tokens is longer than the cache (max_len={max_len}); "
+                     "raise max_len or shorten the prompt")
+
+
 class _Think:
   """Thinking-section markers (single token ids) and the budget."""
 
   def __init__(self, open_id: int | None, close_id: int | None, budget: int | None):
     if budget is not None:
-      if budget < 0:
-        raise ValueError(f"thinking_budget={budget} must be >= 0")
       if open_id is None or close_id is None:
         raise ValueError("a thinking budget needs the <think> and </think> markers as single tokens of the "
                          f"tokenizer, got open={open_id}, close={close_id}")
@@ -102,6 +142,7 @@ class _Text:
   back the characters that could still become a stop string."""
 
   def __init__(self, decode: Callable[[Sequence[int]], str] | None, stop_strings: Sequence[str]):
+    stop_strings = stop_strings_tuple(stop_strings)
     if stop_strings and decode is None:
       raise ValueError("stop strings need a tokenizer to decode the generated tokens")
     if any(not s for s in stop_strings):
@@ -165,8 +206,8 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                   speculative_k: int | None = None, mesh=None, layout: str | None = None) -> Iterator[list[Delta]]:
   """Generates for a batch of token prompts; yields, per step, the Deltas of the rows still running.
 
-  max_len: cache size in tokens (default: the padded prompt plus max_new_tokens); a prompt longer than it
-  is an error. decode: ids -> text, for text deltas and stop strings. think_ids: the (open, close)
+  max_len: cache size in tokens: a row's prompt and generated tokens together never exceed it (default: the
+  padded prompt plus max_new_tokens); a prompt longer than it is an error. decode: ids -> text, for text deltas and stop strings. think_ids: the (open, close)
   marker ids; with `thinking_budget` N a row that has generated N tokens inside a thinking section is
   given the close marker as its next token and goes on with its answer. `rows_out` (a list) receives the
   per-row results as `Completion`s when the stream ends.
@@ -180,8 +221,8 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   must divide over the batch axes (a ValueError names the numbers). With `speculative_k` too: the MTP
   caches are sharded like the main KV cache and each speculative round compiles once.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"{max_new_tokens=} must be >= 1")
+  check_request(prompts, vocab_size=cfg.vocab_size, max_new_tokens=max_new_tokens, max_len=max_len,
+                prefill_chunk=prefill_chunk, thinking_budget=thinking_budget)
   cfg = _engine.decoding_config(cfg)  # layers unrolled
   if speculative_k is not None:
     _speculative.check(cfg, params, speculative_k)
@@ -191,9 +232,6 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   think = _Think(*think_ids, thinking_budget)
   text = _Text(decode, stop_strings)
   longest = max((len(p) for p in prompts), default=0)
-  if max_len is not None and longest > max_len:
-    raise ValueError(f"a prompt of {longest} tokens is longer than the cache (max_len={max_len}); "
-                     "raise max_len or shorten the prompt")
   if max_len is not None:
     width = _engine.padded_length(longest, prefill_chunk, limit=max(longest, max_len - max_new_tokens + 1))
   else:
@@ -217,7 +255,7 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     steps = _speculative.compiled_steps(cfg, len(prompts), max_len, mesh=mesh, layout=layout)
     yield from _stream_speculative(steps, params, tokens, segments, rows, stats, state, advance, forced, think,
                                    k=speculative_k, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
-                                   sampling=sampling, lookahead=lookahead)
+                                   sampling=sampling, lookahead=lookahead, room=max_len - longest)
     if rows_out is not None:
       rows_out.extend(Completion(r.ids, r.text if decode else None, r.finish_reason, r.thinking_tokens, st)
                       for r, st in zip(rows, stats))
@@ -233,6 +271,8 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     logits, cache = _engine.prefill(cfg, params, tokens, segments, max_len=max_len, chunk=prefill_chunk)
     choose, decode_sample = _engine.choose_jit, functools.partial(_engine.decode_sample, cfg, params)
   filled, slots = _engine.cache_room(cache)
+  # The cache is allocated in whole blocks and holds the prompt padding; the last token is never fed.
+  slots = min(slots, filled + max_len - longest - 1)
   pending, state = choose(logits, state, forced(), sampling=sampling)
   for step in range(max_new_tokens):
     more = step + 1 < max_new_tokens and filled + step < slots  # room for feeding this step's token
@@ -254,14 +294,15 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
 
 def _stream_speculative(steps: _speculative.Steps, params, tokens, segments, rows: list[_Row],
                         stats: list[SpeculativeStats], sstate, advance, forced, think: _Think, *, k: int,
-                        max_new_tokens: int, prefill_chunk: int | None, sampling: SamplingParams, lookahead: bool
-                        ) -> Iterator[list[Delta]]:
+                        max_new_tokens: int, prefill_chunk: int | None, sampling: SamplingParams, lookahead: bool,
+                        room: int) -> Iterator[list[Delta]]:
   """The loop of `stream_tokens` with speculative rounds (`steps`: on one device or a mesh); once the cache
   has no room for a round's k + 1 slots it finishes with plain one-token steps."""
   params = steps.place(params)
   first, state = _speculative.start(steps, params, tokens, segments, chunk=prefill_chunk, k=k, sampling=sampling,
                                     sstate=sstate, forced=forced())
   filled, slots = _engine.cache_room(state["cache"])
+  slots = min(slots, filled + room - 1)  # `room`: tokens max_len leaves after the longest prompt
   markers = jnp.asarray([-1 if i is None else i for i in (think.open_id, think.close_id)], jnp.int32)
 
   def limits() -> jnp.ndarray:

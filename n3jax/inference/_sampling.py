@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["SamplingParams", "sampling_params", "sample", "distribution"]
 
@@ -19,7 +20,7 @@ __all__ = ["SamplingParams", "sampling_params", "sample", "distribution"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
   temperature: float = 0.0         # 0: greedy (argmax); else logits / temperature, then a random draw
-  top_k: int = 0                   # keep the k most likely tokens (0: off)
+  top_k: int = 0                   # keep the k most likely tokens, and any tied with the k-th (0: off)
   top_p: float = 1.0               # nucleus: the most likely tokens whose probability reaches top_p (1: off)
   min_p: float = 0.0               # drop tokens below min_p * p(most likely token) (0: off)
   repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019) / HF: logits of seen tokens /p if > 0 else *p
@@ -29,12 +30,20 @@ class SamplingParams:
     def need(cond, msg):
       if not cond:
         raise ValueError(f"Invalid sampling option: {msg}")
-    need(self.temperature >= 0, f"{self.temperature=} must be >= 0 (0 is greedy)")
-    need(isinstance(self.top_k, int) and self.top_k >= 0, f"{self.top_k=} must be an int >= 0 (0 is off)")
-    need(0 < self.top_p <= 1, f"{self.top_p=} must be in (0, 1]")
-    need(0 <= self.min_p <= 1, f"{self.min_p=} must be in [0, 1]")
-    need(self.repetition_penalty > 0, f"{self.repetition_penalty=} must be > 0 (1 is off)")
-    need(isinstance(self.seed, int), f"{self.seed=} must be an int")
+    for name in ("top_k", "seed"):  # Python or NumPy integers, stored as int (the options are compile keys)
+      v = getattr(self, name)
+      need(isinstance(v, (int, np.integer)) and not isinstance(v, bool), f"{name}={v!r} must be an int")
+      object.__setattr__(self, name, int(v))
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+      v = getattr(self, name)
+      need(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+           f"{name}={v!r} must be a number")
+      object.__setattr__(self, name, float(v))
+    need(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+    need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 is off)")
+    need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+    need(0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
+    need(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)")
 
   @property
   def greedy(self) -> bool:
@@ -58,6 +67,28 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
   return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def _warped(logits: jax.Array, params: SamplingParams) -> jax.Array:
+  """logits [B, V] f32 (penalised) -> logits / temperature with the tokens the filters drop at -inf, as
+  transformers' warpers do: top-k keeps every token at least as likely as the k-th (ties included), top-p
+  then the best tokens until their mass reaches top_p (the best one always), min-p those with probability
+  >= min_p * p(best)."""
+  logits = logits / params.temperature
+  vocab = logits.shape[-1]
+  if params.top_k and params.top_k < vocab:
+    kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]                      # [B, 1]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if params.top_p < 1:
+    vals, ids = jax.lax.top_k(logits, vocab)                                 # [B, V] descending
+    probs = jax.nn.softmax(vals, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < params.top_p                 # mass of better tokens < top_p
+    rows = jnp.arange(logits.shape[0])[:, None]
+    logits = jnp.where(jnp.zeros(logits.shape, bool).at[rows, ids].set(keep), logits, -jnp.inf)
+  if params.min_p > 0:
+    probs = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(probs >= params.min_p * jnp.max(probs, axis=-1, keepdims=True), logits, -jnp.inf)
+  return logits
+
+
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
   """logits [B, V] (f32) -> next tokens [B] int32."""
   logits = logits.astype(jnp.float32)
@@ -65,22 +96,7 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / params.temperature
-  if not (params.top_k or params.top_p < 1 or params.min_p > 0):
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-  # Filters work on the candidates sorted by logit, best first: the top-k ones, or all of them.
-  k = min(params.top_k, logits.shape[-1]) if params.top_k else logits.shape[-1]
-  vals, ids = jax.lax.top_k(logits, k)                                       # [B, k] descending
-  keep = jnp.ones(vals.shape, bool)
-  if params.top_p < 1:
-    probs = jax.nn.softmax(vals, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                              # mass of better candidates
-    keep &= before < params.top_p                                            # the best one always stays
-  if params.min_p > 0:
-    probs = jax.nn.softmax(vals, axis=-1)
-    keep &= probs >= params.min_p * probs[:, :1]
-  choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)  # [B] index into k
-  return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return jax.random.categorical(key, _warped(logits, params), axis=-1).astype(jnp.int32)
 
 
 def distribution(logits: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
@@ -91,18 +107,4 @@ def distribution(logits: jax.Array, params: SamplingParams, seen: jax.Array | No
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
   if params.greedy:
     return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  logits = logits / params.temperature
-  if params.top_k or params.top_p < 1 or params.min_p > 0:
-    k = min(params.top_k, logits.shape[-1]) if params.top_k else logits.shape[-1]
-    vals, ids = jax.lax.top_k(logits, k)                                     # [B, k] descending
-    keep = jnp.ones(vals.shape, bool)
-    if params.top_p < 1:
-      probs = jax.nn.softmax(vals, axis=-1)
-      keep &= jnp.cumsum(probs, axis=-1) - probs < params.top_p
-    if params.min_p > 0:
-      probs = jax.nn.softmax(vals, axis=-1)
-      keep &= probs >= params.min_p * probs[:, :1]
-    rows = jnp.arange(logits.shape[0])[:, None]
-    kept = jnp.zeros(logits.shape, bool).at[rows, ids].set(keep)             # [B, V]
-    logits = jnp.where(kept, logits, -jnp.inf)
-  return jax.nn.softmax(logits, axis=-1)
+  return jax.nn.softmax(_warped(logits, params), axis=-1)
