@@ -2,7 +2,8 @@
 
 Guarantees:
   * every input tensor is consumed exactly once; an unknown, missing, wrongly shaped or mixed-dtype
-    tensor is an error naming it, raised from the headers before any data is read;
+    tensor, or one in a dtype no n3jax param holds (float64, integer, bool), is an error naming it, raised
+    from the headers before any data is read; so is a `*.safetensors` file that the index does not list;
   * values are never cast: each n3jax leaf keeps the checkpoint's dtype, so HF -> n3jax -> HF is
     byte-identical (transposes, reshapes and row splits only). The one exception is a ModelOpt FP8 / NVFP4
     checkpoint, whose quantized weights are dequantized to the checkpoint's dtype (`_quantized`);
@@ -21,6 +22,7 @@ import tempfile
 from typing import Any, Iterator, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -35,33 +37,72 @@ SINGLE_FILE = "model.safetensors"
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "chat_template.jinja", "tokenizer.model")
 ASSETS_DIR = "hf_assets"
+# The dtypes an n3jax param leaf can hold bit-exactly (`ModelConfig.param_dtype`); JAX without x64 narrows
+# float64 / int64 / uint64, and no leaf is an integer or bool tensor.
+_PARAM_DTYPES = frozenset(np.dtype(d) for d in (np.float32, ml_dtypes.bfloat16, np.float16))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading a hub directory
 # ---------------------------------------------------------------------------------------------------
+def _read_json_object(path: str, what: str, *, unique_keys: bool = False) -> dict[str, Any]:
+  """One JSON object from `path`; broken JSON (or, with `unique_keys`, a repeated key) is a ConversionError."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    value = _safetensors.loads_unique(data) if unique_keys else json.loads(data)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a repeated key
+    raise ConversionError(f"{path}: {what} is not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ConversionError(f"{path}: {what} must be a JSON object, got a {type(value).__name__}")
+  return value
+
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  """config.json as a dict (a repeated key keeps the last value, as transformers reads it)."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise ConversionError(f"{hf_dir}: no config.json")
-  with open(path) as f:
-    return json.load(f)
+  return _read_json_object(path, "the HF config")
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+  """The index's `weight_map`: tensor name -> shard file name (normalised: "./a.safetensors" is "a.safetensors")."""
+  weight_map = _read_json_object(index_path, "the shard index", unique_keys=True).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise ConversionError(f"{index_path}: no 'weight_map' object")
+  out = {}
+  for key, name in weight_map.items():
+    if not isinstance(name, str) or not name:
+      raise ConversionError(f"{index_path}: weight_map[{key!r}] must be a file name, got {name!r}")
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm.split(os.sep)[0] == os.pardir:
+      raise ConversionError(f"{index_path}: weight_map[{key!r}] = {name!r} is outside the checkpoint directory")
+    out[key] = norm
+  return out
 
 
 def read_hf_tensor_index(hf_dir: str) -> dict[str, _safetensors.TensorInfo]:
-  """name -> where its bytes are, from `model.safetensors.index.json` or a single `model.safetensors`."""
+  """name -> where its bytes are, from `model.safetensors.index.json` or a single `model.safetensors`.
+
+  Every `*.safetensors` file in `hf_dir` must be read: one the index does not list (or one beside the single
+  `model.safetensors`) is an error, never silently skipped.
+  """
   index_path = os.path.join(hf_dir, INDEX_FILE)
   if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ConversionError(f"{index_path}: no 'weight_map'")
+    weight_map = _read_weight_map(index_path)
     files = sorted(set(weight_map.values()))
   elif os.path.exists(os.path.join(hf_dir, SINGLE_FILE)):
     weight_map, files = None, [SINGLE_FILE]
   else:
     raise ConversionError(f"{hf_dir}: neither {INDEX_FILE} nor {SINGLE_FILE}")
+  present = {f for f in os.listdir(hf_dir) if f.endswith(".safetensors") and os.path.isfile(os.path.join(hf_dir, f))}
+  if stray := sorted(present - set(files)):
+    why = f"not listed in {INDEX_FILE}" if weight_map is not None else f"beside {SINGLE_FILE}, with no {INDEX_FILE}"
+    raise ConversionError(f"{hf_dir}: safetensors file(s) {stray} {why}; their tensors would be ignored. Remove "
+                          "them or list them in the index")
   infos: dict[str, _safetensors.TensorInfo] = {}
+  file_of: dict[str, str] = {}
   for name in files:
     path = os.path.join(hf_dir, name)
     if not os.path.exists(path):
@@ -69,14 +110,14 @@ def read_hf_tensor_index(hf_dir: str) -> dict[str, _safetensors.TensorInfo]:
     for key, info in _safetensors.read_header(path).items():
       if key in infos:
         raise ConversionError(f"Tensor {key!r} appears in both {infos[key].path} and {path}")
-      infos[key] = info
+      infos[key], file_of[key] = info, name
   if weight_map is not None:
     if missing := sorted(k for k in weight_map if k not in infos):
       raise ConversionError(f"{INDEX_FILE} lists tensors absent from their files: {missing[:10]}")
     if unlisted := sorted(k for k in infos if k not in weight_map):
       raise ConversionError(f"Tensors in the shards but not in {INDEX_FILE}: {unlisted[:10]}")
     for k, info in infos.items():
-      if os.path.basename(info.path) != weight_map[k]:
+      if file_of[k] != weight_map[k]:
         raise ConversionError(f"{INDEX_FILE} puts {k!r} in {weight_map[k]} but it is in {info.path}")
   return infos
 
@@ -107,6 +148,10 @@ def hf_to_params(cfg: ModelConfig, names_shapes_dtypes: Mapping[str, tuple[tuple
   leaf_dtype: dict[str, tuple[np.dtype, str, int]] = {}  # leaf -> (dtype, first tensor, slot rank)
   for name, target in targets.items():  # validate every header before reading any data
     shape, dtype = names_shapes_dtypes[name]
+    if np.dtype(dtype) not in _PARAM_DTYPES:
+      raise ConversionError(f"Tensor {name!r} is stored as {np.dtype(dtype)}; n3jax holds parameters only as "
+                            f"{', '.join(sorted(d.name for d in _PARAM_DTYPES))} and will not cast it (float64 "
+                            "would silently become float32 without jax x64)")
     if tuple(shape) != target.rule.hf_shape:
       raise ConversionError(f"Tensor {name!r} has shape {list(shape)}, the config implies "
                             f"{list(target.rule.hf_shape)}")

@@ -42,8 +42,31 @@ class TensorInfo:
   nbytes: int
 
 
+def loads_unique(data: bytes | str):
+  """`json.loads`, except that a key repeated inside one object raises ValueError (plain json keeps the last)."""
+  return json.loads(data, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"key {key!r} appears more than once")
+    out[key] = value
+  return out
+
+
+def _is_uint(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
-  """Parses and validates a file's header against its size. Raises `SafetensorsError`."""
+  """Parses and validates a file's header like the reference reader. Raises `SafetensorsError`.
+
+  Checked: the header is one JSON object with no repeated name; `__metadata__`, if present, maps str -> str;
+  each entry has a known dtype, a shape and [begin, end] offsets of non-negative ints, and spans exactly its
+  shape's bytes; sorted by offsets, the tensors tile the data section (no gap, no overlap, no trailing bytes).
+  """
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
@@ -53,20 +76,29 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     if n > _MAX_HEADER or 8 + n > size:
       raise SafetensorsError(f"{path}: corrupted or truncated safetensors header (says {n} bytes, file has {size})")
     try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      header = loads_unique(f.read(n))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a repeated name
       raise SafetensorsError(f"{path}: corrupted safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise SafetensorsError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
+  if (metadata := header.get("__metadata__")) is not None:  # null is allowed, as by the reference reader
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+      raise SafetensorsError(f"{path}: corrupted safetensors header: __metadata__ must map str to str, got "
+                             f"{metadata!r}")
   data_start, data_size = 8 + n, size - 8 - n
-  infos = {}
+  infos, spans = {}, []
   for name, meta in header.items():
     if name == "__metadata__":
       continue
-    try:
-      dtype = _DTYPES[meta["dtype"]]
-      shape = tuple(int(s) for s in meta["shape"])
-      begin, end = (int(o) for o in meta["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from e
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+    if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and meta["dtype"] in _DTYPES
+            and isinstance(shape, list) and all(_is_uint(s) for s in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+      raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {meta!r} (needs a known dtype, "
+                             f"a shape and data_offsets [begin <= end] of non-negative ints)")
+    dtype, shape, (begin, end) = _DTYPES[meta["dtype"]], tuple(shape), offsets
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes:
       raise SafetensorsError(f"{path}: tensor {name!r} {meta['dtype']}{list(shape)} needs {nbytes} bytes but its "
@@ -75,6 +107,17 @@ def read_header(path: str) -> dict[str, TensorInfo]:
       raise SafetensorsError(f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data section but "
                              f"only {data_size} bytes are present")
     infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
+    spans.append((begin, end, name))
+  previous, position = None, 0
+  for begin, end, name in sorted(spans):
+    if begin != position:
+      where = f"the previous tensor {previous!r} ends at {position}" if previous else "the data section starts at 0"
+      raise SafetensorsError(f"{path}: corrupted safetensors header: tensor {name!r} begins at byte {begin} of the "
+                             f"data section but {where} ({'overlap' if begin < position else 'gap'})")
+    previous, position = name, end
+  if position != data_size:
+    raise SafetensorsError(f"{path}: corrupted safetensors file: the tensors end at byte {position} of the data "
+                           f"section but it has {data_size} bytes ({data_size - position} trailing)")
   return infos
 
 

@@ -268,25 +268,24 @@ class ModelConfig:
     for legacy, new in _HF_LEGACY_ALIASES.items():
       if legacy in hf:
         value = hf.pop(legacy)
+        if new in hf and _hf_value(new, hf[new]) != _hf_value(new, value):
+          # transformers 5.24 silently lets the legacy spelling win here; n3jax refuses to guess.
+          raise ValueError(f"HF config sets both {legacy}={value!r} and {new}={hf[new]!r}, which disagree; "
+                           "keep one spelling")
         hf.setdefault(new, value)
     if unknown := sorted(set(hf) - _HF_FIELDS - _HF_BLOCK_FIELDS - _HF_IGNORED_FIELDS):
       raise ValueError(f"Unknown Nemotron-H config field(s): {unknown}. If transformers added them, teach "
                        "n3jax.configs about them (handled, or carried in _HF_IGNORED_FIELDS).")
     kwargs: dict[str, Any] = {f: hf[f] for f in _HF_FIELDS if f in hf}
-    # The layer pattern: 5.x list, else the hub string.
-    if "layers_block_type" in hf:
-      kwargs["blocks"] = _parse_hf_block_list(hf["layers_block_type"], "layers_block_type")
-    elif "hybrid_override_pattern" in hf:
-      kwargs["blocks"] = parse_pattern(hf["hybrid_override_pattern"])
-    else:
+    # The layer pattern: 5.x list, or the hub string (both present: they must agree).
+    kwargs["blocks"] = _hf_blocks(hf, "layers_block_type", "hybrid_override_pattern")
+    if kwargs["blocks"] is None:
       raise ValueError("HF config has neither 'layers_block_type' nor 'hybrid_override_pattern'")
     if "num_hidden_layers" in hf and hf["num_hidden_layers"] != len(kwargs["blocks"]):
       raise ValueError(f"HF config: num_hidden_layers={hf['num_hidden_layers']} but the pattern has "
                        f"{len(kwargs['blocks'])} layers")
-    if "mtp_layers_block_type" in hf:
-      kwargs["mtp_blocks"] = _parse_hf_block_list(hf["mtp_layers_block_type"], "mtp_layers_block_type")
-    elif "mtp_hybrid_override_pattern" in hf:
-      kwargs["mtp_blocks"] = parse_pattern(hf["mtp_hybrid_override_pattern"])
+    if (mtp_blocks := _hf_blocks(hf, "mtp_layers_block_type", "mtp_hybrid_override_pattern")) is not None:
+      kwargs["mtp_blocks"] = mtp_blocks
     if "head_dim" not in hf and "attention_head_dim" in hf:
       # Hub-era name. Megatron-Bridge reads `head_dim or attention_head_dim`; transformers 5.24 ignores it and
       # falls back to 128 (harmless for releases, which all use 128). `to_hf` writes `head_dim` explicitly.
@@ -335,6 +334,33 @@ class ModelConfig:
     d["time_step_limit"] = tuple(_json_float(v) for v in d.get("time_step_limit", (0.0, math.inf)))
     d["hf_extra"] = tuple(tuple(kv) for kv in d.get("hf_extra", ()))
     return cls(**d)
+
+
+def _hf_blocks(hf: dict[str, Any], list_field: str, pattern_field: str) -> tuple[Block, ...] | None:
+  """The blocks of the 5.x list or the hub pattern string; both present and different is an error (transformers
+  5.24 picks one silently: the list for the main stack; for MTP the pattern, when the list is the default)."""
+  blocks = _parse_hf_block_list(hf[list_field], list_field) if list_field in hf else None
+  if pattern_field not in hf:
+    return blocks
+  if not isinstance(hf[pattern_field], str):
+    raise ValueError(f"HF field {pattern_field!r} must be a pattern string, got {hf[pattern_field]!r}")
+  from_pattern = parse_pattern(hf[pattern_field])
+  if blocks is not None and blocks != from_pattern:
+    raise ValueError(f"HF config sets both {list_field}={hf[list_field]!r} (pattern {pattern_string(blocks)!r}) and "
+                     f"{pattern_field}={hf[pattern_field]!r}, which disagree; keep one")
+  return from_pattern
+
+
+def _hf_value(field: str, value: Any) -> Any:
+  """`value` of HF `field` in a comparable form (block lists as blocks, time_step_limit as floats)."""
+  try:
+    if field == "layers_block_type":
+      return _parse_hf_block_list(value, field)
+    if field == "time_step_limit":
+      return tuple(_json_float(v) for v in value)
+  except (TypeError, ValueError):
+    pass
+  return value
 
 
 def _json_float(v):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import checkpoint_convert
 import n3jax
 from checkpoint_convert import _keymap, _safetensors
 from n3jax import checkpointing, models
-from n3jax.configs import PRESETS, ModelConfig
+from n3jax.configs import PRESETS, ModelConfig, parse_pattern
 from tests import hf_fixtures
 
 torch = pytest.importorskip("torch")
@@ -144,6 +145,69 @@ def _set_legacy_pattern(d, pattern):
   (d / "config.json").write_text(json.dumps(cfg))
 
 
+_K, _K2 = "backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.D"
+_SE, _CE = checkpoint_convert.SafetensorsError, checkpoint_convert.ConversionError
+
+
+def _raw_header(path):
+  """(header dict, data section bytes) of a safetensors file."""
+  blob = open(path, "rb").read()
+  (n,) = struct.unpack("<Q", blob[:8])
+  return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def _put_header(path, header, data):
+  """Writes `header` (a JSON-able value, or the JSON text itself) and `data` as a safetensors file."""
+  blob = (header if isinstance(header, str) else json.dumps(header)).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _edit_header(path, edit):
+  header, data = _raw_header(path)
+  got = edit(header, data)
+  _put_header(path, header, data if got is None else got)
+
+
+def _negative_offset(header, data):
+  begin, end = header[_K]["data_offsets"]
+  header[_K]["data_offsets"] = [-(end - begin), 0]
+
+
+def _name_twice(d):
+  """A_log listed a second time, with D's offsets: plain json.loads keeps the last entry."""
+  header, data = _raw_header(_single_file(d))
+  items = [f"{json.dumps(k)}:{json.dumps(v)}" for k, v in [*header.items(), (_K, header[_K2])]]
+  _put_header(_single_file(d), "{" + ",".join(items) + "}", data)
+
+
+def _index(d):
+  return d / "model.safetensors.index.json"
+
+
+def _edit_index(d, edit):
+  index = json.loads(_index(d).read_text())
+  edit(index, index["weight_map"])
+  _index(d).write_text(json.dumps(index))
+
+
+def _shard_of(d, key=_K):
+  return json.loads(_index(d).read_text())["weight_map"][key]
+
+
+def _index_key_twice(d):
+  """The index names A_log's shard twice, first wrongly; plain json.loads keeps the last (right) one."""
+  text, right = _index(d).read_text(), _shard_of(d)
+  other = min(set(json.loads(text)["weight_map"].values()) - {right})
+  _index(d).write_text(text.replace('"weight_map": {', f'"weight_map": {{"{_K}": "{other}", ', 1))
+
+
+def _extra_shard(d, name):
+  _safetensors.write_file(str(d / name), [("backbone.layers.0.mixer.foo", (3,), np.dtype(np.float32))],
+                          lambda k: np.zeros(3, np.float32))
+
+
 BAD_INPUTS = {
     "truncated": (lambda d: os.truncate(_single_file(d), os.path.getsize(_single_file(d)) - 100),
                   checkpoint_convert.SafetensorsError, "truncated file"),
@@ -158,19 +222,163 @@ BAD_INPUTS = {
                     checkpoint_convert.ConversionError, r"backbone.layers.1.mixer.up_proj.weight.*\[47, 32\]"),
     "unknown_config_field": (lambda d: _set_config(d, mystery_knob=3), ValueError, r"mystery_knob"),
     "unknown_block_symbol": (lambda d: _set_legacy_pattern(d, "M-*X-"), ValueError, r"unknown symbol\(s\) \['X'\]"),
+    # Damaged safetensors headers that used to convert silently into wrong tensors.
+    "st_negative_offset": (lambda d: _edit_header(_single_file(d), _negative_offset), _SE,
+                           rf"model.safetensors: tensor '{_K}' has a malformed header entry .*-32, 0"),
+    "st_offsets_alias_another_tensor": (
+        lambda d: _edit_header(_single_file(d), lambda h, _: h[_K].update(data_offsets=h[_K2]["data_offsets"])),
+        _SE, rf"model.safetensors: corrupted safetensors header: tensor '{_K}' begins at"),
+    "st_name_twice": (_name_twice, _SE,
+                      rf"model.safetensors: corrupted safetensors header \(key '{_K}' appears more than once\)"),
+    "st_trailing_bytes": (lambda d: _edit_header(_single_file(d), lambda h, data: data + bytes(1000)),
+                          _SE, r"model.safetensors: .* \(1000 trailing\)"),
+    "st_float_shape": (lambda d: _edit_header(_single_file(d), lambda h, _: h[_K].update(shape=[8.7])),
+                       _SE, rf"model.safetensors: tensor '{_K}' has a malformed header"),
+    "st_header_is_a_list": (lambda d: _put_header(_single_file(d), [1], b""), _SE,
+                            r"model.safetensors: corrupted safetensors header \(a JSON list, not an object\)"),
+    # A dtype n3jax cannot hold bit-exactly (JAX without x64 would narrow it to float32).
+    "float64_tensor": (lambda d: _rewrite(_single_file(d), lambda t: t.update({_K: t[_K].astype(np.float64)})),
+                       _CE, rf"Tensor '{_K}' is stored as float64"),
+    # Safetensors files that would be ignored.
+    "stray_shard_beside_index": (lambda d: _extra_shard(d, "model-extra.safetensors"), _CE,
+                                 r"\['model-extra.safetensors'\] not listed in model.safetensors.index.json", "moe"),
+    "single_file_beside_index": (lambda d: _extra_shard(d, "model.safetensors"), _CE,
+                                 r"\['model.safetensors'\] not listed in model.safetensors.index.json", "moe"),
+    "stray_file_beside_single_file": (lambda d: _extra_shard(d, "extra.safetensors"), _CE,
+                                      r"\['extra.safetensors'\] beside model.safetensors"),
+    # Damaged or odd JSON: an error naming the file.
+    "index_is_a_list": (lambda d: _index(d).write_text("[1, 2]"), _CE,
+                        r"model.safetensors.index.json: the shard index must be a JSON object, got a list", "moe"),
+    "index_truncated": (lambda d: _index(d).write_text("{"), _CE,
+                        r"model.safetensors.index.json: the shard index is not valid JSON", "moe"),
+    "index_value_null": (lambda d: _edit_index(d, lambda j, wm: wm.update({_K: None})), _CE,
+                         rf"model.safetensors.index.json: weight_map\['{_K}'\] must be a file name, got None", "moe"),
+    "index_value_number": (lambda d: _edit_index(d, lambda j, wm: wm.update({_K: 1})), _CE,
+                           rf"model.safetensors.index.json: weight_map\['{_K}'\] must be a file name, got 1", "moe"),
+    "index_weight_map_is_a_list": (lambda d: _edit_index(d, lambda j, wm: j.update(weight_map=list(wm))), _CE,
+                                   r"model.safetensors.index.json: no 'weight_map' object", "moe"),
+    "index_key_twice": (_index_key_twice, _CE,
+                        rf"model.safetensors.index.json: .*key '{_K}' appears more than once", "moe"),
+    "config_truncated": (lambda d: (d / "config.json").write_text("{"), _CE,
+                         r"config.json: the HF config is not valid JSON"),
+    "config_is_a_list": (lambda d: (d / "config.json").write_text("[]"), _CE,
+                         r"config.json: the HF config must be a JSON object, got a list"),
+    # Legacy and 5.x spellings that disagree (transformers 5.24 silently takes mamba_n_groups).
+    "config_legacy_spelling_disagrees": (lambda d: _set_config(d, mamba_n_groups=1), ValueError,
+                                         r"both mamba_n_groups=1 and n_groups=2"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_clear_error_and_writes_nothing(hf_checkpoints, tmp_path, case):
-  damage, error, match = BAD_INPUTS[case]
-  hf_dir = _copy_hf(hf_checkpoints, tmp_path)
+  damage, error, match, *kind = BAD_INPUTS[case]
+  hf_dir = _copy_hf(hf_checkpoints, tmp_path, *kind)
   damage(hf_dir)
   out = tmp_path / "out"
   with pytest.raises(error, match=match):
     n3jax.convert_from_hf(str(hf_dir), str(out))
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no temp leftovers
+
+
+def test_index_value_with_dot_slash_is_the_same_file(hf_checkpoints, tmp_path):
+  hf_dir = _copy_hf(hf_checkpoints, tmp_path, "moe")
+  _edit_index(hf_dir, lambda j, wm: wm.update({k: "./" + v for k, v in wm.items()}))
+  got = checkpoint_convert.read_hf_tensor_index(str(hf_dir))
+  want = checkpoint_convert.read_hf_tensor_index(hf_checkpoints["moe"][1])
+  assert {k: (i.offset, os.path.basename(i.path)) for k, i in got.items()} == {
+      k: (i.offset, os.path.basename(i.path)) for k, i in want.items()}
+
+
+def _tiny_file(path):
+  """Two small tensors written by our writer; returns the path."""
+  _safetensors.write_file(str(path), [("a", (2, 3), np.dtype(np.float32)), ("b", (4,), np.dtype(np.float16))],
+                          lambda k: np.ones((2, 3), np.float32) if k == "a" else np.ones(4, np.float16))
+  return str(path)
+
+
+@pytest.mark.parametrize("entry", [
+    dict(dtype="F32", shape=[2.0, 3], data_offsets=[0, 24]),        # float dim (int() would accept it)
+    dict(dtype="F32", shape=[True, 2, 3], data_offsets=[0, 24]),    # bool dim (int(True) == 1)
+    dict(dtype="F32", shape=[2, 3], data_offsets=[0.0, 24]),        # float offset
+    dict(dtype="F32", shape=[2, 3], data_offsets=[False, 24]),      # bool offset
+    dict(dtype="F32", shape=[2, 3], data_offsets=["0", "24"]),      # string offsets
+    dict(dtype="F32", shape=[-2, -3], data_offsets=[0, 24]),        # negative dims, product still 6
+    dict(dtype="F32", shape=[2, 3], data_offsets=[0, 24, 32]),      # three offsets
+    dict(dtype="F32", shape=[2, 3], data_offsets=[24, 0]),          # end before begin
+    dict(dtype="F32", shape=(2, 3)),                                # no offsets
+    dict(dtype="U16", shape=[2, 3], data_offsets=[0, 24]),          # unknown dtype
+    "F32",                                                          # not an object
+])
+def test_read_header_rejects_malformed_entries(tmp_path, entry):
+  path = _tiny_file(tmp_path / "x.safetensors")
+  _edit_header(path, lambda h, _: h.update(a=entry))
+  with pytest.raises(_SE, match=r"x.safetensors: tensor 'a' has a malformed header"):
+    _safetensors.read_header(path)
+
+
+@pytest.mark.parametrize("header, match", [
+    ('"ab"', r"a JSON str, not an object"),
+    ("7", r"a JSON int, not an object"),
+    ('{"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "a": {"dtype": "F16", "shape": [4], '
+     '"data_offsets": [24, 32]}}', r"key 'a' appears more than once"),
+    ({"__metadata__": ["pt"]}, r"__metadata__ must map str to str"),
+    ({"__metadata__": {"format": 1}}, r"__metadata__ must map str to str"),
+])
+def test_read_header_rejects_malformed_headers(tmp_path, header, match):
+  path = _tiny_file(tmp_path / "x.safetensors")
+  _, data = _raw_header(path)
+  if isinstance(header, dict):
+    h, _ = _raw_header(path)
+    header = json.dumps({**h, **header})
+  _put_header(path, header, data)
+  with pytest.raises(_SE, match="x.safetensors: .*" + match):
+    _safetensors.read_header(path)
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ({"a": [8, 32]}, r"tensor 'a' begins at byte 8 of the data section but the data section starts at 0 \(gap\)"),
+    ({"b": [16, 24]}, r"tensor 'b' begins at byte 16 .* previous tensor 'a' ends at 24 \(overlap\)"),
+    ({"b": [0, 8]}, r"tensor 'a' begins at byte 0 .* previous tensor 'b' ends at 8 \(overlap\)"),
+])
+def test_read_header_requires_tensors_to_tile_the_data(tmp_path, offsets, match):
+  path = _tiny_file(tmp_path / "x.safetensors")
+  header, data = _raw_header(path)
+  for k, v in offsets.items():
+    header[k]["data_offsets"] = v
+  _put_header(path, header, data)
+  with pytest.raises(_SE, match="x.safetensors: corrupted safetensors header: " + match):
+    _safetensors.read_header(path)
+
+
+def test_read_header_accepts_reference_files(tmp_path):
+  """Files from the reference writer (metadata, an empty tensor, several dtypes) read back exactly."""
+  stnp = pytest.importorskip("safetensors.numpy")
+  tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "empty": np.zeros((0, 4), np.float16),
+             "i": np.arange(3, dtype=np.int64), "flag": np.array([True, False])}
+  stnp.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "np"})
+  infos = _safetensors.read_header(str(tmp_path / "ref.safetensors"))
+  assert sorted(infos) == sorted(tensors)
+  for k, v in tensors.items():
+    got = _safetensors.read_tensor(infos[k])
+    assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), k
+  _edit_header(str(tmp_path / "ref.safetensors"), lambda h, _: h.update(__metadata__=None))  # null: allowed too
+  assert sorted(_safetensors.read_header(str(tmp_path / "ref.safetensors"))) == sorted(tensors)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.uint64, np.int32, np.bool_])
+def test_hf_to_params_rejects_dtypes_it_cannot_hold(dtype):
+  """Checked from the headers: nothing is read, and the error names the tensor and its dtype."""
+  cfg = PRESETS["tiny-dense"]
+  tensors = {n: (t.rule.hf_shape, np.dtype(np.float32)) for n, t in _keymap.hf_targets(cfg)}
+  name = next(n for n in tensors if n.endswith("mixer.D"))
+  tensors[name] = (tensors[name][0], np.dtype(dtype))
+
+  def read(n):
+    raise AssertionError(f"read {n} before the dtype check")
+
+  with pytest.raises(_CE, match=rf"'{name}' is stored as {np.dtype(dtype).name}"):
+    checkpoint_convert.hf_to_params(cfg, tensors, read)
 
 
 def test_existing_output_is_not_clobbered(hf_checkpoints, tmp_path):
@@ -188,6 +396,52 @@ def test_damaged_n3jax_checkpoint_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json is missing"):
     n3jax.convert_to_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+# --- config.json: a legacy spelling beside its 5.x name must agree (transformers 5.24 silently picks one) ---
+_LEGACY_PAIRS = [  # (legacy, 5.x name, a value different from tiny-moe's)
+    ("mamba_n_groups", "n_groups", 1), ("mamba_d_conv", "conv_kernel", 2), ("mamba_expand", "expand", 3),
+    ("mamba_dt_min", "time_step_min", 0.01), ("mamba_dt_max", "time_step_max", 0.2),
+    ("mamba_dt_limit", "time_step_limit", [0.0, 5.0]), ("mamba_dt_init_floor", "time_step_floor", 1e-3),
+    ("mamba_conv_bias", "use_conv_bias", False), ("mamba_chunk_size", "chunk_size", 4),
+    ("num_local_experts", "n_routed_experts", 4), ("layer_types", "layers_block_type", ["mlp"] * 6),
+]
+
+
+def _tiny_moe_hf():
+  hf = PRESETS["tiny-moe"].replace(num_nextn_predict_layers=1, mtp_blocks=parse_pattern("*E")).to_hf()
+  hf["expand"] = 2  # carried verbatim
+  return hf
+
+
+@pytest.mark.parametrize("legacy, new, other", _LEGACY_PAIRS, ids=[p[0] for p in _LEGACY_PAIRS])
+def test_hf_config_legacy_and_new_spelling_must_agree(legacy, new, other):
+  hf = _tiny_moe_hf()
+  with pytest.raises(ValueError, match=re.escape(f"both {legacy}={other!r} and {new}={hf[new]!r}")):
+    ModelConfig.from_hf({**hf, legacy: other})
+  assert ModelConfig.from_hf({**hf, legacy: hf[new]}) == ModelConfig.from_hf(hf)  # agreeing: accepted
+
+
+def test_hf_config_agreeing_spellings_compare_by_meaning():
+  hf = _tiny_moe_hf()
+  old_names = {"linear_attention": "mamba", "full_attention": "attention"}  # transformers <= 5.10
+  legacy_names = [old_names.get(t, t) for t in hf["layers_block_type"]]
+  same = {**hf, "mamba_dt_limit": [0.0, float("inf")], "layer_types": legacy_names,
+          "hybrid_override_pattern": PRESETS["tiny-moe"].pattern, "mtp_hybrid_override_pattern": "*E"}
+  assert hf["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+  assert ModelConfig.from_hf(same) == ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("list_field, pattern_field, pattern", [
+    ("layers_block_type", "hybrid_override_pattern", "MMMMMM"),
+    # transformers 5.24 takes the MTP pattern when the list is its default ['full_attention', 'moe'].
+    ("mtp_layers_block_type", "mtp_hybrid_override_pattern", "*E*E"),
+])
+def test_hf_config_block_list_and_pattern_must_agree(list_field, pattern_field, pattern):
+  hf = _tiny_moe_hf()
+  match = rf"both {list_field}=\[.*\] \(pattern '.*'\) and {pattern_field}='{re.escape(pattern)}'"
+  with pytest.raises(ValueError, match=match):
+    ModelConfig.from_hf({**hf, pattern_field: pattern})
 
 
 # --- CLIs ---
