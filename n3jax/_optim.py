@@ -81,6 +81,13 @@ def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, o
     raise ValueError(f"optimizer.decay_fraction={opt.decay_fraction} must be in [0, 1]")
   if opt.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+  if opt.schedule == "wsd" and opt.warmup_steps > num_steps - round(float(opt.decay_fraction) * num_steps):
+    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} runs into the decay, which starts after step "
+                     f"{num_steps - round(float(opt.decay_fraction) * num_steps)} (the last decay_fraction="
+                     f"{opt.decay_fraction} of num_steps={num_steps}): the lr would jump down from the peak")
+  if opt.schedule != "wsd" and opt.warmup_steps > num_steps - (opt.schedule == "cosine"):
+    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} leaves no {opt.schedule} phase in "
+                     f"num_steps={num_steps}")
   if opt.mu_dtype not in ("", "bfloat16", "float32"):
     raise ValueError(f"optimizer.mu_dtype={opt.mu_dtype!r} must be '' (the param dtype), 'bfloat16' or 'float32'")
   schedule = lr_schedule(opt, num_steps)

@@ -4,11 +4,14 @@ The params tree is the module tree (see `n3jax.models`); the config is saved wit
 checkpoint never has to be guessed from its shapes.
 
 `TrainCheckpointer` (below) holds the trainer's full state instead: `WORKDIR/checkpoints/<step>/state`
-(params, optimizer state, step, RNG) and `.../meta` (data-iterator state and a fingerprint of the state).
+(params, optimizer state, step, RNG), `.../meta` (a fingerprint of the state) and `.../data` (each host's
+data-iterator state).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -64,9 +67,23 @@ def _params_checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_CONCURRENT_GB))
 
 
+def _saved_tree(checkpointer: ocp.Checkpointer, directory: str) -> Any:
+  """The params tree's metadata, or one error naming the checkpoint when its tree metadata is unreadable."""
+  path = _params_path(directory)
+  try:
+    item = checkpointer.metadata(path).item_metadata
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{directory} is a damaged n3jax checkpoint: the metadata of {path} cannot be read "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+  if item is None or getattr(item, "tree", None) is None:
+    raise ValueError(f"{directory} is a damaged n3jax checkpoint: {path} has no readable tree metadata "
+                     "(its _METADATA file is missing or truncated)")
+  return item.tree
+
+
 def params_metadata(directory: str) -> Any:
   """The saved params tree as `jax.ShapeDtypeStruct`s (reads no array data)."""
-  tree = _params_checkpointer().metadata(_params_path(directory)).item_metadata.tree
+  tree = _saved_tree(_params_checkpointer(), directory)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
@@ -80,7 +97,7 @@ def load_params(directory: str, *, as_numpy: bool = False, shardings: Any = None
   """
   path = _params_path(directory)
   checkpointer = _params_checkpointer()
-  metadata = checkpointer.metadata(path).item_metadata.tree
+  metadata = _saved_tree(checkpointer, directory)
   for name, tree in (("shardings", shardings), ("dtypes", dtypes)):
     if tree is None or not isinstance(tree, dict):
       continue
@@ -119,6 +136,10 @@ def load(directory: str, **overrides) -> tuple[ModelConfig, Any]:
 DAMAGED_DIR = "damaged_checkpoints"
 
 
+class CheckpointMismatch(ValueError):
+  """A checkpoint that is intact but does not fit this run (another model, param dtype or host count)."""
+
+
 @jax.jit
 def _fingerprint(tree: Any) -> Any:
   """Per leaf (sum, sum of |x|) in f32: a cheap check that a restored state is the saved one."""
@@ -132,21 +153,81 @@ def _fingerprint_list(tree: Any) -> list[list[float]]:
   return [np.asarray(v, np.float64).tolist() for v in jax.tree.leaves(jax.device_get(_fingerprint(tree)))]
 
 
+class _DataStateHandler(ocp.CheckpointHandler):
+  """Each process's data-iterator state (JSON) in `process_<i>-of-<n>.json`: with several hosts every host
+  reads its own shard of the data, so every host saves and restores its own position. (Orbax's JSON
+  handler writes on the primary host only.)"""
+
+  def save(self, directory, args: "DataStateSave"):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(args.state))
+
+  def restore(self, directory, args: "DataStateRestore | None" = None):
+    del args
+    count = jax.process_count()
+    path = directory / f"process_{jax.process_index()}-of-{count}.json"
+    if not path.exists():
+      written = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+      if written and not any(name.endswith(f"-of-{count}.json") for name in written):
+        raise CheckpointMismatch(f"its data-iterator states were written by a run of another host count "
+                                 f"({written[0]} ...), this run has {count} process(es); resume with as many hosts")
+      raise FileNotFoundError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+  def metadata(self, directory):
+    del directory
+    return None
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(_DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(_DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _path_name(path) -> str:
+  """A tree path as "a/b/0/count", whatever the node types (orbax's metadata has dicts for namedtuples)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
 class TrainCheckpointer:
-  """An orbax `CheckpointManager` over `directory`/<step>/{state, meta}: async saves, keep-last-K, and a
+  """An orbax `CheckpointManager` over `directory`/<step>/{state, meta, data}: async saves, keep-last-K, and a
   restore that takes the newest *intact* step.
+
+    state   params, optimizer state, step, RNG (orbax arrays; each host writes its shards)
+    meta    the step and a fingerprint of the state (JSON, primary host)
+    data    each host's data-iterator state (`process_<i>-of-<n>.json`)
 
   Orbax writes each step into a temporary directory and renames it when complete, so a kill mid-save
   leaves a `*.orbax-checkpoint-tmp-*` directory that is never listed as a step (and is cleaned up).
   On restore, a listed step that fails to read, or whose state does not match the fingerprint saved
-  with it, is reported, moved to `<workdir>/damaged_checkpoints/`, and the next older step is tried.
+  with it, is reported, moved to `<workdir>/damaged_checkpoints/`, and the next older step is tried. A
+  checkpoint that is intact but made for another run (`check_fits`, `CheckpointMismatch`) and running out of
+  memory while reading are errors, not damage: nothing is moved.
   """
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self._mgr = ocp.CheckpointManager(self.directory, options=self._options)
+    self._mgr = ocp.CheckpointManager(self.directory, options=self._options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(), "data": _DataStateHandler()})
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -155,12 +236,12 @@ class TrainCheckpointer:
     return list(self._mgr.all_steps())
 
   def save(self, step: int, state: Any, data_state: Any) -> None:
-    """Starts an (async) save of `state` and the JSON-able `data_state` at `step`."""
+    """Starts an (async) save of `state` and this host's JSON-able `data_state` at `step`."""
     if step in self._mgr.all_steps():
       return
-    meta = {"step": int(step), "data_state": data_state, "fingerprint": _fingerprint_list(state)}
-    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    meta = {"step": int(step), "fingerprint": _fingerprint_list(state)}
+    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                                 data=DataStateSave(data_state)), force=True)
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -169,6 +250,34 @@ class TrainCheckpointer:
     self._mgr.wait_until_finished()
     self._mgr.close()
 
+  def check_fits(self, abstract_state: Any) -> None:
+    """Raises `CheckpointMismatch` naming the leaves whose paths, shapes or dtypes differ when the newest
+    step whose tree can be read was saved from another state than `abstract_state` (a workdir of another
+    model or param dtype). Reads metadata only; a step whose metadata cannot be read is left to
+    `restore_latest`."""
+    for step in sorted(self._mgr.all_steps(), reverse=True):
+      try:
+        tree = self._mgr.item_metadata(step)["state"].tree
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if tree is None:
+        continue
+      saved = {_path_name(p): (tuple(m.shape), np.dtype(m.dtype))
+               for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      want = {_path_name(p): (tuple(a.shape), np.dtype(a.dtype))
+              for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+      if saved == want:
+        return
+      missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+      differ = [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {want[k][0]} {want[k][1]}"
+                for k in sorted(set(want) & set(saved)) if saved[k] != want[k]]
+      parts = ([f"missing from it: {missing[:4]}"] if missing else []) + (
+          [f"not in this run: {extra[:4]}"] if extra else []) + differ[:4]
+      raise CheckpointMismatch(
+          f"the checkpoint at step {step} in {self.directory} holds another model's state than this run's "
+          f"({len(missing) + len(extra) + len(differ)} leaves differ; " + "; ".join(parts) + "). Use a new workdir "
+          "(init_from= starts from an n3jax checkpoint's params), or the model config the checkpoint was made with")
+
   def _quarantine(self, step: int, reason: str, log) -> None:
     src = os.path.join(self.directory, str(step))
     dst_root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
@@ -176,7 +285,7 @@ class TrainCheckpointer:
     dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
     log(f"Checkpoint step {step} in {self.directory} is damaged ({reason}); moved to {dst}, "
         "trying an older one")
-    if os.path.exists(src):
+    if jax.process_index() == 0 and os.path.exists(src):
       shutil.move(src, dst)
     self._mgr.reload()
 
@@ -185,7 +294,7 @@ class TrainCheckpointer:
     for step in sorted(self._mgr.all_steps(), reverse=True):
       try:
         out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(), data=DataStateRestore()))
         state, meta = out["state"], out["meta"]
         if not isinstance(meta, dict) or "fingerprint" not in meta:
           raise ValueError("its meta item is missing")
@@ -193,8 +302,12 @@ class TrainCheckpointer:
         got = np.asarray(_fingerprint_list(state), np.float64)
         if want.shape != got.shape or not np.all(np.abs(got - want) <= 1e-5 * np.abs(want[:, 1:2]) + 1e-30):
           raise ValueError("restored values differ from the fingerprint saved with them")
+      except CheckpointMismatch:
+        raise
       except Exception as e:  # pylint: disable=broad-except
+        if _out_of_memory(e):
+          raise
         self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", log)
         continue
-      return step, state, meta["data_state"]
+      return step, state, out["data"]
     return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -81,6 +82,12 @@ def _check_numbers(config, cfg) -> None:
     need(config[name] >= 0, f"{name}={config[name]} must be >= 0")
   need(config.checkpoint.every_steps >= 0 and config.checkpoint.keep >= 0,
        f"checkpoint.every_steps={config.checkpoint.every_steps} and keep={config.checkpoint.keep} must be >= 0")
+  for name, value in (("loss_chunk", config.loss_chunk), ("mtp_loss_scale", config.mtp_loss_scale),
+                      ("moe.bias_update_rate", config.moe.bias_update_rate),
+                      ("moe.balance_loss_coef", config.moe.balance_loss_coef), ("data.prefetch", d.prefetch)):
+    need(value >= 0, f"{name}={value} must be >= 0")
+  need(d.validate_records >= 1, f"data.validate_records={d.validate_records} must be >= 1 (records of each split "
+       "built up front)")
 
 
 def _accumulation(config, batch_shards: int):
@@ -127,15 +134,30 @@ def _fresh_state(cfg, config, tx, init_key, rng, device, shardings=None) -> Any:
 
 class _Preemption:
   """SIGTERM (a scheduler's notice) or a first Ctrl-C sets a flag; the loop then saves and returns. A
-  second Ctrl-C interrupts at once. Handlers can only be installed from the main thread."""
+  second Ctrl-C interrupts at once. Handlers can only be installed from the main thread.
 
-  def __init__(self):
+  With several processes every host must stop at the same step (the save is a collective): JAX's
+  preemption service (`jax.distributed`, on by default) catches SIGTERM on any host and
+  `reached_preemption_sync_point(step)` agrees on the step, so no Python handler replaces its own. Where
+  that service is off, the hosts' flags are gathered every step instead."""
+
+  def __init__(self, process_count: int = 1):
     self.requested = False
     self._previous = {}
+    self._hosts = process_count
+    self._service = False
 
   def __enter__(self):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    if self._hosts > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        multihost_utils.reached_preemption_sync_point(0)
+        self._service, signals = True, ()
+      except RuntimeError:  # the preemption service is disabled: our handler and a gather per step
+        pass
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -144,6 +166,17 @@ class _Preemption:
     self.requested = True
     if signum == signal.SIGINT:  # the next Ctrl-C is a KeyboardInterrupt again
       signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every host)."""
+    if self._hosts == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if self._service:
+      self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+    else:
+      self.requested = bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    return self.requested
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -211,6 +244,51 @@ class _Devices:
     return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in batch.items()}
 
 
+def _stored_experiment(workdir: str) -> dict[str, Any] | None:
+  """The training config a previous run wrote in `workdir` (None: none, or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "experiment.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _restore_data_state(data, data_state, config, previous: dict[str, Any] | None, step: int, log) -> None:
+  """Puts the train iterator where the checkpoint left it. A data config that changed since the checkpoint
+  is named: a warning when the saved position still fits the pipeline, an `InputError` when it does not."""
+  changed = []
+  if previous is not None and isinstance(previous.get("data"), dict):
+    now = config.data.to_dict()
+    changed = [f"data.{k}: {previous['data'].get(k)!r} -> {now[k]!r}" for k in sorted(now)
+               if k not in ("eval_batches", "validate_records", "prefetch") and previous["data"].get(k) != now[k]]
+    changed += [f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in ("batch_size", "seed")
+                if k in previous and previous[k] != config[k]]
+  try:
+    data.train_iter.set_state(data_state)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f"the data-iterator state saved at step {step} does not fit this run's data pipeline"
+                     + (f" (changed since: {'; '.join(changed)})" if changed else "")
+                     + f": {type(e).__name__}: {e}. Resume with the data config it was saved with, or use a "
+                     "new workdir") from e
+  if changed:
+    log(f"WARNING: the data config changed since the checkpoint ({'; '.join(changed)}); the data iterator "
+        f"resumes at the position saved at step {step} in the new pipeline")
+
+
+def _same_eval_batch_count(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+  """Every host evaluates as many batches as the host with the most (an eval step is a collective over all
+  hosts): the others add batches of empty rows, which count no tokens."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+  return pad_eval_batches(batches, most)
+
+
+def pad_eval_batches(batches: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+  """`batches` and `count - len(batches)` batches of empty rows (zeros: loss_mask 0, padding segments)."""
+  empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+  return list(batches) + [empty] * (count - len(batches))
+
+
 def train_and_evaluate(config, workdir: str) -> TrainResult:
   """Trains `config` (a `default_config()`-shaped ConfigDict) in `workdir`, resuming if it has checkpoints."""
   t_start = time.perf_counter()
@@ -224,30 +302,39 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
     raise InputError(str(e).strip("'\"")) from e
   is_chief = jax.process_index() == 0
+  log = print if is_chief else (lambda *_: None)
+  if jax.process_count() > 1:
+    data.eval_batches = _same_eval_batch_count(data.eval_batches)
 
   # --- Workdir, checkpoints, state. ---
   os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
-      f.write(cfg.to_json())
-    with open(os.path.join(workdir, "experiment.json"), "w") as f:
-      f.write(config.to_json(indent=2))
   device = jax.local_devices()[0]
   ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
-  log = print if is_chief else (lambda *_: None)
-
   abstract = jax.eval_shape(lambda: _train_step.init_state(models.init(cfg, init_key), tx, rng))
   shardings = devices.state_shardings(abstract, tx)
   if shardings is not None:  # restore and create directly in the shards
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  restored = ckpt.restore_latest(abstract, log=log)
-  if restored is not None:
-    restored_step, state, data_state = restored
-    data.train_iter.set_state(data_state)
-    log(f"Resumed from {ckpt.directory}/{restored_step}")
-  else:
+  previous = _stored_experiment(workdir)
+  try:
+    ckpt.check_fits(abstract)  # another model's checkpoints: an error, before this run writes anything
+    restored = ckpt.restore_latest(abstract, log=log)
+    if restored is not None:
+      restored_step, state, data_state = restored
+      _restore_data_state(data, data_state, config, previous, restored_step, log)
+      log(f"Resumed from {ckpt.directory}/{restored_step}")
+  except (checkpointing.CheckpointMismatch, InputError) as e:
+    ckpt.close()
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f"workdir {workdir}: {e}") from e
+  if is_chief:  # after the checks: a run refused above leaves the workdir's files as they were
+    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json())
+    with open(os.path.join(workdir, "experiment.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  if restored is None:
     with devices.context():
       restored_step, state = None, _fresh_state(cfg, config, tx, init_key, rng, device, shardings)
   state = devices.place_state(state, shardings)
@@ -293,7 +380,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   preempted = False
   try:
-    with _Preemption() as preemption:
+    with _Preemption(jax.process_count()) as preemption:
       while step < config.num_steps:
         batch = first if first is not None else devices.place_batch(next(data.train_iter))
         first = None
@@ -308,7 +395,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         every = config.checkpoint.every_steps
         if (every and step % every == 0) or last:
           save(step)
-        if preemption.requested or step == config.stop_after_step:
+        if preemption.stop_at(step) or step == config.stop_after_step:
           preempted = True
           progress.flush(step)
           save(step)

@@ -98,8 +98,15 @@ def test_tiny_config_loss_falls(tmp_path):
 
 # --- Resume ---
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  return trainer.train_and_evaluate(_small(), str(tmp_path_factory.mktemp("full")))
+def full_run(tmp_path_factory):
+  """(workdir, result) of the run that is never interrupted."""
+  workdir = tmp_path_factory.mktemp("full")
+  return workdir, trainer.train_and_evaluate(_small(), str(workdir))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run):
+  return full_run[1]
 
 
 def test_resume_after_kill_is_bit_exact(tmp_path, uninterrupted):
@@ -143,6 +150,80 @@ def test_checkpointer_rejects_state_that_differs_from_its_fingerprint(tmp_path):
   step, restored, data_state = ckpt.restore_latest(jax.eval_shape(lambda: state), log=lambda *_: None)
   assert step == 1 and data_state == {"pos": 1}
   np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+
+
+def test_a_workdir_of_another_model_or_data_pipeline_is_refused_untouched(tmp_path, full_run, monkeypatch):
+  """Resuming in a workdir whose checkpoints another config made: one InputError naming what differs, before
+  any compile, and the checkpoints, config.json and experiment.json stay as they were (nothing is moved to
+  damaged_checkpoints)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  def no_compile(*a, **k):
+    raise AssertionError("reached the train step: the mismatch was not caught up front")
+  monkeypatch.setattr(trainer._train_step, "make_train_step", no_compile)
+  workdir = tmp_path / "w"
+  shutil.copytree(full_run[0], workdir)
+  before = {p: (workdir / p).read_bytes() for p in ("config.json", "experiment.json")}
+  steps = sorted(os.listdir(workdir / "checkpoints"))
+  with pytest.raises(trainer.InputError, match=r"holds another model's state than this run's \(\d+ leaves differ; "
+                                               r".*Use a new workdir"):
+    trainer.train_and_evaluate(_small(model_preset="tiny-dense"), str(workdir))
+  with pytest.raises(trainer.InputError, match=r"does not fit this run's data pipeline \(changed since: "
+                                               r"data.overlong: 'error' -> 'truncate'; data.packing: 'concat' -> "
+                                               r"'first_fit'\): KeyError"):
+    trainer.train_and_evaluate(_small(data__packing="first_fit", data__overlong="truncate"), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == steps
+  assert not (workdir / checkpointing.DAMAGED_DIR).exists()
+  assert {p: (workdir / p).read_bytes() for p in ("config.json", "experiment.json")} == before
+
+
+def test_each_host_saves_and_restores_its_own_data_position(tmp_path, monkeypatch):
+  """The data item holds one iterator state per process (each host reads its own shard of the data); a run
+  with another host count is refused, not given another host's position."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  handler = checkpointing._DataStateHandler()  # pylint: disable=protected-access
+  directory = epath.Path(tmp_path)
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    handler.save(directory, checkpointing.DataStateSave({"next_index": index}))
+  assert sorted(os.listdir(tmp_path)) == ["process_0-of-2.json", "process_1-of-2.json"]
+  for index in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    assert handler.restore(directory) == {"next_index": index}
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  with pytest.raises(checkpointing.CheckpointMismatch, match=r"another host count .* this run has 1 process"):
+    handler.restore(directory)
+
+
+def test_hosts_evaluate_the_same_number_of_batches():
+  """A host with fewer held-out batches adds empty ones (every eval step is a collective over all hosts)."""
+  batch = {"tokens": np.ones((2, 4), np.int32), "loss_mask": np.ones((2, 4), np.int32)}
+  padded = trainer.pad_eval_batches([batch], 3)
+  assert len(padded) == 3 and padded[0] is batch
+  assert all(not b["loss_mask"].any() and b["tokens"].shape == (2, 4) for b in padded[1:])
+
+
+def test_hosts_stop_at_the_same_step_on_a_preemption(monkeypatch):
+  """With several processes the stop step comes from JAX's preemption sync point (no Python SIGTERM
+  handler then replaces its own); where that service is off, from the hosts' gathered flags."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 3)
+  before = signal.getsignal(signal.SIGTERM)
+  with trainer._Preemption(2) as preemption:  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [preemption.stop_at(s) for s in (1, 2, 3)] == [False, False, True]
+
+  def disabled(step):
+    raise RuntimeError("preemption sync manager is not initialized")
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", disabled)
+  flags = {"other": 0}
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([int(x), flags["other"]]))
+  with trainer._Preemption(2) as preemption:  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGTERM) is not before
+    assert not preemption.stop_at(1)
+    flags["other"] = 1  # SIGTERM reached the other host
+    assert preemption.stop_at(2)
+  assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
@@ -322,7 +403,15 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
                                  r"micro-batch must divide batch_size=4"),
       (dict(optimizer__mu_dtype="float16"), r"optimizer.mu_dtype='float16' must be"),
       (dict(data__tokenizer=str(tmp_path / "tok.json")), r"no such tokenizer.json"),
+      (dict(loss_chunk=-1), r"loss_chunk=-1 must be >= 0"),
+      (dict(moe__bias_update_rate=-1e-3), r"moe.bias_update_rate=-0.001 must be >= 0"),
+      (dict(data__validate_records=0), r"data.validate_records=0 must be >= 1"),
+      (dict(optimizer__warmup_steps=7), r"optimizer.warmup_steps=7 runs into the decay, which starts after step 6"),
+      (dict(optimizer__schedule="cosine", optimizer__warmup_steps=8), r"warmup_steps=8 leaves no cosine phase"),
+      (dict(data__source=str(tmp_path / "five.jsonl")), r"the held-out split has no records: data.source=.* has 5 "
+                                                         r"records and data.eval_fraction=0.05 holds out none"),
   ]
+  (tmp_path / "five.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
   for overrides, pattern in cases:
     with pytest.raises(trainer.InputError, match=pattern):
       trainer.train_and_evaluate(_small(**overrides), str(tmp_path / "w"))

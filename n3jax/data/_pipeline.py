@@ -111,10 +111,10 @@ class Data:
   num_eval_records: int
 
 
-def _check_records(ds_source, fn, name: str, limit: int) -> int:
+def _check_records(ds_source, fn, name: str, limit: int, purpose: str = "train") -> int:
   """Builds the first `limit` examples up front (so bad records fail before any compile); returns tokens."""
   if len(ds_source) == 0:
-    raise ValueError(f"{name} is empty: no records to train on")
+    raise ValueError(f"{name} is empty: no records to {purpose} on")
   total = 0
   for i in range(min(limit, len(ds_source))):
     total += len(fn(i, ds_source[i])["tokens"])
@@ -159,7 +159,11 @@ def make_data(data_cfg, *, tokenizer, vocab_size: int, batch_size: int, seed: in
   eval_name = f"data.eval_source={data_cfg.eval_source!r}" if data_cfg.eval_source else "the held-out split"
   eval_fn = example_fn(data_cfg, tokenizer, vocab_size, seq_len, eval_name)
   _check_records(train_src, train_fn, f"data.source={data_cfg.source!r}", data_cfg.validate_records)
-  _check_records(eval_src, eval_fn, eval_name, data_cfg.validate_records)
+  if not data_cfg.eval_source and len(eval_src) == 0:
+    raise ValueError(f"the held-out split has no records: data.source={data_cfg.source!r} has {len(source)} "
+                     f"records and data.eval_fraction={data_cfg.eval_fraction} holds out none; raise "
+                     "data.eval_fraction or set data.eval_source")
+  _check_records(eval_src, eval_fn, eval_name, data_cfg.validate_records, "evaluate")
 
   train = _dataset(train_src, train_fn, shuffle=data_cfg.shuffle, seed=seed, epochs=None, shard=shard)
   train = pack_examples(train, data_cfg.packing, seq_len + 1, seed).batch(batch_size, drop_remainder=True)
