@@ -29,12 +29,15 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache size in tokens (default:
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", None, "Prompt columns per prefill call (memory bound).")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json to use instead of the checkpoint's.")
+# The sampling flags left out take the checkpoint's generation_config.json values (as transformers does),
+# else these defaults.
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(best) (0 = off).")
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL-style penalty (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SAMPLING = (_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _REPETITION_PENALTY, _SEED)
 _SPECULATIVE_K = flags.DEFINE_integer(
     "speculative_k", None, "MTP speculative decoding: tokens the MTP heads draft per verify step (models with "
     "MTP heads only; greedy output is unchanged, sampling keeps its distribution).")
@@ -89,12 +92,13 @@ def main(argv):
   chat_mode = not _RAW.value
   reasoning = _REASONING.value == "on"
   printer = _Printer(thinking=chat_mode and reasoning) if len(prompts) == 1 else None
+  # Sampling flags given on the command line; the others come from the checkpoint's generation_config.json.
+  sampling = {h.name: h.value for h in _SAMPLING if h.present}
   out = inference.generate(
       _CKPT.value, prompts if len(prompts) > 1 else prompts[0], tokenizer=_TOKENIZER.value, chat_mode=chat_mode,
       system=_SYSTEM.value, reasoning=reasoning, thinking_budget=_BUDGET.value, max_new_tokens=_MAX_NEW.value,
       max_len=_MAX_LEN.value, stop=_STOP.value, prefill_chunk=_PREFILL_CHUNK.value, on_token=printer,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
-      repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value, speculative_k=_SPECULATIVE_K.value)
+      speculative_k=_SPECULATIVE_K.value, **sampling)
   if printer is not None:
     print(f"\n[{out.finish_reason}: {len(out.token_ids)} tokens, {out.thinking_tokens} thinking{_spec(out)}]",
           file=sys.stderr)

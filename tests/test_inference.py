@@ -281,6 +281,25 @@ def test_sampling_options_take_numpy_numbers_and_name_a_bad_type():
       inference.sampling_params(**bad)
 
 
+def test_generation_config_of_the_checkpoint_gives_the_sampling_defaults(ckpts, tmp_path):
+  """As transformers' generate: generation_config.json's do_sample / temperature / top_k / top_p (with
+  transformers' defaults for what it leaves out) apply unless the call sets them."""
+  _, ckpt, _, _ = ckpts["dense"]
+  own = tmp_path / "ckpt"
+  os.makedirs(own / "hf_assets")
+  for name in ("config.json", "params", "hf_assets/tokenizer.json"):
+    os.symlink(os.path.join(ckpt, name), own / name)
+  (own / "hf_assets" / "generation_config.json").write_text(
+      '{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "eos_token_id": 2}')
+  assert inference.checkpoint_sampling(str(own)) == dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0)
+  assert inference.checkpoint_sampling(ckpt) == {}  # save_pretrained's file: no sampling, greedy
+  kw = dict(reasoning=False, max_new_tokens=6, max_len=64, seed=3)
+  got = n3jax.generate(str(own), "hello world", **kw)
+  assert got.token_ids == n3jax.generate(ckpt, "hello world", temperature=0.7, top_k=50, top_p=0.9, **kw).token_ids
+  greedy = n3jax.generate(str(own), "hello world", temperature=0.0, **kw)  # a call's option wins
+  assert greedy.token_ids == n3jax.generate(ckpt, "hello world", **kw).token_ids
+
+
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(ckpts):
   _, _, cfg, params = ckpts["dense"]
   run = lambda seed: [c.token_ids for c in inference.generate_tokens(
@@ -386,7 +405,8 @@ def test_system_turn_goes_before_messages(ckpts, tok):
   msgs = [{"role": "user", "content": "why is the sky blue"}]
   with_system = n3jax.generate((cfg, params), messages=msgs, system="be brief", **kw)
   explicit = n3jax.generate((cfg, params), messages=[{"role": "system", "content": "be brief"}, *msgs], **kw)
-  assert with_system.prompt_tokens == explicit.prompt_tokens > n3jax.generate((cfg, params), messages=msgs, **kw).prompt_tokens
+  without = n3jax.generate((cfg, params), messages=msgs, **kw)
+  assert with_system.prompt_tokens == explicit.prompt_tokens > without.prompt_tokens
   with pytest.raises(ValueError, match="already have a system turn"):
     n3jax.generate((cfg, params), messages=[{"role": "system", "content": "x"}, *msgs], system="y", **kw)
 

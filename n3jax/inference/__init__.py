@@ -15,13 +15,14 @@ Import from here; `_*.py` files are private.
 """
 
 from n3jax.inference import chat
-from n3jax.inference._api import Generation, generate, load_tokenizer, stop_token_ids, stream
+from n3jax.inference._api import (Generation, checkpoint_sampling, generate, load_tokenizer, stop_token_ids,
+                                  stream)
 from n3jax.inference._engine import decode_logits, decode_sample, decoding_params, left_align, padded_length, prefill
 from n3jax.inference._generate import Completion, Delta, generate_tokens, stream_tokens
 from n3jax.inference._sampling import SamplingParams, distribution, sample, sampling_params
 from n3jax.inference._speculative import SpeculativeStats, speculative_accept
 
-__all__ = ["Completion", "Delta", "Generation", "SamplingParams", "SpeculativeStats", "chat", "decode_logits",
-           "decode_sample", "decoding_params", "distribution", "generate", "generate_tokens", "left_align", "load_tokenizer",
-           "padded_length", "prefill", "sample", "sampling_params", "speculative_accept", "stop_token_ids", "stream",
-           "stream_tokens"]
+__all__ = ["Completion", "Delta", "Generation", "SamplingParams", "SpeculativeStats", "chat", "checkpoint_sampling",
+           "decode_logits", "decode_sample", "decoding_params", "distribution", "generate", "generate_tokens",
+           "left_align", "load_tokenizer", "padded_length", "prefill", "sample", "sampling_params", "speculative_accept",
+           "stop_token_ids", "stream", "stream_tokens"]

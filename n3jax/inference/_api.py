@@ -24,7 +24,7 @@ from n3jax.inference import _engine, _generate, _speculative, chat
 from n3jax.inference._sampling import sampling_params
 from n3jax.inference._speculative import SpeculativeStats
 
-__all__ = ["Generation", "generate", "stream", "load_tokenizer", "stop_token_ids"]
+__all__ = ["Generation", "checkpoint_sampling", "generate", "stream", "load_tokenizer", "stop_token_ids"]
 
 ASSETS_DIR = "hf_assets"  # where `convert_from_hf` puts the hub's tokenizer and generation files
 
@@ -72,6 +72,28 @@ def stop_token_ids(cfg: ModelConfig, tokenizer, ckpt_dir: str | None, *, chat_mo
   return sorted(set(ids))
 
 
+def checkpoint_sampling(ckpt_dir: str | None) -> dict[str, Any]:
+  """The sampling options a checkpoint's `hf_assets/generation_config.json` sets, read as transformers'
+  `generate` reads them: with `do_sample` its temperature, top_k, top_p and min_p (transformers' defaults
+  1.0, 50, 1.0, off where the file leaves one out), without it greedy; its repetition_penalty either way.
+  Options given to `generate` override these one by one."""
+  path = os.path.join(ckpt_dir, ASSETS_DIR, "generation_config.json") if ckpt_dir else None
+  if not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    g = json.load(f)
+  if not isinstance(g, dict):
+    raise ValueError(f"{path} is not a JSON object")
+  out = {}
+  if g.get("repetition_penalty") is not None:
+    out["repetition_penalty"] = g["repetition_penalty"]
+  if g.get("do_sample"):
+    for name, default, off in (("temperature", 1.0, 1.0), ("top_k", 50, 0), ("top_p", 1.0, 1.0), ("min_p", None, 0.0)):
+      value = g.get(name, default)
+      out[name] = off if value is None else value
+  return out
+
+
 def _conversations(prompt, messages, system: str | None) -> tuple[list, bool]:
   """(list of prompts or conversations, whether the input was a batch)."""
   if (prompt is None) == (messages is None):
@@ -115,7 +137,7 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     from n3jax.data import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
     tok = _load(os.fspath(tok), pad_id=cfg.pad_token_id or 0, bos_id=cfg.bos_token_id or 1,
                 eos_id=_ids(cfg.eos_token_id)[0] if _ids(cfg.eos_token_id) else 2)
-  params_sampling = sampling_params(**sampling)
+  params_sampling = sampling_params(**{**checkpoint_sampling(ckpt_dir), **sampling})
   convs, batch = _conversations(prompt, messages, system)
   if chat_mode:
     texts = [chat.render(c, tools=tools, reasoning=reasoning) for c in convs]
@@ -168,8 +190,10 @@ def generate(model, prompt: str | Sequence[str] | None = None, *, messages=None,
   that many thinking tokens the generator writes `</think>` and the model goes on with its answer.
   system: a system turn put first (also before `messages` that have none). stop: a stop string or a list of
   them (EOS and `<|im_end|>` always stop). max_len: the cache size, the most tokens prompt and generation
-  together may hold (default prompt + max_new_tokens). on_token: called with every Delta as it is generated. **sampling: `SamplingParams`
-  fields (temperature, top_k, top_p, min_p, repetition_penalty, seed); anything else is an error.
+  together may hold (default prompt + max_new_tokens). on_token: called with every Delta as it is
+  generated. **sampling: `SamplingParams` fields (temperature, top_k, top_p, min_p, repetition_penalty,
+  seed); anything else is an error. Options left out come from the checkpoint's generation_config.json as
+  transformers reads it (`checkpoint_sampling`), else greedy.
   speculative_k: MTP speculative decoding (models with MTP heads, e.g. Nemotron 3 Super): the MTP heads
   draft k tokens and the main model checks them in one forward; greedy output is the same as without it,
   sampled output has the same distribution. `Generation.speculative` then reports the acceptance.

@@ -207,9 +207,10 @@ def stream_tokens(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   """Generates for a batch of token prompts; yields, per step, the Deltas of the rows still running.
 
   max_len: cache size in tokens: a row's prompt and generated tokens together never exceed it (default: the
-  padded prompt plus max_new_tokens); a prompt longer than it is an error. decode: ids -> text, for text deltas and stop strings. think_ids: the (open, close)
-  marker ids; with `thinking_budget` N a row that has generated N tokens inside a thinking section is
-  given the close marker as its next token and goes on with its answer. `rows_out` (a list) receives the
+  padded prompt plus max_new_tokens); a prompt longer than it is an error. decode: ids -> text, for text
+  deltas and stop strings. think_ids: the (open, close) marker ids; with `thinking_budget` N a row that has
+  generated N tokens inside a thinking section is given the close marker as its next token and goes on
+  with its answer. `rows_out` (a list) receives the
   per-row results as `Completion`s when the stream ends.
   speculative_k: MTP speculative decoding with k drafts per step (models with MTP heads only; see
   `_speculative`). The default cache then also holds the k draft slots of the last step, and, for a batch,
