@@ -1,4 +1,5 @@
-"""Orbax checkpoints of n3jax models: `DIR/config.json` (the `ModelConfig`) beside `DIR/params/`.
+"""Orbax checkpoints of n3jax models: `DIR/config.json` (the `ModelConfig`) beside `DIR/params/` and
+`DIR/fingerprint.json` (one exact fingerprint per param, checked on load).
 
 The params tree is the module tree (see `n3jax.models`); the config is saved with the weights so that a
 checkpoint never has to be guessed from its shapes.
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -25,6 +27,7 @@ from n3jax.configs import ModelConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+FINGERPRINT_FILE = "fingerprint.json"  # per param, see `_bits_fingerprint`
 
 
 # Bytes orbax may have in flight while writing / reading: bounds host memory above one copy of the params.
@@ -37,8 +40,25 @@ def _host_array(x):
   return jax.device_put(x, jax.devices("cpu")[0])
 
 
+def _bits_fingerprint(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sums, modulo 2^32, of the leaf's bit patterns and of the bits times the (1-based) flat
+  index. Integer sums wrap exactly in any order, so the numbers do not depend on the sharding (other partial
+  sums), and any changed element, or two swapped, shows."""
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  u = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+  index, stride = jnp.ones(x.shape, jnp.uint32), 1  # flat index + 1, wrapping like the sums
+  for axis in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= x.shape[axis]
+  return jnp.stack([u.sum(dtype=jnp.uint32), (u * index).sum(dtype=jnp.uint32)])
+
+
+_leaf_fingerprint = jax.jit(_bits_fingerprint)
+
+
 def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:
-  """Writes config and params (numpy or jax leaves) under `directory`."""
+  """Writes config and params (numpy or jax leaves) under `directory`, and each param's fingerprint
+  (`_bits_fingerprint`), which `load_params` checks: a bit changed on disk is an error, not other weights."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -46,6 +66,43 @@ def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_CONCURRENT_GB)
   ocp.Checkpointer(handler).save(os.path.join(directory, PARAMS_DIR),
                                  args=ocp.args.PyTreeSave(jax.tree.map(_host_array, params)))
+  prints = {jax.tree_util.keystr(p): np.asarray(_leaf_fingerprint(_host_array(x))).astype(np.int64).tolist()
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  tmp = os.path.join(directory, FINGERPRINT_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(prints, f)
+  os.replace(tmp, os.path.join(directory, FINGERPRINT_FILE))
+
+
+def _check_fingerprints(directory: str, params: Any, metadata: Any) -> None:
+  """Compares loaded params with the fingerprints `save_params` wrote (checkpoints without the file, from
+  before it, are not checked). A param read into a wider float dtype is compared after casting back (exact);
+  one read into a narrower dtype is not compared."""
+  path = os.path.join(directory, FINGERPRINT_FILE)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{directory} is a damaged n3jax checkpoint: {path} is not valid JSON ({e})") from e
+  dtypes = {jax.tree_util.keystr(p): np.dtype(m.dtype) for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+  bad = []
+  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    key = jax.tree_util.keystr(p)
+    if key not in saved:
+      bad.append(key)
+      continue
+    if np.dtype(x.dtype) != dtypes[key]:
+      if np.dtype(x.dtype).itemsize <= dtypes[key].itemsize:
+        continue
+      x = x.astype(dtypes[key])
+    x = x if isinstance(x, jax.Array) else _host_array(x)
+    if np.asarray(_leaf_fingerprint(x)).astype(np.int64).tolist() != saved[key]:
+      bad.append(key)
+  if bad:
+    raise ValueError(f"{directory} is a damaged n3jax checkpoint: {len(bad)} param(s) differ from the fingerprints "
+                     f"saved with them ({FINGERPRINT_FILE}): {bad[:5]}")
 
 
 def load_config(directory: str) -> ModelConfig:
@@ -119,7 +176,9 @@ def load_params(directory: str, *, as_numpy: bool = False, shardings: Any = None
     restore_args = jax.tree.map(
         lambda _, d: ocp.RestoreArgs(restore_type=restore_type, dtype=d), metadata,
         dtypes if dtypes is not None else jax.tree.map(lambda _: None, metadata))
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  _check_fingerprints(directory, params, metadata)
+  return params
 
 
 def load(directory: str, **overrides) -> tuple[ModelConfig, Any]:
@@ -142,15 +201,11 @@ class CheckpointMismatch(ValueError):
 
 @jax.jit
 def _fingerprint(tree: Any) -> Any:
-  """Per leaf (sum, sum of |x|) in f32: a cheap check that a restored state is the saved one."""
-  def one(x):
-    x = x.astype(np.float32)
-    return jax.numpy.stack([x.sum(), jax.numpy.abs(x).sum()])
-  return jax.tree.map(one, tree)
+  return jax.tree.map(_bits_fingerprint, tree)
 
 
-def _fingerprint_list(tree: Any) -> list[list[float]]:
-  return [np.asarray(v, np.float64).tolist() for v in jax.tree.leaves(jax.device_get(_fingerprint(tree)))]
+def _fingerprint_list(tree: Any) -> list[list[int]]:
+  return [np.asarray(v).astype(np.int64).tolist() for v in jax.tree.leaves(jax.device_get(_fingerprint(tree)))]
 
 
 class _DataStateHandler(ocp.CheckpointHandler):
@@ -298,9 +353,7 @@ class TrainCheckpointer:
         state, meta = out["state"], out["meta"]
         if not isinstance(meta, dict) or "fingerprint" not in meta:
           raise ValueError("its meta item is missing")
-        want = np.asarray(meta["fingerprint"], np.float64)
-        got = np.asarray(_fingerprint_list(state), np.float64)
-        if want.shape != got.shape or not np.all(np.abs(got - want) <= 1e-5 * np.abs(want[:, 1:2]) + 1e-30):
+        if meta["fingerprint"] != _fingerprint_list(state):
           raise ValueError("restored values differ from the fingerprint saved with them")
       except CheckpointMismatch:
         raise

@@ -371,7 +371,9 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
           mtp_depths: int | None = None, quant_key: jax.Array | None = None, balance_loss_coef: float = 0.0
           ) -> dict[str, Any]:
   """The whole model. tokens int [B, T]; segment_ids int [B, T] for packed sequences (default: one
-  document per row). Returns a dict with:
+  document per row). Tokens attend (and Mamba states carry) only within a segment; segment 0
+  (`PAD_SEGMENT`, as n3jax.data packs and generation pads) is padding, which MoE layers route but leave
+  out of `expert_counts` and the balance loss. Returns a dict with:
     logits [B, T, V] f32; hidden [B, T, D] (after the final norm);
     expert_counts [n_moe_layers, E] int32 (tokens routed per expert, for balancing);
     mtp_logits [depths, B, T, V] f32 when the model has MTP (depth k at position i predicts token
@@ -388,7 +390,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
   _check_tokens(cfg, tokens, segment_ids, whole_sequence=True)
   tokens = tokens.astype(jnp.int32)
   if segment_ids is None:
-    segment_ids = jnp.zeros_like(tokens)
+    segment_ids = jnp.full_like(tokens, SEQUENCE_SEGMENT)
   h = Embedder(cfg).apply({"params": params["embedder"]}, tokens)
   h = shd.with_logical_constraint(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
   stack = _stack_scanned if cfg.scan_layers else _stack_unrolled

@@ -94,6 +94,11 @@ def _accumulation(config, batch_shards: int):
   """`config` with grad_accum_steps from `micro_batch_size` (when > 0) for a batch split `batch_shards` ways."""
   mbs = config.micro_batch_size
   if mbs <= 0:
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % batch_shards:
+      raise ValueError(f"batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = {micro} "
+                       f"sequences per micro-batch must be a multiple of the {batch_shards} devices splitting "
+                       "the batch")
     return config
   per_step = batch_shards * mbs
   if config.grad_accum_steps != 1 or config.batch_size % per_step:

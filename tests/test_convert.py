@@ -398,6 +398,24 @@ def test_damaged_n3jax_checkpoint_is_reported(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_changed_bytes_in_an_n3jax_checkpoint_are_reported(tmp_path):
+  """Orbax reads back whatever bytes are on disk; the fingerprints save_params writes catch a change."""
+  import glob  # pylint: disable=g-import-not-at-top
+  cfg = PRESETS["tiny-dense"]
+  params = jax.tree.map(np.asarray, models.init(cfg, jax.random.key(0)))
+  checkpointing.save_params(str(tmp_path / "ck"), cfg, params)
+  f32 = checkpointing.load_params(str(tmp_path / "ck"), dtypes=jnp.float32)  # a wider read is checked too
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(f32), params)
+  largest = max(glob.glob(str(tmp_path / "ck" / "params" / "**" / "d" / "*"), recursive=True), key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  for i in range(len(data) // 2, len(data) // 2 + 16):
+    data[i] ^= 0x55
+  open(largest, "wb").write(bytes(data))
+  with pytest.raises(ValueError, match=r"is a damaged n3jax checkpoint: 1 param\(s\) differ from the fingerprints"):
+    n3jax.convert_to_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 # --- config.json: a legacy spelling beside its 5.x name must agree (transformers 5.24 silently picks one) ---
 _LEGACY_PAIRS = [  # (legacy, 5.x name, a value different from tiny-moe's)
     ("mamba_n_groups", "n_groups", 1), ("mamba_d_conv", "conv_kernel", 2), ("mamba_expand", "expand", 3),

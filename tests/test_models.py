@@ -366,3 +366,25 @@ def test_mtp_expert_counts_feed_the_bias_update():
       params["layers"]["moe"]["mixer"]["e_score_correction_bias"]
   load = np.asarray(out["expert_counts"], np.float32)
   np.testing.assert_allclose(main_moved, 1e-3 * np.sign(load.mean(-1, keepdims=True) - load), atol=1e-7)
+
+
+def test_padding_is_left_out_of_expert_counts_and_the_balance_loss():
+  """Segment 0 (padding, as n3jax.data packs) is routed but moves neither the counts nor the balance loss."""
+  from n3jax.nn import _moe
+  cfg, params = PRESETS["tiny-moe"], _params("tiny-moe")
+  tokens = _tokens(cfg, seq=12)
+  segments = jnp.ones_like(tokens).at[:, 8:].set(0)  # the last 4 positions of each row are padding
+  padded = models.apply(cfg, params, tokens, segment_ids=segments, mtp_depths=0)["expert_counts"]
+  real = models.apply(cfg, params, tokens[:, :8], mtp_depths=0)["expert_counts"]  # causal: the same routing
+  np.testing.assert_array_equal(padded, real)
+  np.testing.assert_array_equal(padded.sum(-1), 2 * 8 * cfg.num_experts_per_tok)
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(3, 12, 8), jnp.float32)
+  ids = jnp.asarray(rng.randint(0, 8, (3, 12, 2)))
+  mask = jnp.ones((3, 12), bool).at[0, 7:].set(False).at[2].set(False)  # row 2: all padding
+  got = _moe.sequence_balance_loss(logits, ids, 8, mask)
+  want = (_moe.sequence_balance_loss(logits[:1, :7], ids[:1, :7], 8)
+          + _moe.sequence_balance_loss(logits[1:2], ids[1:2], 8)) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(_moe.sequence_balance_loss(logits, ids, 8),
+                             _moe.sequence_balance_loss(logits, ids, 8, jnp.ones((3, 12), bool)), rtol=1e-6)

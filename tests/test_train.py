@@ -144,12 +144,27 @@ def test_checkpointer_rejects_state_that_differs_from_its_fingerprint(tmp_path):
   ckpt.close()
   meta_file = tmp_path / "c" / "2" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
-  meta["fingerprint"][1][0] += 1.0  # the saved sum of "w" no longer matches its values
+  meta["fingerprint"][1][0] += 1  # the saved sum of "w" no longer matches its values
   meta_file.write_text(json.dumps(meta))
   ckpt = checkpointing.TrainCheckpointer(str(tmp_path / "c"), keep=3)
   step, restored, data_state = ckpt.restore_latest(jax.eval_shape(lambda: state), log=lambda *_: None)
   assert step == 1 and data_state == {"pos": 1}
   np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+
+
+def test_the_state_fingerprint_is_exact_and_the_same_on_any_mesh():
+  """Integer sums of the bit patterns: one changed bit or two swapped elements show; the sharding does not."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (64, 96), jnp.bfloat16)
+  tree = {"x": x, "step": jnp.int32(7), "f": jnp.linspace(-1, 1, 1000, dtype=jnp.float32)}
+  base = checkpointing._fingerprint_list(tree)  # pylint: disable=protected-access
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+  sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("d"))))
+  assert checkpointing._fingerprint_list(sharded) == base  # pylint: disable=protected-access
+  flipped = jax.lax.bitcast_convert_type(x, jnp.uint16).at[5, 7].add(1)
+  swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+  for changed in (jax.lax.bitcast_convert_type(flipped, jnp.bfloat16), swapped):
+    assert checkpointing._fingerprint_list(dict(tree, x=changed)) != base  # pylint: disable=protected-access
 
 
 def test_a_workdir_of_another_model_or_data_pipeline_is_refused_untouched(tmp_path, full_run, monkeypatch):
@@ -379,6 +394,9 @@ def test_micro_batch_size_sets_the_accumulation_from_the_devices():
   assert trainer._accumulation(c, 4).grad_accum_steps == 2  # 16 / (4 devices x 2)
   assert trainer._accumulation(c, 8).grad_accum_steps == 1
   assert trainer._accumulation(_small(batch_size=16), 4).grad_accum_steps == 1  # 0: off
+  with pytest.raises(ValueError, match=r"batch_size=16 / grad_accum_steps=4 = 4 sequences per micro-batch must be "
+                                       r"a multiple of the 8 devices splitting the batch"):
+    trainer._accumulation(_small(batch_size=16, grad_accum_steps=4), 8)
 
 
 def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):

@@ -40,7 +40,8 @@ class Layer(nn.Module):
     elif self.kind == Block.MLP:
       y = _mlp.MLP(cfg, cfg.intermediate_size, self.layer_index, name="mixer")(x)
     elif self.kind == Block.MOE:
-      y, aux["expert_counts"] = _moe.MoE(cfg, self.layer_index, self.balance_loss_coef, name="mixer")(x)
+      y, aux["expert_counts"] = _moe.MoE(cfg, self.layer_index, self.balance_loss_coef, name="mixer")(
+          x, segment_ids > 0)  # padding (segment 0) is routed but not counted
     else:
       raise ValueError(f"Unknown block kind {self.kind!r}")
     return (h.astype(dtype) + y).astype(dtype), aux

@@ -54,9 +54,9 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
   return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
 
 
-def _in_sequence_chunks(fn, chunks: int, tokens: jax.Array, v: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                        key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """`fn(tokens, v, w_up, w_down, key)` over `chunks` consecutive pieces of the sequence, one at a time.
+def _in_sequence_chunks(fn, chunks: int, tokens: jax.Array, v: jax.Array, mask: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """`fn(tokens, v, mask, w_up, w_down, key)` over `chunks` consecutive pieces of the sequence, one at a time.
 
   Routing and the experts act on each token alone, so the pieces give the layer's own output; their
   dispatch buffers (sorted rows, the exchange's receive buffers, the experts' hidden activations) are
@@ -73,29 +73,40 @@ def _in_sequence_chunks(fn, chunks: int, tokens: jax.Array, v: jax.Array, w_up: 
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(counts, xs):
-    tok, vv, i = xs
-    out, c = fn(tok, vv, w_up, w_down, None if key is None else jax.random.fold_in(key, i))
+    tok, vv, m, i = xs
+    out, c = fn(tok, vv, m, w_up, w_down, None if key is None else jax.random.fold_in(key, i))
     return counts + c, out
 
   counts, routed = jax.lax.scan(body, jnp.zeros((w_up.shape[0],), jnp.int32),
-                                (split(tokens), split(v), jnp.arange(chunks)))
+                                (split(tokens), split(v), split(mask), jnp.arange(chunks)))
   return jnp.moveaxis(routed, 0, 1).reshape(b, t, -1), counts                # [B, T, Din], [E]
 
 
-def sequence_balance_loss(logits: jax.Array, expert_ids: jax.Array, num_experts: int) -> jax.Array:
+def sequence_balance_loss(logits: jax.Array, expert_ids: jax.Array, num_experts: int,
+                          mask: jax.Array | None = None) -> jax.Array:
   """Sequence-level balance loss (DeepSeek-V3 eq. 17-20; Megatron `moe_router_load_balancing_type=
-  "seq_aux_loss"`), averaged over sequences. logits [B, T, E] f32 router logits, expert_ids [B, T, R]:
+  "seq_aux_loss"`), averaged over sequences. logits [B, T, E] f32 router logits, expert_ids [B, T, R],
+  mask [B, T] (True: a token; padding counts in neither f nor P, and a row of padding not at all):
 
       s'_{t,e} = s_{t,e} / sum_e s_{t,e}     s = sigmoid router scores
       f_e = E / (R * T) * #{t : e in top-R(t)}     P_e = mean_t s'_{t,e}     L = sum_e f_e P_e
   """
-  _, t, _ = logits.shape
   r = expert_ids.shape[-1]
+  m = jnp.ones(logits.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)  # [B, T]
+  t = m.sum(1)                                                                      # [B] tokens per row
   scores = jax.nn.sigmoid(logits.astype(jnp.float32))                              # [B, T, E]
   probs = scores / (scores.sum(-1, keepdims=True) + 1e-20)                        # [B, T, E]
-  counts = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32).sum((1, 2))  # [B, E]
-  f = jax.lax.stop_gradient(counts * num_experts / (r * t))                        # [B, E]
-  return jnp.mean(jnp.sum(f * probs.mean(1), -1))
+  counts = jnp.einsum("BTRE,BT->BE", jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), m)  # [B, E]
+  f = jax.lax.stop_gradient(counts * num_experts / (r * jnp.maximum(t, 1.0))[:, None])  # [B, E]
+  p = jnp.einsum("BTE,BT->BE", probs, m) / jnp.maximum(t, 1.0)[:, None]          # [B, E]
+  rows = (t > 0).astype(jnp.float32)
+  return jnp.sum(rows * jnp.sum(f * p, -1)) / jnp.maximum(rows.sum(), 1.0)
+
+
+def _token_counts(ids: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
+  """ids [T, R] expert choices, mask [T] -> assignments of the masked-in tokens per expert [E] int32."""
+  weights = jnp.broadcast_to(mask.astype(jnp.int32)[:, None], ids.shape)
+  return jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].add(weights.reshape(-1))
 
 
 def _gathered_rows(cfg: ModelConfig, ep, num_tokens: int) -> bool:
@@ -140,8 +151,10 @@ class MoE(nn.Module):
   balance_loss_coef: float = 0.0  # training: adds coef x `sequence_balance_loss` to the loss (via its gradient)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, D] -> (out [B, T, D], per-expert assignment counts [E] int32)."""
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D], token_mask [B, T] bool (None: all tokens) -> (out [B, T, D], per-expert assignment counts
+    [E] int32 of the masked-in tokens). Padding is routed like any token (its output is never used) but
+    counts neither in the counts, which move the expert bias, nor in the balance loss."""
     cfg = self.cfg
     dtype, pdtype = _common.dtype_of(cfg.dtype), _common.dtype_of(cfg.param_dtype)
     bsz, t, d = x.shape
@@ -168,8 +181,10 @@ class MoE(nn.Module):
     # Init traces a 1-token dummy: it creates params only, so it never needs the expert exchange.
     ep = None if self.is_initializing() else shd.moe_shard_axes()
 
-    def routed_experts(tokens, v, w_up, w_down, key):
-      """tokens [B, t, D], v [B, t, Din] -> (routed [B, t, Din], counts [E])."""
+    mask = jnp.ones((bsz, t), bool) if token_mask is None else token_mask
+
+    def routed_experts(tokens, v, mask, w_up, w_down, key):
+      """tokens [B, t, D], v [B, t, Din], mask [B, t] -> (routed [B, t, Din], counts [E])."""
       b, tc, _ = tokens.shape
       logits = _common.one_row_as_two(functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST), "TD,DE->TE",
                                       tokens.reshape(b * tc, d).astype(jnp.float32),
@@ -194,15 +209,17 @@ class MoE(nn.Module):
             data_axes=ep[1], tensor_axis=ep[2], activation="relu2", backend=cfg.moe_backend,
             exchange=cfg.moe_ep_exchange, grouped_matmul=grouped_matmul, gathered_rows=gathered_rows,
             capacity_factor=cfg.moe_ep_capacity_factor if ep[0] is not None else None)
+      if token_mask is not None:
+        counts = _token_counts(ids, mask.reshape(b * tc), e)
       return routed.reshape(b, tc, din), counts                               # [B, t, Din], [E]
 
     # `models.apply` checks that the pieces divide a training sequence; generation's decode steps and
     # prompt pieces that they do not divide run in one piece.
     chunks = 1 if self.is_initializing() or t % cfg.moe_seq_chunks else cfg.moe_seq_chunks
     if chunks == 1:
-      routed, counts = routed_experts(tokens, v, w_up, w_down, key)
+      routed, counts = routed_experts(tokens, v, mask, w_up, w_down, key)
     else:
-      routed, counts = _in_sequence_chunks(routed_experts, chunks, tokens, v, w_up, w_down, key)
+      routed, counts = _in_sequence_chunks(routed_experts, chunks, tokens, v, mask, w_up, w_down, key)
     if cfg.moe_latent_size:
       w_fc2 = _common.param(self, "fc2_latent_proj", _common.out_proj_init(cfg), (din, d), (shd.LATENT, shd.EMBED),
                             pdtype)
@@ -215,6 +232,6 @@ class MoE(nn.Module):
       logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), w_gate.astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)                  # [B, T, E]
       _, ids = route(jax.lax.stop_gradient(logits).reshape(bsz * t, e), bias, cfg)
-      loss = sequence_balance_loss(logits, ids.reshape(bsz, t, -1), e)
+      loss = sequence_balance_loss(logits, ids.reshape(bsz, t, -1), e, token_mask)
       out = _attach(out, loss, jnp.asarray(self.balance_loss_coef, jnp.float32))
     return out, counts
