@@ -56,6 +56,11 @@ def _bits_fingerprint(x: jax.Array) -> jax.Array:
 _leaf_fingerprint = jax.jit(_bits_fingerprint)
 
 
+def _param_fingerprint(x) -> list[int]:
+  """`_bits_fingerprint` of one param: where a jax array lies (no copy), a numpy one on the host CPU."""
+  return np.asarray(_leaf_fingerprint(x if isinstance(x, jax.Array) else _host_array(x))).astype(np.int64).tolist()
+
+
 def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:
   """Writes config and params (numpy or jax leaves) under `directory`, and each param's fingerprint
   (`_bits_fingerprint`), which `load_params` checks: a bit changed on disk is an error, not other weights."""
@@ -66,8 +71,7 @@ def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_CONCURRENT_GB)
   ocp.Checkpointer(handler).save(os.path.join(directory, PARAMS_DIR),
                                  args=ocp.args.PyTreeSave(jax.tree.map(_host_array, params)))
-  prints = {jax.tree_util.keystr(p): np.asarray(_leaf_fingerprint(_host_array(x))).astype(np.int64).tolist()
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  prints = {jax.tree_util.keystr(p): _param_fingerprint(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   tmp = os.path.join(directory, FINGERPRINT_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump(prints, f)
@@ -97,8 +101,7 @@ def _check_fingerprints(directory: str, params: Any, metadata: Any) -> None:
       if np.dtype(x.dtype).itemsize <= dtypes[key].itemsize:
         continue
       x = x.astype(dtypes[key])
-    x = x if isinstance(x, jax.Array) else _host_array(x)
-    if np.asarray(_leaf_fingerprint(x)).astype(np.int64).tolist() != saved[key]:
+    if _param_fingerprint(x) != saved[key]:
       bad.append(key)
   if bad:
     raise ValueError(f"{directory} is a damaged n3jax checkpoint: {len(bad)} param(s) differ from the fingerprints "
