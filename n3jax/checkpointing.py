@@ -56,9 +56,25 @@ def _bits_fingerprint(x: jax.Array) -> jax.Array:
 _leaf_fingerprint = jax.jit(_bits_fingerprint)
 
 
+def _numpy_fingerprint(x: np.ndarray, chunk: int = 1 << 20) -> list[int]:
+  """`_bits_fingerprint` of a host array in numpy, a chunk at a time (no copy of the array): uint64 sums wrap
+  modulo 2^64, a multiple of 2^32, so the result modulo 2^32 is the same."""
+  flat = np.ascontiguousarray(x).reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+  plain = weighted = np.uint64(0)
+  with np.errstate(over="ignore"):
+    for start in range(0, flat.size, chunk):
+      u = flat[start:start + chunk].astype(np.uint64)
+      index = np.arange(start + 1, start + 1 + u.size, dtype=np.uint64) % np.uint64(2**32)
+      plain += u.sum(dtype=np.uint64)
+      weighted += (u * index).sum(dtype=np.uint64)
+  return [int(plain) % 2**32, int(weighted) % 2**32]
+
+
 def _param_fingerprint(x) -> list[int]:
-  """`_bits_fingerprint` of one param: where a jax array lies (no copy), a numpy one on the host CPU."""
-  return np.asarray(_leaf_fingerprint(x if isinstance(x, jax.Array) else _host_array(x))).astype(np.int64).tolist()
+  """`_bits_fingerprint` of one param: a jax array where it lies, a numpy one in numpy (bounded memory)."""
+  if isinstance(x, jax.Array):
+    return np.asarray(_leaf_fingerprint(x)).astype(np.int64).tolist()
+  return _numpy_fingerprint(np.asarray(x))
 
 
 def save_params(directory: str, cfg: ModelConfig, params: Any) -> None:

@@ -161,6 +161,8 @@ def test_the_state_fingerprint_is_exact_and_the_same_on_any_mesh():
   mesh = jax.make_mesh((len(jax.devices()),), ("d",))
   sharded = dict(tree, x=jax.device_put(x, NamedSharding(mesh, PartitionSpec("d"))))
   assert checkpointing._fingerprint_list(sharded) == base  # pylint: disable=protected-access
+  for leaf, want in zip(jax.tree.leaves(tree), base):  # the host (numpy, chunked) version agrees
+    assert checkpointing._numpy_fingerprint(np.asarray(leaf), chunk=1000) == want  # pylint: disable=protected-access
   flipped = jax.lax.bitcast_convert_type(x, jnp.uint16).at[5, 7].add(1)
   swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
   for changed in (jax.lax.bitcast_convert_type(flipped, jnp.bfloat16), swapped):
