@@ -146,10 +146,11 @@ class _Preemption:
   `reached_preemption_sync_point(step)` agrees on the step, so no Python handler replaces its own. Where
   that service is off, the hosts' flags are gathered every step instead."""
 
-  def __init__(self, process_count: int = 1):
+  def __init__(self, process_count: int = 1, step: int = 0):
     self.requested = False
     self._previous = {}
     self._hosts = process_count
+    self._step = step  # the step the loop starts from: the service's steps must only grow
     self._service = False
 
   def __enter__(self):
@@ -157,7 +158,7 @@ class _Preemption:
     if self._hosts > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
-        multihost_utils.reached_preemption_sync_point(0)
+        multihost_utils.reached_preemption_sync_point(self._step)
         self._service, signals = True, ()
       except RuntimeError:  # the preemption service is disabled: our handler and a gather per step
         pass
@@ -385,7 +386,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   preempted = False
   try:
-    with _Preemption(jax.process_count()) as preemption:
+    with _Preemption(jax.process_count(), step) as preemption:
       while step < config.num_steps:
         batch = first if first is not None else devices.place_batch(next(data.train_iter))
         first = None
