@@ -273,6 +273,13 @@ class ModelConfig:
           raise ValueError(f"HF config sets both {legacy}={value!r} and {new}={hf[new]!r}, which disagree; "
                            "keep one spelling")
         hf.setdefault(new, value)
+    # A field config.json leaves out gets transformers' class default, as `from_pretrained` builds it (ModelConfig's
+    # own defaults are 0 where a block type does without the field); a null `num_key_value_heads` means one KV
+    # head per query head, as in NemotronHConfig.__post_init__.
+    for field, value in _HF_DEFAULTS.items():
+      hf.setdefault(field, value)
+    if hf["num_key_value_heads"] is None:
+      hf["num_key_value_heads"] = hf["num_attention_heads"]
     if unknown := sorted(set(hf) - _HF_FIELDS - _HF_BLOCK_FIELDS - _HF_IGNORED_FIELDS):
       raise ValueError(f"Unknown Nemotron-H config field(s): {unknown}. If transformers added them, teach "
                        "n3jax.configs about them (handled, or carried in _HF_IGNORED_FIELDS).")
@@ -292,6 +299,10 @@ class ModelConfig:
       kwargs["head_dim"] = hf["attention_head_dim"]
     if "time_step_limit" in hf:
       kwargs["time_step_limit"] = tuple(_json_float(v) for v in hf["time_step_limit"])
+    if hf.get("dtype") and hf.get("torch_dtype") and hf["dtype"] != hf["torch_dtype"]:
+      # transformers keeps `dtype` silently; a file saying two things is more likely damaged than meant.
+      raise ValueError(f"HF config sets both dtype={hf['dtype']!r} and torch_dtype={hf['torch_dtype']!r}, which "
+                       "disagree; keep one")
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in _DTYPES:
       raise ValueError(f"HF config dtype {dtype!r} is not one of {_DTYPES}")
@@ -386,6 +397,13 @@ _HF_FIELDS = frozenset({
     "moe_shared_expert_overlap", "num_nextn_predict_layers", "pad_token_id", "bos_token_id", "eos_token_id",
     "initializer_range", "rescale_prenorm_residual", "residual_in_fp32",
 })
+# transformers 5.24 NemotronHConfig's defaults where they differ from ModelConfig's (a test checks them against the
+# class): what a config.json that leaves the field out means.
+_HF_DEFAULTS = {
+    "vocab_size": 131072, "hidden_size": 4096, "mamba_num_heads": 128, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 21504, "n_routed_experts": 8, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 7688, "moe_shared_expert_intermediate_size": 7688,
+}
 # HF fields handled specially by from_hf / to_hf.
 _HF_BLOCK_FIELDS = frozenset({
     "layers_block_type", "hybrid_override_pattern", "mtp_layers_block_type", "mtp_hybrid_override_pattern",

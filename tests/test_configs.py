@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from n3jax import models
-from n3jax.configs import PRESETS, Block, ModelConfig, param_counts
+from n3jax.configs import _HF_DEFAULTS, _HF_FIELDS, PRESETS, Block, ModelConfig, param_counts
 
 # ARCHITECTURE.md §5.2 totals (billions, 2 decimals) and the exact Super BF16 checkpoint count (§5.3).
 SPEC_TOTALS_B = {
@@ -132,6 +132,39 @@ def test_to_hf_loads_in_transformers_with_same_values(tmp_path):
     # and n3jax read it, and `to_hf` writes an explicit `head_dim`, so the exported config is the right one.
     assert mine.head_dim == 8
     assert theirs.head_dim == (8 if "head_dim" in source else 128)
+
+
+@pytest.mark.parametrize("change", [
+    dict(num_key_value_heads=..., num_attention_heads=16),    # missing: transformers' 8
+    dict(mamba_num_heads=...), dict(intermediate_size=...), dict(n_routed_experts=..., num_experts_per_tok=...),
+    dict(moe_intermediate_size=..., moe_shared_expert_intermediate_size=...), dict(vocab_size=..., hidden_size=...),
+], ids=lambda c: ",".join(f"{k}={'missing' if v is ... else v}" for k, v in c.items()))
+def test_fields_left_out_mean_what_transformers_reads(change, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  d = {k: v for k, v in {**HF_524, **change}.items() if v is not ...}
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  theirs, mine = transformers.NemotronHConfig.from_pretrained(str(tmp_path)), ModelConfig.from_hf(d)
+  for field in sorted(_HF_FIELDS):
+    want = getattr(theirs, field)
+    assert getattr(mine, field) == (tuple(want) if isinstance(want, list) else want), field
+
+
+def test_null_kv_heads_means_one_per_query_head():
+  # The hub-era remote code and NemotronHConfig.__post_init__ read null so; transformers 5.24's strict dataclass
+  # check refuses it before __post_init__ runs.
+  assert ModelConfig.from_hf({**HF_524, "num_key_value_heads": None}).num_key_value_heads == 4
+
+
+def test_hf_defaults_table_is_transformers():
+  transformers = pytest.importorskip("transformers")
+  defaults = transformers.NemotronHConfig()
+  assert {f: getattr(defaults, f) for f in _HF_DEFAULTS} == _HF_DEFAULTS
+
+
+def test_dtype_spellings_that_disagree():
+  assert ModelConfig.from_hf({**HF_524, "torch_dtype": "bfloat16"}).dtype == "bfloat16"  # the same: fine
+  with pytest.raises(ValueError, match=r"dtype='bfloat16' and torch_dtype='float32', which disagree"):
+    ModelConfig.from_hf({**HF_524, "torch_dtype": "float32"})
 
 
 def test_unknown_hf_fields_are_listed():
