@@ -307,8 +307,12 @@ class ModelConfig:
     if dtype not in _DTYPES:
       raise ValueError(f"HF config dtype {dtype!r} is not one of {_DTYPES}")
     kwargs["dtype"] = kwargs["param_dtype"] = dtype
-    # Carried verbatim, except what `to_hf` always writes itself (dtype, model_type, the default architecture).
-    extra = {k: v for k, v in hf.items() if k in _HF_IGNORED_FIELDS and k not in ("dtype", "torch_dtype", "model_type")
+    # Carried verbatim, except what `to_hf` always writes itself (dtype, model_type, the default architecture) and
+    # `auto_map`: it names the hub's remote code (configuration_nemotron_h.py, ...), which reads the hub-era
+    # spellings (`hybrid_override_pattern`, `mamba_n_groups`, ...), not the 5.24 form `to_hf` writes; kept, it
+    # sends `trust_remote_code=True` loaders to code that is not there, or that would misread the config.
+    extra = {k: v for k, v in hf.items() if k in _HF_IGNORED_FIELDS
+             and k not in ("dtype", "torch_dtype", "model_type", "auto_map")
              and not (k == "architectures" and v == _HF_ARCHITECTURES)}
     kwargs["hf_extra"] = tuple(sorted((k, json.dumps(v)) for k, v in extra.items()))
     kwargs.update(overrides)

@@ -161,6 +161,18 @@ def test_hf_defaults_table_is_transformers():
   assert {f: getattr(defaults, f) for f in _HF_DEFAULTS} == _HF_DEFAULTS
 
 
+def test_export_drops_the_hub_remote_code_map(tmp_path):
+  hub = {**HUB_LEGACY, "auto_map": {"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                                    "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"}}
+  out = ModelConfig.from_hf(hub).to_hf()
+  assert "auto_map" not in out and ModelConfig.from_hf(out) == ModelConfig.from_hf(HUB_LEGACY)
+  transformers = pytest.importorskip("transformers")
+  (tmp_path / "config.json").write_text(json.dumps(out))
+  # With the map kept, this looked for configuration_nemotron_h.py in tmp_path.
+  loaded = transformers.AutoConfig.from_pretrained(str(tmp_path), trust_remote_code=True)
+  assert type(loaded) is transformers.NemotronHConfig and loaded.layers_block_type == out["layers_block_type"]
+
+
 def test_dtype_spellings_that_disagree():
   assert ModelConfig.from_hf({**HF_524, "torch_dtype": "bfloat16"}).dtype == "bfloat16"  # the same: fine
   with pytest.raises(ValueError, match=r"dtype='bfloat16' and torch_dtype='float32', which disagree"):
