@@ -119,6 +119,20 @@ def test_fp8_delayed_scaling_uses_history_max():
   assert float(q.fp8_dequantize(t)[0]) == 1.0
 
 
+def test_fp8_delayed_scaling_keeps_its_scale_over_an_all_zero_window():
+  """TE's `amax_and_scale_update`: a window max of 0 (an expert without tokens) keeps the previous scale,
+  margin or not; it is not reset to 1 (or 2**-margin)."""
+  state = q.init_delayed_scaling(history_len=2)
+  _, state = q.fp8_delayed_quantize(jnp.array([0.5, -0.25]), state, q.E4M3, margin=1)
+  assert float(state.encode) == 448 / 0.5 / 2
+  for _ in range(3):                                         # the 0.5 leaves the window; all zeros remain
+    _, state = q.fp8_delayed_quantize(jnp.zeros(2), state, q.E4M3, margin=1)
+  np.testing.assert_array_equal(np.asarray(state.amax_history), [0, 0])
+  assert float(state.encode) == 448 / 0.5 / 2
+  fresh = q.init_delayed_scaling(history_len=2)              # nothing seen yet: the initial scale 1 stays
+  assert float(q.fp8_delayed_quantize(jnp.zeros(2), fresh, q.E4M3, margin=3)[1].encode) == 1.0
+
+
 # --- NVFP4 -------------------------------------------------------------------------------------------
 
 def _te_reference_nvfp4(x: np.ndarray, tile_2d: bool):

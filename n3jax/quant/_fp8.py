@@ -11,7 +11,11 @@ Scale convention (TE's): the *encode* scale multiplies before the cast and the *
 gives encode 1; an encode scale that overflows f32 becomes FLT_MAX. With delayed scaling
 (`DelayedScaling` in `transformer_engine/common/recipe/__init__.py`) the encode scale comes from
 the max of an amax history window, `(fp8_max / max(history)) / 2**margin`, and the tensor is cast
-with the scale computed *before* its own amax is recorded.
+with the scale computed *before* its own amax is recorded. A window whose max is 0 (the tensor was
+all zeros for its whole length, e.g. an expert that received no tokens) keeps the previous scale,
+as TE's `amax_and_scale_update` kernel does (`transformer_engine/common/recipe/delayed_scaling.cu`:
+`isfinite(amax) && amax > 0` or else `scale = scale_ptr[bid]`); resetting it to 1 would cast the
+expert's next small gradients with a scale far from theirs.
 
 Amax ignores non-finite elements; non-finite elements keep the behaviour of `_formats`
 (NaN -> NaN; +-Inf -> +-Inf in E5M2, NaN in E4M3).
@@ -101,8 +105,11 @@ def fp8_delayed_quantize(x: jax.Array, state: DelayedScalingState, fmt: FloatFor
                          margin: int = 0) -> tuple[Fp8Tensor, DelayedScalingState]:
   """Casts with `state.encode`, then records amax(x) and recomputes the scale from max(history).
 
-  Values above what the stale scale allows saturate at `+-fmt.max_value` (as in TE).
+  Values above what the stale scale allows saturate at `+-fmt.max_value` (as in TE). A history whose
+  max is 0 keeps `state.encode` (TE; see the module docstring).
   """
   q = fp8_quantize(x, fmt, encode=state.encode)
   history = jnp.roll(state.amax_history, 1).at[0].set(finite_amax(x))
-  return q, DelayedScalingState(history, te_scale_from_amax(jnp.max(history), fmt.max_value, margin))
+  amax = jnp.max(history)                                # finite and >= 0: finite_amax ignores NaN/Inf
+  encode = jnp.where(amax > 0, te_scale_from_amax(amax, fmt.max_value, margin), state.encode)
+  return q, DelayedScalingState(history, encode)
