@@ -377,6 +377,29 @@ def test_bad_specs_and_missing_key_raise():
     q.quantized_einsum(_SPEC, x, w, recipe=q.gemm_recipe(q.QuantConfig(mode="nvfp4")))
 
 
+def test_recipe_options_the_gemms_would_ignore_are_errors():
+  """RHT only cancels in the wgrad product with both operands transformed; SR only reaches the gradients;
+  an FP8 operand needs an FP8 format. Anything else used to be dropped silently (or raised mid-backward)."""
+  nv = lambda **kw: q.OperandQuant("nvfp4", **kw)
+  for kwargs, match in ((dict(x_fwd=nv(rht=True)), r"only to the wgrad operands .* \['x_fwd'\]"),
+                        (dict(dy_dgrad=nv(rht=True), x_wgrad=nv(rht=True), dy_wgrad=nv(rht=True)), r"\['dy_dgrad'\]"),
+                        (dict(x_wgrad=nv(rht=True), dy_wgrad=nv()), "both wgrad operands or to neither"),
+                        (dict(x_wgrad=nv(stochastic=True)), r"only to the gradient operands .* \['x_wgrad'\]"),
+                        (dict(w_fwd=nv(stochastic=True, block_2d=True)), r"\['w_fwd'\]"),
+                        (dict(rht_signs=(1, -1, 1)), "power of two"),
+                        (dict(rht_signs=(1, 0) * 8), r"\+-1")):
+    with pytest.raises(ValueError, match=match):
+      q.GemmRecipe(**kwargs)
+  for kwargs, match in ((dict(kind="fp8", fp8_format=q.E2M1), "E4M3 or E5M2, got e2m1"),
+                        (dict(kind="nvfp4", fp8_format=q.E4M3), "for kind='fp8' only"),
+                        (dict(kind="fp8", fp8_format=q.E5M2, stochastic=True), "NVFP4 options"),
+                        (dict(kind="none", block_2d=True), "NVFP4 options")):
+    with pytest.raises(ValueError, match=match):
+      q.OperandQuant(**kwargs)
+  for mode in ("fp8", "nvfp4"):                              # the published recipes stay valid
+    assert q.gemm_recipe(q.QuantConfig(mode=mode), layer_index=3) is not None
+
+
 # --- Grouped (routed-expert) GEMMs ------------------------------------------------------------------
 
 _GROUP_SIZES = (10, 0, 17, 1, 8)  # an empty and a one-row group; 36 of 40 rows used

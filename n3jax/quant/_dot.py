@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from n3jax.quant import _fp8
 from n3jax.quant import _hadamard
 from n3jax.quant import _nvfp4
-from n3jax.quant._formats import FloatFormat
+from n3jax.quant._formats import E4M3, E5M2, FloatFormat
 
 __all__ = ["GemmRecipe", "OperandQuant", "quantized_einsum"]
 
@@ -59,11 +59,18 @@ class OperandQuant:
   def __post_init__(self):
     if self.kind not in _KINDS:
       raise ValueError(f"OperandQuant {self.kind=} must be one of {_KINDS}")
-    if self.kind == "fp8" and self.fp8_format is None:
-      raise ValueError("OperandQuant kind='fp8' needs fp8_format (E4M3 or E5M2)")
+    if self.kind == "fp8" and self.fp8_format not in (E4M3, E5M2):
+      got = getattr(self.fp8_format, "name", self.fp8_format)
+      raise ValueError(f"OperandQuant kind='fp8' needs fp8_format E4M3 or E5M2, got {got}")
+    if self.kind != "fp8" and self.fp8_format is not None:
+      raise ValueError(f"OperandQuant fp8_format is for kind='fp8' only, not {self.kind=}")
+    if self.kind != "nvfp4" and (self.block_2d or self.stochastic):
+      raise ValueError(f"OperandQuant block_2d / stochastic are NVFP4 options, not for {self.kind=}")
 
 
 _NONE = OperandQuant()
+_WGRAD_OPERANDS = ("x_wgrad", "dy_wgrad")
+_GRAD_OPERANDS = ("dy_dgrad", "dy_wgrad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +84,21 @@ class GemmRecipe:
   dy_wgrad: OperandQuant = _NONE
   rht_signs: tuple[int, ...] = _hadamard.TE_WGRAD_SIGNS
   native_fp8: bool = False         # FP8 operands as FP8 dtypes into dot_general (GPU path)
+
+  def __post_init__(self):
+    """Options the GEMMs would not honour are errors here, not silently dropped or raised mid-backward: the
+    RHT is only applied in the wgrad product, to both of its operands (else it does not cancel, `X^T Q Q^T
+    dY = X^T dY`); stochastic rounding only to the gradient operands (the only ones given a key)."""
+    names = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), OperandQuant)]
+    if bad := [n for n in names if getattr(self, n).rht and n not in _WGRAD_OPERANDS]:
+      raise ValueError(f"GemmRecipe: rht is applied only to the wgrad operands {_WGRAD_OPERANDS}, not to {bad}")
+    if self.x_wgrad.rht != self.dy_wgrad.rht:
+      raise ValueError("RHT must be applied to both wgrad operands or to neither: "
+                       f"{self.x_wgrad.rht=} {self.dy_wgrad.rht=}")
+    if bad := [n for n in names if getattr(self, n).stochastic and n not in _GRAD_OPERANDS]:
+      raise ValueError("GemmRecipe: stochastic rounding is applied only to the gradient operands "
+                       f"{_GRAD_OPERANDS}, not to {bad}")
+    _hadamard.rht_matrix(self.rht_signs)  # raises unless +-1 entries of a power-of-two length
 
   @property
   def needs_key(self) -> bool:
