@@ -222,6 +222,9 @@ class _Devices:
   def __init__(self, config, cfg):
     sizes = {k: int(v) for k, v in config.mesh.items()}
     self.mesh = None if all(v == 1 for v in sizes.values()) else sharding.make_mesh(sizes)
+    if self.mesh is None and jax.process_count() > 1:  # each host would train its own copy, never synced
+      raise ValueError(f"config.mesh is all 1 (one device) but {jax.process_count()} processes run: size it over "
+                       f"the {jax.device_count()} devices of all hosts, e.g. --config.mesh.fsdp=-1")
     self.rules = config.axis_rules
     self.device = jax.local_devices()[0]
     self.cfg = cfg
@@ -295,11 +298,25 @@ def pad_eval_batches(batches: list[dict[str, np.ndarray]], count: int) -> list[d
   return list(batches) + [empty] * (count - len(batches))
 
 
+def _initialize_distributed() -> None:
+  """`jax.distributed.initialize()` (once per process) for `config.distributed`, before anything starts
+  JAX's backends: it refuses to run after that, and asking `jax.process_count()` first starts them.
+  SLURM, Open MPI's mpirun and Cloud TPU VMs are detected by JAX. Elsewhere set JAX_COORDINATOR_ADDRESS
+  (read by JAX), JAX_NUM_PROCESSES and JAX_PROCESS_ID (read here: JAX reads neither)."""
+  if jax.distributed.is_initialized():
+    return
+  kw = {}
+  for env, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(env):
+      kw[name] = int(os.environ[env])
+  jax.distributed.initialize(**kw)
+
+
 def train_and_evaluate(config, workdir: str) -> TrainResult:
   """Trains `config` (a `default_config()`-shaped ConfigDict) in `workdir`, resuming if it has checkpoints."""
   t_start = time.perf_counter()
-  if config.get("distributed", False) and jax.process_count() == 1:
-    jax.distributed.initialize()  # before anything reads the device list
+  if config.get("distributed", False):
+    _initialize_distributed()
   # --- Checks: every bad input fails here, before any compile. ---
   try:
     config, cfg, tx, schedule, data = _prepare(config)

@@ -297,3 +297,37 @@ def test_trainer_on_a_mesh_matches_one_device(tmp_path):
   c.mesh, c.batch_size = dict(data=8, fsdp=1, expert=1, tensor=1), 4
   with pytest.raises(trainer.InputError, match="batch_size=4 must be a multiple of data\\*fsdp\\*expert=8"):
     trainer.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+_TWO_HOSTS = """
+import jax
+from n3jax import trainer
+c = trainer.default_config()
+c.distributed = True
+try:
+  trainer.train_and_evaluate(c, WORKDIR)
+except trainer.InputError as e:
+  print("INPUT_ERROR", e)
+print("PROCESSES", jax.process_count(), jax.device_count())
+"""
+
+
+def test_distributed_training_starts_two_hosts(tmp_path):
+  """`config.distributed`: two processes (one CPU device each) join through JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, as the README's launch without SLURM sets them, before anything
+  starts JAX's backends (asking `jax.process_count()` first made `jax.distributed.initialize` refuse). With
+  the default mesh (all 1) each host would train alone: that is one InputError, before any compile."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  code = _TWO_HOSTS.replace("WORKDIR", repr(str(tmp_path)))
+  procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert "PROCESSES 2 2" in out, out + err[-3000:]
+    assert "INPUT_ERROR config.mesh is all 1 (one device) but 2 processes run" in out, out
