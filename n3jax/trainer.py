@@ -319,6 +319,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     _initialize_distributed()
   # --- Checks: every bad input fails here, before any compile. ---
   try:
+    if "://" in workdir:  # os.path would make gs://b/run the local directory ./gs:/b/run on every host
+      raise ValueError(f"workdir={workdir!r} is a URL; the trainer writes with local file calls: give a directory "
+                       "every host sees (NFS, Lustre, Filestore, or a bucket mounted with gcsfuse)")
     config, cfg, tx, schedule, data = _prepare(config)
     devices = _Devices(config, cfg)
     config = _accumulation(config, devices.batch_shards)

@@ -331,3 +331,12 @@ def test_distributed_training_starts_two_hosts(tmp_path):
     assert p.returncode == 0, err[-3000:]
     assert "PROCESSES 2 2" in out, out + err[-3000:]
     assert "INPUT_ERROR config.mesh is all 1 (one device) but 2 processes run" in out, out
+
+
+def test_url_workdir_is_a_clear_error(tmp_path, monkeypatch):
+  """A gs:// workdir (as the README's TPU launch once read) is one InputError, not a local ./gs:/ tree."""
+  from n3jax import trainer  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(trainer.InputError, match="is a URL"):
+    trainer.train_and_evaluate(trainer.default_config(), "gs://bucket/run")
+  assert not os.listdir(tmp_path)
