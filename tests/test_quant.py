@@ -195,6 +195,28 @@ def test_nvfp4_zero_and_tiny_blocks_and_axis_and_padding():
                                 np.asarray(q.fake_quant_nvfp4(xt.T, axis=-1)).T)
 
 
+def test_out_of_range_axes_and_batch_dims_are_errors():
+  """An axis past the shape used to wrap onto another axis (`axis % ndim`: axis 3 of a 2-D tensor quantized
+  along axis 1), a scalar divided by zero, and batch_dims >= ndim gave every element its own scale."""
+  x = np.ones((4, 32), np.float32)
+  for fn in (q.nvfp4_quantize, q.fake_quant_nvfp4):
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for shape \(4, 32\)"):
+      fn(x, axis=3)
+    with pytest.raises(ValueError, match="axis -3 is out of range"):
+      fn(x, axis=-3)
+    with pytest.raises(ValueError, match="out of range for shape \\(\\)"):
+      fn(np.float32(1.0))
+    with pytest.raises(ValueError, match="batch_dims=2 must leave"):
+      fn(x, axis=1, batch_dims=2)
+  for fn in (q.fp8_quantize, q.fake_quant_fp8):
+    with pytest.raises(ValueError, match="batch_dims=2 must leave"):
+      fn(x, q.E4M3, batch_dims=2)
+  with pytest.raises(ValueError, match="apply_rht: axis 2 is out of range"):
+    q.apply_rht(np.ones((16, 16), np.float32), q.TE_WGRAD_SIGNS, axis=2)
+  np.testing.assert_array_equal(np.asarray(q.fake_quant_nvfp4(x, axis=-2)), np.asarray(q.fake_quant_nvfp4(x, axis=0)))
+  assert float(q.fake_quant_fp8(np.float32(3.0), q.E4M3)) == 3.0   # a scalar is one tensor
+
+
 def test_nvfp4_non_finite_stays_in_its_element():
   x = np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32)
   bad = x.copy()

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["E2M1", "E4M3", "E5M2", "FLOAT32_MAX", "FloatFormat", "finite_amax", "restore_non_finite",
-           "round_to_format"]
+__all__ = ["E2M1", "E4M3", "E5M2", "FLOAT32_MAX", "FloatFormat", "check_batch_dims", "finite_amax",
+           "normalize_axis", "restore_non_finite", "round_to_format"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -91,3 +91,18 @@ def finite_amax(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
   """max |x| over the finite elements (0 where there are none), f32."""
   x = jnp.asarray(x, jnp.float32)
   return jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=axis, keepdims=keepdims)
+
+
+def normalize_axis(axis: int, shape: tuple[int, ...], what: str) -> int:
+  """`axis` in [0, ndim), or a ValueError naming `what`: Python's `%` would wrap an out-of-range axis onto
+  another one silently (axis 3 of a 2-D tensor became axis 1) and divide by zero for a scalar."""
+  if not -len(shape) <= axis < len(shape):
+    raise ValueError(f"{what}: axis {axis} is out of range for shape {tuple(shape)}")
+  return axis % len(shape)
+
+
+def check_batch_dims(batch_dims: int, shape: tuple[int, ...], what: str) -> None:
+  """The leading `batch_dims` axes index separate tensors: at least one axis must remain for each tensor
+  (else every element silently became a tensor with its own scale)."""
+  if not 0 <= batch_dims < max(len(shape), 1):
+    raise ValueError(f"{what}: {batch_dims=} must leave at least one tensor axis of shape {tuple(shape)}")

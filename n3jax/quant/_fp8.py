@@ -29,7 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from n3jax.quant._formats import FLOAT32_MAX, FloatFormat, finite_amax, restore_non_finite, round_to_format
+from n3jax.quant._formats import (FLOAT32_MAX, FloatFormat, check_batch_dims, finite_amax, restore_non_finite,
+                                   round_to_format)
 
 __all__ = ["DelayedScalingState", "Fp8Tensor", "fake_quant_fp8", "fp8_delayed_quantize", "fp8_dequantize",
            "fp8_quantize", "init_delayed_scaling", "te_scale_from_amax"]
@@ -69,6 +70,7 @@ def fp8_quantize(x: jax.Array, fmt: FloatFormat, *, encode: jax.Array | None = N
     encode: an explicit encode scale (delayed scaling), broadcastable to `x`.
     batch_dims: leading axes that index separate tensors (one scale each), e.g. experts.
   """
+  check_batch_dims(batch_dims, x.shape, "fp8_quantize")
   if encode is None:
     axes = tuple(range(batch_dims, x.ndim))
     encode = te_scale_from_amax(finite_amax(x, axis=axes, keepdims=True), fmt.max_value)

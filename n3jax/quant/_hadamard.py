@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from n3jax.quant import _formats
+
 __all__ = ["RHT_SIZE", "TE_WGRAD_SIGNS", "apply_rht", "hadamard_matrix", "random_signs", "rht_matrix"]
 
 RHT_SIZE = 16
@@ -61,7 +63,7 @@ def apply_rht(x: jax.Array, signs: tuple[int, ...], axis: int) -> jax.Array:
   """Applies `Q = rht_matrix(signs)` to blocks of `len(signs)` along `axis` (its size must divide)."""
   q = jnp.asarray(rht_matrix(signs))
   n = q.shape[0]
-  axis = axis % x.ndim
+  axis = _formats.normalize_axis(axis, x.shape, "apply_rht")
   if x.shape[axis] % n:
     raise ValueError(f"RHT axis {axis} of shape {x.shape} must be a multiple of {n}")
   # Blocks split in place ([..., L/n, n, ...]): the axes after `axis` stay minor, no transposed copy (the

@@ -29,7 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from n3jax.quant._formats import E2M1, E4M3, FLOAT32_MAX, finite_amax, restore_non_finite, round_to_format
+from n3jax.quant._formats import (E2M1, E4M3, FLOAT32_MAX, check_batch_dims, finite_amax, normalize_axis,
+                                   restore_non_finite, round_to_format)
 
 __all__ = ["BLOCK", "NVFP4Tensor", "fake_quant_nvfp4", "nvfp4_dequantize", "nvfp4_quantize"]
 
@@ -163,6 +164,15 @@ def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
+def _check_args(x: jax.Array, axis: int, batch_dims: int, block_2d: bool, what: str) -> int:
+  """The block axis in [0, ndim), after checking it and `batch_dims` against `x`'s shape."""
+  check_batch_dims(batch_dims, jnp.shape(x), what)
+  axis = normalize_axis(axis, jnp.shape(x), what)
+  if axis < batch_dims and not block_2d:
+    raise ValueError(f"block {axis=} must not be one of the {batch_dims=} leading batch axes")
+  return axis
+
+
 @functools.partial(jax.jit, static_argnames=("axis", "block_2d", "batch_dims"))
 def nvfp4_quantize(x: jax.Array, *, axis: int = -1, block_2d: bool = False, key: jax.Array | None = None,
                    batch_dims: int = 0) -> NVFP4Tensor:
@@ -175,9 +185,7 @@ def nvfp4_quantize(x: jax.Array, *, axis: int = -1, block_2d: bool = False, key:
     key: None for round-to-nearest-even; a PRNG key for stochastic rounding (gradients).
     batch_dims: leading axes indexing separate tensors (e.g. experts), each with its own global scale.
   """
-  axis = axis % x.ndim
-  if axis < batch_dims and not block_2d:
-    raise ValueError(f"block {axis=} must not be one of the {batch_dims=} leading batch axes")
+  axis = _check_args(x, axis, batch_dims, block_2d, "nvfp4_quantize")
   q, decode, global_decode, _ = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key,
                                                  batch_dims=batch_dims)
   scales = decode if block_2d else jnp.moveaxis(decode, axis, -1)
@@ -189,7 +197,7 @@ def nvfp4_scaled_values(x: jax.Array, *, axis: int, block_2d: bool, key: jax.Arr
   """(`q * block_decode` in `x`'s shape, f32, exact in bf16; global decode) for the GEMM emulation.
 
   `global_amax`: see `_quantize_blocks` (per-row tensors of a grouped GEMM)."""
-  axis = axis % x.ndim
+  axis = _check_args(x, axis, batch_dims, block_2d, "NVFP4")
   q, _, global_decode, decode = _quantize_blocks(x, axis=axis, block_2d=block_2d, key=key, batch_dims=batch_dims,
                                                  global_amax=global_amax)
   return restore_non_finite(x, q * decode, E2M1), global_decode
