@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -216,11 +217,21 @@ def quantized_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedGroupedMatmul:
-  """A `GroupedMatmul` (`pallas_kernels.moe`) for one expert layer: `quantized_ragged_dot` with its key."""
+  """A `GroupedMatmul` (`pallas_kernels.moe`) for one expert layer: `quantized_ragged_dot` with its key.
+
+  One instance serves both products of the layer (`moe_dispatch` calls it for the up and the down
+  projection). Each call folds its weight's `(K, N)` into the key: the stochastic-rounding draws are a
+  function of the key and the element index only (`_nvfp4._uniform`), so with one key the two gradients
+  were rounded with the same draws wherever their indices overlap (correlated rounding errors). Up
+  `[E, D, F]` and down `[E, F, D]` differ unless D == F.
+  """
   recipe: GemmRecipe
   key: jax.Array | None = None
   backend: str = "auto"
 
   def __call__(self, lhs, rhs, group_sizes, *, preferred_element_type=None):
-    return quantized_ragged_dot(lhs, rhs, group_sizes, recipe=self.recipe, key=self.key,
+    key = self.key
+    if key is not None and jnp.ndim(rhs) == 3:
+      key = jax.random.fold_in(key, zlib.crc32(f"{rhs.shape[1]}x{rhs.shape[2]}".encode()) & 0x7FFFFFFF)
+    return quantized_ragged_dot(lhs, rhs, group_sizes, recipe=self.recipe, key=key,
                                 preferred_element_type=preferred_element_type, backend=self.backend)
