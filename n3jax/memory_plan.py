@@ -16,6 +16,7 @@ backward pass, documented term by term in `_activation_bytes_per_token`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any
@@ -70,10 +71,17 @@ def _shard_factor(spec: PartitionSpec, mesh: dict[str, int]) -> int:
   return n
 
 
+@functools.lru_cache(maxsize=8)
+def _model_shapes(cfg: ModelConfig) -> tuple[Any, Any]:
+  """The model's param shapes and logical axes (two traces of its init; `recommend` asks for them per mesh)."""
+  return jax.eval_shape(lambda: models.init(cfg, jax.random.key(0))), models.logical_axes(cfg)
+
+
 def _param_bytes_per_device(cfg: ModelConfig, layout: str, mesh: dict[str, int]) -> tuple[float, float]:
-  """(sharded param elements per device, elements of the largest single layer, unsharded)."""
-  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
-  specs = sharding.logical_to_mesh(models.logical_axes(cfg), layout, shapes=shapes, mesh=mesh)
+  """(sharded param elements per device, elements of the largest single layer, unsharded). A mesh that
+  does not divide a param is the trainer's ValueError (`sharding.param_specs`), not a fractional shard."""
+  shapes, logical = _model_shapes(cfg)
+  specs = sharding.param_specs(cfg, mesh, layout, shapes=shapes, logical=logical)
   per_device = 0.0
   for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), jax.tree.leaves(shapes)):
     per_device += math.prod(leaf.shape) / _shard_factor(spec, mesh)
@@ -130,7 +138,7 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   """One layout on one mesh. Optimizer: AdamW (optax) with the first moment in `mu_dtype` (None: the param
   dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs).
   loss_chunk: the trainer's `loss_chunk` (the f32 logits of that many positions at a time; 0: all)."""
-  mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
+  mesh = _checked_mesh(mesh)
   batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   if batch % batch_shards:
     raise ValueError(f"{batch=} must be a multiple of data*fsdp*expert={batch_shards}")
@@ -159,6 +167,49 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   total = params_gb + opt_gb + grads_gb + gathered / gb + act / gb
   return Plan(preset, layout, mesh, batch, seq, remat, params_gb, opt_gb, grads_gb, gathered / gb, act / gb,
               total, flops / 1e12, device_gb)
+
+
+def _checked_mesh(mesh: dict[str, int]) -> dict[str, int]:
+  """`mesh` with every axis of `sharding.MESH_AXES` (missing ones 1); an unknown axis or a size below 1 is a
+  ValueError (an unknown axis was dropped: `tp=8` planned one device)."""
+  if unknown := sorted(set(mesh) - set(sharding.MESH_AXES)):
+    raise ValueError(f"Unknown mesh axes {unknown}; known: {list(sharding.MESH_AXES)}")
+  if bad := {a: v for a, v in mesh.items() if int(v) < 1}:
+    raise ValueError(f"Mesh axis sizes must be >= 1, got {bad}")
+  return {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
+
+
+def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
+  """`--mesh data=..,fsdp=..,expert=..,tensor=..` -> axis sizes (missing axes 1). One size may be -1 (what
+  `devices` leaves, as in `sharding.make_mesh`); given `devices`, the sizes must multiply to it. Anything
+  else is one ValueError saying what is wrong."""
+  mesh: dict[str, int] = {}
+  for entry in text.split(","):
+    name, eq, value = entry.partition("=")
+    name = name.strip()
+    if not eq or not name:
+      raise ValueError(f"--mesh={text!r}: {entry!r} is not axis=size (axes: {', '.join(sharding.MESH_AXES)})")
+    if name in mesh:
+      raise ValueError(f"--mesh={text!r} gives {name!r} twice")
+    try:
+      mesh[name] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh={text!r}: the size of {name!r} is {value!r}, not an integer") from None
+  if unknown := sorted(set(mesh) - set(sharding.MESH_AXES)):
+    raise ValueError(f"--mesh={text!r}: unknown mesh axes {unknown}; known: {list(sharding.MESH_AXES)}")
+  wild = [a for a, v in mesh.items() if v == -1]
+  if len(wild) > 1 or any(v < 1 and v != -1 for v in mesh.values()):
+    raise ValueError(f"--mesh={text!r}: sizes must be >= 1, one of them may be -1")
+  known = math.prod(v for v in mesh.values() if v != -1)
+  if wild:
+    if devices is None:
+      raise ValueError(f"--mesh={text!r}: {wild[0]}=-1 needs --devices (the size it leaves)")
+    if devices % known:
+      raise ValueError(f"--mesh={text!r}: {devices} devices do not divide into the other axes' {known}")
+    mesh[wild[0]] = devices // known
+  elif devices is not None and known != devices:
+    raise ValueError(f"--mesh={text!r} holds {known} devices, not --devices={devices}")
+  return {a: mesh.get(a, 1) for a in sharding.MESH_AXES}
 
 
 def _step_flops(cfg: ModelConfig, tokens: int, seq: int) -> float:

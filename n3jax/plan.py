@@ -17,7 +17,8 @@ from n3jax import aot, memory_plan, sharding, trainer
 from n3jax.configs import ATTENTION_IMPLS, PRESETS
 
 _PRESET = flags.DEFINE_string("preset", None, "Key of n3jax.PRESETS.")
-_MESH = flags.DEFINE_string("mesh", None, "data=..,fsdp=..,expert=..,tensor=.. (omit with --devices to search)")
+_MESH = flags.DEFINE_string("mesh", None, "data=..,fsdp=..,expert=..,tensor=.. (missing axes 1; one may be -1 with "
+                            "--devices, which the sizes must then fill; omit with --devices to search)")
 _DEVICES = flags.DEFINE_integer("devices", None, "Search layouts and meshes over this many devices.")
 _LAYOUT = flags.DEFINE_enum("layout", None, list(sharding.AXIS_RULES), "Axis rules (default: from the mesh).")
 _SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
@@ -70,15 +71,25 @@ def main(argv):
                                        attention_impl=_ATTENTION.value, moe_seq_chunks=_MOE_CHUNKS.value)
   kw = dict(preset=_PRESET.value, batch=_BATCH.value, seq=_SEQ.value, remat=_REMAT.value, device_gb=_DEVICE_GB.value,
             mu_dtype=_MU_DTYPE.value, loss_chunk=_LOSS_CHUNK.value)
-  if _MESH.value:
-    mesh = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
-    plan = memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw)
-  elif _DEVICES.value:
-    plan = memory_plan.recommend(cfg, devices=_DEVICES.value, **kw)
-    if not plan.fits:
-      print(f"No layout fits {_PRESET.value} on {_DEVICES.value} x {_DEVICE_GB.value:.0f} GB; the smallest plan is:")
-  else:
-    raise app.UsageError("Give --mesh or --devices")
+  if _DEVICES.value is not None and _DEVICES.value < 1:
+    raise app.UsageError(f"--devices must be >= 1, got {_DEVICES.value}")
+  # A bad mesh (its string, its axes, a size that does not divide a param or the batch) is one usage error.
+  try:
+    if _MESH.value:
+      mesh = memory_plan.parse_mesh(_MESH.value, _DEVICES.value)
+      plan = memory_plan.estimate(cfg, layout=_LAYOUT.value or memory_plan.default_layout(mesh), mesh=mesh, **kw)
+    elif _DEVICES.value:
+      plan = memory_plan.recommend(cfg, devices=_DEVICES.value, **kw)
+      if plan is None:
+        raise ValueError(f"no mesh of {_DEVICES.value} devices (powers of two per axis) splits {_PRESET.value} "
+                         f"and a batch of {_BATCH.value}")
+      if not plan.fits:
+        print(f"No layout fits {_PRESET.value} on {_DEVICES.value} x {_DEVICE_GB.value:.0f} GB; the smallest plan "
+              "is:")
+    else:
+      raise app.UsageError("Give --mesh or --devices")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   print(plan.report())
   if _COMPILE_FOR.value:
     print(_compile(plan, _COMPILE_FOR.value))

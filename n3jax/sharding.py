@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_shardings", "init_sharded",
+__all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_specs", "param_shardings", "init_sharded",
            "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding",
            "per_shard"]
 
@@ -168,25 +168,39 @@ def logical_to_mesh(logical_axes: Any, rules_name: str, *, shapes: Any = None,
   return jax.tree.map(resolve, logical_axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(cfg, mesh: Mesh, rules_name: str, *, per_layer: bool = False) -> Any:
-  """`NamedSharding` per parameter of `cfg`'s model under a layout, checked for divisibility.
-  per_layer: of `models.unstack_layers(params)` instead (each layer sharded like its slice of the stack)."""
+def param_specs(cfg, mesh: Mesh | dict[str, int], rules_name: str, *, shapes: Any = None, logical: Any = None
+                ) -> Any:
+  """`PartitionSpec` per parameter of `cfg`'s model under a layout, checked for divisibility: a dimension
+  that its mesh axes do not divide is a ValueError naming the param. `mesh` may be the axis sizes alone
+  (no devices: the memory plan's question), so that the plan refuses what `param_shardings` refuses.
+  shapes, logical: the model's `jax.eval_shape`d params and `models.logical_axes`, if the caller has them."""
   from n3jax import models  # sharding sits below the model in the house plan; this is a lazy helper
-  logical = models.logical_axes(cfg)
-  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
-  specs = logical_to_mesh(logical, rules_name, shapes=shapes, mesh=mesh)
+  sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+  if shapes is None:
+    shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
+  logical = models.logical_axes(cfg) if logical is None else logical
+  specs = logical_to_mesh(logical, rules_name, shapes=shapes, mesh=sizes)
 
   def check(path, spec, leaf):
     for dim, axes in zip(leaf.shape, spec):
       if axes is None:
         continue
-      size = math.prod(mesh.shape[a] for a in _mesh_axes(axes))
+      size = math.prod(sizes.get(a, 1) for a in _mesh_axes(axes))
       if dim % size:
         raise ValueError(f"Param {jax.tree_util.keystr(path)} {leaf.shape} cannot be split {spec} over mesh "
-                         f"{dict(mesh.shape)} under layout {rules_name!r}: {dim} % {size} != 0")
-    return NamedSharding(mesh, spec)
+                         f"{sizes} under layout {rules_name!r}: {dim} % {size} != 0")
+    return spec
 
-  out = jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(cfg, mesh: Mesh, rules_name: str, *, per_layer: bool = False) -> Any:
+  """`NamedSharding` per parameter of `cfg`'s model under a layout, checked for divisibility (`param_specs`).
+  per_layer: of `models.unstack_layers(params)` instead (each layer sharded like its slice of the stack)."""
+  from n3jax import models  # lazy, as in `param_specs`
+  shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
+  out = jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, mesh, rules_name, shapes=shapes),
+                     is_leaf=lambda x: isinstance(x, PartitionSpec))
   return {**out, "layers": _per_layer(out["layers"], shapes["layers"])} if per_layer else out
 
 

@@ -277,6 +277,43 @@ def test_plan_counts_the_memory_saving_options():
   assert lean.activations_gb < base.activations_gb / 2, (lean.activations_gb, base.activations_gb)
 
 
+@pytest.mark.parametrize("text,devices,match", [
+    ("tp=8", None, r"unknown mesh axes \['tp'\]"), ("fsdp8", None, "is not axis=size"),
+    ("fsdp=x", None, "not an integer"), ("fsdp=0", None, "sizes must be >= 1"), ("fsdp=2,fsdp=4", None, "twice"),
+    ("fsdp=-1", None, "needs --devices"), ("fsdp=8", 16, "holds 8 devices, not --devices=16"),
+    ("fsdp=-1,expert=3", 16, "do not divide")])
+def test_plan_mesh_string_errors(text, devices, match):
+  """`plan --mesh`: each malformed mesh is one ValueError (`tp=8` planned one device; `fsdp8` was a traceback)."""
+  with pytest.raises(ValueError, match=match):
+    plan.parse_mesh(text, devices)
+
+
+def test_plan_mesh_string():
+  assert plan.parse_mesh("fsdp=-1,expert=2", 16) == {"data": 1, "fsdp": 8, "expert": 2, "tensor": 1}
+  assert plan.parse_mesh("tensor=2") == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 2}
+
+
+def test_plan_refuses_the_meshes_the_trainer_refuses():
+  """A mesh that does not divide a param (2 KV heads over tensor=4, 8 experts over expert=3) is the trainer's
+  error in the plan too, not a fractional shard, and `--devices` never recommends such a mesh (it picked
+  tensor=8 for 2 KV heads when nothing fit)."""
+  cfg = MODELS["moe"]
+  for layout, mesh in (("fsdp_tp_ep", {"tensor": 4}), ("fsdp_ep", {"expert": 3})):
+    with pytest.raises(ValueError, match="cannot be split"):
+      sharding.param_specs(cfg, mesh, layout)
+    with pytest.raises(ValueError, match="cannot be split"):
+      plan.estimate(cfg, preset="x", layout=layout, mesh=mesh, batch=12, seq=16)
+  with pytest.raises(ValueError, match="Unknown mesh axes"):
+    plan.estimate(cfg, preset="x", layout="fsdp", mesh={"tp": 8}, batch=8, seq=16)
+  smallest = plan.recommend(cfg, preset="x", devices=16, batch=16, seq=16, device_gb=1e-9)
+  sharding.param_specs(cfg, smallest.mesh, smallest.layout)
+
+
+def test_plan_cli_bad_mesh_is_one_usage_error(run_cli, capsys):
+  assert run_cli("n3jax.plan", "--preset=tiny-moe", "--mesh=tp=8", "--batch=8", "--seq=16") == 1
+  assert "unknown mesh axes ['tp']" in capsys.readouterr().err
+
+
 def test_trainer_on_a_mesh_matches_one_device(tmp_path):
   """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device."""
   import importlib.util
