@@ -207,6 +207,10 @@ class ModelConfig:
          f"{self.dtype=} / {self.param_dtype=} must be one of {_DTYPES}")
     need(self.remat_policy in _REMAT_POLICIES, f"{self.remat_policy=} must be one of {_REMAT_POLICIES}")
     need(self.quant in ("none", "fp8", "nvfp4"), f"{self.quant=} must be one of none, fp8, nvfp4")
+    for name in ("quant_bf16_layers_at_start", "quant_bf16_layers_at_end"):  # else n3jax.quant raises mid-trace
+      v = getattr(self, name)
+      need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+           f"{name}={v!r} must be None or an int >= 0")
     need(self.moe_ep_exchange in ("all_to_all", "all_gather"),
          f"{self.moe_ep_exchange=} must be 'all_to_all' or 'all_gather'")
     need(self.moe_ep_capacity_factor is None or (self.moe_ep_capacity_factor > 0

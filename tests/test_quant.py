@@ -547,6 +547,7 @@ def test_bf16_layer_tables_follow_the_published_recipes():
 
 def test_config_validation_names_values():
   for kwargs, match in ((dict(mode="int8"), "mode='int8'"), (dict(bf16_layers_at_end=-1), "bf16_layers_at_end=-1"),
+                        (dict(bf16_layers_at_start=True), "bf16_layers_at_start=True"),
                         (dict(bf16_roles={"ffn"}), "unknown roles"), (dict(fp8_backend="cuda"), "fp8_backend")):
     with pytest.raises(ValueError, match=match):
       q.QuantConfig(**kwargs)

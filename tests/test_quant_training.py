@@ -73,3 +73,13 @@ def test_routed_experts_follow_the_recipe(monkeypatch):
   from n3jax.nn import _moe  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_moe.quant, "make_grouped_matmul", lambda *a, **k: None)  # experts in BF16
   assert abs(float(jax.jit(loss)(params)) - float(quantized)) > 1e-6
+
+
+@pytest.mark.parametrize("field,value", [("quant_bf16_layers_at_end", -3), ("quant_bf16_layers_at_start", 1.5),
+                                         ("quant_bf16_layers_at_start", True)])
+def test_bad_bf16_layer_counts_fail_when_the_config_is_built(field, value):
+  """STYLE §4: a bad config fails when it is built; these reached `n3jax.quant.QuantConfig` only when the
+  first linear layer was traced."""
+  with pytest.raises(ValueError, match=f"Invalid ModelConfig: {field}={value!r} must be None or an int >= 0"):
+    PRESETS["tiny-dense"].replace(quant="fp8", **{field: value})
+  assert PRESETS["tiny-dense"].replace(quant="fp8", **{field: 0}).quant == "fp8"

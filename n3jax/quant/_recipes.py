@@ -85,7 +85,7 @@ class QuantConfig:
     if self.mode not in MODES:
       raise ValueError(f"QuantConfig {self.mode=} must be one of {MODES}")
     for name in ("bf16_layers_at_start", "bf16_layers_at_end"):
-      if (v := getattr(self, name)) is not None and (not isinstance(v, int) or v < 0):
+      if (v := getattr(self, name)) is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
         raise ValueError(f"QuantConfig {name}={v!r} must be None or an int >= 0")
     object.__setattr__(self, "bf16_roles", frozenset(self.bf16_roles))
     if unknown := sorted(self.bf16_roles - set(ROLES)):
