@@ -25,7 +25,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from n3jax import models, sharding
-from n3jax.configs import Block, ModelConfig, param_counts
+from n3jax.configs import Block, ModelConfig, _block_params, param_counts
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYOUT_ORDER = ("data_parallel", "fsdp", "fsdp_ep", "fsdp_tp_ep")  # least to most communication
@@ -133,11 +133,14 @@ def _attention_score_bytes_per_token(cfg: ModelConfig, seq: int, tensor: int) ->
 
 
 def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int], batch: int, seq: int,
-             remat: str = "full", device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0
-             ) -> Plan:
+             remat: str = "full", device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0,
+             mtp_depths: int = 0) -> Plan:
   """One layout on one mesh. Optimizer: AdamW (optax) with the first moment in `mu_dtype` (None: the param
   dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs).
-  loss_chunk: the trainer's `loss_chunk` (the f32 logits of that many positions at a time; 0: all)."""
+  loss_chunk: the trainer's `loss_chunk` (the f32 logits of that many positions at a time; 0: all).
+  mtp_depths: the trainer's `mtp_depths` (0: the model's `num_nextn_predict_layers`), in the FLOPs only."""
+  if mtp_depths < 0:
+    raise ValueError(f"{mtp_depths=} must be >= 0")
   mesh = _checked_mesh(mesh)
   batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   if batch % batch_shards:
@@ -160,7 +163,8 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   # expert axis too (`sharding._FSDP_OVER_EXPERT`).
   at_rest = mesh["fsdp"] * (mesh["expert"] if layout in ("fsdp_ep", "fsdp_tp_ep") else 1)
   gathered = largest_layer * _BYTES[cfg.dtype] * (2 if at_rest > 1 else 0)
-  flops = _step_flops(cfg, batch * seq, seq)
+  depths = (mtp_depths or cfg.num_nextn_predict_layers) if cfg.num_nextn_predict_layers else 0  # as the trainer
+  flops = _step_flops(cfg, batch * seq, seq, depths)
   gb = 1e9
   params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype or cfg.param_dtype] + pbytes) / gb
   grads_gb = per_device * pbytes / gb
@@ -212,18 +216,36 @@ def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
   return {a: mesh.get(a, 1) for a in sharding.MESH_AXES}
 
 
-def _step_flops(cfg: ModelConfig, tokens: int, seq: int) -> float:
-  """6 x active matmul params x tokens, plus causal attention (QK^T and PV) and the SSD scan, x3 for fwd+bwd."""
+def _step_flops(cfg: ModelConfig, tokens: int, seq: int, mtp_depths: int = 0) -> float:
+  """Model FLOPs of a training step, counted by hand: forward x 3 (the backward is two products per
+  forward product), each product 2 FLOPs per multiply-add. Per token, forward:
+
+    matmuls     2 x the active params (routed top-k experts; the head, not the embedding lookup)
+    attention   QK^T and PV over seq / 2 keys on average (causal): 2 x 2 x seq / 2 x heads x head_dim
+    SSD scan    as the chunked scan computes it (chunk l, groups J, heads M, head dim P, state N): C.B once
+                per group (2 l J N), the decayed sum of x per head (2 l M P), the chunk's state and its
+                output per head (2 x 2 M P N)
+    MTP         each depth (`mtp_depths`): its eh_proj, its blocks (attention included) and the head again
+  """
   counts = param_counts(cfg)
-  matmul = counts["active_without_embeddings"] + cfg.vocab_size * cfg.hidden_size  # the head is a matmul
-  flops = 6 * matmul * tokens
-  attn_layers = cfg.count(Block.ATTENTION)
-  flops += 3 * attn_layers * 2 * 2 * tokens * seq / 2 * cfg.num_attention_heads * cfg.head_dim
-  l = cfg.chunk_size
-  ssd_per_token = 2 * cfg.mamba_num_heads * (l * (cfg.ssm_state_size + cfg.mamba_head_dim)
-                                             + 3 * cfg.mamba_head_dim * cfg.ssm_state_size)
-  flops += 3 * cfg.count(Block.MAMBA) * tokens * ssd_per_token
-  return flops
+  d, head = cfg.hidden_size, cfg.vocab_size * cfg.hidden_size
+  attention = 2 * 2 * seq / 2 * cfg.num_attention_heads * cfg.head_dim
+  ssd = _ssd_flops_per_token(cfg)
+  forward = (2 * (counts["active_without_embeddings"] + head) + cfg.count(Block.ATTENTION) * attention
+             + cfg.count(Block.MAMBA) * ssd)
+  if mtp_depths:
+    blocks = cfg.mtp_blocks
+    forward += mtp_depths * (2 * (2 * d * d + sum(_block_params(cfg, b)[1] for b in blocks) + head)
+                             + sum(b == Block.ATTENTION for b in blocks) * attention
+                             + sum(b == Block.MAMBA for b in blocks) * ssd)
+  return 3 * forward * tokens
+
+
+def _ssd_flops_per_token(cfg: ModelConfig) -> float:
+  """Forward FLOPs per token of one Mamba layer's chunked scan (`_step_flops`; within the elementwise work of
+  XLA's own count of `pallas_kernels.ssd.reference`, tested). C.B is per group, not per head."""
+  l, n, p = cfg.chunk_size, cfg.ssm_state_size, cfg.mamba_head_dim
+  return 2 * l * cfg.n_groups * n + cfg.mamba_num_heads * (2 * l * p + 2 * 2 * p * n)
 
 
 def _meshes(devices: int):
@@ -235,7 +257,8 @@ def _meshes(devices: int):
 
 
 def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: int, remat: str = "full",
-              device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0) -> Plan:
+              device_gb: float = 80.0, mu_dtype: str | None = None, loss_chunk: int = 0, mtp_depths: int = 0
+              ) -> Plan | None:
   """The least-communication layout that fits: data parallel before FSDP before experts before tensor
   parallelism, and within a layout the smallest model-parallel degree. If none fits, the smallest plan."""
   smallest = None
@@ -250,7 +273,7 @@ def recommend(cfg: ModelConfig, *, preset: str, devices: int, batch: int, seq: i
         continue
       try:
         plan = estimate(cfg, preset=preset, layout=layout, mesh=mesh, batch=batch, seq=seq, remat=remat,
-                        device_gb=device_gb, mu_dtype=mu_dtype, loss_chunk=loss_chunk)
+                        device_gb=device_gb, mu_dtype=mu_dtype, loss_chunk=loss_chunk, mtp_depths=mtp_depths)
       except ValueError:
         continue
       if smallest is None or plan.total_gb < smallest.total_gb:

@@ -32,6 +32,8 @@ _ATTENTION = flags.DEFINE_enum("attention_impl", "dense", list(ATTENTION_IMPLS),
                                "Training attention (ModelConfig.attention_impl).")
 _MOE_CHUNKS = flags.DEFINE_integer("moe_seq_chunks", 1, "Routed experts over this many sequence pieces.")
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Cross-entropy over pieces of this many positions (0: whole).")
+_MTP_DEPTHS = flags.DEFINE_integer("mtp_depths", 0, "MTP depths trained (the trainer's mtp_depths; 0: the model's "
+                                   "num_nextn_predict_layers).")
 _DEVICE_GB = flags.DEFINE_float("device_gb", 80.0, "Memory of one device, GB.")
 _COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, f"Also compile the training step for this chip, without one, and print XLA's per-device "
@@ -45,7 +47,7 @@ def _compile(plan: memory_plan.Plan, target: str) -> str:
   c.model_preset = plan.preset
   c.model_overrides.update(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value, remat_policy=plan.remat,
                            attention_impl=_ATTENTION.value, moe_seq_chunks=_MOE_CHUNKS.value)
-  c.loss_chunk = _LOSS_CHUNK.value
+  c.loss_chunk, c.mtp_depths = _LOSS_CHUNK.value, _MTP_DEPTHS.value
   c.optimizer.mu_dtype = _MU_DTYPE.value or ""
   c.mesh.update(plan.mesh)
   c.axis_rules, c.batch_size, c.data.seq_len = plan.layout, plan.batch, plan.seq
@@ -70,7 +72,7 @@ def main(argv):
   cfg = PRESETS[_PRESET.value].replace(param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
                                        attention_impl=_ATTENTION.value, moe_seq_chunks=_MOE_CHUNKS.value)
   kw = dict(preset=_PRESET.value, batch=_BATCH.value, seq=_SEQ.value, remat=_REMAT.value, device_gb=_DEVICE_GB.value,
-            mu_dtype=_MU_DTYPE.value, loss_chunk=_LOSS_CHUNK.value)
+            mu_dtype=_MU_DTYPE.value, loss_chunk=_LOSS_CHUNK.value, mtp_depths=_MTP_DEPTHS.value)
   if _DEVICES.value is not None and _DEVICES.value < 1:
     raise app.UsageError(f"--devices must be >= 1, got {_DEVICES.value}")
   # A bad mesh (its string, its axes, a size that does not divide a param or the batch) is one usage error.

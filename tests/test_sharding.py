@@ -314,6 +314,27 @@ def test_plan_cli_bad_mesh_is_one_usage_error(run_cli, capsys):
   assert "unknown mesh axes ['tp']" in capsys.readouterr().err
 
 
+def test_plan_flops_count_the_ssd_as_computed_and_the_mtp_depths():
+  """The SSD term is the chunked scan's own work (XLA's count of the reference scan adds only its elementwise
+  ops to it; C.B counted per head, not per group, was 1.9x); each MTP depth the trainer runs (by default the
+  model's `num_nextn_predict_layers`) adds at least the head and eh_proj products again (MTP was left out)."""
+  from pallas_kernels.ssd import reference as ssd_ref  # pylint: disable=g-import-not-at-top
+  cfg = PRESETS["tiny-dense"].replace(mamba_num_heads=8, mamba_head_dim=16, n_groups=1, ssm_state_size=64,
+                                      chunk_size=64)
+  t, m, p, j, n = 256, 8, 16, 1, 64
+  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, t, m, p), (1, t, m), (m,), (1, t, j, n), (1, t, j, n))]
+  scan = lambda x, dt, a, b, c: ssd_ref.ssd_reference(x, dt, a, b, c, None, None, chunk_size=64)[0]
+  xla = jax.jit(scan).lower(*shapes).compile().cost_analysis()["flops"] / t
+  hand = plan._ssd_flops_per_token(cfg)
+  assert hand <= xla <= 1.3 * hand, (hand, xla)
+
+  cfg = PRESETS["tiny-latent-moe"]  # one MTP module
+  kw = dict(preset="x", layout="data_parallel", mesh={"data": 1}, batch=2, seq=16)
+  default, one, two = (plan.estimate(cfg, mtp_depths=k, **kw).step_tflops * 1e12 for k in (0, 1, 2))
+  d = cfg.hidden_size
+  assert default == one and two - one > 6 * (cfg.vocab_size * d + 2 * d * d) * 2 * 16
+
+
 def test_trainer_on_a_mesh_matches_one_device(tmp_path):
   """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device."""
   import importlib.util
