@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
       eval_fraction=0.05,
       format="text",                   # 'text' | 'tokens' (pre-tokenized ids) | 'chat' (SFT messages)
       text_key="text", tokens_key="input_ids", messages_key="messages",
+      tools_key="tools",               # chat: the record field with its tool definitions (absent: none)
       tokenizer="byte",                # 'byte' (n3jax.data.ByteTokenizer) or a tokenizer.json path
       seq_len=256,                     # tokens per row (T)
       packing="concat",                # 'concat' (split docs across rows) | 'first_fit' (whole examples)

@@ -87,20 +87,53 @@ def test_first_fit_packing_keeps_examples_whole_and_masks_padding():
 
 # --- SFT ---
 def test_chat_loss_mask_covers_exactly_the_assistant_tokens():
+  """A conversation with reasoning is one example per user turn (NVIDIA's Nano 3 SFT data prep): the template
+  drops the reasoning of turns before the last user turn, so each turn is trained where its reasoning is seen."""
   tok = data_lib.ByteTokenizer()
   msgs = [{"role": "user", "content": "Hi?"},
           {"role": "assistant", "content": "Hello.", "reasoning_content": "be kind"},
           {"role": "user", "content": "Sum 2+2"},
           {"role": "assistant", "content": "4"}]
-  ids, mask = data_lib.render_chat(msgs, tok)
-  assert tok.decode(ids) == (
+  (ids1, mask1), (ids2, mask2) = data_lib.render_chat(msgs, tok)
+  assert tok.decode(ids1) == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                              "<|im_start|>assistant\n<think>\nbe kind\n</think>\nHello.<|im_end|>\n")
+  # The generation prompt (`<|im_start|>assistant\n<think>\n`) is the prompt's, so it is masked.
+  assert tok.decode(ids1[mask1 == 1]) == "be kind\n</think>\nHello.<|im_end|>\n"
+  assert tok.decode(ids2) == (
       "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
-      "<|im_start|>assistant\n<think>\nbe kind\n</think>\nHello.<|im_end|>\n"
+      "<|im_start|>assistant\n<think></think>\nHello.<|im_end|>\n"
       "<|im_start|>user\nSum 2+2<|im_end|>\n<|im_start|>assistant\n<think></think>4<|im_end|>\n")
-  trained = tok.decode(np.where(mask == 1, ids, 0))
-  assert trained == "<think>\nbe kind\n</think>\nHello.<|im_end|><think></think>4<|im_end|>"
-  # Everything else (system, user, role headers, newlines after <|im_end|>) is masked out.
-  assert tok.decode(ids[mask == 0]).count("Hi?") == 1 and "Hello" not in tok.decode(ids[mask == 0])
+  assert tok.decode(ids2[mask2 == 1]) == "4<|im_end|>\n"  # the first turn is history here
+  # Without reasoning: one example, every assistant turn trained after its `<think></think>` prompt.
+  plain = [{**m, "reasoning_content": None} for m in msgs]
+  ((ids, mask),) = data_lib.render_chat(plain, tok)
+  assert tok.decode(ids[mask == 1]) == "Hello.<|im_end|>\n4<|im_end|>\n"
+
+
+def test_chat_tools_tool_calls_and_results():
+  tok = data_lib.ByteTokenizer()
+  tools = [{"type": "function", "function": {"name": "add", "parameters": {
+      "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+  msgs = [{"role": "user", "content": "2+2?"},
+          {"role": "assistant", "content": "", "reasoning_content": "use the tool",
+           "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+          {"role": "tool", "content": "4"},
+          {"role": "assistant", "content": "It is 4.", "reasoning_content": "got it"}]
+  ((ids, mask),) = data_lib.render_chat(msgs, tok, tools=tools)
+  text = tok.decode(ids)
+  assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:")
+  assert ("<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<|im_end|>\n"
+          "<|im_start|>assistant\n<think>\ngot it") in text  # a tool result comes back in a user turn
+  assert tok.decode(ids[mask == 1]) == ("use the tool\n</think>\n<tool_call>\n<function=add>\n<parameter=a>\n2\n"
+                                        "</parameter>\n</function>\n</tool_call>\n<|im_end|>\n"
+                                        "got it\n</think>\nIt is 4.<|im_end|>\n")
+  assert data_lib.chat_template.render(msgs, tools=tools, add_generation_prompt=False) == text
+  with pytest.raises(ValueError, match=r"tool call 0 needs a 'name'"):
+    data_lib.render_chat([msgs[0], {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}], tok)
+  with pytest.raises(ValueError, match="tool 0 needs a 'name'"):
+    data_lib.render_chat(msgs, tok, tools=[{"description": "x"}])
+  with pytest.raises(ValueError, match="nothing would be trained"):
+    data_lib.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], tok)
 
 
 def test_chat_records_through_the_pipeline(tmp_path):
@@ -180,6 +213,47 @@ def test_iterator_state_round_trips_through_json(prefetch):
   # Same seed -> same first batch; another seed -> another order.
   np.testing.assert_array_equal(next(_make(cfg).train_iter)["tokens"], next(_make(cfg).train_iter)["tokens"])
   assert not np.array_equal(next(_make(cfg).train_iter)["tokens"], next(_make(cfg, seed=1).train_iter)["tokens"])
+
+
+def test_chat_records_with_reasoning_fan_out_and_resume_mid_record(tmp_path):
+  """Each user turn of a reasoning conversation is its own example; a state saved between two examples of one
+  record restores there (grain's flat map keeps the index within the record)."""
+  records = [{"messages": [{"role": "user", "content": f"q{i}"},
+                           {"role": "assistant", "content": f"a{i}", "reasoning_content": f"r{i}"},
+                           {"role": "user", "content": f"p{i}"},
+                           {"role": "assistant", "content": f"b{i}", "reasoning_content": f"s{i}"}]}
+             for i in range(24)]
+  path = _write_jsonl(tmp_path / "chat.jsonl", records)
+  cfg = _data_cfg(source=path, format="chat", packing="concat", seq_len=24, eval_fraction=0.2)
+  d = _make(cfg, batch_size=1)
+  tok = data_lib.ByteTokenizer()
+  trained = "".join(tok.decode(b["targets"][b["loss_mask"] == 1]) for b in (next(d.train_iter) for _ in range(40)))
+  # Both turns of a conversation are trained, each with its own reasoning.
+  i = int(trained.split("r", 1)[1].split("\n", 1)[0])
+  assert f"r{i}\n</think>\na{i}" in trained and f"s{i}\n</think>\nb{i}" in trained
+  for steps in range(1, 8):  # some of these states fall between the two examples of a record
+    d = _make(cfg, batch_size=1)
+    for _ in range(steps):
+      next(d.train_iter)
+    state = json.loads(json.dumps(d.train_iter.get_state()))
+    want = [next(d.train_iter)["tokens"] for _ in range(3)]
+    fresh = _make(cfg, batch_size=1)
+    fresh.train_iter.set_state(state)
+    np.testing.assert_array_equal(np.stack(want), np.stack([next(fresh.train_iter)["tokens"] for _ in range(3)]))
+
+
+def test_resume_where_the_concat_buffer_is_empty(tmp_path):
+  """Documents of exactly one row leave no remainder. grain's concat packing marks that with a tuple that JSON
+  (the checkpoint's form) turns into a list, and the restored iterator then skipped a document."""
+  path = _write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": list(range(100 + i, 117 + i))} for i in range(30)])
+  cfg = _data_cfg(source=path, format="tokens", seq_len=16)
+  d = _make(cfg, batch_size=1)
+  next(d.train_iter)
+  state = json.loads(json.dumps(d.train_iter.get_state()))
+  want = [next(d.train_iter)["tokens"] for _ in range(3)]
+  fresh = _make(cfg, batch_size=1)
+  fresh.train_iter.set_state(state)
+  np.testing.assert_array_equal(np.stack(want), np.stack([next(fresh.train_iter)["tokens"] for _ in range(3)]))
 
 
 def test_builtin_corpus_split_is_disjoint():

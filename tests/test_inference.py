@@ -317,8 +317,11 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 def test_chat_template_agrees_with_the_sft_renderer():
-  want = ByteTokenizer().decode(render_chat(CONVERSATION, ByteTokenizer())[0])
-  assert chat.render(CONVERSATION, add_generation_prompt=False, truncate_history_thinking=False) == want
+  # SFT: one example per user turn (the conversation has reasoning), each the template's text.
+  first, second = (ByteTokenizer().decode(ids) for ids, _ in render_chat(CONVERSATION, ByteTokenizer()))
+  assert first == chat.render(CONVERSATION[:3], add_generation_prompt=False)
+  assert second == chat.render(CONVERSATION, add_generation_prompt=False)
+  assert "Short light" not in second
   prompt = chat.render(CONVERSATION[:4])  # reasoning of turns before the last user turn is dropped
   assert "Short light" not in prompt and "<think></think>\nRayleigh scattering." in prompt
   assert prompt.endswith("<|im_start|>user\nAnd sunsets?<|im_end|>\n<|im_start|>assistant\n<think>\n")

@@ -33,12 +33,29 @@ _FIELDS = ("tokens", "mask")
 
 
 def example_fn(data_cfg, tokenizer, vocab_size: int, seq_len: int, name: str) -> Callable[[int, dict], Any]:
-  """(record index, record) -> {"tokens": int32 [N], "mask": int32 [N]}; clear errors name the record."""
+  """(record index, record) -> [{"tokens": int32 [N], "mask": int32 [N]}]; clear errors name the record.
+
+  A text or token record is one example; a chat record one per trained user turn when it has reasoning
+  (`render_chat`), else one.
+  """
   fmt = data_cfg.format
   overlong = data_cfg.overlong
 
-  def fn(i: int, record: dict) -> dict[str, np.ndarray]:
+  def fn(i: int, record: dict) -> list[dict[str, np.ndarray]]:
     where = f"{name}: record {i}"
+    if fmt == "chat":
+      key, tools_key = data_cfg.messages_key, data_cfg.get("tools_key", "tools")
+      if key not in record:
+        raise ValueError(f"{where} has no {key!r} list (data.messages_key) for data.format='chat'; "
+                         f"its fields are {sorted(record)}")
+      try:
+        pairs = _sft.render_chat(record[key], tokenizer, tools=record.get(tools_key))
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+      return [_example(where, ids, mask) for ids, mask in pairs]
+    return [_example(where, *_one(where, record))]
+
+  def _one(where: str, record: dict) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "text":
       key = data_cfg.text_key
       if not isinstance(record.get(key), str):
@@ -57,15 +74,9 @@ def example_fn(data_cfg, tokenizer, vocab_size: int, seq_len: int, name: str) ->
       mask = np.asarray(record.get("loss_mask", np.ones_like(ids)), np.int32)
       if mask.shape != ids.shape:
         raise ValueError(f"{where}: loss_mask has {mask.shape[0]} entries but {key!r} has {ids.shape[0]}")
-    else:
-      key = data_cfg.messages_key
-      if key not in record:
-        raise ValueError(f"{where} has no {key!r} list (data.messages_key) for data.format='chat'; "
-                         f"its fields are {sorted(record)}")
-      try:
-        ids, mask = _sft.render_chat(record[key], tokenizer)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    return ids, mask
+
+  def _example(where: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
       raise ValueError(f"{where} has token id {int(ids.max() if ids.max() >= vocab_size else ids.min())} "
                        f"outside the model vocabulary [0, {vocab_size})")
@@ -101,6 +112,37 @@ def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+class _Iterator:
+  """The train iterator: grain's, with a state that survives JSON (the form checkpoints keep it in).
+
+  grain 0.2.18's concat packing marks "no remainder" with the tuple (-1, -1) and compares the restored slices
+  with `!=`; JSON turns them into lists, which never equal the tuple, so a restored state with an empty
+  remainder read one element too many and a resumed run skipped a document. `set_state` turns them back.
+  """
+
+  def __init__(self, it):
+    self._it = it
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._it.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(_tuple_slices(state))
+
+
+def _tuple_slices(state: Any) -> Any:
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in s.items()} if k == "remainder_slices" and isinstance(s, dict)
+                else _tuple_slices(s)) for k, s in state.items()}
+  return state
+
+
 @dataclasses.dataclass
 class Data:
   """What the trainer gets: a checkpointable train iterator and fixed held-out batches."""
@@ -112,19 +154,30 @@ class Data:
 
 
 def _check_records(ds_source, fn, name: str, limit: int, purpose: str = "train") -> int:
-  """Builds the first `limit` examples up front (so bad records fail before any compile); returns tokens."""
+  """Builds the examples of the first `limit` records up front (so bad records fail before any compile);
+  returns their tokens."""
   if len(ds_source) == 0:
     raise ValueError(f"{name} is empty: no records to {purpose} on")
   total = 0
   for i in range(min(limit, len(ds_source))):
-    total += len(fn(i, ds_source[i])["tokens"])
+    total += sum(len(e["tokens"]) for e in fn(i, ds_source[i]))
   if total == 0:
     raise ValueError(f"{name} is empty: its first {min(limit, len(ds_source))} records hold no tokens")
   return total
 
 
-def _dataset(source, fn, *, shuffle: bool, seed: int, epochs: int | None, shard: tuple[int, int]):
-  ds = grain.MapDataset.source(source).map_with_index(fn)
+class _Examples(grain.experimental.FlatMapTransform):
+  """A record's examples, one after another (chat records may hold several)."""
+  max_fan_out = 1 << 16  # unused by the iterator form; a MapDataset flat map would reserve this many slots
+
+  def flat_map(self, examples):
+    return examples
+
+
+def _dataset(source, fn, *, shuffle: bool, seed: int, epochs: int | None, shard: tuple[int, int], fan_out: bool):
+  """Records -> shuffled, repeated examples. With `fan_out` (chat) each record's list of examples is flattened
+  after the shuffle (a record's examples stay together); otherwise a record is exactly one example."""
+  ds = grain.MapDataset.source(source).map_with_index(fn if fan_out else lambda i, r: fn(i, r)[0])
   index, count = shard
   if count > 1:
     ds = ds[index::count]
@@ -132,7 +185,10 @@ def _dataset(source, fn, *, shuffle: bool, seed: int, epochs: int | None, shard:
     ds = ds.shuffle(seed=seed)
   if epochs != 1:
     ds = ds.repeat(epochs)
-  return ds.to_iter_dataset().filter(lambda e: len(e["tokens"]) > 0)
+  ds = ds.to_iter_dataset()
+  if fan_out:
+    ds = grain.experimental.FlatMapIterDataset(ds, _Examples())
+  return ds.filter(lambda e: len(e["tokens"]) > 0)
 
 
 def make_data(data_cfg, *, tokenizer, vocab_size: int, batch_size: int, seed: int,
@@ -165,13 +221,14 @@ def make_data(data_cfg, *, tokenizer, vocab_size: int, batch_size: int, seed: in
                      "data.eval_fraction or set data.eval_source")
   _check_records(eval_src, eval_fn, eval_name, data_cfg.validate_records, "evaluate")
 
-  train = _dataset(train_src, train_fn, shuffle=data_cfg.shuffle, seed=seed, epochs=None, shard=shard)
+  fan_out = data_cfg.format == "chat"
+  train = _dataset(train_src, train_fn, shuffle=data_cfg.shuffle, seed=seed, epochs=None, shard=shard, fan_out=fan_out)
   train = pack_examples(train, data_cfg.packing, seq_len + 1, seed).batch(batch_size, drop_remainder=True)
   train = train.map(to_model_batch)
   if data_cfg.prefetch > 0:
     train = grain.experimental.ThreadPrefetchIterDataset(train, prefetch_buffer_size=data_cfg.prefetch)
 
-  held = _dataset(eval_src, eval_fn, shuffle=False, seed=seed, epochs=1, shard=shard)
+  held = _dataset(eval_src, eval_fn, shuffle=False, seed=seed, epochs=1, shard=shard, fan_out=fan_out)
   held = pack_examples(held, data_cfg.packing, seq_len + 1, seed).batch(batch_size, drop_remainder=False)
   eval_batches = []
   for rows in held:
@@ -182,4 +239,4 @@ def make_data(data_cfg, *, tokenizer, vocab_size: int, batch_size: int, seed: in
     eval_batches.append(to_model_batch(rows))
   if not eval_batches:
     raise ValueError(f"{eval_name} produced no evaluation batch")
-  return Data(iter(train), eval_batches, tokenizer, len(train_src), len(eval_src))
+  return Data(_Iterator(iter(train)), eval_batches, tokenizer, len(train_src), len(eval_src))

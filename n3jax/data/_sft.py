@@ -1,22 +1,23 @@
-"""Chat formatting for SFT: the Nemotron 3 template, with a loss mask that covers assistant tokens only.
+"""Chat SFT examples: the Nemotron 3 chat template, with a loss mask on the assistant tokens, as NVIDIA trains.
 
-Each turn is rendered ChatML style, as the chat template of `nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16`
-does (tokenizer `chat_template`; NVIDIA-NeMo `Nemotron` recipe, `docs/train/nano3/sft.md`: "Renders
-messages using Nano3 Jinja template with special tokens (<|im_start|>, <|im_end|>)", role-based mask):
+The text is `chat_template.render` (the released chat template, history reasoning truncated); what is cut
+and trained follows the Nemotron 3 Nano SFT data preparation (NVIDIA-NeMo/Nemotron,
+`src/nemotron/data_prep/core/chat_template.py`, `create_masked_messages`; `docs/train/nano3/sft.md`):
 
-    <|im_start|>system\\n{system, may carry the reasoning flags /think or /no_think}<|im_end|>\\n
-    <|im_start|>user\\n{user}<|im_end|>\\n
-    <|im_start|>assistant\\n<think>\\n{reasoning_content}\\n</think>\\n{content}<|im_end|>\\n
+- A conversation where some turn has `reasoning_content` becomes one example per user turn: the messages
+  up to the next user turn. The template drops the reasoning of the turns before that example's last user
+  turn, as it does when the model is prompted, so each turn's reasoning is trained where it is seen; only
+  the turns after the last user turn are trained.
+- A conversation without reasoning is one example; every assistant turn is trained.
+- Trained (mask 1): an assistant turn after its generation prompt, through `<|im_end|>\\n`. The generation
+  prompt is masked, as the prompt supplies it at inference: `<|im_start|>assistant\\n<think>\\n` before
+  reasoning, `<|im_start|>assistant\\n<think></think>` before a turn without. Masked (0): system, user and
+  tool turns (tool results come back in a user turn), and assistant turns before the trained part.
+- An example with nothing trained (a sub-conversation that ends on its user turn) is skipped, as NVIDIA
+  skips it; a conversation with no trained token at all is an error.
 
-- A system block is always emitted (empty when the conversation has none), like the HF template.
-- An assistant turn without `reasoning_content` gets an empty `<think></think>` before its content.
-- Loss mask: 1 on every assistant token after the `<|im_start|>assistant\\n` header, through its
-  `<|im_end|>` (the model must learn to stop); 0 on system / user / tool turns, on headers, and on the
-  newline after `<|im_end|>`. Every assistant turn of a conversation is trained on.
-
-Markers are single tokens: `tokenizer.special(name)` (the byte tokenizer reserves ids for them); a
-tokenizer without them encodes the marker text as ordinary text. Each piece is tokenized on its own
-(role-labelled chunks, as in the Nemotron data prep), so masks never straddle a token.
+Markers (`<|im_start|>` ...) are single tokens where the tokenizer has them (`tokenizer.special`); each piece
+is tokenized on its own (role-labelled chunks, as in the Nemotron data prep), so a mask never straddles a token.
 """
 
 from __future__ import annotations
@@ -25,50 +26,54 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["render_chat", "ROLES"]
+from n3jax.data import chat_template as tpl
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _piece(tokenizer, text: str) -> np.ndarray:
-  if (sid := tokenizer.special(text)) is not None and text.startswith("<"):
-    return np.asarray([sid], np.int32)
-  return np.asarray(tokenizer.encode(text), np.int32)
+__all__ = ["render_chat"]
 
 
-def render_chat(messages: Sequence[dict[str, Any]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """messages [{"role", "content", optional "reasoning_content"}] -> (ids int32 [N], loss_mask int32 [N])."""
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
-  pieces: list[tuple[str, int]] = []  # (text or marker, trained?)
+def _examples(messages: Sequence[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], int]]:
+  """(sub-conversation, index of its first trainable message) for each example of a conversation."""
+  if not any(m.get("reasoning_content") for m in messages):
+    return [(list(messages), 0)]
+  users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+  out = []
+  for k, u in enumerate(users):
+    end = users[k + 1] if k + 1 < len(users) else len(messages)
+    if end - 1 > u:  # something follows the user turn
+      out.append((list(messages[:end]), u + 1))
+  return out
 
-  def turn(role: str, body: list[tuple[str, int]]):
-    pieces.extend([("<|im_start|>", 0), (f"{role}\n", 0), *body, ("<|im_end|>", int(role == "assistant")),
-                   ("\n", 0)])
 
-  msgs = list(messages)
-  if msgs[0].get("role") != "system":
-    msgs.insert(0, {"role": "system", "content": ""})
-  for i, m in enumerate(msgs):
-    role, content = m.get("role"), m.get("content")
-    if role not in ROLES:
-      raise ValueError(f"message {i} has role {role!r}; known roles: {ROLES}")
-    if not isinstance(content, str):
-      raise ValueError(f"message {i} ({role}) needs a string 'content', got {type(content).__name__}")
-    if role != "assistant":
-      turn(role, [(content, 0)] if content else [])
-      continue
-    reasoning = m.get("reasoning_content")
-    if reasoning:
-      body = [("<think>", 1), (f"\n{reasoning}\n", 1), ("</think>", 1), (f"\n{content}", 1)]
-    else:
-      body = [("<think>", 1), ("</think>", 1)] + ([(content, 1)] if content else [])
-    turn(role, body)
-  if not any(m.get("role") == "assistant" for m in msgs):
-    raise ValueError("conversation has no assistant turn, so nothing would be trained on")
-  ids, mask = [], []
-  for text, trained in pieces:
-    toks = _piece(tokenizer, text)
-    ids.append(toks)
-    mask.append(np.full(len(toks), trained, np.int32))
-  return np.concatenate(ids).astype(np.int32), np.concatenate(mask)
+def _trained_split(m: dict[str, Any], text: str) -> int:
+  """Characters of an assistant piece that are its generation prompt (masked)."""
+  prompt = tpl.generation_prompt(tpl.reasoning_text(m) is not None)
+  header = f"{tpl.IM_START}assistant\n"
+  # Content with its own think tags (no reasoning_content) may not start with the prompt: mask the header only.
+  return len(prompt) if text.startswith(prompt) else len(header)
+
+
+def render_chat(messages: Sequence[dict[str, Any]], tokenizer, *, tools: Sequence[dict[str, Any]] | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """messages [{"role", "content", optional "reasoning_content" / "tool_calls"}] -> [(ids int32 [N], mask int32 [N])].
+
+  One (ids, loss_mask) pair per example (module docstring); `tools` are the conversation's tool definitions.
+  """
+  tpl.check_messages(messages)
+  out = []
+  for sub, first in _examples(messages):
+    ids, mask = [], []
+    for index, text in tpl.render_pieces(sub, tools=tools):
+      parts = [(text, 0)]
+      if index >= first and sub[index]["role"] == "assistant":
+        cut = _trained_split(sub[index], text)
+        parts = [(text[:cut], 0), (text[cut:], 1)]
+      for part, trained in parts:
+        toks = tpl.encode(tokenizer, part)
+        ids.append(toks)
+        mask.append(np.full(len(toks), trained, np.int32))
+    ids, mask = np.concatenate(ids).astype(np.int32), np.concatenate(mask)
+    if mask.any():
+      out.append((ids, mask))
+  if not out:
+    raise ValueError("conversation has no assistant turn after a user turn, so nothing would be trained on")
+  return out
