@@ -69,8 +69,6 @@ def _check_numbers(config, cfg) -> None:
   need(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
   need(config.grad_accum_steps >= 1 and config.batch_size % config.grad_accum_steps == 0,
        f"batch_size={config.batch_size} must be a multiple of grad_accum_steps={config.grad_accum_steps}")
-  need(config.batch_size % jax.process_count() == 0,
-       f"batch_size={config.batch_size} must be a multiple of the {jax.process_count()} hosts")
   need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be > 0")
   need(d.seq_len <= cfg.max_position_embeddings,
        f"data.seq_len={d.seq_len} is longer than the model's maximum sequence length "
@@ -201,10 +199,11 @@ def _prepare(config):
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids, more than the "
                      f"model's vocab_size={cfg.vocab_size}")
-  host_batch = config.batch_size // jax.process_count()
+  devices = _Devices(config, cfg)
+  shard, host_batch = devices.host_rows(config.batch_size)
   data = data_lib.make_data(config.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, batch_size=host_batch,
-                            seed=config.seed, shard=(jax.process_index(), jax.process_count()))
-  return config, cfg, tx, schedule, data
+                            seed=config.seed, shard=shard)
+  return config, cfg, tx, schedule, data, devices
 
 
 def _state_shardings(cfg, mesh, rules: str, abstract_state, tx):
@@ -228,6 +227,7 @@ class _Devices:
     self.rules = config.axis_rules
     self.device = jax.local_devices()[0]
     self.cfg = cfg
+    self.batch_size = config.batch_size
     self.batch_shards = 1
     if self.mesh is not None:
       self.batch_shards = shards = math.prod(self.mesh.shape[a] for a in ("data", "fsdp", "expert"))
@@ -235,6 +235,22 @@ class _Devices:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of data*fsdp*expert={shards} "
                          f"(mesh {dict(self.mesh.shape)})")
       sharding.param_shardings(cfg, self.mesh, self.rules)  # checks divisibility before any compile
+
+  def host_rows(self, batch_size: int) -> tuple[tuple[int, int], int]:
+    """((data shard index, shard count), rows) of the batch this process reads: the rows its devices hold.
+    Processes whose devices hold the same rows (a tensor axis across hosts) read the same shard, as the
+    replicas of an array must; reading one shard per process made them differ, silently."""
+    if self.mesh is None:
+      return (0, 1), batch_size
+    held: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.batch_sharding(self.mesh).devices_indices_map((batch_size, 1)).items():
+      held.setdefault(device.process_index, set()).add((index[0].start or 0, index[0].stop or batch_size))
+    groups = sorted({tuple(sorted(rows)) for rows in held.values()})
+    if len({r for g in groups for r in g}) != sum(len(g) for g in groups):
+      raise ValueError(f"mesh {dict(self.mesh.shape)}: processes hold overlapping but different rows of the batch; "
+                       "order the mesh so that each host's devices hold whole rows of their own")
+    mine = tuple(sorted(held[jax.process_index()]))
+    return (groups.index(mine), len(groups)), sum(stop - start for start, stop in mine)
 
   def context(self):
     return sharding.use_mesh(self.mesh, self.rules) if self.mesh else contextlib.nullcontext()
@@ -250,7 +266,8 @@ class _Devices:
     if self.mesh is None:
       return batch
     spec = sharding.batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(spec, np.asarray(v), (self.batch_size, *np.shape(v)[1:]))
+            for k, v in batch.items()}
 
 
 def _stored_experiment(workdir: str) -> dict[str, Any] | None:
@@ -322,8 +339,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     if "://" in workdir:  # os.path would make gs://b/run the local directory ./gs:/b/run on every host
       raise ValueError(f"workdir={workdir!r} is a URL; the trainer writes with local file calls: give a directory "
                        "every host sees (NFS, Lustre, Filestore, or a bucket mounted with gcsfuse)")
-    config, cfg, tx, schedule, data = _prepare(config)
-    devices = _Devices(config, cfg)
+    config, cfg, tx, schedule, data, devices = _prepare(config)
     config = _accumulation(config, devices.batch_shards)
   except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
     raise InputError(str(e).strip("'\"")) from e

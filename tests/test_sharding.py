@@ -367,6 +367,17 @@ try:
 except trainer.InputError as e:
   print("INPUT_ERROR", e)
 print("PROCESSES", jax.process_count(), jax.device_count())
+import numpy as np
+from n3jax import _train_config
+for mesh, rules in ((dict(data=2), "fsdp"), (dict(tensor=2), "fsdp_tp_ep")):
+  c.mesh.update({**dict(data=1, fsdp=1, expert=1, tensor=1), **mesh})
+  c.axis_rules, c.batch_size = rules, 4
+  config = _train_config.merge_with_defaults(c)
+  devices = trainer._Devices(config, _train_config.build_model_config(config))
+  shard, rows = devices.host_rows(4)
+  local = np.arange(4 * 3).reshape(4, 3)[shard[0] * rows:(shard[0] + 1) * rows]  # shard i of the rows, as read
+  tokens = devices.place_batch({"tokens": local})["tokens"]
+  print("ROWS", rules, shard, rows, tokens.shape, int(jax.jit(lambda t: t.sum())(tokens)))
 """
 
 
@@ -374,7 +385,8 @@ def test_distributed_training_starts_two_hosts(tmp_path):
   """`config.distributed`: two processes (one CPU device each) join through JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID, as the README's launch without SLURM sets them, before anything
   starts JAX's backends (asking `jax.process_count()` first made `jax.distributed.initialize` refuse). With
-  the default mesh (all 1) each host would train alone: that is one InputError, before any compile."""
+  the default mesh (all 1) each host would train alone: that is one InputError, before any compile. Each
+  host reads the rows of the batch its devices hold (`_Devices.host_rows`)."""
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -389,6 +401,12 @@ def test_distributed_training_starts_two_hosts(tmp_path):
     assert p.returncode == 0, err[-3000:]
     assert "PROCESSES 2 2" in out, out + err[-3000:]
     assert "INPUT_ERROR config.mesh is all 1 (one device) but 2 processes run" in out, out
+  # Each host reads the rows its device holds: half the batch each over `data`; over a tensor axis across the
+  # hosts, both read the whole batch (the same shard: replicas must agree). Either way the global batch is
+  # the 4 rows once (sum 66).
+  assert "ROWS fsdp (0, 2) 2 (4, 3) 66" in outs[0][0] and "ROWS fsdp (1, 2) 2 (4, 3) 66" in outs[1][0], outs
+  for out, _ in outs:
+    assert "ROWS fsdp_tp_ep (0, 1) 4 (4, 3) 66" in out, out
 
 
 def test_url_workdir_is_a_clear_error(tmp_path, monkeypatch):
