@@ -57,6 +57,22 @@ def test_scanned_runs_match_unrolled_under_fp8():
   assert not np.allclose(unrolled, plain, atol=1e-6)
 
 
+def test_scanned_gradients_match_unrolled_under_nvfp4():
+  """The RHT signs of the wgrad products and the SR draws are the same whether the layers are scanned or not
+  (the signs were drawn per layer from the run's first layer index in a scan, and per layer unrolled)."""
+  cfg = PRESETS["tiny-dense"].replace(quant="nvfp4", quant_bf16_layers_at_start=1, quant_bf16_layers_at_end=1)
+  assert models._precision_runs(cfg) == [(0, 1), (1, 6), (6, 7)]
+  params = models.init(cfg, jax.random.key(0))
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 32)), jnp.int32)
+
+  def grads(c):
+    loss = lambda p: jnp.mean(models.apply(c, p, tokens, quant_key=jax.random.key(3))["logits"] ** 2)
+    return jax.grad(loss)(params)
+
+  unrolled, scanned = grads(cfg), grads(cfg.replace(scan_layers=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), scanned, unrolled)
+
+
 def test_routed_experts_follow_the_recipe(monkeypatch):
   """The routed experts' grouped GEMMs are quantized too (per-expert scales), and gradients flow."""
   plain = PRESETS["tiny-moe"].replace(blocks=parse_pattern("E"))

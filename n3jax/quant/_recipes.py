@@ -78,7 +78,9 @@ class QuantConfig:
   nvfp4_2d_weights: bool = True            # 16x16 weight blocks (TE disable_2d_quantization=False)
   nvfp4_rht: bool = True                   # RHT on the wgrad operands (TE disable_rht=False)
   nvfp4_stochastic_rounding: bool = True   # SR on gradients (TE disable_stochastic_rounding=False)
-  rht_signs: str = "random"                # "random": drawn from (seed, layer); "te": TE's fixed vector
+  rht_signs: str = "random"                # "random": one vector drawn from `seed`; "te": TE's fixed vector.
+                                           # One vector serves every layer, as TE's one fixed vector does (and
+                                           # a scan over layers needs the same signs in each layer of a run)
   seed: int = 0                            # root of every SR key and RHT sign vector
 
   def __post_init__(self):
@@ -134,7 +136,7 @@ def gemm_recipe(quant: QuantConfig, *, layer_index: int | None = None) -> GemmRe
   if quant.rht_signs == "te":
     signs = _hadamard.TE_WGRAD_SIGNS
   else:
-    signs = _hadamard.random_signs(quant.seed, -1 if layer_index is None else layer_index)
+    signs = _hadamard.random_signs(quant.seed)
   return GemmRecipe(
       x_fwd=OperandQuant("nvfp4"),
       w_fwd=OperandQuant("nvfp4", block_2d=two_d),
