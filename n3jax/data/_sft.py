@@ -13,6 +13,10 @@ and trained follows the Nemotron 3 Nano SFT data preparation (NVIDIA-NeMo/Nemotr
   prompt is masked, as the prompt supplies it at inference: `<|im_start|>assistant\\n<think>\\n` before
   reasoning, `<|im_start|>assistant\\n<think></think>` before a turn without. Masked (0): system, user and
   tool turns (tool results come back in a user turn), and assistant turns before the trained part.
+- Where two assistant turns follow each other, NVIDIA's incremental rendering trains the second turn's header
+  and generation prompt with the first turn's tokens; here every assistant turn's prompt is masked (the
+  generation loop supplies it). Otherwise the masks are NVIDIA's, character for character (checked on 1255
+  random conversations with tools, tool calls and reasoning against `create_masked_messages`).
 - An example with nothing trained (a sub-conversation that ends on its user turn) is skipped, as NVIDIA
   skips it; a conversation with no trained token at all is an error.
 
