@@ -142,6 +142,9 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   if mtp_depths < 0:
     raise ValueError(f"{mtp_depths=} must be >= 0")
   mesh = _checked_mesh(mesh)
+  if unused := sharding.unused_mesh_axes(mesh, layout):
+    raise ValueError(f"layout {layout!r} splits nothing over mesh axes {unused}: their devices would repeat each "
+                     "other's work (the trainer refuses it)")
   batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   if batch % batch_shards:
     raise ValueError(f"{batch=} must be a multiple of data*fsdp*expert={batch_shards}")

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_specs", "param_shardings", "init_sharded",
-           "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding",
+__all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_specs", "param_shardings", "unused_mesh_axes",
+           "init_sharded", "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding",
            "per_shard"]
 
 # --- Parameter axes ---
@@ -192,6 +192,14 @@ def param_specs(cfg, mesh: Mesh | dict[str, int], rules_name: str, *, shapes: An
     return spec
 
   return jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def unused_mesh_axes(mesh: Mesh | dict[str, int], rules_name: str) -> list[str]:
+  """Mesh axes of size > 1 that no rule of the layout maps anything to (e.g. `tensor` under `fsdp`): the
+  devices along one hold the same params and the same rows, and do the same work."""
+  sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  used = {a for _, axes in _rules(rules_name) for a in _mesh_axes(axes)}
+  return [a for a in MESH_AXES if sizes.get(a, 1) > 1 and a not in used]
 
 
 def param_shardings(cfg, mesh: Mesh, rules_name: str, *, per_layer: bool = False) -> Any:

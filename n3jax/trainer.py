@@ -234,6 +234,10 @@ class _Devices:
       if config.batch_size % shards:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of data*fsdp*expert={shards} "
                          f"(mesh {dict(self.mesh.shape)})")
+      if unused := sharding.unused_mesh_axes(self.mesh, self.rules):
+        raise ValueError(f"axis_rules={self.rules!r} splits nothing over mesh axes {unused} (mesh "
+                         f"{dict(self.mesh.shape)}): their devices would repeat each other's work; pick a layout "
+                         f"that uses them (fsdp_tp_ep for tensor) or size them 1")
       sharding.param_shardings(cfg, self.mesh, self.rules)  # checks divisibility before any compile
 
   def host_rows(self, batch_size: int) -> tuple[tuple[int, int], int]:

@@ -335,6 +335,21 @@ def test_plan_flops_count_the_ssd_as_computed_and_the_mtp_depths():
   assert default == one and two - one > 6 * (cfg.vocab_size * d + 2 * d * d) * 2 * 16
 
 
+def test_a_mesh_axis_the_layout_leaves_unused_is_refused(tmp_path):
+  """A tensor axis under `fsdp` (no rule maps to it) held the same params and rows on each of its devices:
+  the trainer ran it silently at a fraction of the devices' use, and the plan planned it."""
+  from n3jax import trainer  # pylint: disable=g-import-not-at-top
+  assert sharding.unused_mesh_axes({"fsdp": 4, "tensor": 2}, "fsdp") == ["tensor"]
+  assert sharding.unused_mesh_axes({"fsdp": 4, "tensor": 2}, "fsdp_tp_ep") == []
+  assert sharding.unused_mesh_axes({"fsdp": 4, "expert": 2}, "data_parallel") == []  # a batch axis
+  with pytest.raises(ValueError, match=r"splits nothing over mesh axes \['tensor'\]"):
+    plan.estimate(MODELS["dense"], preset="x", layout="fsdp", mesh={"fsdp": 4, "tensor": 2}, batch=8, seq=16)
+  c = trainer.default_config()
+  c.mesh, c.axis_rules = dict(data=1, fsdp=4, expert=1, tensor=2), "fsdp"
+  with pytest.raises(trainer.InputError, match=r"axis_rules='fsdp' splits nothing over mesh axes \['tensor'\]"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
 def test_trainer_on_a_mesh_matches_one_device(tmp_path):
   """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device."""
   import importlib.util
