@@ -20,7 +20,8 @@ from n3jax import inference
 _CKPT = flags.DEFINE_string("ckpt", None, "n3jax checkpoint directory.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "User message (repeat for a batch).")
 _SYSTEM = flags.DEFINE_string("system", None, "System message.")
-_RAW = flags.DEFINE_boolean("raw", False, "Feed the prompt as raw text, without the chat template.")
+_RAW = flags.DEFINE_boolean("raw", False, "Feed the prompt as raw text, without the chat template (tokenized as "
+                            "transformers' tokenizer(prompt): with the BOS a base model's tokenizer adds).")
 _REASONING = flags.DEFINE_enum("reasoning", "on", ["on", "off"], "Open a thinking section before the answer.")
 _BUDGET = flags.DEFINE_integer("thinking_budget", None, "Close the thinking section after this many tokens.")
 _SHOW_REASONING = flags.DEFINE_boolean("show_reasoning", True, "Stream the thinking section to stderr.")

@@ -52,6 +52,28 @@ def test_hf_tokenizer_json(tmp_path):
     data_lib.load_tokenizer(str(tmp_path / "missing.json"))
 
 
+@pytest.mark.parametrize("post_processor", [None, "<s> $A", "$A </s>"])
+@pytest.mark.parametrize("config", [None, {"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True}])
+def test_raw_text_gets_the_specials_transformers_adds(tmp_path, config, post_processor):
+  """`encode(text, add_special_tokens=True)` (a raw prompt) equals transformers' `tokenizer(text).input_ids`."""
+  tokenizers = pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  if post_processor:
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single=post_processor,
+                                                                  special_tokens=[("<s>", 1), ("</s>", 2)])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  if config is not None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", **config}))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))("hello world").input_ids
+  mine = data_lib.load_tokenizer(str(tmp_path))
+  assert mine.encode("hello world", add_special_tokens=True).tolist() == theirs
+  assert mine.encode("hello world").tolist() == [3, 4]
+
+
 # --- Packing ---
 def _packed(examples, packing, length):
   ds = grain.MapDataset.source(examples).to_iter_dataset()

@@ -19,7 +19,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import n3jax  # noqa: E402
 from n3jax import inference, models  # noqa: E402
-from n3jax.data import ByteTokenizer, render_chat  # noqa: E402
+from n3jax.data import ByteTokenizer, load_tokenizer, render_chat  # noqa: E402
 from n3jax.inference import chat  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
@@ -400,6 +400,24 @@ def test_max_len_bounds_prompt_and_generated_tokens(ckpts):
   _, _, cfg, params = ckpts["latent"]  # MTP heads: speculative rounds, then plain steps at the end
   got = inference.generate_tokens(cfg, params, [PROMPTS[1]], max_new_tokens=40, max_len=MAX_LEN, speculative_k=2)
   assert len(got[0].token_ids) == MAX_LEN - len(PROMPTS[1])
+
+
+def test_raw_prompt_gets_the_tokenizers_bos(ckpts, tok, tmp_path):
+  """A raw prompt is encoded as transformers' `tokenizer(prompt)` encodes it: with the BOS a base model's
+  tokenizer.json adds. The chat template's text gets none (its markers say where turns start)."""
+  _, _, cfg, params = ckpts["dense"]
+  hf = tokenizers.Tokenizer.from_file(tok.path)
+  bos = hf.token_to_id("<s>")
+  hf.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+  hf.save(str(tmp_path / "tokenizer.json"))
+  with_bos = load_tokenizer(str(tmp_path), bos_id=bos)
+  kw = dict(max_new_tokens=3, max_len=64)
+  raw = n3jax.generate((cfg, params), "hello world", tokenizer=with_bos, chat_mode=False, **kw)
+  want = inference.generate_tokens(cfg, params, [[bos, *tok.encode("hello world").tolist()]], **kw)[0]
+  assert raw.prompt_tokens == 3 and raw.token_ids == want.token_ids
+  chat_kw = dict(reasoning=False, **kw)
+  assert (n3jax.generate((cfg, params), "hello world", tokenizer=with_bos, **chat_kw).prompt_tokens
+          == n3jax.generate((cfg, params), "hello world", tokenizer=tok, **chat_kw).prompt_tokens)
 
 
 def test_system_turn_goes_before_messages(ckpts, tok):

@@ -1,7 +1,7 @@
 """Tokenizers: a built-in byte tokenizer that fits a 256-entry vocabulary, and HF `tokenizer.json` files.
 
-Both expose the same small interface (`Tokenizer`): `encode(text) -> np.int32 ids` (no specials added),
-`decode(ids)`, `special(name) -> id` for the chat markers, `vocab_size`, and `pad_id` / `bos_id` /
+Both expose the same small interface (`Tokenizer`): `encode(text) -> np.int32 ids` (no specials added;
+`add_special_tokens=True`: the BOS / EOS transformers' `tokenizer(text)` adds), `decode(ids)`, `special(name) -> id` for the chat markers, `vocab_size`, and `pad_id` / `bos_id` /
 `eos_id`.
 
 Byte tokenizer id table (vocab 256, so it fits the tiny presets; specials keep the ids every Nemotron
@@ -36,7 +36,7 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
 
-  def encode(self, text: str) -> np.ndarray: ...
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> np.ndarray: ...
 
   def decode(self, ids) -> str: ...
 
@@ -63,7 +63,9 @@ class ByteTokenizer:
   def __init__(self):
     self._to_id, self._to_byte = _byte_tables()
 
-  def encode(self, text: str) -> np.ndarray:
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> np.ndarray:
+    """UTF-8 bytes -> ids. `add_special_tokens` adds nothing: the byte tokenizer has no BOS / EOS template."""
+    del add_special_tokens
     raw = np.frombuffer(text.encode("utf-8"), np.uint8)
     return self._to_id[raw]
 
@@ -101,8 +103,11 @@ class HFTokenizer:
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> np.ndarray:
+    """text -> ids. add_special_tokens: what tokenizer.json's post-processor adds around them (a base model's
+    BOS, say), as transformers 5.24's `tokenizer(text)` does for these checkpoints' `PreTrainedTokenizerFast`
+    (it ignores tokenizer_config.json's add_bos_token / add_eos_token there; tested)."""
+    return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

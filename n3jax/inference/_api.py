@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import numpy as np
 
 from n3jax import checkpointing
 from n3jax import sharding
@@ -145,7 +146,10 @@ def _prepare(model, prompt, messages, *, tokenizer, chat_mode, system, tools, re
     if messages is not None or tools or system is not None:
       raise ValueError("messages, tools and system need the chat template (chat_mode=True)")
     texts = [c[-1]["content"] for c in convs]
-  prompts = [chat.encode(tok, t) for t in texts]
+  # Chat text carries its own markers and no BOS (transformers' apply_chat_template encodes it so); a raw
+  # prompt gets what `tokenizer(prompt)` adds (a base model's BOS, where its tokenizer adds one).
+  prompts = [chat.encode(tok, t) if chat_mode else np.asarray(tok.encode(t, add_special_tokens=True), np.int32)
+             for t in texts]
   _generate.check_request(prompts, vocab_size=cfg.vocab_size, **lengths)
   if isinstance(model, (str, os.PathLike)):  # on a mesh: each process reads its shards only
     if sharded:  # read in their shards, then split per layer on the devices (`_engine.place_params`)
