@@ -116,6 +116,8 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"At most one mesh axis may be -1, got {shape}")
+  if any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"Mesh axis sizes must be >= 1 (or one of them -1), got {shape}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if devices.size % known:

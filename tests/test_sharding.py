@@ -189,7 +189,8 @@ def test_indivisible_layout_is_a_clear_error():
 
 
 @pytest.mark.parametrize("shape,match", [({"data": 3}, "needs 3 devices"), ({"pipe": 2}, "Unknown mesh axes"),
-                                         ({"data": -1, "fsdp": -1}, "At most one")])
+                                         ({"data": -1, "fsdp": -1}, "At most one"),
+                                         ({"data": 0, "fsdp": -1}, "must be >= 1"), ({"fsdp": -2}, "must be >= 1")])
 def test_bad_mesh(shape, match):
   with pytest.raises(ValueError, match=match):
     sharding.make_mesh(shape)
