@@ -37,6 +37,7 @@ TPU one `ops_tpu.ssd_mosaic_tpu`.
 from typing import Any, Optional
 
 import jax
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 
 from pallas_kernels import _target
 from pallas_kernels.ssd import ops_mgpu
@@ -60,6 +61,11 @@ def _resolve_backend(backend: str, interpret, chunk_size: int, dtype=None) -> st
     raise ValueError(f"Unknown {backend=}; expected one of {_BACKENDS}")
   platform = _target.platform()
   tpu_interpreter = isinstance(interpret, ops_tpu.InterpretParams)
+  # The Mosaic GPU interpreter's options run only the Mosaic GPU kernels; given to the Triton or TPU ones
+  # they failed an assertion deep inside Pallas. "auto" never picks "mosaic_gpu" (module docstring).
+  if isinstance(interpret, plmgpu.InterpretGPUParams) and backend != "mosaic_gpu":
+    raise ValueError(f"interpret={interpret!r} (Mosaic GPU interpreter options) takes backend='mosaic_gpu', "
+                     f"got {backend=}")
   triton_problem = ops_triton.check_chunk_size(chunk_size)
   tpu_problem = ops_tpu.check_chunk_size(chunk_size, bool(interpret))
   if backend == "auto":

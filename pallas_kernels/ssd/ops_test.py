@@ -23,6 +23,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
@@ -389,6 +390,13 @@ class SsdApiTest(parameterized.TestCase):
       ("tpu_chunk", dict(backend="mosaic_tpu", chunk_size=12), "multiple of"),
       ("bad_shape", dict(dt=jnp.zeros((1, 8, 3))), "dt must be"),
       ("bad_chunk", dict(chunk_size=0), "chunk_size"),
+      # Mosaic GPU interpreter options with the other kernels: an AssertionError deep in Pallas before.
+      ("gpu_interpreter_triton", dict(backend="triton", chunk_size=16, interpret=plmgpu.InterpretGPUParams()),
+       "takes backend='mosaic_gpu'"),
+      ("gpu_interpreter_auto", dict(chunk_size=16, interpret=plmgpu.InterpretGPUParams()),
+       "takes backend='mosaic_gpu'"),
+      ("gpu_interpreter_tpu", dict(backend="mosaic_tpu", chunk_size=16, interpret=plmgpu.InterpretGPUParams()),
+       "takes backend='mosaic_gpu'"),
   )
   def test_bad_arguments(self, overrides, match):
     kw = dict(_inputs(_Shape(batch=1, seqlen=8), jnp.float32), interpret=True)
