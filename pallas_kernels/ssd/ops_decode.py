@@ -61,6 +61,16 @@ class DecodeBlockSizes:
   num_warps: int = 4
   block_m: Optional[int] = None
 
+  def __post_init__(self):
+    # Values that no shape can take fail here, by name: 0 was a ZeroDivisionError at the first call and a
+    # negative block_m a negative grid.
+    if self.block_p is not None and not _power_of_two(self.block_p):
+      raise ValueError(f"block_p={self.block_p} must be a power of 2 (or None)")
+    if self.block_m is not None and self.block_m < 1:
+      raise ValueError(f"block_m={self.block_m} must be >= 1 (or None)")
+    if self.num_warps < 1:
+      raise ValueError(f"num_warps={self.num_warps} must be >= 1")
+
   def heads(self, nheads: int, headdim: int, dstate: int) -> int:
     if self.block_m is not None:
       if nheads % self.block_m or (self.block_m % 8 and self.block_m != nheads):

@@ -278,6 +278,12 @@ class DecodeApiTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "block_m=12 must divide M=96 and be a multiple of 8"):
       heads(96, block_m=12)
 
+  def test_block_sizes_out_of_range_are_errors(self):
+    """0 was a ZeroDivisionError at the first call, a negative block_m a negative grid."""
+    for field, value in (("block_p", 0), ("block_p", 24), ("block_m", 0), ("block_m", -8), ("num_warps", 0)):
+      with self.assertRaisesRegex(ValueError, f"{field}={value} must be"):
+        ops_decode.DecodeBlockSizes(**{field: value})
+
   def test_conv_step_backends_and_bad_input(self):
     inputs = _conv_inputs(jnp.float32)
     want = reference.conv_ssd_decode_step_reference(*inputs.values())
