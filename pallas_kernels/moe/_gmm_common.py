@@ -49,9 +49,13 @@ def validate_tgmm(lhs: Array, dy: Array, group_sizes: Array) -> None:
     )
   if group_sizes.ndim != 1:
     raise ValueError(f"group_sizes must be [E], got {group_sizes.shape=}.")
-  if lhs.dtype != dy.dtype:
+  # As validate_gmm: float group sizes were truncated to int32 and integer operands ran, silently.
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype=}.")
+  if not (jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == dy.dtype):
     raise ValueError(
-        f"lhs and dy must share a dtype, got {lhs.dtype=}, {dy.dtype=}."
+        f"lhs and dy must share one floating dtype, got {lhs.dtype=},"
+        f" {dy.dtype=}."
     )
 
 

@@ -237,6 +237,16 @@ class GmmStaticTest(parameterized.TestCase):
           jnp.zeros(gs_shape, jnp.int32), interpret=True,
       )
 
+  @parameterized.named_parameters(("gpu", "gpu"), ("tpu", "tpu"))
+  def test_tgmm_bad_dtypes_raise(self, platform):
+    """As gmm's: float group sizes were truncated and integer operands ran, silently."""
+    lhs = jnp.ones((5, 4))
+    with self.assertRaisesRegex(ValueError, r"group_sizes must be integer"):
+      gmm_lib.tgmm(lhs, lhs, jnp.asarray([2.5, 2.5]), interpret=True, platform=platform)
+    with self.assertRaisesRegex(ValueError, r"floating dtype"):
+      gmm_lib.tgmm(lhs.astype(jnp.int32), lhs.astype(jnp.int32), jnp.asarray([2, 3]), interpret=True,
+                   platform=platform)
+
   def test_mixed_dtypes_raise(self):
     with self.assertRaisesRegex(ValueError, r"lhs.dtype=.*rhs.dtype="):
       gmm_lib.gmm(jnp.zeros((5, 4), jnp.bfloat16), jnp.zeros((2, 4, 3)),
