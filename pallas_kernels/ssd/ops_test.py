@@ -390,6 +390,7 @@ class SsdApiTest(parameterized.TestCase):
       ("tpu_chunk", dict(backend="mosaic_tpu", chunk_size=12), "multiple of"),
       ("bad_shape", dict(dt=jnp.zeros((1, 8, 3))), "dt must be"),
       ("bad_chunk", dict(chunk_size=0), "chunk_size"),
+      ("int_x", dict(backend="triton", chunk_size=16, x=jnp.zeros((1, 8, 4, 8), jnp.int32)), "x must be floating"),
       # Mosaic GPU interpreter options with the other kernels: an AssertionError deep in Pallas before.
       ("gpu_interpreter_triton", dict(backend="triton", chunk_size=16, interpret=plmgpu.InterpretGPUParams()),
        "takes backend='mosaic_gpu'"),

@@ -96,10 +96,16 @@ def _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state, doc_ids):
         f"{initial_state.shape=}"
     )
   _check_doc_ids(doc_ids, bsz, seqlen)
+  # An integer x gave an integer y (the scan's f32 result truncated), silently.
+  named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state)
+  for name, v in named.items():
+    if v is not None and not jnp.issubdtype(v.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got {name}.dtype={v.dtype}")
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-  if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+  # bool is an int: chunk_size=True ran 1-token chunks.
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size=}")
 
 

@@ -454,6 +454,11 @@ def _bad(**overrides):
         ),
         ({}, dict(doc_ids=jnp.zeros((2, 8), jnp.float32)), "integer"),
         ({}, dict(chunk_size=0), "chunk_size"),
+        ({}, dict(chunk_size=True), "chunk_size"),  # a bool is an int: it ran 1-token chunks
+        # Integer operands ran (an integer x gave an integer y), silently.
+        (dict(x=jnp.zeros((2, 8, 4, 8), jnp.int32)), {}, "x must be floating point"),
+        (dict(A=-jnp.ones((4,), jnp.int32)), {}, "A must be floating point"),
+        ({}, dict(initial_state=jnp.zeros((2, 4, 8, 16), jnp.int32)), "initial_state must be floating point"),
     ],
 )
 def test_ssd_bad_inputs(overrides, kwargs, match):
