@@ -188,7 +188,8 @@ def combine(y: Array, order: Array, slot_weights: Array) -> Array:
   inverse = jnp.zeros_like(order).at[order].set(
       jnp.arange(order.shape[0], dtype=order.dtype)
   )  # [N]
-  y = jnp.take(y, inverse, axis=0).reshape(num_tokens, num_slots, -1)
+  # D named, not -1: with no tokens (or no slots) -1 cannot be inferred (a ZeroDivisionError in reshape).
+  y = jnp.take(y, inverse, axis=0).reshape(num_tokens, num_slots, y.shape[-1])
   return jnp.sum(y, axis=1)  # [T, R, D] -> [T, D]
 
 

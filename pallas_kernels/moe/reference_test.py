@@ -153,6 +153,17 @@ def test_all_tokens_to_one_expert(num_slots):
   np.testing.assert_array_equal(counts, [0, 0, 0, 33 * num_slots])
 
 
+@pytest.mark.parametrize("backend", ["ragged_dot", "pallas", "dense"])
+@pytest.mark.parametrize("num_tokens,num_slots", [(0, 2), (3, 0)])
+def test_no_tokens_or_no_slots(backend, num_tokens, num_slots):
+  """Zero assignments: zeros [T, D] and zero counts (the sorted backends raised a ZeroDivisionError)."""
+  args = _make_inputs(num_tokens, 4, num_slots)
+  combined, counts = ops.moe_dispatch(*args, backend=backend)
+  assert combined.shape == (num_tokens, D_MODEL) and combined.dtype == jnp.float32
+  np.testing.assert_array_equal(combined, 0.0)
+  np.testing.assert_array_equal(counts, [0, 0, 0, 0])
+
+
 @pytest.mark.parametrize("num_experts", [1, 4])
 def test_every_token_uses_every_expert(num_experts):
   rng = np.random.default_rng(1)
