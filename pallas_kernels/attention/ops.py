@@ -25,6 +25,7 @@ tuning `BlockSizes` / `TpuBlockSizes` (`benchmarks/attention.py`).
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.attention import blockwise
 from pallas_kernels.attention import ops_mgpu
@@ -71,6 +72,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
                      f"{q.shape=}, {k.shape=}, {v.shape=}, {segment_ids.shape=}")
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q, k and v must be floating point; got {q.dtype}")
+  # The kernels cast segment ids to int32 (float ids 1.0 and 1.5 became one segment) where the reference
+  # compares them as given.
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be integer; got {segment_ids.dtype}")
   backend = _resolve(backend, interpret)
   tiling = {"triton": BlockSizes, "mosaic_gpu": MgpuBlockSizes, "mosaic_tpu": TpuBlockSizes}.get(backend)
   if block_sizes is not None and not isinstance(block_sizes, tiling or ()):

@@ -102,12 +102,18 @@ def test_auto_backend_off_gpu_is_the_xla_blockwise_path():
     (dict(q_heads=3), "N % K == 0"),
     (dict(seg_len=5), "segment_ids"),
     (dict(k_dtype=jnp.bfloat16), "share a dtype"),
+    # Float ids: the kernels' int32 cast merged 1.0 and 1.5 into one segment, the reference did not.
+    (dict(backend="triton", seg_dtype=jnp.float32), "segment_ids must be integer"),
+    (dict(qkv_dtype=jnp.int32), "must be floating point"),
 ])
 def test_bad_arguments(kwargs, match):
   q, k, v, seg, _ = _inputs(1, 8, 4, 2, 16, jnp.float32)
   q = q[:, :, :kwargs.pop("q_heads", 4)]
-  seg = seg[:, :kwargs.pop("seg_len", 8)]
+  seg = seg[:, :kwargs.pop("seg_len", 8)].astype(kwargs.pop("seg_dtype", jnp.int32))
   k = k.astype(kwargs.pop("k_dtype", jnp.float32))
+  if "qkv_dtype" in kwargs:
+    q, k, v = (x.astype(kwargs["qkv_dtype"]) for x in (q, k, v))
+    del kwargs["qkv_dtype"]
   with pytest.raises(ValueError, match=match):
     ops.attention(q, k, v, seg, interpret=True, **kwargs)
 
