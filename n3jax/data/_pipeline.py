@@ -146,7 +146,7 @@ def _tuple_slices(state: Any) -> Any:
 @dataclasses.dataclass
 class Data:
   """What the trainer gets: a checkpointable train iterator and fixed held-out batches."""
-  train_iter: Any                        # grain DatasetIterator: next() -> model batch; get_state/set_state
+  train_iter: Any                        # `_Iterator` over grain's: next() -> model batch; get_state/set_state
   eval_batches: list[dict[str, np.ndarray]]
   tokenizer: Any
   num_train_records: int
