@@ -25,6 +25,7 @@ tuning `BlockSizes` / `TpuBlockSizes` (`benchmarks/attention.py`).
 from typing import Optional
 
 import jax
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 import jax.numpy as jnp
 
 from pallas_kernels.attention import blockwise
@@ -63,7 +64,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
 
   `block_sizes` tiles a kernel backend (`BlockSizes`: "triton", `MgpuBlockSizes`: "mosaic_gpu",
   `TpuBlockSizes`: "mosaic_tpu"),
-  `xla_block` the "xla" one; `interpret` runs the kernels in the Pallas interpreter (on any platform).
+  `xla_block` the "xla" one; `interpret` runs the kernels in the Pallas interpreter (on any platform): True,
+  or for "mosaic_gpu" also a `plgpu.InterpretGPUParams`.
   """
   b, t, n, h = q.shape
   kvh = k.shape[2]
@@ -79,6 +81,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
   if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be integer; got {segment_ids.dtype}")
   backend = _resolve(backend, interpret)
+  # Mosaic GPU interpreter options run only those kernels; the Triton and splash ones failed deep in Pallas.
+  if isinstance(interpret, plmgpu.InterpretGPUParams) and backend in ("triton", "mosaic_tpu"):
+    raise ValueError(f"interpret={interpret!r} (Mosaic GPU interpreter options) takes backend='mosaic_gpu', "
+                     f"not {backend!r}; pass interpret=True")
   tiling = {"triton": BlockSizes, "mosaic_gpu": MgpuBlockSizes, "mosaic_tpu": TpuBlockSizes}.get(backend)
   if block_sizes is not None and not isinstance(block_sizes, tiling or ()):
     raise ValueError(f"block_sizes {type(block_sizes).__name__} do not tile the {backend!r} backend")

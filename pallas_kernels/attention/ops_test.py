@@ -5,6 +5,7 @@ v5e (Mosaic); backend selection and input checks."""
 import functools
 
 import jax
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,6 +106,9 @@ def test_auto_backend_off_gpu_is_the_xla_blockwise_path():
     # Float ids: the kernels' int32 cast merged 1.0 and 1.5 into one segment, the reference did not.
     (dict(backend="triton", seg_dtype=jnp.float32), "segment_ids must be integer"),
     (dict(qkv_dtype=jnp.int32), "must be floating point"),
+    # Mosaic GPU interpreter options: an AssertionError (triton) / TypeError (splash) deep in Pallas before.
+    (dict(backend="triton", interpret=plmgpu.InterpretGPUParams()), "takes backend='mosaic_gpu'"),
+    (dict(backend="mosaic_tpu", interpret=plmgpu.InterpretGPUParams()), "takes backend='mosaic_gpu'"),
 ])
 def test_bad_arguments(kwargs, match):
   q, k, v, seg, _ = _inputs(1, 8, 4, 2, 16, jnp.float32)
@@ -115,7 +119,7 @@ def test_bad_arguments(kwargs, match):
     q, k, v = (x.astype(kwargs["qkv_dtype"]) for x in (q, k, v))
     del kwargs["qkv_dtype"]
   with pytest.raises(ValueError, match=match):
-    ops.attention(q, k, v, seg, interpret=True, **kwargs)
+    ops.attention(q, k, v, seg, **{"interpret": True, **kwargs})
 
 
 @pytest.mark.parametrize("backend,platform", [("triton", "gpu"), ("mosaic_gpu", "gpu"), ("mosaic_tpu", "tpu")])
