@@ -237,6 +237,18 @@ def test_iterator_state_round_trips_through_json(prefetch):
   assert not np.array_equal(next(_make(cfg).train_iter)["tokens"], next(_make(cfg, seed=1).train_iter)["tokens"])
 
 
+def _assert_resumes_after(cfg, steps: int) -> None:
+  """The state after `steps` batches, through JSON as checkpoints keep it, restores the same next batches."""
+  d = _make(cfg, batch_size=1)
+  for _ in range(steps):
+    next(d.train_iter)
+  state = json.loads(json.dumps(d.train_iter.get_state()))
+  want = [next(d.train_iter)["tokens"] for _ in range(3)]
+  fresh = _make(cfg, batch_size=1)
+  fresh.train_iter.set_state(state)
+  np.testing.assert_array_equal(np.stack(want), np.stack([next(fresh.train_iter)["tokens"] for _ in range(3)]))
+
+
 def test_chat_records_with_reasoning_fan_out_and_resume_mid_record(tmp_path):
   """Each user turn of a reasoning conversation is its own example; a state saved between two examples of one
   record restores there (grain's flat map keeps the index within the record)."""
@@ -254,28 +266,14 @@ def test_chat_records_with_reasoning_fan_out_and_resume_mid_record(tmp_path):
   i = int(trained.split("r", 1)[1].split("\n", 1)[0])
   assert f"r{i}\n</think>\na{i}" in trained and f"s{i}\n</think>\nb{i}" in trained
   for steps in range(1, 8):  # some of these states fall between the two examples of a record
-    d = _make(cfg, batch_size=1)
-    for _ in range(steps):
-      next(d.train_iter)
-    state = json.loads(json.dumps(d.train_iter.get_state()))
-    want = [next(d.train_iter)["tokens"] for _ in range(3)]
-    fresh = _make(cfg, batch_size=1)
-    fresh.train_iter.set_state(state)
-    np.testing.assert_array_equal(np.stack(want), np.stack([next(fresh.train_iter)["tokens"] for _ in range(3)]))
+    _assert_resumes_after(cfg, steps)
 
 
 def test_resume_where_the_concat_buffer_is_empty(tmp_path):
   """Documents of exactly one row leave no remainder. grain's concat packing marks that with a tuple that JSON
   (the checkpoint's form) turns into a list, and the restored iterator then skipped a document."""
   path = _write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": list(range(100 + i, 117 + i))} for i in range(30)])
-  cfg = _data_cfg(source=path, format="tokens", seq_len=16)
-  d = _make(cfg, batch_size=1)
-  next(d.train_iter)
-  state = json.loads(json.dumps(d.train_iter.get_state()))
-  want = [next(d.train_iter)["tokens"] for _ in range(3)]
-  fresh = _make(cfg, batch_size=1)
-  fresh.train_iter.set_state(state)
-  np.testing.assert_array_equal(np.stack(want), np.stack([next(fresh.train_iter)["tokens"] for _ in range(3)]))
+  _assert_resumes_after(_data_cfg(source=path, format="tokens", seq_len=16), 1)
 
 
 def test_builtin_corpus_split_is_disjoint():
