@@ -5,7 +5,7 @@
 Preset `tiny-dense` learns the built-in `builtin:arith_chat` conversations (sums, half with `/think`
 reasoning), rendered with the Nemotron 3 chat template (`n3jax.data.render_chat`) and packed whole
 into 256-token rows. Only assistant tokens after the generation prompt (reasoning, answer, `<|im_end|>`)
-are in the loss, as NVIDIA's SFT data preparation masks them (`n3jax.data.render_chat`).
+are in the loss, as NVIDIA's SFT data preparation masks them.
 Expected: the assistant-token loss falls from 5.6 to about 0.94 (held-out 0.84) in 150 steps, 98 s on
 2 shared CPU cores. To fine-tune a converted checkpoint instead, add `--config.init_from=DIR` and
 `--config.data.tokenizer=DIR/tokenizer.json`.
