@@ -36,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
       seq_len=256,                     # tokens per row (T)
       packing="concat",                # 'concat' (split docs across rows) | 'first_fit' (whole examples)
       overlong="error",                # first_fit: an example longer than seq_len + 1: 'error' | 'truncate'
-      add_eos=True,                    # text: append eos to every document
+      add_eos=True,                    # text: append eos to every document (a tokenizer.json's own BOS / EOS
+                                       # template applies too, as in Megatron's data preparation)
       shuffle=True,
       prefetch=0,                      # batches prefetched by a background thread (0: none)
       eval_batches=4,                  # held-out batches per evaluation

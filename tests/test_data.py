@@ -72,6 +72,9 @@ def test_raw_text_gets_the_specials_transformers_adds(tmp_path, config, post_pro
   mine = data_lib.load_tokenizer(str(tmp_path))
   assert mine.encode("hello world", add_special_tokens=True).tolist() == theirs
   assert mine.encode("hello world").tolist() == [3, 4]
+  # Pretraining text is tokenized the same way (Megatron: tokenizer(text).input_ids), then gets its EOS.
+  example, = data_lib.example_fn(_data_cfg(), mine, 5, 16, "docs")(0, {"text": "hello world"})
+  assert example["tokens"].tolist() == theirs + [mine.eos_id]
 
 
 # --- Packing ---

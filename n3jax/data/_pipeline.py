@@ -61,7 +61,9 @@ def example_fn(data_cfg, tokenizer, vocab_size: int, seq_len: int, name: str) ->
       if not isinstance(record.get(key), str):
         raise ValueError(f"{where} has no string field {key!r} (data.text_key) for data.format='text'; "
                          f"its fields are {sorted(record)}")
-      ids = np.asarray(tokenizer.encode(record[key]), np.int32)
+      # As Megatron's preprocess_data tokenizes pretraining text: `tokenizer(text).input_ids` (the BOS a
+      # tokenizer.json's post-processor adds), then the end-of-document token (--append-eod).
+      ids = np.asarray(tokenizer.encode(record[key], add_special_tokens=True), np.int32)
       if data_cfg.add_eos and len(ids):
         ids = np.append(ids, np.int32(tokenizer.eos_id))
       mask = np.ones_like(ids)
