@@ -256,6 +256,10 @@ class _Devices:
     mine = tuple(sorted(held[jax.process_index()]))
     return (groups.index(mine), len(groups)), sum(stop - start for start, stop in mine)
 
+  def all(self) -> list:
+    """Every device the step runs on (MFU's peak is theirs: one per process counted 1 of a host's 8 GPUs)."""
+    return [self.device] if self.mesh is None else list(self.mesh.devices.flat)
+
   def context(self):
     return sharding.use_mesh(self.mesh, self.rules) if self.mesh else contextlib.nullcontext()
 
@@ -405,7 +409,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   progress = _progress.Progress(workdir, cfg=cfg, num_steps=config.num_steps,
                                 tokens_per_step=config.batch_size * config.data.seq_len, first_step=step,
-                                devices=[device] * jax.process_count(), enabled=is_chief)
+                                devices=devices.all(), enabled=is_chief)
   eval_losses: dict[int, float] = {}
 
   def evaluate(at: int):

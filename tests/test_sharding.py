@@ -351,10 +351,20 @@ def test_a_mesh_axis_the_layout_leaves_unused_is_refused(tmp_path):
     trainer.train_and_evaluate(c, str(tmp_path))
 
 
-def test_trainer_on_a_mesh_matches_one_device(tmp_path):
-  """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device."""
+def test_trainer_on_a_mesh_matches_one_device(tmp_path, monkeypatch):
+  """`train_and_evaluate` with `config.mesh` (FSDP + expert parallel over 8 devices) trains like one device;
+  its MFU is over the mesh's 8 devices (it counted one device per process)."""
   import importlib.util
-  from n3jax import trainer
+  from n3jax import _progress, trainer
+  monkeypatch.setattr(_progress, "peak_flops", lambda device: 1e12)
+  peaks = []
+
+  class Progress(_progress.Progress):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      peaks.append(self._peak)
+
+  monkeypatch.setattr(_progress, "Progress", Progress)
   spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -367,6 +377,7 @@ def test_trainer_on_a_mesh_matches_one_device(tmp_path):
       c.mesh, c.axis_rules = mesh, rules
     losses[name] = trainer.train_and_evaluate(c, str(tmp_path / name)).losses
   np.testing.assert_allclose(list(losses["mesh"].values()), list(losses["one"].values()), rtol=1e-5)
+  assert peaks == [1e12, 8e12]
   c = module.get_config()
   c.mesh, c.batch_size = dict(data=8, fsdp=1, expert=1, tensor=1), 4
   with pytest.raises(trainer.InputError, match="batch_size=4 must be a multiple of data\\*fsdp\\*expert=8"):
