@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_specs", "param_shardings", "unused_mesh_axes",
-           "init_sharded", "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded", "named_sharding",
-           "per_shard"]
+           "init_sharded", "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded",
+           "named_sharding", "per_shard"]
 
 # --- Parameter axes ---
 LAYERS = "layers"              # stacked layers of one block kind (scan axis); never sharded
