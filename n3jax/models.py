@@ -418,7 +418,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *, segment_ids: j
       mtp_logits.append(project_to_vocab(cfg, h_prev, lm_head_weight(cfg, params)))
     out["mtp_logits"] = jnp.stack(mtp_logits)
     out["mtp_hidden"] = jnp.stack(mtp_hidden)
-    out["mtp_expert_counts"] = mtp_counts.reshape(-1, cfg.n_routed_experts)
+    out["mtp_expert_counts"] = mtp_counts.reshape(cfg.num_nextn_predict_layers * n_moe, cfg.n_routed_experts)
   return out
 
 

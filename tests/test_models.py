@@ -217,6 +217,15 @@ def test_mtp_heads():
   assert not np.allclose(again[:, 4], out["mtp_logits"][0][:, 4])
 
 
+def test_mtp_on_a_model_without_experts():
+  """An MTP module of attention + MLP on a dense stack (no experts: E = 0) runs; no expert counts."""
+  cfg = PRESETS["tiny-dense"].replace(num_nextn_predict_layers=1,
+                                      mtp_blocks=(n3jax.Block.ATTENTION, n3jax.Block.MLP))
+  out = models.apply(cfg, models.init(cfg, jax.random.key(0)), _tokens(cfg, seq=6), mtp_depths=2)
+  assert out["mtp_logits"].shape == (2, 2, 6, cfg.vocab_size) and np.all(np.isfinite(out["mtp_logits"]))
+  assert out["mtp_expert_counts"].shape == (0, 0)
+
+
 @pytest.mark.parametrize("tokens,match", [
     (np.zeros((2, 3), np.float32), "must be integers"),
     (np.zeros((6,), np.int32), r"int \[batch, seq\]"),
