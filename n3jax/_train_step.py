@@ -139,7 +139,12 @@ def make_train_step(cfg: ModelConfig, config, tx: optax.GradientTransformation,
     if accum == 1:
       (_, (sums, counts)), grads = grad_fn(params, batch, denoms, quant_key)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+      # Micro-batch m holds rows m, m + accum, m + 2 accum, ...: every device's share of the batch (its
+      # consecutive rows) then gives each micro-batch the same number of rows, where they lie. Consecutive
+      # rows per micro-batch put each on a few devices: XLA moved every micro-batch's rows, activations and
+      # logits to their compute devices (collective-permutes; 8 CPU devices, fsdp, tiny-dense).
+      micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0),
+                           batch)
 
       def body(carry, xs):
         mb, i = xs

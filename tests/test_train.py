@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,17 @@ def test_grad_accumulation_matches_one_big_batch():
   assert m1["tokens"] == m2["tokens"] == np.sum(np.asarray(batch["segment_ids"]) > 0)
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_stay_on_the_devices_that_hold_their_rows():
+  """Batch split over 8 devices (fsdp), 2 micro-batches: each takes rows from every device's share, so
+  the step moves no rows nor activations between devices (it moved them with consecutive micro-batches:
+  collective-permutes of the logits, hidden states and masks, all-gathers of the token rows)."""
+  c = _small(model_preset="tiny-dense", batch_size=32, micro_batch_size=2, data__seq_len=64)
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, expert=1, tensor=1))
+  hlo = trainer.compile_train_step(c, jax.devices()[:8]).as_text()
+  assert "collective-permute(" not in hlo
+  assert not re.findall(r"= s32\[[^ ]* all-gather\(", hlo)
 
 
 def test_loss_in_pieces_equals_the_whole():
