@@ -78,17 +78,23 @@ def _model_shapes(cfg: ModelConfig) -> tuple[Any, Any]:
 
 
 def _param_bytes_per_device(cfg: ModelConfig, layout: str, mesh: dict[str, int]) -> tuple[float, float]:
-  """(sharded param elements per device, elements of the largest single layer, unsharded). A mesh that
-  does not divide a param is the trainer's ValueError (`sharding.param_specs`), not a fractional shard."""
+  """(sharded param elements per device, elements per device of the largest single layer as it computes:
+  gathered over the FSDP axes, still split over the tensor axis and, for the experts, the expert axis
+  (`sharding.compute_spec`)). A mesh that does not divide a param is the trainer's ValueError
+  (`sharding.param_specs`), not a fractional shard."""
   shapes, logical = _model_shapes(cfg)
   specs = sharding.param_specs(cfg, mesh, layout, shapes=shapes, logical=logical)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
   per_device = 0.0
-  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), jax.tree.leaves(shapes)):
+  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(shapes)):
     per_device += math.prod(leaf.shape) / _shard_factor(spec, mesh)
-  largest_layer = 0
+  largest_layer = 0.0
   for kind, stack in shapes["layers"].items():
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(stack))
-    largest_layer = max(largest_layer, n // cfg.count(_KIND[kind]))
+    leaves = zip(jax.tree.leaves(specs["layers"][kind], is_leaf=is_spec),
+                 jax.tree.leaves(logical["layers"][kind], is_leaf=is_spec), jax.tree.leaves(stack))
+    n = sum(math.prod(x.shape) / _shard_factor(sharding.compute_spec(spec, tuple(axes)), mesh)
+            for spec, axes, x in leaves)
+    largest_layer = max(largest_layer, n / cfg.count(_KIND[kind]))
   return per_device, largest_layer
 
 

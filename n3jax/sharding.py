@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXIS_RULES", "MESH_AXES", "make_mesh", "use_mesh", "param_specs", "param_shardings", "unused_mesh_axes",
            "init_sharded", "batch_sharding", "logical_to_mesh", "cache_shardings", "init_cache_sharded",
-           "named_sharding", "per_shard"]
+           "named_sharding", "per_shard", "gathered_for_compute", "compute_spec"]
 
 # --- Parameter axes ---
 LAYERS = "layers"              # stacked layers of one block kind (scan axis); never sharded
@@ -352,13 +352,19 @@ def gathered_for_compute(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Arra
   spec = nn.logical_to_mesh_axes(axes)
   if spec is None:
     return w
+  return jax.lax.with_sharding_constraint(w, compute_spec(spec, axes))
+
+
+def compute_spec(spec: PartitionSpec, axes: tuple[str | None, ...]) -> PartitionSpec:
+  """The mesh split of a parameter at rest (`spec`, logical `axes`) as a layer computes with it: the FSDP axes
+  dropped, the tensor axis and the expert axis of the experts' dimension kept (`gathered_for_compute`)."""
 
   def keep(entry, name):
     names = tuple(a for a in _mesh_axes(entry)
                   if a not in _AT_REST_AXES or (name == EXPERT and a == "expert"))
     return names[0] if len(names) == 1 else (names or None)
 
-  return jax.lax.with_sharding_constraint(w, PartitionSpec(*(keep(e, n) for e, n in zip(spec, axes))))
+  return PartitionSpec(*(keep(e, n) for e, n in zip(spec, axes)))
 
 
 def per_shard(fn: Callable, in_axes: tuple[PartitionSpec | None, ...], out_axes: Any) -> Callable:

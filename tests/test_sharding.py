@@ -1,6 +1,7 @@
 """Sharding over 8 fake CPU devices: every named layout trains like one device; AOT on 64 devices; the plan."""
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -265,6 +266,33 @@ def test_plan_accounts_every_parameter_once():
   from n3jax.configs import param_counts
   assert np.isclose(one.params_gb * 1e9 / 4, param_counts(cfg)["total"])
   assert split.params_gb < one.params_gb / 2
+
+
+@pytest.mark.parametrize("layout,mesh", [("fsdp", {"fsdp": 8}), ("fsdp_ep", {"fsdp": 2, "expert": 4}),
+                                         ("fsdp_tp_ep", {"fsdp": 2, "expert": 2, "tensor": 2})])
+def test_plan_gathered_layer_is_what_the_layer_computes_with(layout, mesh):
+  """The plan's gathered layer is the per-device size of each layer's weights after `gathered_for_compute`
+  (XLA's output sharding of it), the largest layer kind: split over the tensor axis and, for the experts, over
+  the expert axis (it counted every layer whole)."""
+  cfg = MODELS["moe"]
+  _, gathered = plan._param_bytes_per_device(cfg, layout, {"data": 1, "expert": 1, "tensor": 1, **mesh})
+  shapes, logical = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0))), models.logical_axes(cfg)
+  m = sharding.make_mesh(mesh, devices=jax.devices()[:8])
+  at_rest = sharding.param_shardings(cfg, m, layout)
+  kinds = {models.kind_name(k): k for k in set(cfg.blocks)}
+  per_layer = []
+  with sharding.use_mesh(m, layout):
+    for kind, stack in shapes["layers"].items():
+      axes = jax.tree.leaves(logical["layers"][kind], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+      args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+              for x, s in zip(jax.tree.leaves(stack), jax.tree.leaves(at_rest["layers"][kind]))]
+      gather = lambda *ws, axes=axes: [sharding.gathered_for_compute(w, tuple(a)) for w, a in zip(ws, axes)]
+      outs = jax.jit(gather).lower(*args).compile().output_shardings
+      per_layer.append(sum(math.prod(o.shard_shape(x.shape)) for o, x in zip(outs, args)) / cfg.count(kinds[kind]))
+  assert gathered == max(per_layer)
+  whole = max(sum(math.prod(x.shape) for x in jax.tree.leaves(stack)) / cfg.count(kinds[kind])
+              for kind, stack in shapes["layers"].items())
+  assert (gathered < whole) == (layout != "fsdp")
 
 
 def test_plan_counts_the_memory_saving_options():
