@@ -310,6 +310,32 @@ def test_micro_batches_stay_on_the_devices_that_hold_their_rows():
   assert not re.findall(r"= s32\[[^ ]* all-gather\(", hlo)
 
 
+def test_mtp_losses_of_packed_rows_are_those_of_each_document_alone():
+  """Depth k at position i predicts token i + k + 1, counted only inside the document of position i (not
+  across the boundary, not into padding): the CE sums and token counts of the main head and both MTP depths
+  of a packed row (documents of 6 and 7 tokens, then padding) equal those of each document alone."""
+  cfg, params = configs.PRESETS["tiny-latent-moe"], _params("tiny-latent-moe")
+  rng = np.random.RandomState(0)
+  lens, t = (6, 7), 16
+  docs = [rng.randint(1, cfg.vocab_size, n) for n in lens]
+  row = np.concatenate([*docs, np.zeros(t + 1 - sum(lens), int)])
+  seg = np.repeat([1, 2, 0], [*lens, t + 1 - sum(lens)])
+  batch = {"tokens": jnp.asarray(row[None, :-1], jnp.int32), "targets": jnp.asarray(row[None, 1:], jnp.int32),
+           "segment_ids": jnp.asarray(seg[None, :-1], jnp.int32),
+           "loss_mask": jnp.asarray(((seg[1:] == seg[:-1]) & (seg[:-1] > 0))[None], jnp.int32)}
+  got = jax.jit(lambda p: _train_step._forward_losses(cfg, p, batch, 2, 0.0)[0])(params)
+  alone = np.stack([np.pad(d, (0, t - len(d))) for d in docs])  # one document per row; causal: its tail is unseen
+  out = jax.jit(lambda p: models.apply(cfg, p, jnp.asarray(alone, jnp.int32), mtp_depths=2))(params)
+  want, count = [], []
+  for k, logits in enumerate([out["logits"], *out["mtp_logits"]]):
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    terms = [-logp[j, i, d[i + k + 1]] for j, d in enumerate(docs) for i in range(len(d) - k - 1)]
+    want.append(np.sum(terms))
+    count.append(len(terms))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_array_equal(_train_step._denominators(batch, 2), count)  # [11, 9, 7]
+
+
 def test_loss_in_pieces_equals_the_whole():
   """`loss_chunk`: the cross-entropy of the main head and both MTP depths from the hidden states in
   pieces (7 positions: four pieces, the last padded) gives the whole-logits sums and gradients (packed
