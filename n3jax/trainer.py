@@ -392,7 +392,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   # --- Compile. ---
   train_step = jax.jit(_train_step.make_train_step(cfg, config, tx, schedule), donate_argnums=0)
-  eval_step = jax.jit(_train_step.make_eval_step(cfg))
+  eval_step = jax.jit(_train_step.make_eval_step(cfg, config))
   t0 = time.perf_counter()
   if step >= config.num_steps:
     log(f"{ckpt.directory} is already at step {step} >= num_steps={config.num_steps}: nothing to train")
