@@ -7,8 +7,8 @@
 pattern MEMEM*EMEMEM*EMEMEME (10 Mamba-2, 2 attention, 9 MoE layers with 32 experts, top-4, and a
 shared expert). bf16 compute, f32 master params and Adam moments, layers scanned and rematerialised
 (`dots_saveable`). 8 x 4096 tokens per step as 8 micro-batches of 1 x 4096. Memory, from XLA's analysis
-of the step compiled for one H100 without one (`trainer.compile_train_step` on `n3jax.aot` devices): 49.0 GB
-(11.9 GB params + Adam state, 37.1 GB temporaries); micro-batches of 2 x 4096 would need 76.4 GB, more
+of the step compiled for one H100 without one (`trainer.compile_train_step` on `n3jax.aot` devices): 48.0 GB
+(11.9 GB params + Adam state, 36.1 GB temporaries; 2026-12-07); micro-batches of 2 x 4096 would need 76.4 GB, more
 than the 75% of the GPU that XLA takes by default; `remat_policy="full"` needs 27.7 GB. Without
 `data.source`, it trains on the built-in corpus with the byte tokenizer, which fits any vocabulary.
 Not yet run on a GPU: speed is unmeasured (`benchmarks/train_step.py` measures the step).

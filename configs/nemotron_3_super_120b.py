@@ -13,8 +13,8 @@ set the decay fraction of WSD nor the MoE balancing rates: `decay_fraction=0.2` 
 are our choices. Layout: FSDP over every device with the 512 experts split 8 ways (EP8, as the recipe);
 `python -m n3jax.plan --preset nemotron-3-super-120b-a12b --devices N` checks a cluster. Tests only build
 this config, `jax.eval_shape` the model and split its params over the mesh on 8 simulated devices.
-Memory: 68.3 GB per GPU by XLA's count. Compiled for 64 H100s (fsdp 8 x expert 8) without them
-(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 68.3 GB with:
+Memory: 68.2 GB per GPU by XLA's count (2026-12-07). Compiled for 64 H100s (fsdp 8 x expert 8) without them
+(`n3jax.aot`), one sequence per GPU per micro-batch, XLA's analysis went from 210 GB to 68.2 GB with:
 non-expert weights split over the expert axis too and experts split over fsdp on their expert dimension
 (`fsdp_ep` rules; arguments 33.8 -> 23.2 GB, and no transposed copy of the expert weights for their
 all-gather), the routed experts over 8 pieces of each sequence (`moe_seq_chunks=8`: the dropless

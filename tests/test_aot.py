@@ -271,7 +271,7 @@ def _release_config(name: str):
                                           ("nemotron_3_super_120b", 64)])
 def test_shipped_training_configs_fit_h100s(name, devices):
   """The release configs' training step compiled for H100s (8 per host) fits in 80 GB per GPU by XLA's
-  count, and `gpu_1b_moe` in the 75% of one H100 that XLA takes by default. (Super: 68.3 GB, see
+  count, and `gpu_1b_moe` in the 75% of one H100 that XLA takes by default. (Super: 68.2 GB, see
   configs/nemotron_3_super_120b.py.)"""
   from n3jax import trainer  # pylint: disable=g-import-not-at-top
 
