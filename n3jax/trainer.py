@@ -78,6 +78,12 @@ def _check_numbers(config, cfg) -> None:
   need(config.log_every >= 1, f"log_every={config.log_every} must be >= 1")
   for name in ("stop_after_step", "eval_every", "mtp_depths"):
     need(config[name] >= 0, f"{name}={config[name]} must be >= 0")
+  need(not config.mtp_depths or cfg.num_nextn_predict_layers,
+       f"mtp_depths={config.mtp_depths} but the model has no MTP module (num_nextn_predict_layers=0); leave "
+       "mtp_depths at 0")
+  depths = config.mtp_depths or cfg.num_nextn_predict_layers
+  need(d.seq_len > depths, f"data.seq_len={d.seq_len} leaves no position for MTP depth {depths}: it must be "
+       f"> {depths}")
   need(config.checkpoint.every_steps >= 0 and config.checkpoint.keep >= 0,
        f"checkpoint.every_steps={config.checkpoint.every_steps} and keep={config.checkpoint.keep} must be >= 0")
   for name, value in (("loss_chunk", config.loss_chunk), ("mtp_loss_scale", config.mtp_loss_scale),
