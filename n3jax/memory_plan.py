@@ -144,7 +144,7 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   """One layout on one mesh. Optimizer: AdamW (optax) with the first moment in `mu_dtype` (None: the param
   dtype) and the second moment in the param dtype; gradients in the param dtype (as `n3jax.trainer` runs).
   loss_chunk: the trainer's `loss_chunk` (the f32 logits of that many positions at a time; 0: all).
-  mtp_depths: the trainer's `mtp_depths` (0: the model's `num_nextn_predict_layers`), in the FLOPs only."""
+  mtp_depths: the trainer's `mtp_depths` (0: the model's `num_nextn_predict_layers`)."""
   if mtp_depths < 0:
     raise ValueError(f"{mtp_depths=} must be >= 0")
   mesh = _checked_mesh(mesh)
@@ -168,11 +168,16 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
     act = tokens * (sum(per_layer) + logits)
   else:  # full / nothing_saveable: layer inputs are kept, one layer is recomputed at a time
     act = tokens * (len(per_layer) * residual + max(per_layer) + logits)
+  depths = (mtp_depths or cfg.num_nextn_predict_layers) if cfg.num_nextn_predict_layers else 0  # as the trainer
+  # MTP (not rematerialised): each depth keeps its [embedding; hidden] input, its blocks' activations and its
+  # own logits.
+  mtp_layer = sum(_activation_bytes_per_token(cfg, k, tensor) + (_attention_score_bytes_per_token(cfg, seq, tensor)
+                                                                 if k == Block.ATTENTION else 0) for k in cfg.mtp_blocks)
+  act += tokens * depths * (2 * residual + mtp_layer + logits)
   # FSDP gathers one layer at a time (fwd/bwd copies in flight), over `fsdp` and, where experts are split, the
   # expert axis too (`sharding._FSDP_OVER_EXPERT`).
   at_rest = mesh["fsdp"] * (mesh["expert"] if layout in ("fsdp_ep", "fsdp_tp_ep") else 1)
   gathered = largest_layer * _BYTES[cfg.dtype] * (2 if at_rest > 1 else 0)
-  depths = (mtp_depths or cfg.num_nextn_predict_layers) if cfg.num_nextn_predict_layers else 0  # as the trainer
   flops = _step_flops(cfg, batch * seq, seq, depths)
   gb = 1e9
   params_gb, opt_gb = per_device * pbytes / gb, per_device * (_BYTES[mu_dtype or cfg.param_dtype] + pbytes) / gb
