@@ -25,8 +25,8 @@ pieces (`loss_chunk`: three f32 [8192, 131072] logit tensors) and the scanned st
 `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (JAX takes 75% of a GPU by default); on a GPU the allocator's
 fragmentation and NCCL's buffers come on top (not yet measured).
 
-On a TPU v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4", 95 GB per chip) XLA counts 92.1 GB per chip; add
-`--config.model_overrides.moe_seq_chunks=16` for headroom there (81.9 GB).
+On a TPU v5p-64 slice (`n3jax.aot`, "tpu:v5p:4x4x4", 95 GB per chip) XLA counts 90.6 GB per chip (2026-12-07); add
+`--config.model_overrides.moe_seq_chunks=16` for headroom there (81.9 GB on 2026-12-06).
 """
 
 import ml_collections
