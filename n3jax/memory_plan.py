@@ -158,8 +158,9 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   per_device, largest_layer = _param_bytes_per_device(cfg, layout, mesh)
   pbytes = _BYTES[cfg.param_dtype]
   tokens = batch // batch_shards * seq
-  per_layer = [_activation_bytes_per_token(cfg, k, tensor) + (_attention_score_bytes_per_token(cfg, seq, tensor)
-                                                               if k == Block.ATTENTION else 0) for k in cfg.blocks]
+  layer_bytes = lambda k: _activation_bytes_per_token(cfg, k, tensor) + (
+      _attention_score_bytes_per_token(cfg, seq, tensor) if k == Block.ATTENTION else 0)
+  per_layer = [layer_bytes(k) for k in cfg.blocks]
   residual = cfg.hidden_size * _BYTES[cfg.dtype]
   logits = 2 * 4 * cfg.vocab_size / (tensor if layout == "fsdp_tp_ep" else 1)  # f32 logits + log-softmax
   if loss_chunk:
@@ -171,9 +172,7 @@ def estimate(cfg: ModelConfig, *, preset: str, layout: str, mesh: dict[str, int]
   depths = (mtp_depths or cfg.num_nextn_predict_layers) if cfg.num_nextn_predict_layers else 0  # as the trainer
   # MTP (not rematerialised): each depth keeps its [embedding; hidden] input, its blocks' activations and its
   # own logits.
-  mtp_layer = sum(_activation_bytes_per_token(cfg, k, tensor) + (_attention_score_bytes_per_token(cfg, seq, tensor)
-                                                                 if k == Block.ATTENTION else 0) for k in cfg.mtp_blocks)
-  act += tokens * depths * (2 * residual + mtp_layer + logits)
+  act += tokens * depths * (2 * residual + sum(layer_bytes(k) for k in cfg.mtp_blocks) + logits)
   # FSDP gathers one layer at a time (fwd/bwd copies in flight), over `fsdp` and, where experts are split, the
   # expert axis too (`sharding._FSDP_OVER_EXPERT`).
   at_rest = mesh["fsdp"] * (mesh["expert"] if layout in ("fsdp_ep", "fsdp_tp_ep") else 1)
